@@ -1,0 +1,174 @@
+"""Converters from the per-request formats engines already hold to forest metadata, and back.
+
+Engines that share a prompt between requests already share its pages (FlashInfer page tables) or token
+slots (SGLang's radix cache, page size 1). :func:`from_page_lists` finds that sharing: requests whose
+page lists start with the same pages get a common node, split where they diverge, so each shared page
+appears in exactly one node and is read once for all its readers.
+
+The split is a recursive partition of the requests (one vectorized step per node, no per-token Python
+work): find the common prefix of a set of requests, cut a node there, and partition the rest by their
+next page.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .metadata import ForestMetadata, MetadataError
+
+__all__ = ["from_page_lists", "from_flashinfer", "from_sglang", "to_flashinfer", "to_sglang"]
+
+
+def from_page_lists(page_lists: list[Tensor], seq_lens: list[int], page_size: int,
+                    q_lens: list[int] | None = None, device: torch.device | str | None = None
+                    ) -> ForestMetadata:
+    """Build a forest from per-request page lists.
+
+    Args:
+        page_lists: for each request, int [num_pages_r] page ids in token order.
+        seq_lens: tokens per request (``(num_pages_r - 1) * page_size + last_page_len``).
+        page_size: tokens per page.
+        q_lens: query rows per request (its last q_len tokens), default 1 each.
+    Returns metadata with one group per request, in request order.
+    """
+    R = len(page_lists)
+    if len(seq_lens) != R:
+        raise MetadataError(f"seq_lens: expected {R} entries (one per request), got {len(seq_lens)}")
+    q_lens = [1] * R if q_lens is None else list(q_lens)
+    if len(q_lens) != R:
+        raise MetadataError(f"q_lens: expected {R} entries (one per request), got {len(q_lens)}")
+    if device is None:
+        device = page_lists[0].device if R else "cpu"
+    npg = [int(p.numel()) for p in page_lists]
+    for r in range(R):
+        if -(-seq_lens[r] // page_size) != npg[r]:
+            raise MetadataError(
+                f"seq_lens: request {r} has {seq_lens[r]} tokens but {npg[r]} pages of {page_size}")
+    maxp = max(npg, default=0)
+    pad = torch.full((R, maxp + 1), -1, dtype=torch.int64)
+    for r, p in enumerate(page_lists):
+        pad[r, : npg[r]] = p.detach().to("cpu", torch.int64)
+    npg_t = torch.tensor(npg, dtype=torch.int64)
+
+    node_pages: list[Tensor] = []
+    node_len: list[int] = []
+    node_vis: dict[int, list[int]] = {}  # request -> node path
+    stack: list[tuple[Tensor, int, list[int]]] = [(torch.arange(R), 0, [])]
+    while stack:
+        reqs, start, path = stack.pop()
+        if reqs.numel() == 0:
+            continue
+        # Common prefix of these requests from page `start` on, limited by the shortest of them.
+        sub = pad[reqs, start:]
+        same = (sub == sub[:1]).all(0).long()
+        lcp = int(same.cumprod(0).sum())
+        lcp = min(lcp, int(npg_t[reqs].min()) - start)
+        end = start + lcp
+        ending = reqs[npg_t[reqs] == end]
+        going = reqs[npg_t[reqs] > end]
+        if lcp > 0 or ending.numel():
+            tok = [seq_lens[int(r)] - start * page_size for r in ending]
+            if ending.numel() and (min(tok) != max(tok)):
+                raise MetadataError(
+                    f"seq_lens: requests {ending.tolist()} share their last page but differ in length")
+            if going.numel() and ending.numel() and tok[0] != lcp * page_size:
+                raise MetadataError(
+                    f"page_lists: request {int(ending[0])} ends inside a page that request "
+                    f"{int(going[0])} continues past")
+            nid = len(node_len)
+            node_pages.append(pad[int(reqs[0]), start:end])
+            node_len.append(tok[0] if ending.numel() else lcp * page_size)
+            path = path + [nid]
+            for r in ending.tolist():
+                node_vis[r] = path
+        if going.numel():
+            nxt = pad[going, end]
+            for p in torch.unique(nxt).tolist():
+                stack.append((going[nxt == p], end, path))
+    qo, vi, vis = [0], [0], []
+    for r in range(R):
+        path = node_vis[r]
+        if q_lens[r] > node_len[path[-1]]:
+            raise MetadataError(
+                f"q_lens: request {r}'s last {q_lens[r]} tokens are not all its own (only "
+                f"{node_len[path[-1]]} tokens after the last page it shares)")
+        qo.append(qo[-1] + q_lens[r])
+        vis.extend(path)
+        vi.append(len(vis))
+    i32 = dict(dtype=torch.int32, device=device)
+    counts = torch.tensor([p.numel() for p in node_pages], dtype=torch.int64)
+    indptr = torch.zeros(len(node_pages) + 1, dtype=torch.int64)
+    indptr[1:] = counts.cumsum(0)
+    return ForestMetadata(
+        node_page_indptr=indptr.to(**i32),
+        node_page_indices=(torch.cat(node_pages) if node_pages else torch.zeros(0)).to(**i32),
+        node_len=torch.tensor(node_len, **i32),
+        qo_indptr=torch.tensor(qo, **i32),
+        vis_indptr=torch.tensor(vi, **i32),
+        vis_nodes=torch.tensor(vis, **i32),
+        page_size=page_size,
+    )
+
+
+def from_flashinfer(kv_indptr: Tensor, kv_indices: Tensor, kv_last_page_len: Tensor, page_size: int,
+                    qo_indptr: Tensor | None = None) -> ForestMetadata:
+    """From FlashInfer's paged layout: request r owns pages ``kv_indices[kv_indptr[r]:kv_indptr[r+1]]``
+    with ``kv_last_page_len[r]`` tokens in its last page; ``qo_indptr`` (default one row per request)
+    gives its query rows (the last tokens of the request)."""
+    ip = kv_indptr.tolist()
+    last = kv_last_page_len.tolist()
+    lists = [kv_indices[ip[r]:ip[r + 1]] for r in range(len(ip) - 1)]
+    seq = [max(0, (len(p) - 1) * page_size + last[r]) for r, p in enumerate(lists)]
+    q_lens = None
+    if qo_indptr is not None:
+        qo = qo_indptr.tolist()
+        q_lens = [b - a for a, b in zip(qo, qo[1:])]
+    return from_page_lists(lists, seq, page_size, q_lens, device=kv_indices.device)
+
+
+def from_sglang(token_slots: list[Tensor], q_lens: list[int] | None = None) -> ForestMetadata:
+    """From SGLang-style token-slot lists (``req_to_token[r, :seq_len[r]]``, page size 1): request r's
+    tokens live at slots ``token_slots[r]`` of a [num_slots, 1, Hk, D] cache view."""
+    return from_page_lists(list(token_slots), [int(t.numel()) for t in token_slots], 1, q_lens,
+                           device=token_slots[0].device if token_slots else None)
+
+
+def _group_pages(meta: ForestMetadata, g: int) -> tuple[list[int], int]:
+    vi = meta.vis_indptr.tolist()
+    ip = meta.node_page_indptr.tolist()
+    lens = meta.node_len.tolist()
+    nodes = meta.vis_nodes.tolist()[vi[g]:vi[g + 1]]
+    pages: list[int] = []
+    idx = meta.node_page_indices.tolist()
+    for n in nodes[:-1]:
+        if lens[n] % meta.page_size:
+            raise MetadataError(
+                f"node_len: node {n} ({lens[n]} tokens) is not page-aligned, so group {g}'s tokens "
+                f"are not one contiguous page list")
+    for n in nodes:
+        npg = -(-lens[n] // meta.page_size)
+        pages.extend(idx[ip[n]:ip[n] + npg])
+    return pages, sum(lens[n] for n in nodes)
+
+
+def to_flashinfer(meta: ForestMetadata) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-group FlashInfer layout ``(kv_indptr, kv_indices, kv_last_page_len, qo_indptr)``: each
+    group's listed nodes concatenated (every node but the last must be page-aligned)."""
+    indptr, indices, last = [0], [], []
+    for g in range(meta.num_groups):
+        pages, n = _group_pages(meta, g)
+        indices.extend(pages)
+        indptr.append(len(indices))
+        last.append(n - (len(pages) - 1) * meta.page_size if pages else 0)
+    i32 = dict(dtype=torch.int32, device=meta.device)
+    return (torch.tensor(indptr, **i32), torch.tensor(indices, **i32), torch.tensor(last, **i32),
+            meta.qo_indptr.clone())
+
+
+def to_sglang(meta: ForestMetadata) -> list[Tensor]:
+    """Per-group token-slot lists (page size 1 metadata)."""
+    if meta.page_size != 1:
+        raise MetadataError(f"page_size: expected 1 for token-slot lists, got {meta.page_size}")
+    return [torch.tensor(_group_pages(meta, g)[0], dtype=torch.int32, device=meta.device)
+            for g in range(meta.num_groups)]

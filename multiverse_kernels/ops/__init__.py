@@ -1,0 +1,7 @@
+"""Public ops; each is also ``torch.ops.multiverse.<name>``."""
+
+from .append_paged_kv import append_paged_kv
+from .merge_states import merge_states
+from .tree_attention import tree_attention
+
+__all__ = ["tree_attention", "merge_states", "append_paged_kv"]

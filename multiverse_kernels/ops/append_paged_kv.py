@@ -1,0 +1,100 @@
+"""``append_paged_kv``: write new tokens' K/V into their nodes' pages (in place)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+from ..metadata import MetadataError
+from ._checks import FLOAT_DTYPES, check_tensor
+
+__all__ = ["append_paged_kv"]
+
+
+def _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos) -> None:
+    check_tensor("k", k, dim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, dim=3, dtypes=(k.dtype,), device=k.device)
+    check_tensor("k_cache", k_cache, dim=4, dtypes=FLOAT_DTYPES, device=k.device)
+    check_tensor("v_cache", v_cache, dim=4, dtypes=(k_cache.dtype,), device=k.device)
+    if k.shape != v.shape:
+        raise MetadataError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise MetadataError(
+            f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    if tuple(k.shape[1:]) != tuple(k_cache.shape[2:]):
+        raise MetadataError(
+            f"k: expected [n, {k_cache.shape[2]}, {k_cache.shape[3]}] to match k_cache's heads and "
+            f"head_dim, got {tuple(k.shape)}"
+        )
+    for name, t in (("page_indptr", page_indptr), ("page_indices", page_indices),
+                    ("token_node", token_node), ("token_pos", token_pos)):
+        check_tensor(name, t, dim=1, dtypes=(torch.int32,), device=k.device)
+    n = k.shape[0]
+    if token_node.numel() != n or token_pos.numel() != n:
+        raise MetadataError(
+            f"token_node/token_pos: expected {n} entries (one per row of k), got "
+            f"{token_node.numel()} and {token_pos.numel()}"
+        )
+    if n == 0:
+        return
+    num_nodes = page_indptr.numel() - 1
+    if int(token_node.min()) < 0 or int(token_node.max()) >= num_nodes:
+        raise MetadataError(f"token_node: expected node ids in [0, {num_nodes})")
+    if int(token_pos.min()) < 0:
+        raise MetadataError("token_pos: expected non-negative positions")
+    ps = k_cache.shape[1]
+    cap = (page_indptr[1:] - page_indptr[:-1]).long()[token_node.long()] * ps
+    over = (token_pos.long() >= cap).nonzero()
+    if over.numel():
+        i = int(over[0])
+        raise MetadataError(
+            f"token_pos: token {i} writes position {int(token_pos[i])} of node {int(token_node[i])}, "
+            f"which has pages for only {int(cap[i])} tokens"
+        )
+    if page_indices.numel():
+        pages = page_indices.long()[page_indptr.long()[token_node.long()] + token_pos.long() // ps]
+        if int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]:
+            raise MetadataError(f"page_indices: expected page ids in [0, {k_cache.shape[0]})")
+
+
+@torch.library.custom_op("multiverse::append_paged_kv", mutates_args=("k_cache", "v_cache"))
+def _append_paged_kv_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
+                        page_indices: Tensor, token_node: Tensor, token_pos: Tensor, backend: str,
+                        validate: bool) -> None:
+    if validate:
+        _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
+    resolve("append_paged_kv", backend, k.device)(k, v, k_cache, v_cache, page_indptr, page_indices,
+                                                   token_node, token_pos)
+
+
+@_append_paged_kv_op.register_fake
+def _(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos, backend, validate):
+    return None
+
+
+def append_paged_kv(
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    page_indptr: Tensor,
+    page_indices: Tensor,
+    token_node: Tensor,
+    token_pos: Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool = True,
+) -> None:
+    """Write ``k[i], v[i]`` as token ``token_pos[i]`` of node ``token_node[i]``.
+
+    Args:
+        k, v: [n, num_kv_heads, head_dim] new tokens (cast to the cache dtype).
+        k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim], written in place.
+        page_indptr, page_indices: int32 node page table (``node_page_indptr``/``node_page_indices``
+            of a :class:`ForestMetadata`, or :meth:`KVForest.page_table`).
+        token_node, token_pos: int32 [n] node id and position within that node of each new token.
+    """
+    _append_paged_kv_op(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos,
+                        backend, validate)

@@ -1,0 +1,93 @@
+"""``tree_attention``: decode and extend over a KV forest (DESIGN §2-§3).
+
+Public entry :func:`tree_attention` and the op ``torch.ops.multiverse.tree_attention`` (with a fake
+implementation, so it traces under ``torch.compile(fullgraph=True)``). The op dispatches on its
+``backend`` argument through :mod:`multiverse_kernels.backends`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+from ..metadata import ForestMetadata, MetadataError
+from ._checks import check_attention_args
+
+__all__ = ["tree_attention"]
+
+
+@torch.library.custom_op("multiverse::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    node_page_indptr: Tensor,
+    node_page_indices: Tensor,
+    node_len: Tensor,
+    qo_indptr: Tensor,
+    vis_indptr: Tensor,
+    vis_nodes: Tensor,
+    own_full: Tensor | None,
+    sm_scale: float,
+    backend: str,
+    validate: bool,
+) -> tuple[Tensor, Tensor]:
+    meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+                          vis_nodes, k_cache.shape[1], own_full)
+    if validate:
+        check_attention_args(q, k_cache, v_cache)
+        meta.validate(num_pages=k_cache.shape[0])
+        if meta.total_q != q.shape[0]:
+            raise MetadataError(
+                f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}"
+            )
+    impl = resolve("tree_attention", backend, q.device)
+    return impl(q, k_cache, v_cache, meta, sm_scale)
+
+
+@_tree_attention_op.register_fake
+def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+      vis_nodes, own_full, sm_scale, backend, validate):
+    out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+    lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+    return out, lse
+
+
+def tree_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    meta: ForestMetadata,
+    *,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of every query row over the nodes its group sees.
+
+    Args:
+        q: [total_q, num_qo_heads, head_dim], float16/bfloat16/float32/float64.
+        k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim], dtype of ``q``; K/V of the
+            query rows' own tokens must already be written (see :func:`append_paged_kv`).
+        meta: the forest (:class:`ForestMetadata`), index tensors on ``q``'s device.
+        sm_scale: softmax scale, default ``head_dim ** -0.5``.
+        return_lse: also return lse [total_q, num_qo_heads] float32, natural log of the softmax
+            denominator (scale included); -inf for a row that sees nothing (its out is 0).
+        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        validate: check metadata and arguments (syncs with the device). Turn off on the hot path
+            once the metadata producer is trusted.
+
+    Returns:
+        out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
+    """
+    if validate and meta.page_size != k_cache.shape[1]:
+        raise MetadataError(
+            f"meta.page_size: expected k_cache.shape[1] = {k_cache.shape[1]}, got {meta.page_size}"
+        )
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
+                                  float(sm_scale), backend, validate)
+    return (out, lse) if return_lse else out
