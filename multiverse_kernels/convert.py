@@ -84,8 +84,9 @@ def from_page_lists(page_lists: list[Tensor], seq_lens: list[int], page_size: in
                 node_vis[r] = path
         if going.numel():
             nxt = pad[going, end]
-            for p in torch.unique(nxt).tolist():
-                stack.append((going[nxt == p], end, path))
+            parts = [going[nxt == p] for p in torch.unique(nxt).tolist()]
+            parts.sort(key=lambda t: int(t[0]))  # number nodes in request order (depth first)
+            stack.extend((part, end, path) for part in reversed(parts))
     qo, vi, vis = [0], [0], []
     for r in range(R):
         path = node_vis[r]

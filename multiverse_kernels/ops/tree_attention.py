@@ -82,6 +82,8 @@ def tree_attention(
     Returns:
         out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
     """
+    if validate:
+        check_attention_args(q, k_cache, v_cache)
     if validate and meta.page_size != k_cache.shape[1]:
         raise MetadataError(
             f"meta.page_size: expected k_cache.shape[1] = {k_cache.shape[1]}, got {meta.page_size}"

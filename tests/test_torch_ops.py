@@ -1,0 +1,65 @@
+"""torch.ops.multiverse.*: fake implementations, opcheck, torch.compile(fullgraph=True)."""
+
+import torch
+
+import multiverse_kernels as mk
+from multiverse_kernels.testing import make_inputs, multiverse_forest
+
+
+def _example():
+    f, groups = multiverse_forest(prefix=12, paths=3, path_len=5, concl_len=2, page_size=4, concl_q=2)
+    m = f.metadata(groups)
+    q, k, v = make_inputs(m, f.num_pages)
+    return m, q, k, v
+
+
+def test_ops_are_registered():
+    for name in ("tree_attention", "merge_states", "append_paged_kv"):
+        assert hasattr(torch.ops.multiverse, name)
+
+
+def test_opcheck_tree_attention():
+    m, q, k, v = _example()
+    args = (q, k, v, *m.tensors(), None, 0.125, "reference", True)
+    torch.library.opcheck(torch.ops.multiverse.tree_attention.default, args)
+    full = torch.ones(m.num_groups, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.multiverse.tree_attention.default,
+                          (q, k, v, *m.tensors(), full, 0.125, "reference", True))
+
+
+def test_opcheck_merge_states():
+    v = torch.randn(5, 3, 4, 16)
+    s = torch.randn(5, 3, 4)
+    torch.library.opcheck(torch.ops.multiverse.merge_states.default, (v, s, "reference", True))
+
+
+def test_opcheck_append_paged_kv():
+    f = mk.KVForest(8, 4)
+    n = f.new_sequence(2)
+    node, pos = f.append(n, 5)
+    kc = torch.zeros(8, 4, 2, 16)
+    vc = torch.zeros(8, 4, 2, 16)
+    k = torch.randn(5, 2, 16)
+    torch.library.opcheck(torch.ops.multiverse.append_paged_kv.default,
+                          (k, k, kc, vc, *f.page_table(), node, pos, "reference", True))
+
+
+def test_compile_fullgraph():
+    m, q, k, v = _example()
+    kk = torch.randn(2, *k.shape[2:])
+
+    def step(q, k_cache, v_cache, new_k, node, pos):
+        mk.append_paged_kv(new_k, new_k, k_cache, v_cache, m.node_page_indptr, m.node_page_indices,
+                           node, pos, validate=False)
+        out, lse = mk.tree_attention(q * 2, k_cache, v_cache, m, return_lse=True)
+        o2, l2 = mk.merge_states(torch.stack([out, out], 1), torch.stack([lse, lse], 1))
+        return o2 + 1, l2
+
+    node = torch.tensor([0, 0], dtype=torch.int32)
+    pos = torch.tensor([0, 1], dtype=torch.int32)
+    k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+    eager = step(q, k1, v1, kk, node, pos)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k2, v2, kk, node, pos)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    torch.testing.assert_close(k2, k1)
