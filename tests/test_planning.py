@@ -1,0 +1,238 @@
+"""The planner (multiverse_kernels/planning.py, docs/plan.md).
+
+A pure-torch plan executor runs every work item with the reference math and merges each row's partials
+with the reference merge_states; it must equal the reference tree_attention (float64) on random forests
+(empty and one-token nodes, joins, extend, own_full) and the real-use shapes. Separately, every
+(row, visible token) pair must be covered by exactly one partial, and the documented invariants hold.
+"""
+
+import time
+
+import pytest
+import torch
+
+import multiverse_kernels as mk
+from multiverse_kernels.backends.reference.merge_states import merge_states as ref_merge
+from multiverse_kernels.dense_mask import dense_mask
+from multiverse_kernels.metadata import MetadataError
+from multiverse_kernels.planning import PlanCapacity, TreePlan, plan_tree_attention
+from multiverse_kernels.testing import (
+    beam_forest,
+    eagle_tree_forest,
+    make_inputs,
+    multiverse_forest,
+    random_forest,
+    sampling_forest,
+)
+
+
+def execute_plan(plan: TreePlan, q, k_cache, v_cache, meta, sm_scale):
+    """Run the plan item by item with plain float64 math (the spec of what a kernel must do)."""
+    total_q, hq, d = q.shape
+    hk = k_cache.shape[2]
+    grp = hq // hk
+    P = plan.partial_capacity
+    po = torch.full((P, hq, d), float("nan"), dtype=torch.float64)
+    pl = torch.full((P, hq), float("nan"), dtype=torch.float64)
+    kf, vf = k_cache.reshape(-1, hk, d).double(), v_cache.reshape(-1, hk, d).double()
+    for w in range(plan.num_items):
+        n = int(plan.item_node[w])
+        s0, ln = int(plan.item_kv_start[w]), int(plan.item_kv_len[w])
+        r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
+        p0 = int(plan.item_partial_start[w])
+        slots = meta.node_token_slots(n)[s0:s0 + ln]
+        k = kf[slots].repeat_interleave(grp, 1)  # [ln, Hq, D]
+        v = vf[slots].repeat_interleave(grp, 1)
+        rows = plan.reader_row[r0:r0 + nr].long()
+        lim = plan.reader_limit[r0:r0 + nr].long()
+        s = torch.einsum("rhd,thd->rht", q[rows].double(), k) * sm_scale
+        vis = (s0 + torch.arange(ln))[None, :] < lim[:, None]  # [nr, ln]
+        s = s.masked_fill(~vis[:, None, :], float("-inf"))
+        lse = torch.logsumexp(s, -1)  # -inf for a reader that sees nothing of the chunk
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+        po[p0:p0 + nr] = torch.einsum("rht,thd->rhd", p, v)
+        pl[p0:p0 + nr] = lse
+    out = torch.empty(total_q, hq, d, dtype=torch.float64)
+    lse = torch.empty(total_q, hq, dtype=torch.float32)
+    ip = plan.row_partial_indptr.tolist()
+    for r in range(total_q):
+        idx = plan.row_partial_indices[ip[r]:ip[r + 1]].long()
+        o, s_ = ref_merge(po[idx][None], pl[idx][None])
+        out[r], lse[r] = o[0], s_[0]
+    return out, lse
+
+
+def covered(plan: TreePlan, meta) -> torch.Tensor:
+    """int [total_q, T] count of partials covering each (row, key) with keys in dense_mask order."""
+    lens = meta.node_len.long()
+    off = torch.cumsum(lens, 0) - lens
+    cnt = torch.zeros(meta.total_q, int(lens.sum()), dtype=torch.int64)
+    for w in range(plan.num_items):
+        n = int(plan.item_node[w])
+        s0, ln = int(plan.item_kv_start[w]), int(plan.item_kv_len[w])
+        r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
+        for j in range(nr):
+            r, lim = int(plan.reader_row[r0 + j]), int(plan.reader_limit[r0 + j])
+            hi = min(s0 + ln, lim)
+            if hi > s0:
+                cnt[r, off[n] + s0: off[n] + hi] += 1
+    return cnt
+
+
+def check_invariants(plan: TreePlan, meta) -> None:
+    W, R, P = plan.num_items, plan.num_readers, plan.num_partials
+    rn = plan.item_num_readers[:W].long()
+    assert (rn >= 1).all() and (rn <= plan.rows_per_tile).all()
+    assert (plan.item_kv_len[:W] >= 1).all() and (plan.item_kv_len[:W] <= plan.chunk_tokens).all()
+    ps = plan.item_partial_start[:W].long()
+    assert torch.equal(ps, torch.cumsum(rn, 0) - rn), "partials are laid out item after item"
+    assert int(rn.sum()) == P
+    # readers sorted by node, then row; an item's readers are readers of its node
+    node_of_reader = torch.empty(R, dtype=torch.long)
+    for w in range(W):
+        r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
+        node_of_reader[r0:r0 + nr] = int(plan.item_node[w])
+    key = node_of_reader * (meta.total_q + 1) + plan.reader_row[:R].long()
+    assert (key[1:] > key[:-1]).all()
+    assert (plan.reader_limit[:R] >= 1).all()
+    ip = plan.row_partial_indptr.long()
+    assert ip[0] == 0 and ip[-1] == P
+    assert torch.equal(plan.row_partial_indices[:P].sort().values.long(), torch.arange(P))
+    single = (ip[1:] - ip[:-1]) == 1
+    assert torch.equal(plan.merge_rows[:plan.num_merge_rows].long(), (~single).nonzero().flatten())
+    if plan.max_item_readers:
+        assert plan.max_item_readers == int(rn.max())
+
+
+def _forest_cases():
+    cases = []
+    for seed in range(16):
+        cases.append(("random", seed))
+    cases += [("multiverse", 0), ("sampling", 0), ("beam", 0), ("eagle", 0)]
+    return cases
+
+
+def _make(kind, seed):
+    if kind == "random":
+        return random_forest(seed, page_size=[1, 4, 16][seed % 3], max_len=40)
+    return {"multiverse": multiverse_forest, "sampling": sampling_forest, "beam": beam_forest,
+            "eagle": eagle_tree_forest}[kind]()
+
+
+@pytest.mark.parametrize("kind,seed", _forest_cases())
+def test_plan_matches_reference(kind, seed):
+    f, groups = _make(kind, seed)
+    meta = f.metadata(groups)
+    if kind == "random" and seed % 4 == 3:
+        meta = meta.with_own_full(torch.rand(meta.num_groups, generator=torch.Generator().manual_seed(
+            seed)) < 0.5)
+    hq, hk = [(4, 4), (4, 2), (8, 1), (8, 2)][seed % 4]
+    chunk = [3, 8, 16, 512][seed % 4]
+    rpt = [1, 2, 3, 64][(seed // 4) % 4]
+    plan = plan_tree_attention(meta, hq, hk, chunk_tokens=chunk, rows_per_tile=rpt)
+    check_invariants(plan, meta)
+    cnt = covered(plan, meta)
+    assert torch.equal(cnt, dense_mask(meta).long()), "every (row, visible token) exactly once"
+    q, k, v = make_inputs(meta, f.num_pages, hq, hk, 16, torch.float64, seed=seed)
+    out, lse = execute_plan(plan, q, k, v, meta, 0.3)
+    ref_out, ref_lse = mk.tree_attention(q, k, v, meta, sm_scale=0.3, return_lse=True,
+                                         backend="reference")
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6)
+
+
+def test_worked_example():
+    """DESIGN §2's example, planned with chunk 4 and 2 readers per tile, checked field by field."""
+    f = mk.KVForest(16, 4)
+    trunk = f.new_sequence(10)
+    a, b = f.fork(trunk, 2)
+    f.append(a, 5)
+    f.append(b, 3)
+    c = f.join([a, b])
+    f.append(c, 2)
+    meta = f.metadata([(a, 1), (b, 1), (c, 2)])
+    p = plan_tree_attention(meta, 2, 1, chunk_tokens=8, rows_per_tile=3)
+    # readers by node: trunk rows 0,1,2,3; A rows 0,2,3; B rows 1,2,3; C rows 2,3 (causal 1, 2)
+    assert p.reader_row.tolist() == [0, 1, 2, 3, 0, 2, 3, 1, 2, 3, 2, 3]
+    assert p.reader_limit.tolist() == [10, 10, 10, 10, 5, 5, 5, 3, 3, 3, 1, 2]
+    # trunk: 2 chunks (8 + 2 tokens) x 2 tiles (3 + 1 readers), chunk-major
+    assert p.item_node.tolist() == [0, 0, 0, 0, 1, 2, 3]
+    assert p.item_kv_start.tolist() == [0, 0, 8, 8, 0, 0, 0]
+    assert p.item_kv_len.tolist() == [8, 8, 2, 2, 5, 3, 2]
+    assert p.item_reader_start.tolist() == [0, 3, 0, 3, 4, 7, 10]
+    assert p.item_num_readers.tolist() == [3, 1, 3, 1, 3, 3, 2]
+    assert p.item_partial_start.tolist() == [0, 3, 4, 7, 8, 11, 14]
+    assert p.row_partial_indptr.tolist() == [0, 3, 6, 11, 16]
+    assert p.row_partial_indices.tolist() == [0, 4, 8, 1, 5, 11, 2, 6, 9, 12, 14, 3, 7, 10, 13, 15]
+    assert p.merge_rows.tolist() == [0, 1, 2, 3]
+    assert (p.num_items, p.num_partials, p.num_readers) == (7, 16, 12)
+
+
+def test_capacity_padding_and_copy_into():
+    f, groups = random_forest(3, page_size=4)
+    meta = f.metadata(groups)
+    p = plan_tree_attention(meta, 4, 2, chunk_tokens=8, rows_per_tile=2)
+    cap = PlanCapacity(readers=p.num_readers + 5, items=p.num_items + 7, partials=p.num_partials + 3,
+                       merge_rows=p.num_merge_rows + 2)
+    pp = plan_tree_attention(meta, 4, 2, chunk_tokens=8, rows_per_tile=2, capacity=cap)
+    assert pp.item_node.numel() == cap.items and pp.partial_capacity == cap.partials
+    assert (pp.item_num_readers[p.num_items:] == 0).all(), "padding items have no readers"
+    assert (pp.merge_rows[p.num_merge_rows:] == -1).all()
+    for name in TreePlan.TENSOR_FIELDS:
+        a, b = getattr(p, name), getattr(pp, name)
+        assert torch.equal(b[:a.numel()], a), name
+    q, k, v = make_inputs(meta, f.num_pages, 4, 2, 16, torch.float64)
+    torch.testing.assert_close(execute_plan(pp, q, k, v, meta, 0.25)[0],
+                               execute_plan(p, q, k, v, meta, 0.25)[0])
+    # copy a new step's plan into fixed buffers
+    f2, g2 = random_forest(4, page_size=4)
+    p2 = plan_tree_attention(f2.metadata(g2), 4, 2, chunk_tokens=8, rows_per_tile=2,
+                             capacity=PlanCapacity(400, 400, 400, 400))
+    buf = plan_tree_attention(meta, 4, 2, chunk_tokens=8, rows_per_tile=2,
+                              capacity=PlanCapacity(400, 400, 400, 400))
+    if p2.row_partial_indptr.shape == buf.row_partial_indptr.shape:
+        out = p2.copy_into(buf)
+        assert out.item_node.data_ptr() == buf.item_node.data_ptr()
+        assert torch.equal(buf.item_node, p2.item_node)
+    with pytest.raises(MetadataError, match="capacity.items"):
+        plan_tree_attention(meta, 4, 2, chunk_tokens=8, rows_per_tile=2,
+                            capacity=PlanCapacity(1000, 1, 1000, 1000))
+
+
+def test_bad_arguments():
+    f, groups = sampling_forest()
+    meta = f.metadata(groups)
+    with pytest.raises(MetadataError, match="num_kv_heads"):
+        plan_tree_attention(meta, 4, 3)
+    with pytest.raises(MetadataError, match="chunk_tokens"):
+        plan_tree_attention(meta, 4, 2, chunk_tokens=0)
+    with pytest.raises(MetadataError, match="rows_per_tile"):
+        plan_tree_attention(meta, 4, 2, rows_per_tile=0)
+
+
+def test_round_trip_lists():
+    f, groups = eagle_tree_forest()
+    p = plan_tree_attention(f.metadata(groups), 8, 2)
+    p2 = TreePlan.from_lists(p.tensors(), p.ints())
+    assert p2.ints() == p.ints()
+    assert all(a is b for a, b in zip(p.tensors(), p2.tensors(), strict=True))
+
+
+def test_plan_is_vectorized_and_fast():
+    """1,024 leaves under a 3-level tree (prompt, 32 subtrees, 1024 leaves) plans well under 50 ms on
+    the host (docs/plan.md has the measured number and benchmarks/plan_build.py reproduces it)."""
+    f = mk.KVForest(8192, 16)
+    leaves = []
+    for mid in f.fork(f.new_sequence(512), 32):
+        f.append(mid, 64)
+        for leaf in f.fork(mid, 32):
+            f.append(leaf, 16)
+            leaves.append(leaf)
+    meta = f.decode_metadata(leaves)
+    plan_tree_attention(meta, 32, 8)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        plan = plan_tree_attention(meta, 32, 8)
+    dt = (time.perf_counter() - t0) / 5
+    assert plan.num_partials >= 3 * 1024
+    assert dt < 0.05, f"planning a 1,024-leaf forest took {dt * 1e3:.1f} ms"
