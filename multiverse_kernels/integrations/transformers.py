@@ -1,0 +1,222 @@
+"""Run a stock Hugging Face causal LM (Qwen2, Llama, ...) over a KV forest.
+
+We register an attention function with ``transformers.AttentionInterface`` under the name
+``"multiverse"``. A model switched to it (``model.set_attn_implementation("multiverse")``) takes the
+forest of the step through a ``multiverse=`` keyword of its forward; transformers passes unknown keywords
+down to every attention call. Because ``"multiverse"`` has no entry in transformers' mask interface,
+the model builds no attention mask at all: the forest metadata is the mask.
+
+Two modes of :class:`ForestContext`:
+
+- **paged** (prefill, extend, decode): the step's new tokens are written with :func:`append_paged_kv`
+  into each layer's paged cache (:class:`ForestKVCache`, ``[num_pages, page_size, Hk, D]`` per layer),
+  then :func:`tree_attention` runs over the step's :class:`ForestMetadata`. The batch is one flat row of
+  tokens (``input_ids [1, T]``), ordered like the metadata's query rows; ``position_ids [1, T]`` carries
+  Multiverse positions, so RoPE is applied by the model before K is cached.
+- **packed** (training / scoring one packed Multiverse sequence): K/V of the sequence stay contiguous
+  ``[L, Hk, D]``, viewed as a page-size-1 cache, and every node of :func:`parse`'s forest is its own group.
+  No ``L x L`` mask is built. ``tree_attention`` is a custom op without autograd; when gradients are
+  needed the packed path runs the reference math (plain, differentiable PyTorch; memory ~ sum over nodes
+  of node_len x visible tokens) instead.
+
+Use :func:`forest_forward` and :func:`packed_forward`, or pass ``multiverse=ForestContext(...)`` yourself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..metadata import ForestMetadata
+from ..ops import append_paged_kv, tree_attention
+
+__all__ = [
+    "ATTN_NAME",
+    "register",
+    "ForestKVCache",
+    "ForestContext",
+    "multiverse_attention",
+    "forest_forward",
+    "packed_forward",
+]
+
+ATTN_NAME = "multiverse"
+
+
+@dataclass
+class ForestKVCache:
+    """Per-layer paged K/V caches: ``k[layer], v[layer]`` of shape [num_pages, page_size, Hk, D]."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+
+    @classmethod
+    def for_model(cls, model: Any, num_pages: int, page_size: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> ForestKVCache:
+        """Empty (NaN-filled, so unwritten slots cannot go unnoticed) caches sized from ``model.config``."""
+        cfg = model.config
+        hk = cfg.num_key_value_heads
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        dtype = p.dtype if dtype is None else dtype
+        device = p.device if device is None else device
+        shape = (num_pages, page_size, hk, d)
+        mk = lambda: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return cls([mk() for _ in range(cfg.num_hidden_layers)], [mk() for _ in range(cfg.num_hidden_layers)])
+
+    def nbytes_per_token(self) -> int:
+        """K+V bytes of one token over all layers."""
+        return sum(2 * k[0, 0].numel() * k.element_size() for k in self.k)
+
+
+@dataclass
+class ForestContext:
+    """What the attention function needs for one forward pass.
+
+    Paged mode: ``meta`` (the step's metadata), ``cache``, and ``token_node``/``token_pos`` int32 [T]
+    (where the T new tokens go). Packed mode: ``meta`` from ``MultiverseStructure.metadata()`` and
+    ``packed=True`` (no cache). ``backend`` picks the tree_attention backend ("auto": the fastest
+    available); ``append_backend`` the append_paged_kv one. ``validate`` checks metadata every layer
+    (turn it off on the hot path). ``kv_reads`` accumulates, per call, the K/V elements the attention
+    gathers as counted by :func:`kv_elements_read` (a metadata count, not a measurement).
+    """
+
+    meta: ForestMetadata
+    cache: ForestKVCache | None = None
+    token_node: Tensor | None = None
+    token_pos: Tensor | None = None
+    packed: bool = False
+    backend: str = "auto"
+    append_backend: str = "auto"
+    validate: bool = True
+    count_reads: bool = False
+    kv_reads: list[int] = field(default_factory=list)
+
+
+def kv_elements_read(meta: ForestMetadata, per_group: bool) -> int:
+    """Key tokens read by one attention call: every group's visible tokens (``per_group``: what a
+    per-branch paged kernel, and the reference backend, gathers) or each visible node once (the
+    forest's unique tokens, what a KV-partitioned kernel needs)."""
+    lens = meta.node_len.long()
+    has_rows = meta.q_lens() > 0
+    cnt = (meta.vis_indptr[1:] - meta.vis_indptr[:-1]).long()
+    gid = torch.repeat_interleave(torch.arange(meta.num_groups, device=meta.device), cnt)
+    live = has_rows[gid]
+    nodes = meta.vis_nodes.long()[live]
+    if per_group:
+        return int(lens[nodes].sum())
+    return int(lens[torch.unique(nodes)].sum())
+
+
+def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, scaling: float | None = None,
+                         dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers attention function. query [1, Hq, T, D], key/value [1, Hk, T, D] (RoPE applied).
+
+    Returns (out [1, T, Hq, D], None). Needs ``multiverse=ForestContext(...)`` in the model's forward.
+    """
+    ctx = kwargs.get("multiverse")
+    if not isinstance(ctx, ForestContext):
+        raise ValueError("multiverse: the 'multiverse' attention needs multiverse=ForestContext(...) passed "
+                         "to the model's forward (see multiverse_kernels.integrations.transformers)")
+    if query.shape[0] != 1:
+        raise ValueError(f"query: expected batch size 1 (the forest flattens branches into one row of "
+                         f"tokens), got {query.shape[0]}")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("sliding_window: not supported by the multiverse attention")
+    if dropout and module.training:
+        raise NotImplementedError("dropout: attention dropout is not supported by the multiverse attention")
+    if attention_mask is not None:
+        raise ValueError("attention_mask: the multiverse attention takes its mask from the forest; pass none")
+    T = query.shape[2]
+    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
+    k = key[0].transpose(0, 1).contiguous()  # [T, Hk, D]
+    v = value[0].transpose(0, 1).contiguous()
+    meta = ctx.meta
+    if ctx.count_reads:
+        ctx.kv_reads.append(kv_elements_read(meta, per_group=True) * k.shape[1] * k.shape[2] * 2)
+    if ctx.packed:
+        kc = k.view(T, 1, k.shape[1], k.shape[2])
+        vc = v.view(T, 1, v.shape[1], v.shape[2])
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            from ..backends.reference.tree_attention import tree_attention as ref_tree_attention
+
+            sm = q.shape[-1] ** -0.5 if scaling is None else scaling
+            out, _ = ref_tree_attention(q, kc, vc, meta, sm)  # plain torch: differentiable
+        else:
+            out = tree_attention(q, kc, vc, meta, sm_scale=scaling, backend=ctx.backend,
+                                 validate=ctx.validate)
+        return out.unsqueeze(0), None
+    if ctx.cache is None or ctx.token_node is None or ctx.token_pos is None:
+        raise ValueError("multiverse: paged mode needs cache, token_node and token_pos in the ForestContext")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ValueError("module: the attention module has no layer_idx; cannot pick its cache")
+    kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
+    append_paged_kv(k, v, kc, vc, meta.node_page_indptr, meta.node_page_indices, ctx.token_node,
+                    ctx.token_pos, backend=ctx.append_backend, validate=ctx.validate)
+    out = tree_attention(q, kc, vc, meta, sm_scale=scaling, backend=ctx.backend, validate=ctx.validate)
+    return out.unsqueeze(0), None
+
+
+def register(name: str = ATTN_NAME) -> str:
+    """Register :func:`multiverse_attention` with ``transformers.AttentionInterface`` under ``name``.
+    Then ``model.set_attn_implementation(name)``. Returns ``name``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, multiverse_attention)
+    return name
+
+
+def _ensure(model: Any) -> None:
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        register()
+        model.set_attn_implementation(ATTN_NAME)
+
+
+def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: ForestMetadata,
+                   cache: ForestKVCache, token_node: Tensor, token_pos: Tensor, *, backend: str = "auto",
+                   append_backend: str = "auto", validate: bool = True,
+                   logits_rows: Tensor | None = None, ctx: ForestContext | None = None) -> Tensor:
+    """One paged forward pass (prefill, extend or decode) over a forest.
+
+    Args:
+        model: a transformers causal LM (switched to the "multiverse" attention if it is not yet).
+        input_ids, position_ids: int64 [T], in the order of ``meta``'s query rows.
+        meta: the step's metadata; group g's rows are the last q_len tokens of its own node, just
+            allocated (e.g. by :meth:`KVForest.append`).
+        cache: per-layer paged caches; token_node/token_pos int32 [T]: where each new token's K/V go.
+        logits_rows: int64 rows whose logits to return (default: all).
+        ctx: pass a :class:`ForestContext` to reuse (its meta/cache/tokens are overwritten) or to count reads.
+    Returns:
+        logits [T or len(logits_rows), vocab].
+    """
+    _ensure(model)
+    if ctx is None:
+        ctx = ForestContext(meta)
+    ctx.meta, ctx.cache, ctx.token_node, ctx.token_pos, ctx.packed = meta, cache, token_node, token_pos, False
+    ctx.backend, ctx.append_backend, ctx.validate = backend, append_backend, validate
+    if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+        raise ValueError(f"input_ids/position_ids: expected two [T] tensors, got {tuple(input_ids.shape)} "
+                         f"and {tuple(position_ids.shape)}")
+    hidden = model.base_model(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
+                         multiverse=ctx).last_hidden_state[0]
+    if logits_rows is not None:
+        hidden = hidden[logits_rows]
+    return model.get_output_embeddings()(hidden)
+
+
+def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validate: bool = True,
+                   meta: ForestMetadata | None = None) -> Tensor:
+    """Logits [L, vocab] of one packed Multiverse sequence (a :class:`MultiverseStructure`), with
+    Multiverse positions and attention, no dense mask. Differentiable (see module docstring)."""
+    _ensure(model)
+    ids = structure.token_ids.to(model.device)
+    if meta is None:
+        meta = structure.metadata(ids.device)
+    ctx = ForestContext(meta, packed=True, backend=backend, validate=validate)
+    pos = structure.position_ids.to(ids.device)
+    return model(input_ids=ids[None], position_ids=pos[None], use_cache=False, multiverse=ctx).logits[0]
