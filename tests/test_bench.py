@@ -1,0 +1,54 @@
+"""The main job runs, and its byte tally measures what the code reads."""
+
+import pytest
+import torch
+
+import multiverse_kernels as mk
+from multiverse_kernels import bench
+from multiverse_kernels.testing import make_inputs, multiverse_forest, sampling_forest
+
+
+def test_cache_read_counter_counts_gathers_and_full_reads():
+    k = torch.randn(10, 4, 2, 8)
+    v = torch.randn(10, 4, 2, 8)
+    with bench.CacheReadCounter(k, v) as c:
+        k.view(-1, 2, 8)[torch.tensor([1, 2, 3])]  # 3 tokens x 2 heads x 8 x 4 bytes
+        _ = v.reshape(40, 16)  # a view reads nothing
+        v.sum()  # a full read
+    assert c.bytes == 3 * 2 * 8 * 4 + v.numel() * 4
+
+
+def _workload(shape=sampling_forest, **kw):
+    f, groups = shape(**kw)
+    m = f.metadata(groups)
+    q, k, v = make_inputs(m, f.num_pages)
+    return bench.Workload("t", f, m, q, k, v)
+
+
+def test_reference_reads_per_branch_and_dense_reads_once():
+    w = _workload(prompt=32, samples=4, gen_len=4, page_size=4)
+    q, k, v, m = w.q, w.k_cache, w.v_cache, w.meta
+    per_tok = 2 * 2 * 64 * 4
+    assert w.unique_kv_bytes == (32 + 4 * 4) * per_tok
+    impl = mk.backends.resolve("tree_attention", "reference", q.device)
+    ref = bench._measure_bytes(lambda: impl(q, k, v, m, 0.125), w)
+    assert ref == 4 * (32 + 4) * per_tok  # every sample re-reads the prompt
+    dense = bench.dense_sdpa_peer(w)
+    assert bench._measure_bytes(dense, w) == w.unique_kv_bytes
+    expect = mk.tree_attention(q, k, v, m)
+    torch.testing.assert_close(dense(), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bench.per_branch_peer(w)(), expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_peer_matches_reference():
+    w = _workload(multiverse_forest, prefix=40, paths=3, path_len=7, concl_len=5, page_size=4, concl_q=3)
+    torch.testing.assert_close(bench.flex_peer(w)(), mk.tree_attention(w.q, w.k_cache, w.v_cache, w.meta),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_main_job_prints_table(capsys):
+    assert bench.main(["--forest", "multiverse", "--iters", "1", "--backend", "reference",
+                       "--no-peers"]) == 0
+    out = capsys.readouterr().out
+    assert "tree_attention[reference]" in out and "unique KV bytes" in out
