@@ -174,7 +174,7 @@ def parse(token_ids: Tensor | list[int], tags: MultiverseTags, *, partial: bool 
         path of the same block, ``</Parallel>`` while a path, goal or conclusion is open, goal and
         conclusion tags out of place, and unclosed blocks, paths, goals or conclusions at the end.
     """
-    ids = torch.as_tensor(token_ids)
+    ids = token_ids if isinstance(token_ids, Tensor) else torch.tensor(list(token_ids), dtype=torch.int64)
     if ids.dim() != 1:
         raise ValueError(f"token_ids: expected a 1-D sequence, got shape {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
