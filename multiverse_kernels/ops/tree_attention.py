@@ -12,12 +12,22 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import ForestMetadata, MetadataError
+from ..planning import TreePlan
 from ._checks import check_attention_args
 
 __all__ = ["tree_attention"]
 
 
-@torch.library.custom_op("multiverse::tree_attention", mutates_args=())
+# Explicit schema: ``Tensor[]?`` (the optional precomputed plan) cannot be inferred from type hints.
+_SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, Tensor node_page_indices, "
+    "Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, Tensor? own_full, "
+    "float sm_scale, str backend, bool validate, Tensor[]? plan_tensors=None, int[]? plan_ints=None) "
+    "-> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("multiverse::tree_attention", mutates_args=(), schema=_SCHEMA)
 def _tree_attention_op(
     q: Tensor,
     k_cache: Tensor,
@@ -32,6 +42,8 @@ def _tree_attention_op(
     sm_scale: float,
     backend: str,
     validate: bool,
+    plan_tensors: list[Tensor] | None = None,
+    plan_ints: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
                           vis_nodes, k_cache.shape[1], own_full)
@@ -43,12 +55,31 @@ def _tree_attention_op(
                 f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}"
             )
     impl = resolve("tree_attention", backend, q.device)
+    if plan_tensors is not None and getattr(impl, "supports_plan", False):
+        # a precomputed plan (multiverse_kernels.planning, docs/plan.md); backends without a plan
+        # argument ignore it (same math)
+        plan = TreePlan.from_lists(plan_tensors, plan_ints if plan_ints is not None else [])
+        if validate:
+            _check_plan(plan, q)
+        return impl(q, k_cache, v_cache, meta, sm_scale, plan=plan)
     return impl(q, k_cache, v_cache, meta, sm_scale)
+
+
+def _check_plan(plan: TreePlan, q: Tensor) -> None:
+    for f in TreePlan.TENSOR_FIELDS:
+        t = getattr(plan, f)
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise MetadataError(f"plan.{f}: expected int32 on {q.device}, got {t.dtype} on {t.device}")
+    if plan.row_partial_indptr.numel() != q.shape[0] + 1:
+        raise MetadataError(
+            f"plan.row_partial_indptr: expected {q.shape[0] + 1} entries (total_q + 1), got "
+            f"{plan.row_partial_indptr.numel()}; was the plan built for this step's metadata?"
+        )
 
 
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
-      vis_nodes, own_full, sm_scale, backend, validate):
+      vis_nodes, own_full, sm_scale, backend, validate, plan_tensors=None, plan_ints=None):
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
     return out, lse
@@ -64,6 +95,7 @@ def tree_attention(
     return_lse: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    plan: TreePlan | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of every query row over the nodes its group sees.
 
@@ -78,6 +110,9 @@ def tree_attention(
         backend: "auto", "reference", "triton", "cpu" or "cuda".
         validate: check metadata and arguments (syncs with the device). Turn off on the hot path
             once the metadata producer is trusted.
+        plan: a precomputed :class:`~multiverse_kernels.planning.TreePlan` for ``meta`` and these
+            head counts (build once per step with ``plan_tree_attention``, reuse in every layer);
+            backends that plan (triton) then skip planning; others ignore it.
 
     Returns:
         out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
@@ -90,6 +125,10 @@ def tree_attention(
         )
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
-    out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
-                                  float(sm_scale), backend, validate)
+    if plan is None:
+        out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
+                                      float(sm_scale), backend, validate)
+    else:
+        out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
+                                      float(sm_scale), backend, validate, plan.tensors(), plan.ints())
     return (out, lse) if return_lse else out

@@ -1,0 +1,225 @@
+"""Triton tree attention over a plan (docs/plan.md): one program per (work item, KV head).
+
+A program loads its chunk of one node's K/V once, through the node's page table, and computes the
+partial softmax state of every (reader, GQA head) row of the item with ``tl.dot``: the readers' query
+heads that share the KV head are packed into the row dimension (row m = reader m // GROUP, head
+h * GROUP + m % GROUP). Online softmax in fp32 (base 2: scores are pre-multiplied by log2(e)).
+A row whose query row has a single partial is written straight to ``out``/``lse``; the others go to the
+fp32 workspace and are merged by :mod:`.merge_states`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from ...metadata import ForestMetadata, MetadataError
+from ...planning import TreePlan, plan_tree_attention
+from ._common import interpret_math_fp32, kernel, next_pow2
+from .merge_states import launch_merge
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128, 256)
+# Largest packed row tile per head_dim (accumulator BLOCK_M x HEAD_DIM fp32 must fit in registers).
+MAX_BLOCK_M = {64: 128, 128: 128, 256: 64}
+BLOCK_MS = (16, 32, 64, 128)
+# Tests set this: fill out/lse/workspace with NaN before each launch so unwritten elements fail.
+POISON = False
+
+
+def _tree_attn_kernel(
+    Q, K, V, Out, Lse, PO, PL,
+    NodePageIndptr, NodePageIndices,
+    ReaderRow, ReaderLimit,
+    ItemNode, ItemKvStart, ItemKvLen, ItemReaderStart, ItemNumReaders, ItemPartialStart,
+    RowPartialIndptr,
+    qk_scale, page_size,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_lt, stride_pp, stride_ph, stride_lp,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    w = tl.program_id(0)
+    h = tl.program_id(1)  # KV head
+    node = tl.load(ItemNode + w)
+    kv0 = tl.load(ItemKvStart + w)
+    kv_end = kv0 + tl.load(ItemKvLen + w)
+    r0 = tl.load(ItemReaderStart + w)
+    nr = tl.load(ItemNumReaders + w)  # 0 for a padding item: every mask below is then false
+    p0 = tl.load(ItemPartialStart + w)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    j = offs_m // GROUP  # reader within the item
+    qh = h * GROUP + offs_m % GROUP  # query head of the packed row
+    valid = j < nr
+    row = tl.load(ReaderRow + r0 + j, mask=valid, other=0).to(tl.int64)
+    lim = tl.load(ReaderLimit + r0 + j, mask=valid, other=0)  # row sees tokens [0, lim) of the node
+    q = tl.load(Q + row[:, None] * stride_qt + qh[:, None] * stride_qh + offs_d[None, :],
+                mask=valid[:, None], other=0.0)
+    if MATH_FP32:
+        q = q.to(tl.float32)
+
+    # tokens past every reader's limit are never loaded (causal extend of the own node)
+    hi = tl.minimum(kv_end, tl.max(lim, axis=0))
+    page_base = tl.load(NodePageIndptr + node)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(kv0, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_ok = t < hi
+        page = tl.load(NodePageIndices + page_base + t // page_size, mask=t_ok, other=0).to(tl.int64)
+        slot = t % page_size
+        k = tl.load(K + (page * stride_kp + slot * stride_ks + h * stride_kh)[:, None] + offs_d[None, :],
+                    mask=t_ok[:, None], other=0.0)
+        v = tl.load(V + (page * stride_vp + slot * stride_vs + h * stride_vh)[:, None] + offs_d[None, :],
+                    mask=t_ok[:, None], other=0.0)
+        if MATH_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        s = tl.where((t[None, :] < lim[:, None]) & t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    # rows with exactly one partial skip the workspace and the merge
+    n_part = tl.load(RowPartialIndptr + row + 1, mask=valid, other=0) - tl.load(
+        RowPartialIndptr + row, mask=valid, other=0)
+    direct = valid & (n_part == 1)
+    to_ws = valid & (n_part != 1)
+    tl.store(Out + row[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=direct[:, None])
+    tl.store(Lse + row * stride_lt + qh, lse, mask=direct)
+    slot_p = (p0 + j).to(tl.int64)
+    tl.store(PO + slot_p[:, None] * stride_pp + qh[:, None] * stride_ph + offs_d[None, :], out,
+             mask=to_ws[:, None])
+    tl.store(PL + slot_p * stride_lp + qh, lse, mask=to_ws)
+
+
+class AttnConfig(NamedTuple):
+    """Compile-time parameters of one attention kernel variant (what the dispatcher picks)."""
+
+    GROUP: int
+    HEAD_DIM: int
+    BLOCK_M: int
+    BLOCK_N: int
+    MATH_FP32: bool
+    IEEE_DOT: bool
+    num_warps: int
+    num_stages: int
+
+
+def attn_config(head_dim: int, dtype: torch.dtype, group: int, max_item_readers: int,
+                device: torch.device) -> AttnConfig:
+    """The dispatcher: pick the kernel variant for a call."""
+    rows = max(1, max_item_readers) * group
+    block_m = max(16, next_pow2(rows))
+    if block_m > MAX_BLOCK_M[head_dim]:
+        raise MetadataError(
+            f"plan.rows_per_tile: {max_item_readers} readers x GQA group {group} = {rows} packed rows "
+            f"exceeds the kernel's row tile {MAX_BLOCK_M[head_dim]} for head_dim {head_dim}; plan with "
+            f"rows_per_tile <= {max(1, MAX_BLOCK_M[head_dim] // group)}"
+        )
+    block_n = 64 if head_dim <= 128 else 32
+    num_warps = 8 if block_m * head_dim >= 128 * 128 or (head_dim == 256 and block_m >= 64) else 4
+    return AttnConfig(group, head_dim, block_m, block_n, interpret_math_fp32(dtype, device),
+                      dtype == torch.float32, num_warps, 2)
+
+
+def gpu_attn_configs() -> list[tuple[torch.dtype, AttnConfig]]:
+    """Every (dtype, variant) the dispatcher can choose on a GPU for fp16/bf16 (GROUP only changes
+    index math; the report compiles GROUP = 4)."""
+    out = []
+    for d in HEAD_DIMS:
+        for dtype in (torch.float16, torch.bfloat16):
+            for bm in BLOCK_MS:
+                if bm <= MAX_BLOCK_M[d]:
+                    cfg = attn_config(d, dtype, 1, bm, torch.device("cuda"))
+                    out.append((dtype, cfg._replace(GROUP=4)))
+    return out
+
+
+def _check(q: Tensor, k_cache: Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise MetadataError(f"q: backend 'triton' supports float16, bfloat16 and float32, got {q.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise MetadataError(f"q: backend 'triton' supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
+    if k_cache.stride(-1) != 1:
+        raise MetadataError("k_cache: expected a unit stride in head_dim")
+
+
+def run_plan(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata, sm_scale: float,
+             plan: TreePlan) -> tuple[Tensor, Tensor]:
+    """Launch attention (+ merge) for ``plan``. Returns out [total_q, Hq, D] q.dtype, lse fp32."""
+    _check(q, k_cache)
+    total_q, hq, d = q.shape
+    hk = k_cache.shape[2]
+    group = hq // hk
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    cfg = attn_config(d, q.dtype, group, plan.max_item_readers, q.device)
+    out = torch.empty(total_q, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(total_q, hq, dtype=torch.float32, device=q.device)
+    cap = plan.partial_capacity
+    po = torch.empty(cap, hq, d, dtype=torch.float32, device=q.device)
+    pl = torch.empty(cap, hq, dtype=torch.float32, device=q.device)
+    if POISON:
+        for t in (out, lse, po, pl):
+            t.fill_(float("nan"))
+    n_items = plan.item_node.shape[0]
+    if n_items and total_q:
+        kernel(_tree_attn_kernel, q.device)[(n_items, hk)](
+            q, k_cache, v_cache, out, lse, po, pl,
+            meta.node_page_indptr, meta.node_page_indices,
+            plan.reader_row, plan.reader_limit,
+            plan.item_node, plan.item_kv_start, plan.item_kv_len, plan.item_reader_start,
+            plan.item_num_readers, plan.item_partial_start, plan.row_partial_indptr,
+            float(sm_scale) * LOG2E, meta.page_size,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), lse.stride(0), po.stride(0), po.stride(1), pl.stride(0),
+            GROUP=cfg.GROUP, HEAD_DIM=cfg.HEAD_DIM, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            MATH_FP32=cfg.MATH_FP32, IEEE_DOT=cfg.IEEE_DOT, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    if plan.merge_rows.shape[0] and total_q:
+        launch_merge(po, pl, plan.merge_rows, plan.row_partial_indptr, plan.row_partial_indices,
+                     out, lse)
+    return out, lse
+
+
+def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata, sm_scale: float,
+                   plan: TreePlan | None = None) -> tuple[Tensor, Tensor]:
+    """q [total_q, Hq, D] fp16/bf16/fp32; caches [num_pages, page_size, Hk, D]; D in 64/128/256.
+
+    Plans the step unless ``plan`` (from :func:`plan_tree_attention` for the same metadata and head
+    counts) is given. Returns out [total_q, Hq, D] in q.dtype and lse [total_q, Hq] float32.
+    """
+    if plan is None:
+        _check(q, k_cache)
+        plan = plan_tree_attention(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[-1])
+    return run_plan(q, k_cache, v_cache, meta, sm_scale, plan)
+
+
+tree_attention.supports_plan = True  # the op passes plan= to this backend

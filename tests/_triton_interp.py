@@ -1,0 +1,50 @@
+"""Shared setup of the Triton interpreter tests (imported by tests/test_triton_*.py).
+
+The Triton backend runs CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1``. The
+fixture turns that on for one test module and restores the previous state afterwards (environment
+variable and backend registration), so other test files in the same pytest process are unaffected.
+The backend wraps its kernels per call (not with ``@triton.jit`` at import), so import order does not
+matter.
+
+What the interpreter covers and what it does not (DESIGN §5):
+  * fp32 and fp16: the kernels' exact code path (fp16 ``tl.dot`` with fp32 accumulation, p cast to
+    fp16 for the PV product; fp32 dots are IEEE on both the interpreter and the GPU).
+  * bf16: loads, stores and conversions are exercised, but the interpreter computes bf16 arithmetic and
+    bf16 ``tl.dot`` wrongly without an error, so on CPU the kernel converts loaded bf16 values to fp32
+    before any math (``MATH_FP32``). The bf16 tensor-core path (bf16 dots, p cast to bf16) is therefore
+    NOT checked numerically here; only its compilation is (scripts/triton_compile_report.py).
+  * Not covered: GPU scheduling, races between programs (there are none by construction: every output
+    element and partial slot has one writer), performance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """Enable the interpreter + CPU registration for the module; restore afterwards."""
+    from multiverse_kernels import backends
+    from multiverse_kernels.backends import triton as tb
+    from multiverse_kernels.backends.triton import merge_states as tms
+    from multiverse_kernels.backends.triton import tree_attention as tta
+
+    backends._load()
+    old = os.environ.get("TRITON_INTERPRET")
+    tb.enable_interpreter()
+    tta.POISON = tms.POISON = True
+    try:
+        yield
+    finally:
+        tta.POISON = tms.POISON = False
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        if old != "1":
+            tb.disable_interpreter()
