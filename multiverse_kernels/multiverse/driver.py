@@ -64,8 +64,8 @@ class _Fork:
     serial: bool
     parent: _Branch
     path_nodes: list[int] = field(default_factory=list)  # first node of each path (flat order)
-    end_nodes: list[int] = field(default_factory=list)  # node holding each path's </Path> (joined)
-    path_end_pos: list[int] = field(default_factory=list)
+    end_nodes: dict[int, int] = field(default_factory=dict)  # path index -> node holding its </Path>
+    path_end_pos: dict[int, int] = field(default_factory=dict)  # path index -> position of </Path>
     started: int = 0
     live: int = 0
 
@@ -79,6 +79,7 @@ class _Branch:
     base_depth: int = 0  # depth of the block this branch is a path of (0: none)
     frames: list[_Frame] = field(default_factory=list)
     fork: _Fork | None = None  # the block this branch is a path of
+    path_index: int = -1  # which path of that block
     pending: list[int] = field(default_factory=list)
     forced: int = 0  # how many leading pending tokens are structural (driver-forced)
     event: str | None = None  # "fork" or "path_end" after the last feed
@@ -340,6 +341,7 @@ class MultiverseDriver:
         for node in kids:
             prev = self._new_branch(node, f.goal_end_pos + 1, "path", f.frame.depth, f,
                                     [self.tags.path_start], 1, after=prev)
+            prev.path_index = len(f.path_nodes)
             f.path_nodes.append(node)
         f.started += k
         f.live += k
@@ -348,8 +350,8 @@ class MultiverseDriver:
         f = br.fork
         assert f is not None
         br.state = "done"
-        f.path_end_pos.append(br.next_pos - 1)
-        f.end_nodes.append(br.node)
+        f.path_end_pos[br.path_index] = br.next_pos - 1
+        f.end_nodes[br.path_index] = br.node
         f.live -= 1
         if f.serial and f.started < f.num_paths:
             self._start_paths(f, 1, after=br)
@@ -358,9 +360,9 @@ class MultiverseDriver:
         self._branches.remove(br)
 
     def _join(self, f: _Fork) -> None:
-        c = self.forest.join(f.end_nodes)
+        c = self.forest.join([f.end_nodes[i] for i in sorted(f.end_nodes)])  # in path order
         self.num_joins += 1
-        longest = max(e - f.goal_end_pos for e in f.path_end_pos)
+        longest = max(e - f.goal_end_pos for e in f.path_end_pos.values())
         par = f.parent
         self._node_next[f.trunk] = c
         self._node_tokens[c], self._node_pos[c] = [], []
