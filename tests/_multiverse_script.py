@@ -23,9 +23,11 @@ def open_block(tags: MultiverseTags, rng: random.Random, vocab: int, paths: int)
 
 class ScriptPolicy:
     def __init__(self, tags: MultiverseTags, seed: int, vocab: int, nest: int = 1, max_paths: int = 3,
-                 max_text: int = 4, nest_prob: float = 0.6) -> None:
+                 max_text: int = 4, nest_prob: float = 0.6, chunk: int = 1) -> None:
+        """``chunk`` > 1: scripted (known) tokens go in extend steps of up to ``chunk`` tokens."""
         self.t, self.seed, self.vocab, self.nest = tags, seed, vocab, nest
         self.max_paths, self.max_text, self.nest_prob = max_paths, max_text, nest_prob
+        self.chunk = chunk
         self.state: dict[int, tuple[int, list[int]]] = {}
 
     def _rng(self, bid: int, node: int) -> random.Random:
@@ -34,7 +36,7 @@ class ScriptPolicy:
     def _text(self, rng: random.Random, lo: int = 0) -> list[int]:
         return [rng.randrange(self.vocab) for _ in range(rng.randint(lo, self.max_text))]
 
-    def next_tokens(self, batch, proposed: list[int] | None = None) -> list[int] | None:
+    def next_tokens(self, batch, proposed: list[int] | None = None) -> list | None:
         """One token per group of ``batch`` (``proposed[g]`` where the script leaves a free choice);
         None once the root is done."""
         out = []
@@ -55,6 +57,14 @@ class ScriptPolicy:
                 else:  # the root after its prompt: free text until the caller stops
                     queue = []
                 self.state[info.branch] = (info.node, queue)
+            if queue and self.chunk > 1 and queue[0] != STOP:
+                tok = []
+                while queue and len(tok) < self.chunk and queue[0] != STOP:
+                    tok.append(queue.pop(0))
+                    if tok[-1] in (self.t.goal_end, self.t.path_end):
+                        break
+                out.append(tok)
+                continue
             if queue:
                 tok = queue.pop(0)
             else:

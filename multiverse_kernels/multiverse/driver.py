@@ -166,11 +166,20 @@ class MultiverseDriver:
         self._branches.append(br)
         return self._make_batch()
 
-    def step(self, next_tokens: list[int] | Tensor) -> Batch | None:
-        """Give one chosen token per group of the last batch (in its order); returns the next batch,
-        or None when no branch is left to feed. Chosen tokens of branches that fork, end a path or
-        must start with a forced tag are ignored."""
-        nxt = [int(t) for t in torch.as_tensor(next_tokens).flatten().tolist()]
+    def step(self, next_tokens: list[int | list[int]] | Tensor) -> Batch | None:
+        """Give the chosen next token of every group of the last batch (in its order); returns the next
+        batch, or None when no branch is left to feed. Chosen tokens of branches that fork or end a
+        path are ignored (those branches wait or end).
+
+        An entry may be a list of tokens (known tokens, e.g. forced tags or draft tokens to verify):
+        they are fed together as an *extend* step (q_len > 1) of that branch. ``</Goal>`` and
+        ``</Path>`` may only end such a list.
+        """
+        if isinstance(next_tokens, Tensor):
+            next_tokens = next_tokens.flatten().tolist()
+        nxt = [[int(t)] if not isinstance(t, (list, tuple)) else [int(x) for x in t] for t in next_tokens]
+        if any(not t for t in nxt):
+            raise ValueError("next_tokens: an entry is an empty list")
         if len(nxt) != len(self._last):
             raise ValueError(
                 f"next_tokens: expected {len(self._last)} tokens (one per group), got {len(nxt)}")
@@ -181,7 +190,7 @@ class MultiverseDriver:
             elif ev == "path_end":
                 self._end_path(br)
             elif br.state == "live":
-                br.pending = [tok]
+                br.pending = tok
         return self._make_batch()
 
     def branch_tokens(self, branch: int) -> list[int]:
