@@ -1,0 +1,63 @@
+"""Measured K/V bytes loaded by the Triton tree-attention kernels vs the forest's unique KV bytes.
+
+    python scripts/triton_kv_traffic.py          # prints the markdown table in README.md
+
+The bytes are counted at the loads while the kernels run in the Triton interpreter (CPU tensors; the
+backend's ``tree_attention_kv_bytes`` hook), not derived from the metadata. "per-branch" is what a
+per-branch paged-decode kernel (vLLM / SGLang style) must read: every group reads every token it sees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from multiverse_kernels.backends import resolve
+from multiverse_kernels.planning import plan_kv_tokens
+from multiverse_kernels.testing import (
+    beam_forest,
+    eagle_tree_forest,
+    make_inputs,
+    multiverse_forest,
+    sampling_forest,
+)
+
+HQ, HK, D, DTYPE = 8, 2, 64, torch.float16
+
+FORESTS = {
+    "Multiverse (64-token prefix, 8 paths x 16, join)": lambda: multiverse_forest(64, 8, 16, 2),
+    "16-way sampling (64-token prompt)": lambda: sampling_forest(64, 16, 8),
+    "beam depth 4 x width 16": lambda: beam_forest(32, 4, 16, 4),
+    "EAGLE token tree (48 prefix, page 1)": lambda: eagle_tree_forest(48, 1),
+    "64-way sampling (readers > one tile)": lambda: sampling_forest(64, 64, 8),
+    "beam depth 4 x width 64 (readers > one tile)": lambda: beam_forest(32, 4, 64, 4),
+}
+
+
+def per_branch_tokens(meta) -> int:
+    """Tokens a per-branch kernel reads: sum over groups with rows of the tokens of their listed nodes."""
+    q_len = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).long()
+    cnt = (meta.vis_indptr[1:] - meta.vis_indptr[:-1]).long()
+    has_rows = torch.repeat_interleave(q_len > 0, cnt)
+    return int(meta.node_len.long()[meta.vis_nodes.long()][has_rows].sum())
+
+
+def measure(name: str):
+    f, groups = FORESTS[name]()
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, HQ, HK, D, DTYPE)
+    measured = resolve("tree_attention_kv_bytes", "triton", q.device)(q, k, v, meta, D ** -0.5)
+    per_token = 2 * HK * D * k.element_size()  # K and V, all KV heads
+    return measured, plan_kv_tokens(meta) * per_token, per_branch_tokens(meta) * per_token
+
+
+def main() -> None:
+    print(f"Hq={HQ}, Hk={HK}, head_dim={D}, {str(DTYPE).replace('torch.', '')}; bytes of K+V\n")
+    print("| forest | measured (Triton) | unique KV | measured / unique | per-branch | per-branch / unique |")
+    print("|---|---|---|---|---|---|")
+    for name in FORESTS:
+        m, u, b = measure(name)
+        print(f"| {name} | {m:,} | {u:,} | {m / u:.3f} | {b:,} | {b / u:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
