@@ -183,3 +183,27 @@ def test_errors():
         model(input_ids=torch.tensor([[1, 2, 3], [1, 2, 3]]), use_cache=False, multiverse=ctx)
     with pytest.raises(ValueError, match="paged mode needs"):
         model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False, multiverse=ForestContext(s.metadata()))
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_unshared_metadata_and_measured_kv_bytes(page_size):
+    import multiverse_kernels as mk
+    from multiverse_kernels.integrations.transformers import kv_bytes_hook, unshared_metadata
+    from multiverse_kernels.testing import make_inputs, multiverse_forest
+
+    f, groups = multiverse_forest(prefix=48, paths=4, path_len=9, concl_len=3, page_size=page_size)
+    meta = f.metadata(groups)
+    un = unshared_metadata(meta)
+    un.validate(num_pages=f.num_pages)
+    # nothing shared: every listed node appears in exactly one group's list
+    assert un.vis_nodes.tolist() == list(range(un.vis_nodes.numel()))
+    assert kv_elements_read(un, per_group=False) == kv_elements_read(meta, per_group=True)
+    q, k, v = make_inputs(meta, f.num_pages, 4, 2, 64, torch.float32, seed=1)
+    ref = mk.tree_attention(q, k, v, meta, backend="reference")
+    torch.testing.assert_close(mk.tree_attention(q, k, v, un, backend="reference"), ref)
+    name, hook = kv_bytes_hook("auto", "cpu")
+    if hook is None:
+        pytest.skip(f"backend {name!r} registers no tree_attention_kv_bytes hook")
+    shared, per_path = hook(q, k, v, meta, 0.125), hook(q, k, v, un, 0.125)
+    unique = kv_elements_read(meta, per_group=False) * 2 * 2 * 64 * 4  # K+V, Hk=2, D=64, fp32
+    assert unique <= shared < per_path

@@ -24,6 +24,7 @@ Use :func:`forest_forward` and :func:`packed_forward`, or pass ``multiverse=Fore
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ __all__ = [
     "multiverse_attention",
     "forest_forward",
     "packed_forward",
+    "kv_elements_read",
+    "unshared_metadata",
+    "kv_bytes_hook",
 ]
 
 ATTN_NAME = "multiverse"
@@ -81,7 +85,11 @@ class ForestContext:
     ``packed=True`` (no cache). ``backend`` picks the tree_attention backend ("auto": the fastest
     available); ``append_backend`` the append_paged_kv one. ``validate`` checks metadata every layer
     (turn it off on the hot path). ``kv_reads`` accumulates, per call, the K/V elements the attention
-    gathers as counted by :func:`kv_elements_read` (a metadata count, not a measurement).
+    gathers as counted by :func:`kv_elements_read` (a metadata count, not a measurement), in bytes.
+    ``attn_meta``: metadata for the attention only (default ``meta``; e.g. :func:`unshared_metadata`
+    for a per-path baseline); K/V are still written through ``meta``'s page table.
+    ``kv_bytes_hook``: a backend's registered ``"tree_attention_kv_bytes"`` measurement, called with the
+    same arguments as the attention of every layer; its results go to ``kv_bytes``.
     """
 
     meta: ForestMetadata
@@ -94,6 +102,9 @@ class ForestContext:
     validate: bool = True
     count_reads: bool = False
     kv_reads: list[int] = field(default_factory=list)
+    attn_meta: ForestMetadata | None = None
+    kv_bytes_hook: Callable[..., int] | None = None
+    kv_bytes: list[int] = field(default_factory=list)
 
 
 def kv_elements_read(meta: ForestMetadata, per_group: bool) -> int:
@@ -109,6 +120,26 @@ def kv_elements_read(meta: ForestMetadata, per_group: bool) -> int:
     if per_group:
         return int(lens[nodes].sum())
     return int(lens[torch.unique(nodes)].sum())
+
+
+def unshared_metadata(meta: ForestMetadata) -> ForestMetadata:
+    """The same attention with nothing shared between groups: every (group, listed node) pair gets its
+    own node over the same pages. A KV-partitioned kernel then reads each group's context separately,
+    which is what a per-branch paged kernel (vLLM / SGLang decode) reads. For baselines."""
+    dev = meta.device
+    src = meta.vis_nodes.long()  # [V]: the node each new node copies
+    ip = meta.node_page_indptr.long()
+    npg = (ip[1:] - ip[:-1])[src]
+    new_ip = torch.zeros(src.numel() + 1, dtype=torch.long, device=dev)
+    new_ip[1:] = torch.cumsum(npg, 0)
+    total = int(new_ip[-1])
+    j = torch.arange(total, device=dev) - torch.repeat_interleave(new_ip[:-1], npg, output_size=total)
+    pages = meta.node_page_indices.long()[torch.repeat_interleave(ip[:-1][src], npg, output_size=total) + j]
+    i32 = dict(dtype=torch.int32, device=dev)
+    return ForestMetadata(
+        node_page_indptr=new_ip.to(**i32), node_page_indices=pages.to(**i32),
+        node_len=meta.node_len[src].to(**i32), qo_indptr=meta.qo_indptr, vis_indptr=meta.vis_indptr,
+        vis_nodes=torch.arange(src.numel(), **i32), page_size=meta.page_size, own_full=meta.own_full)
 
 
 def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -136,18 +167,22 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     k = key[0].transpose(0, 1).contiguous()  # [T, Hk, D]
     v = value[0].transpose(0, 1).contiguous()
     meta = ctx.meta
+    ameta = meta if ctx.attn_meta is None else ctx.attn_meta
+    sm = q.shape[-1] ** -0.5 if scaling is None else scaling
     if ctx.count_reads:
-        ctx.kv_reads.append(kv_elements_read(meta, per_group=True) * k.shape[1] * k.shape[2] * 2)
+        ctx.kv_reads.append(kv_elements_read(ameta, per_group=True) * k.shape[1] * k.shape[2] * 2
+                            * k.element_size())
     if ctx.packed:
         kc = k.view(T, 1, k.shape[1], k.shape[2])
         vc = v.view(T, 1, v.shape[1], v.shape[2])
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             from ..backends.reference.tree_attention import tree_attention as ref_tree_attention
 
-            sm = q.shape[-1] ** -0.5 if scaling is None else scaling
-            out, _ = ref_tree_attention(q, kc, vc, meta, sm)  # plain torch: differentiable
+            out, _ = ref_tree_attention(q, kc, vc, ameta, sm)  # plain torch: differentiable
         else:
-            out = tree_attention(q, kc, vc, meta, sm_scale=scaling, backend=ctx.backend,
+            if ctx.kv_bytes_hook is not None:
+                ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q, kc, vc, ameta, sm)))
+            out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend,
                                  validate=ctx.validate)
         return out.unsqueeze(0), None
     if ctx.cache is None or ctx.token_node is None or ctx.token_pos is None:
@@ -158,7 +193,9 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
     append_paged_kv(k, v, kc, vc, meta.node_page_indptr, meta.node_page_indices, ctx.token_node,
                     ctx.token_pos, backend=ctx.append_backend, validate=ctx.validate)
-    out = tree_attention(q, kc, vc, meta, sm_scale=scaling, backend=ctx.backend, validate=ctx.validate)
+    if ctx.kv_bytes_hook is not None:
+        ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q, kc, vc, ameta, sm)))
+    out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
     return out.unsqueeze(0), None
 
 
@@ -180,7 +217,8 @@ def _ensure(model: Any) -> None:
 def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: ForestMetadata,
                    cache: ForestKVCache, token_node: Tensor, token_pos: Tensor, *, backend: str = "auto",
                    append_backend: str = "auto", validate: bool = True,
-                   logits_rows: Tensor | None = None, ctx: ForestContext | None = None) -> Tensor:
+                   logits_rows: Tensor | None = None, ctx: ForestContext | None = None,
+                   attn_meta: ForestMetadata | None = None) -> Tensor:
     """One paged forward pass (prefill, extend or decode) over a forest.
 
     Args:
@@ -190,7 +228,9 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
             allocated (e.g. by :meth:`KVForest.append`).
         cache: per-layer paged caches; token_node/token_pos int32 [T]: where each new token's K/V go.
         logits_rows: int64 rows whose logits to return (default: all).
-        ctx: pass a :class:`ForestContext` to reuse (its meta/cache/tokens are overwritten) or to count reads.
+        ctx: pass a :class:`ForestContext` to reuse (its meta/cache/tokens are overwritten) or to count
+            or measure reads.
+        attn_meta: metadata for the attention only (see :class:`ForestContext`).
     Returns:
         logits [T or len(logits_rows), vocab].
     """
@@ -199,6 +239,7 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
         ctx = ForestContext(meta)
     ctx.meta, ctx.cache, ctx.token_node, ctx.token_pos, ctx.packed = meta, cache, token_node, token_pos, False
     ctx.backend, ctx.append_backend, ctx.validate = backend, append_backend, validate
+    ctx.attn_meta = attn_meta
     if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
         raise ValueError(f"input_ids/position_ids: expected two [T] tensors, got {tuple(input_ids.shape)} "
                          f"and {tuple(position_ids.shape)}")
@@ -220,3 +261,15 @@ def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validat
     ctx = ForestContext(meta, packed=True, backend=backend, validate=validate)
     pos = structure.position_ids.to(ids.device)
     return model(input_ids=ids[None], position_ids=pos[None], use_cache=False, multiverse=ctx).logits[0]
+
+
+def kv_bytes_hook(backend: str, device: torch.device | str) -> tuple[str, Callable[..., int] | None]:
+    """The backend ``backend`` resolves to on ``device`` ("auto": the fastest available) and its
+    registered ``"tree_attention_kv_bytes"`` measurement hook, or None if it registers none."""
+    from ..backends import available_backends, resolve
+
+    dev = torch.device(device)
+    name = available_backends("tree_attention", dev)[0] if backend == "auto" else backend
+    if name in available_backends("tree_attention_kv_bytes", dev):
+        return name, resolve("tree_attention_kv_bytes", name, dev)
+    return name, None
