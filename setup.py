@@ -1,6 +1,193 @@
-"""Build script. The package is pure Python (reference and Triton backends); the C++/CUDA extension
-is added by csrc/ (see docs/build.md once it exists)."""
+"""Build script: the pure-Python package plus, when possible, the C++/CUDA extension (docs/build.md).
+
+Parts and how they are chosen:
+
+* ``multiverse_kernels._C``      CPU kernels + torch.ops.multiverse_C schemas. Built when torch is
+  importable at build time (``pip install --no-build-isolation .``) and a C++ compiler works.
+* ``multiverse_kernels._C_cuda`` CUDA kernels (sm_90a, sm_100a by default). Built when additionally
+  torch is a CUDA build and nvcc is found (CUDA_HOME, default /usr/local/cuda).
+
+Environment variables:
+
+* ``MULTIVERSE_BUILD_CPP=0``   skip all C++ (pure Python: reference + Triton backends).
+* ``MULTIVERSE_BUILD_CUDA=0|1`` force the CUDA part off / on (on: a missing toolchain is an error);
+  unset = build it when possible.
+* ``MULTIVERSE_BUILD_STRICT=1`` a failing compile is an error (default: report one line, keep going).
+* ``TORCH_CUDA_ARCH_LIST`` (default ``9.0a;10.0a``), ``MAX_JOBS`` (parallel compile jobs), ``CUDA_HOME``.
+
+A part that is skipped or fails is reported in ONE line starting with ``multiverse_kernels:``; the
+compiler's output goes to ``build/multiverse_<part>.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 
 from setuptools import setup
 
-setup()
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LOG_DIR = os.path.join(ROOT, "build")
+
+
+def _note(msg: str) -> None:
+    # One line on stderr (pip shows it with -v; the reason also lands in build/multiverse_build.txt).
+    line = f"multiverse_kernels: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    try:
+        os.makedirs(LOG_DIR, exist_ok=True)
+        with open(os.path.join(LOG_DIR, "multiverse_build.txt"), "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
+
+
+def _flag(name: str) -> str | None:
+    v = os.environ.get(name)
+    if v is None or v.strip() == "":
+        return None
+    v = v.strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "0"
+    if v in ("1", "on", "true", "yes"):
+        return "1"
+    raise SystemExit(f"multiverse_kernels: {name}={os.environ[name]!r}: expected 0 or 1")
+
+
+def _cxx_works() -> bool:
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    exe = cxx.split()[0]
+    if shutil.which(exe) is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        r = subprocess.run([exe, src, "-o", os.path.join(d, "t")], capture_output=True)
+        return r.returncode == 0
+
+
+def _cu13_include() -> list[str]:
+    try:
+        import nvidia  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    out = []
+    for base in getattr(nvidia, "__path__", []):
+        inc = os.path.join(base, "cu13", "include")
+        if os.path.isdir(inc):
+            out.append(inc)
+    return out
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("MULTIVERSE_BUILD_CPP") == "0":
+        _note("C++/CUDA extension skipped (MULTIVERSE_BUILD_CPP=0); pure Python (reference, triton)")
+        return [], {}
+    want_cuda = _flag("MULTIVERSE_BUILD_CUDA")
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # torch would otherwise guess from `which nvcc`
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        if want_cuda == "1":
+            raise SystemExit("multiverse_kernels: MULTIVERSE_BUILD_CUDA=1 but torch is not importable at "
+                             "build time (use pip install --no-build-isolation)") from None
+        _note("C++/CUDA extension skipped (torch not importable at build time; use "
+              "pip install --no-build-isolation); pure Python (reference, triton)")
+        return [], {}
+    if not _cxx_works():
+        if want_cuda == "1":
+            raise SystemExit("multiverse_kernels: MULTIVERSE_BUILD_CUDA=1 but no working C++ compiler")
+        _note("C++/CUDA extension skipped (no working C++ compiler); pure Python (reference, triton)")
+        return [], {}
+
+    inc = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-std=c++20", "-DMULTIVERSE_WITH_ATEN", "-fopenmp", "-Wno-psabi"]
+    exts = [
+        cpp_extension.CppExtension(
+            "multiverse_kernels._C",
+            sources=["csrc/torch_bindings.cpp", "csrc/cpu/tree_attention.cpp", "csrc/cpu/merge_states.cpp",
+                     "csrc/cpu/append_paged_kv.cpp"],
+            include_dirs=inc,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+    cuda_reason = None
+    if want_cuda == "0":
+        cuda_reason = "MULTIVERSE_BUILD_CUDA=0"
+    elif torch.version.cuda is None:
+        cuda_reason = "torch is a CPU-only build"
+    elif cpp_extension.CUDA_HOME is None or not os.path.exists(
+            os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        cuda_reason = "nvcc not found (set CUDA_HOME)"
+    if cuda_reason is not None:
+        if want_cuda == "1":
+            raise SystemExit(f"multiverse_kernels: MULTIVERSE_BUILD_CUDA=1 but {cuda_reason}")
+        _note(f"CUDA extension skipped ({cuda_reason}); CPU extension only")
+    else:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a;10.0a")
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "multiverse_kernels._C_cuda",
+                sources=["csrc/torch_bindings_cuda.cpp", "csrc/cuda/tree_attention.cu",
+                         "csrc/cuda/merge_states.cu", "csrc/cuda/append_paged_kv.cu"],
+                include_dirs=inc + _cu13_include(),
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++20"],
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
+                },
+            )
+        )
+    return exts, {"build_ext": _make_build_ext(cpp_extension.BuildExtension)}
+
+
+def _make_build_ext(base: type) -> type:
+    class QuietBuildExt(base):  # type: ignore[misc, valid-type]
+        """Builds each extension with its compiler output in build/multiverse_<ext>.log; a failure is
+        one line (or an error with MULTIVERSE_BUILD_STRICT=1 / a forced CUDA build)."""
+
+        def build_extension(self, ext) -> None:  # noqa: ANN001
+            part = ext.name.rsplit(".", 1)[-1]
+            os.makedirs(LOG_DIR, exist_ok=True)
+            log = os.path.join(LOG_DIR, f"multiverse{part}.log")
+            strict = _flag("MULTIVERSE_BUILD_STRICT") == "1" or (
+                part == "_C_cuda" and _flag("MULTIVERSE_BUILD_CUDA") == "1")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            saved = os.dup(1), os.dup(2)
+            with open(log, "w") as f:
+                os.dup2(f.fileno(), 1)
+                os.dup2(f.fileno(), 2)
+                try:
+                    super().build_extension(ext)
+                    err = None
+                except Exception as e:  # compiler/linker failure
+                    err = e
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os.dup2(saved[0], 1)
+                    os.dup2(saved[1], 2)
+                    os.close(saved[0])
+                    os.close(saved[1])
+            if err is None:
+                _note(f"built {ext.name} (log: {os.path.relpath(log, ROOT)})")
+                return
+            if strict:
+                raise SystemExit(f"multiverse_kernels: building {ext.name} failed: {err} "
+                                 f"(compiler output: {log})")
+            _note(f"{ext.name} skipped: compile failed ({type(err).__name__}); compiler output in {log}")
+
+    return QuietBuildExt
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

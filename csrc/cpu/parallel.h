@@ -1,0 +1,62 @@
+// parallel_for used by the CPU kernels: ATen's thread pool inside the torch extension
+// (MULTIVERSE_WITH_ATEN), OpenMP in the standalone CMake library, serial otherwise.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#if defined(MULTIVERSE_WITH_ATEN)
+#include <ATen/Parallel.h>
+#elif defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace multiverse::cpu {
+
+// Calls f(begin, end) on disjoint ranges covering [0, n); ranges hold at least `grain` indices.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+#if defined(MULTIVERSE_WITH_ATEN)
+  at::parallel_for(0, n, grain, f);
+#elif defined(_OPENMP)
+  const int64_t chunks = (n + grain - 1) / grain;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b = c * grain;
+    f(b, b + grain < n ? b + grain : n);
+  }
+#else
+  (void)grain;
+  f(0, n);
+#endif
+}
+
+// Dynamic schedule: every worker thread pulls task indices 0..n-1 from a shared counter and calls
+// body(task, state) with its own `State` (scratch buffers). Work items differ a lot in cost (a shared
+// prefix chunk has many readers, a leaf chunk one), so a static split would leave threads idle.
+template <class State, class F>
+void parallel_tasks(int64_t n, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    thread_local State st;  // scratch survives across calls: no page faults per step
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      body(t, st);
+  };
+#if defined(MULTIVERSE_WITH_ATEN)
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) worker();
+  });
+#elif defined(_OPENMP)
+#pragma omp parallel
+  worker();
+#else
+  worker();
+#endif
+}
+
+}  // namespace multiverse::cpu

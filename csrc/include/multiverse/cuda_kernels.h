@@ -1,0 +1,25 @@
+// CUDA kernels (csrc/cuda/*.cu): host launchers taking params structs with DEVICE pointers and a
+// stream. No torch types; the CMake target multiverse_kernels_cuda builds them for sm_90a / sm_100a.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "multiverse/params.h"
+
+namespace multiverse::cuda {
+
+// Attention over a plan: grid (num_items, num_kv_heads). Rows with exactly one partial are written to
+// p.out / p.lse, the others to the partial workspace (then call merge_states with the plan's rows).
+// fp16/bf16 with head_dim 64/128/256 use the tensor-core kernel (mma.sync m16n8k16, cp.async double
+// buffering, 16-byte loads); fp32 and other head dims use a SIMT kernel. Returns the launch error.
+cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
+
+// True when tree_attention takes the tensor-core path for these params (caches 16-byte aligned).
+bool tree_attention_uses_mma(const TreeAttentionParams& p);
+
+cudaError_t merge_states(const MergeParams& p, cudaStream_t stream);
+
+// Requires src and cache of the same dtype (the torch binding casts k/v first).
+cudaError_t append_paged_kv(const AppendParams& p, cudaStream_t stream);
+
+}  // namespace multiverse::cuda

@@ -1,0 +1,59 @@
+// Small index-math functions shared by the CPU and CUDA kernels (host and device), so that the CPU
+// tests exercise the exact code the GPU kernels run.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MV_HD __host__ __device__ __forceinline__
+#else
+#define MV_HD inline
+#endif
+
+namespace multiverse {
+
+// Page-table lookup: the cache page holding token `token` of node `node` (DESIGN §2: every node starts
+// at slot 0 of its first page).
+MV_HD int32_t token_page(const int32_t* node_page_indptr, const int32_t* node_page_indices, int32_t node,
+                         int32_t token, int32_t page_size) {
+  return node_page_indices[node_page_indptr[node] + token / page_size];
+}
+
+// Element offset of (token, kv head) of a node in a cache with the given strides.
+MV_HD int64_t cache_offset(const int32_t* node_page_indptr, const int32_t* node_page_indices,
+                           int32_t node, int32_t token, int32_t page_size, int32_t kv_head,
+                           int64_t stride_page, int64_t stride_slot, int64_t stride_head) {
+  const int64_t page = token_page(node_page_indptr, node_page_indices, node, token, page_size);
+  return page * stride_page + static_cast<int64_t>(token % page_size) * stride_slot +
+         static_cast<int64_t>(kv_head) * stride_head;
+}
+
+// How many tokens of the chunk [kv_start, kv_start + kv_len) a reader with `limit` visible leading
+// tokens of the node sees (0 when the chunk lies entirely past its limit).
+MV_HD int32_t visible_in_chunk(int32_t limit, int32_t kv_start, int32_t kv_len) {
+  int32_t v = limit - kv_start;
+  v = v < kv_len ? v : kv_len;
+  return v > 0 ? v : 0;
+}
+
+// GQA: the query heads of KV head `kv_head` are kv_head * group .. kv_head * group + group - 1.
+MV_HD int32_t gqa_group(int32_t num_qo_heads, int32_t num_kv_heads) { return num_qo_heads / num_kv_heads; }
+
+// Row m of a work item's packed (reader, GQA head) row dimension: reader m / group, head m % group.
+MV_HD int32_t packed_reader(int32_t m, int32_t group) { return m / group; }
+MV_HD int32_t packed_head(int32_t m, int32_t group, int32_t kv_head) { return kv_head * group + m % group; }
+
+// Offset of partial (slot, head) in partial_out [P, Hq, D] / partial_lse [P, Hq].
+MV_HD int64_t partial_out_offset(int32_t slot, int32_t head, int32_t num_qo_heads, int32_t head_dim) {
+  return (static_cast<int64_t>(slot) * num_qo_heads + head) * head_dim;
+}
+MV_HD int64_t partial_lse_offset(int32_t slot, int32_t head, int32_t num_qo_heads) {
+  return static_cast<int64_t>(slot) * num_qo_heads + head;
+}
+
+// Bytes of K plus V one work unit (item, kv head) loads from the caches: `tokens` tokens of one head.
+MV_HD int64_t chunk_kv_bytes(int32_t tokens, int32_t head_dim, int32_t elem_size) {
+  return 2 * static_cast<int64_t>(tokens) * head_dim * elem_size;
+}
+
+}  // namespace multiverse

@@ -1,0 +1,113 @@
+// Parameter structs of the multiverse kernels (CPU and CUDA share them).
+//
+// Kernels take raw pointers plus one of these structs; nothing here depends on torch, so a C++ engine
+// can fill them from its own buffers (see CMakeLists.txt, target multiverse_kernels).
+//
+// Layout conventions (DESIGN §2, docs/plan.md):
+//   q            [total_q, Hq, D]                 strides q_stride_row, q_stride_head, last dim contiguous
+//   k/v cache    [num_pages, page_size, Hk, D]    strides *_stride_page, *_stride_slot, *_stride_head
+//   out          [total_q, Hq, D]  contiguous, q's dtype
+//   lse          [total_q, Hq]     float32, natural log of the softmax denominator (sm_scale included)
+//   partial_out  [P, Hq, D]        float32 workspace, partial_lse [P, Hq] float32
+// All index arrays are int32 (the plan of multiverse_kernels/planning.py).
+#pragma once
+
+#include <cstdint>
+
+namespace multiverse {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline constexpr int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// One call of the tree-attention kernel over a plan (grid: num_items x num_kv_heads work units).
+struct TreeAttentionParams {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  void* out;           // [total_q, Hq, D] q's dtype: rows with exactly one partial are written here
+  float* lse;          // [total_q, Hq]
+  float* partial_out;  // [P, Hq, D]   rows with != 1 partials go through the workspace + merge
+  float* partial_lse;  // [P, Hq]
+
+  // Forest page table.
+  const int32_t* node_page_indptr;
+  const int32_t* node_page_indices;
+  // Plan: readers.
+  const int32_t* reader_row;
+  const int32_t* reader_limit;
+  // Plan: work items.
+  const int32_t* item_node;
+  const int32_t* item_kv_start;
+  const int32_t* item_kv_len;
+  const int32_t* item_reader_start;
+  const int32_t* item_num_readers;
+  const int32_t* item_partial_start;
+  const int32_t* row_partial_indptr;  // [total_q + 1]: a row with exactly one partial skips the merge
+
+  int64_t q_stride_row, q_stride_head;
+  int64_t k_stride_page, k_stride_slot, k_stride_head;
+  int64_t v_stride_page, v_stride_slot, v_stride_head;
+
+  int32_t num_items;
+  int32_t num_qo_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t page_size;
+  int32_t max_chunk_tokens;  // upper bound of item_kv_len (the plan's chunk_tokens)
+  int32_t max_readers;       // upper bound of item_num_readers (the plan's rows_per_tile)
+  float sm_scale;
+  DType dtype;
+
+  // Measurement hook: when non-null, the kernel adds the K+V bytes it loads from the caches.
+  int64_t* kv_bytes_loaded;
+};
+
+// Log-sum-exp merge of partial states: row r merges partial slots
+// row_partial_indices[row_partial_indptr[r] : row_partial_indptr[r+1]].
+// With row_partial_indices == nullptr the slots of row r are r * num_states + s (merge_states op layout,
+// partial_out [N, S, H, D]); then row_partial_indptr is unused.
+// Rows: merge_rows[0 : num_rows] when merge_rows != nullptr (entries < 0 are padding), else 0..num_rows.
+struct MergeParams {
+  const float* partial_out;   // [slots, H, D] (or [N, S, H, D]) float32 ...
+  const void* partial_out_any;  // ... or this one, of dtype v_dtype, when partial_out == nullptr
+  const float* partial_lse;   // [slots, H]
+  const int32_t* row_partial_indptr;
+  const int32_t* row_partial_indices;
+  const int32_t* merge_rows;
+  void* out;                  // [N, H, D] of out_dtype
+  float* lse;                 // [N, H]
+  int32_t num_rows;
+  int32_t num_states;         // for the dense layout
+  int32_t num_heads;
+  int32_t head_dim;
+  DType v_dtype;              // dtype of partial_out_any
+  DType out_dtype;
+};
+
+// append_paged_kv: token i of k/v [n, Hk, D] goes to slot token_pos[i] of node token_node[i].
+struct AppendParams {
+  const void* k;
+  const void* v;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* page_indptr;
+  const int32_t* page_indices;
+  const int32_t* token_node;
+  const int32_t* token_pos;
+  int64_t k_stride_tok, k_stride_head;  // of k (last dim contiguous)
+  int64_t v_stride_tok, v_stride_head;
+  int64_t kc_stride_page, kc_stride_slot, kc_stride_head;
+  int64_t vc_stride_page, vc_stride_slot, vc_stride_head;
+  int32_t num_tokens;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t page_size;
+  DType src_dtype;
+  DType cache_dtype;
+};
+
+}  // namespace multiverse

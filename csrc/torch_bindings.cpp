@@ -1,0 +1,84 @@
+// torch.ops.multiverse_C.*: schemas (TORCH_LIBRARY) and the CPU implementations (TORCH_LIBRARY_IMPL).
+// The CUDA implementations live in torch_bindings_cuda.cpp (built only with the CUDA extension).
+// Fake (meta) implementations are registered from Python (multiverse_kernels/backends/_ext.py).
+//
+// The namespace is multiverse_C so it does not clash with the Python custom ops torch.ops.multiverse.*,
+// which dispatch on their `backend` argument and call these ops for backend="cpu"/"cuda".
+#include <optional>
+
+#include "multiverse/cpu_kernels.h"
+#include "torch_utils.h"
+
+namespace multiverse::bind {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
+    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes) {
+  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
+  TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
+                                                plan, plan_ints, sm_scale);
+  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
+  auto out = at::empty({total_q, hq, d}, q.options());
+  auto lse = at::empty({total_q, hq}, q.options().dtype(at::kFloat));
+  const int64_t slots = plan[kRowPartialIndices].numel();
+  auto pout = at::empty({slots, hq, d}, q.options().dtype(at::kFloat));
+  auto plse = at::empty({slots, hq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.partial_out = pout.data_ptr<float>();
+  p.partial_lse = plse.data_ptr<float>();
+  if (kv_bytes.has_value()) {
+    TORCH_CHECK(kv_bytes->scalar_type() == at::kLong && kv_bytes->numel() == 1 && kv_bytes->is_cpu(),
+                "kv_bytes: expected a CPU int64 tensor with one element");
+    p.kv_bytes_loaded = kv_bytes->data_ptr<int64_t>();
+  }
+  multiverse::cpu::tree_attention(p);
+  MergeParams m = make_plan_merge_params(p, plan, out, lse);
+  multiverse::cpu::merge_states(m);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& v, const at::Tensor& s) {
+  TORCH_CHECK(v.device().is_cpu(), "v: expected a CPU tensor");
+  auto vc = v.contiguous();
+  auto sc = s.contiguous();
+  auto out = at::empty({v.size(0), v.size(2), v.size(3)}, v.options());
+  auto lse = at::empty({v.size(0), v.size(2)}, v.options().dtype(at::kFloat));
+  MergeParams m = make_merge_params(vc, sc, out, lse);
+  multiverse::cpu::merge_states(m);
+  return {out, lse};
+}
+
+void append_paged_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& page_indptr,
+                         const at::Tensor& page_indices, const at::Tensor& token_node,
+                         const at::Tensor& token_pos) {
+  TORCH_CHECK(k.device().is_cpu(), "k: expected a CPU tensor");
+  AppendParams p = make_append_params(k, v, k_cache, v_cache, page_indptr, page_indices, token_node,
+                                      token_pos);
+  multiverse::cpu::append_paged_kv(p);
+}
+
+}  // namespace
+}  // namespace multiverse::bind
+
+TORCH_LIBRARY(multiverse_C, m) {
+  // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
+  // int64[1] the kernel adds the K+V bytes it loads to (measurement hook).
+  m.def(
+      "tree_attention_run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, "
+      "Tensor node_page_indices, Tensor[] plan_tensors, int[] plan_ints, float sm_scale, "
+      "Tensor(a!)? kv_bytes=None) -> (Tensor, Tensor)");
+  m.def("merge_states(Tensor v, Tensor s) -> (Tensor, Tensor)");
+  m.def(
+      "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor page_indptr, "
+      "Tensor page_indices, Tensor token_node, Tensor token_pos) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(multiverse_C, CPU, m) {
+  m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cpu);
+  m.impl("merge_states", &multiverse::bind::merge_states_cpu);
+  m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cpu);
+}

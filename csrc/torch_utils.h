@@ -1,0 +1,198 @@
+// Helpers shared by the torch binding files: argument checks naming the argument, dtype mapping,
+// and filling the params structs from tensors.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "multiverse/params.h"
+
+namespace multiverse::bind {
+
+inline DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+inline void check_i32(const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, name, ": expected a 1-D tensor, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(t.device() == dev, name, ": expected device ", dev, " (like q), got ", t.device());
+}
+
+inline const int32_t* i32(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
+
+// The plan fields in TreePlan.TENSOR_FIELDS / INT_FIELDS order (multiverse_kernels/planning.py).
+enum PlanT {
+  kReaderRow, kReaderLimit, kItemNode, kItemKvStart, kItemKvLen, kItemReaderStart, kItemNumReaders,
+  kItemPartialStart, kRowPartialIndptr, kRowPartialIndices, kMergeRows, kNumPlanTensors
+};
+enum PlanI {
+  kNumReaders, kNumItems, kNumPartials, kNumMergeRows, kMaxItemReaders, kChunkTokens, kRowsPerTile,
+  kNumPlanInts
+};
+
+// Validates shapes/dtypes and fills everything but the output/workspace pointers.
+inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& node_page_indptr,
+                                                 const at::Tensor& node_page_indices, at::TensorList plan,
+                                                 at::IntArrayRef ints, double sm_scale) {
+  TORCH_CHECK(plan.size() == kNumPlanTensors, "plan_tensors: expected ", int(kNumPlanTensors),
+              " tensors (TreePlan.tensors()), got ", plan.size());
+  TORCH_CHECK(ints.size() == kNumPlanInts, "plan_ints: expected ", int(kNumPlanInts),
+              " ints (TreePlan.ints()), got ", ints.size());
+  TORCH_CHECK(q.dim() == 3, "q: expected [total_q, Hq, D], got ", q.dim(), "-D");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "k_cache: expected [num_pages, page_size, Hk, D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "v_cache: expected the shape of k_cache");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "k_cache: expected the dtype of q");
+  TORCH_CHECK(k_cache.size(3) == q.size(2), "k_cache: expected head_dim ", q.size(2), " like q");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "q: expected the head_dim axis contiguous (q, k_cache, v_cache)");
+  const auto dev = q.device();
+  TORCH_CHECK(k_cache.device() == dev && v_cache.device() == dev, "k_cache: expected q's device");
+  const int64_t hq = q.size(1), hk = k_cache.size(2);
+  TORCH_CHECK(hk > 0 && hq % hk == 0, "k_cache: expected num_kv_heads dividing num_qo_heads = ", hq);
+  check_i32(node_page_indptr, "node_page_indptr", dev);
+  check_i32(node_page_indices, "node_page_indices", dev);
+  static const char* names[] = {"reader_row", "reader_limit", "item_node", "item_kv_start", "item_kv_len",
+                                "item_reader_start", "item_num_readers", "item_partial_start",
+                                "row_partial_indptr", "row_partial_indices", "merge_rows"};
+  for (int i = 0; i < kNumPlanTensors; ++i) check_i32(plan[i], names[i], dev);
+  TORCH_CHECK(plan[kRowPartialIndptr].numel() == q.size(0) + 1,
+              "row_partial_indptr: expected total_q + 1 = ", q.size(0) + 1, " entries, got ",
+              plan[kRowPartialIndptr].numel());
+  TreeAttentionParams p{};
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.node_page_indptr = i32(node_page_indptr);
+  p.node_page_indices = i32(node_page_indices);
+  p.reader_row = i32(plan[kReaderRow]);
+  p.reader_limit = i32(plan[kReaderLimit]);
+  p.item_node = i32(plan[kItemNode]);
+  p.item_kv_start = i32(plan[kItemKvStart]);
+  p.item_kv_len = i32(plan[kItemKvLen]);
+  p.item_reader_start = i32(plan[kItemReaderStart]);
+  p.item_num_readers = i32(plan[kItemNumReaders]);
+  p.item_partial_start = i32(plan[kItemPartialStart]);
+  p.row_partial_indptr = i32(plan[kRowPartialIndptr]);
+  p.q_stride_row = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.k_stride_page = k_cache.stride(0);
+  p.k_stride_slot = k_cache.stride(1);
+  p.k_stride_head = k_cache.stride(2);
+  p.v_stride_page = v_cache.stride(0);
+  p.v_stride_slot = v_cache.stride(1);
+  p.v_stride_head = v_cache.stride(2);
+  // Padded (capacity) plans: run every item buffer entry; padding items have 0 readers.
+  p.num_items = static_cast<int32_t>(plan[kItemNode].numel());
+  p.num_qo_heads = static_cast<int32_t>(hq);
+  p.num_kv_heads = static_cast<int32_t>(hk);
+  p.head_dim = static_cast<int32_t>(q.size(2));
+  p.page_size = static_cast<int32_t>(k_cache.size(1));
+  p.max_chunk_tokens = static_cast<int32_t>(ints[kChunkTokens]);
+  p.max_readers = static_cast<int32_t>(ints[kRowsPerTile]);
+  p.sm_scale = static_cast<float>(sm_scale);
+  p.dtype = to_dtype(q, "q");
+  p.kv_bytes_loaded = nullptr;
+  return p;
+}
+
+inline MergeParams make_plan_merge_params(const TreeAttentionParams& a, at::TensorList plan,
+                                          const at::Tensor& out, const at::Tensor& lse) {
+  MergeParams m{};
+  m.partial_out = a.partial_out;
+  m.partial_lse = a.partial_lse;
+  m.row_partial_indptr = i32(plan[kRowPartialIndptr]);
+  m.row_partial_indices = i32(plan[kRowPartialIndices]);
+  m.merge_rows = i32(plan[kMergeRows]);
+  m.out = out.data_ptr();
+  m.lse = lse.data_ptr<float>();
+  m.num_rows = static_cast<int32_t>(plan[kMergeRows].numel());
+  m.num_heads = a.num_qo_heads;
+  m.head_dim = a.head_dim;
+  m.v_dtype = DType::kFloat32;
+  m.out_dtype = a.dtype;
+  return m;
+}
+
+inline MergeParams make_merge_params(const at::Tensor& v, const at::Tensor& s, const at::Tensor& out,
+                                     const at::Tensor& lse) {
+  TORCH_CHECK(v.dim() == 4, "v: expected [N, num_states, H, D], got ", v.dim(), "-D");
+  TORCH_CHECK(s.dim() == 3 && s.size(0) == v.size(0) && s.size(1) == v.size(1) && s.size(2) == v.size(2),
+              "s: expected shape [N, num_states, H] matching v");
+  TORCH_CHECK(s.scalar_type() == at::kFloat, "s: expected float32, got ", s.scalar_type());
+  TORCH_CHECK(v.is_contiguous() && s.is_contiguous(), "v: expected contiguous v and s");
+  TORCH_CHECK(s.device() == v.device(), "s: expected v's device");
+  MergeParams m{};
+  m.partial_out = nullptr;
+  m.partial_out_any = v.data_ptr();
+  m.partial_lse = s.data_ptr<float>();
+  m.out = out.data_ptr();
+  m.lse = lse.data_ptr<float>();
+  m.num_rows = static_cast<int32_t>(v.size(0));
+  m.num_states = static_cast<int32_t>(v.size(1));
+  m.num_heads = static_cast<int32_t>(v.size(2));
+  m.head_dim = static_cast<int32_t>(v.size(3));
+  m.v_dtype = to_dtype(v, "v");
+  m.out_dtype = m.v_dtype;
+  return m;
+}
+
+inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& page_indptr,
+                                       const at::Tensor& page_indices, const at::Tensor& token_node,
+                                       const at::Tensor& token_pos) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k: expected [n, Hk, D] with v of the same shape");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "k_cache: expected [num_pages, page_size, Hk, D] with v_cache of the same shape");
+  TORCH_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3),
+              "k: expected heads and head_dim of k_cache");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "k: expected the head_dim axis contiguous (k, v, k_cache, v_cache)");
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "v: expected the dtype of k");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: expected the dtype of k_cache");
+  const auto dev = k.device();
+  TORCH_CHECK(v.device() == dev && k_cache.device() == dev && v_cache.device() == dev,
+              "k_cache: expected k's device");
+  check_i32(page_indptr, "page_indptr", dev);
+  check_i32(page_indices, "page_indices", dev);
+  check_i32(token_node, "token_node", dev);
+  check_i32(token_pos, "token_pos", dev);
+  TORCH_CHECK(token_node.numel() == k.size(0) && token_pos.numel() == k.size(0),
+              "token_node: expected one entry per row of k");
+  AppendParams p{};
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.page_indptr = i32(page_indptr);
+  p.page_indices = i32(page_indices);
+  p.token_node = i32(token_node);
+  p.token_pos = i32(token_pos);
+  p.k_stride_tok = k.stride(0);
+  p.k_stride_head = k.stride(1);
+  p.v_stride_tok = v.stride(0);
+  p.v_stride_head = v.stride(1);
+  p.kc_stride_page = k_cache.stride(0);
+  p.kc_stride_slot = k_cache.stride(1);
+  p.kc_stride_head = k_cache.stride(2);
+  p.vc_stride_page = v_cache.stride(0);
+  p.vc_stride_slot = v_cache.stride(1);
+  p.vc_stride_head = v_cache.stride(2);
+  p.num_tokens = static_cast<int32_t>(k.size(0));
+  p.num_kv_heads = static_cast<int32_t>(k.size(1));
+  p.head_dim = static_cast<int32_t>(k.size(2));
+  p.page_size = static_cast<int32_t>(k_cache.size(1));
+  p.src_dtype = to_dtype(k, "k");
+  p.cache_dtype = to_dtype(k_cache, "k_cache");
+  return p;
+}
+
+}  // namespace multiverse::bind

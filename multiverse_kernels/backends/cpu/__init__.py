@@ -1,0 +1,87 @@
+"""CPU backend: the C++ kernels of ``multiverse_kernels._C`` (csrc/cpu/), multi-threaded with ATen's
+thread pool, fp32 accumulation, fp32/fp16/bf16 inputs (float64 inputs go to the reference, which is
+the float64-capable specification).
+
+tree_attention plans the step with :func:`multiverse_kernels.planning.plan_tree_attention` using ALL
+readers of a node in one work item (``rows_per_tile`` = unbounded), so every node's K/V chunk is loaded
+from the cache exactly once per KV head and shared by every row that sees it; the plan is cached per
+metadata object (plan once per step, reuse in every layer). Also registers the measurement hook
+``tree_attention_kv_bytes`` (bytes counted by the kernel at its loads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...metadata import ForestMetadata
+from ...planning import TreePlan
+from .. import register
+from ..reference import append_paged_kv as _ref_append
+from ..reference import merge_states as _ref_merge
+from ..reference import tree_attention as _ref_attention
+from ._ext import cached_plan, load_extension, run_tree_attention
+
+load_extension("_C")
+
+__all__ = ["tree_attention", "merge_states", "append_paged_kv", "tree_attention_kv_bytes",
+           "CHUNK_TOKENS"]
+
+# Tokens per work item: K+V of one chunk in fp32 (2 x 256 x 128 x 4 B = 256 KiB) stays in L2 while all
+# of the node's rows use it, and a 4K prefix still gives 16 chunks x Hk items to spread over threads.
+CHUNK_TOKENS = 256
+_ALL_READERS = 1 << 30  # rows_per_tile: every reader of a node in one item (load each chunk once)
+_NATIVE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata):
+    return cached_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], CHUNK_TOKENS, _ALL_READERS)
+
+
+def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
+                   sm_scale: float, plan: TreePlan | None = None) -> tuple[Tensor, Tensor]:
+    """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32).
+
+    ``plan``: a precomputed plan for ``meta`` (any chunk_tokens / rows_per_tile); default: the cached
+    CPU plan (every reader of a node in one item).
+    """
+    if q.dtype not in _NATIVE:
+        return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
+    if plan is None:
+        plan = _plan(q, k_cache, meta)
+    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)
+
+
+tree_attention.supports_plan = True  # ops.tree_attention passes a caller's precomputed plan
+
+
+def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
+                            sm_scale: float) -> int:
+    """K+V bytes the CPU kernel loads from the caches in one call, counted by the kernel itself."""
+    if q.dtype not in _NATIVE:
+        raise RuntimeError(f"q: the cpu kernel runs float32/float16/bfloat16, got {q.dtype}")
+    counter = torch.zeros(1, dtype=torch.int64)
+    run_tree_attention(q, k_cache, v_cache, meta, sm_scale, _plan(q, k_cache, meta), counter)
+    return int(counter.item())
+
+
+def merge_states(v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """v [N, S, H, D], s [N, S, H] -> (out [N, H, D] v.dtype, lse [N, H] float32)."""
+    if v.dtype not in _NATIVE or s.dtype != torch.float32:
+        return _ref_merge(v, s)
+    return torch.ops.multiverse_C.merge_states(v, s)
+
+
+def append_paged_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
+                    page_indices: Tensor, token_node: Tensor, token_pos: Tensor) -> None:
+    """k, v [n, Hk, D] -> k_cache, v_cache [num_pages, page_size, Hk, D] in place."""
+    if k.dtype not in _NATIVE or k_cache.dtype not in _NATIVE or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return _ref_append(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
+    torch.ops.multiverse_C.append_paged_kv(k, v, k_cache, v_cache, page_indptr, page_indices, token_node,
+                                           token_pos)
+
+
+register("tree_attention", "cpu", ("cpu",))(tree_attention)
+register("merge_states", "cpu", ("cpu",))(merge_states)
+register("append_paged_kv", "cpu", ("cpu",))(append_paged_kv)
+register("tree_attention_kv_bytes", "cpu", ("cpu",))(tree_attention_kv_bytes)

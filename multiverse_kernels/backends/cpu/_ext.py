@@ -1,0 +1,87 @@
+"""Loading the compiled extension (``multiverse_kernels._C`` / ``._C_cuda``), fake implementations of
+``torch.ops.multiverse_C.*``, and the per-step plan cache shared by the cpu and cuda backends."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from ...metadata import ForestMetadata
+from ...planning import TreePlan, plan_tree_attention
+
+__all__ = ["load_extension", "cached_plan", "run_tree_attention"]
+
+_LOADED: set[str] = set()
+
+
+def load_extension(name: str = "_C") -> None:
+    """Load ``multiverse_kernels.<name>`` (a torch op library, not a Python module).
+
+    Raises ModuleNotFoundError when it was not built (see docs/build.md).
+    """
+    if name in _LOADED:
+        return
+    spec = importlib.util.find_spec(f"multiverse_kernels.{name}")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"multiverse_kernels.{name} is not built (pip install --no-build-isolation . with a C++ "
+            f"compiler{' and nvcc' if name == '_C_cuda' else ''}; see docs/build.md)")
+    if name != "_C":
+        load_extension("_C")  # defines the multiverse_C schemas the CUDA library implements
+    torch.ops.load_library(spec.origin)
+    _LOADED.add(name)
+    if name == "_C":
+        _register_fakes()
+
+
+def _register_fakes() -> None:
+    lib = "multiverse_C"
+
+    @torch.library.register_fake(f"{lib}::tree_attention_run")
+    def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, plan_tensors, plan_ints, sm_scale,
+          kv_bytes=None):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+    @torch.library.register_fake(f"{lib}::merge_states")
+    def _(v, s):
+        return v.new_empty(v.shape[0], v.shape[2], v.shape[3]), v.new_empty(
+            v.shape[0], v.shape[2], dtype=torch.float32)
+
+    @torch.library.register_fake(f"{lib}::append_paged_kv")
+    def _(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos):
+        return None
+
+
+# One plan per step, reused by every layer: keyed by the metadata object, the version counters of
+# its tensors (an in-place edit invalidates it) and the plan parameters. Small and bounded.
+_PLAN_CACHE: dict[tuple, tuple[ForestMetadata, TreePlan]] = {}
+_PLAN_CACHE_SIZE = 8
+
+
+def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                chunk_tokens: int, rows_per_tile: int | None) -> TreePlan:
+    """``plan_tree_attention`` for ``meta``, memoised while ``meta`` and its tensors are unchanged."""
+    ts = meta.tensors()
+    key = (id(meta), tuple(t._version for t in ts), meta.own_full is not None and meta.own_full._version,
+           num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0] is meta:
+        return hit[1]
+    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
+                               rows_per_tile=rows_per_tile, head_dim=head_dim)
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = (meta, plan)  # holding meta keeps id(meta) from being reused while cached
+    return plan
+
+
+def run_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
+                       sm_scale: float, plan: TreePlan,
+                       kv_bytes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``torch.ops.multiverse_C.tree_attention_run`` on ``plan``: out [total_q, Hq, D] (q.dtype),
+    lse [total_q, Hq] float32."""
+    return torch.ops.multiverse_C.tree_attention_run(
+        q, k_cache, v_cache, meta.node_page_indptr, meta.node_page_indices, plan.tensors(), plan.ints(),
+        float(sm_scale), kv_bytes)
