@@ -1,0 +1,172 @@
+"""Compile every Triton kernel configuration the dispatcher can choose for sm_90a and sm_100a (no GPU
+needed) and report registers, spills, shared memory and tensor-core instructions.
+
+    python scripts/triton_compile_report.py [--jobs N] [--targets 90,100]
+
+Exit status 1 on any spill (ptxas "bytes spill stores/loads" > 0) or shared memory over the target's
+per-block limit (227 KiB on sm_90 and sm_100), or any compile failure. CI runs it (.ci/run).
+
+Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128}
+(<= MAX_BLOCK_M[head_dim]) with the dispatcher's BLOCK_N / num_warps / num_stages; merge = head_dim x
+output dtype; append = head_dim x cache dtype x BLOCK_H {1, 2, 4, 8, 16} (num_kv_heads <= 16). fp32 (a
+test-only dtype) is not compiled. Pointer arguments and the row strides get the 16-divisibility hint the
+JIT gives them at run time for these shapes; page_size is left generic (the JIT additionally
+specializes page_size == 1, a variant with strictly simpler index math).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+SMEM_LIMIT = {90: 232448, 100: 232448}  # bytes of shared memory per block (227 KiB)
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _configs() -> list[tuple[str, str, dict, dict]]:
+    """(kernel name, label, signature, constexprs + launch options) for every dispatchable variant."""
+    from multiverse_kernels.backends.triton.append_paged_kv import append_config
+    from multiverse_kernels.backends.triton.merge_states import merge_config
+    from multiverse_kernels.backends.triton.tree_attention import HEAD_DIMS, gpu_attn_configs
+
+    out = []
+    for dtype, cfg in gpu_attn_configs():
+        t = _TY[dtype]
+        sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Out": f"*{t}", "Lse": "*fp32", "PO": "*fp32",
+               "PL": "*fp32"}
+        for name in ("NodePageIndptr", "NodePageIndices", "ReaderRow", "ReaderLimit", "ItemNode",
+                     "ItemKvStart", "ItemKvLen", "ItemReaderStart", "ItemNumReaders", "ItemPartialStart",
+                     "RowPartialIndptr"):
+            sig[name] = "*i32"
+        sig["qk_scale"] = "fp32"
+        for name in ("page_size", "stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh",
+                     "stride_vp", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_lt",
+                     "stride_pp", "stride_ph", "stride_lp"):
+            sig[name] = "i32"
+        const = {k: getattr(cfg, k) for k in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
+                                              "IEEE_DOT")}
+        label = f"attn d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N} " \
+                f"warps={cfg.num_warps} stages={cfg.num_stages}"
+        out.append(("attn", label, sig, dict(const=const, num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)))
+    for d in HEAD_DIMS:
+        for dtype in (torch.float16, torch.bfloat16):
+            t = _TY[dtype]
+            m = merge_config(d)
+            sig = {"PO": "*fp32", "PL": "*fp32", "Out": f"*{t}", "Lse": "*fp32", "MergeRows": "*i32",
+                   "RowIndptr": "*i32", "RowIndices": "*i32"}
+            for name in ("stride_pp", "stride_ph", "stride_lp", "stride_ot", "stride_oh", "stride_lt"):
+                sig[name] = "i32"
+            out.append(("merge", f"merge d={d:<3} {t} warps={m.num_warps}", sig,
+                        dict(const={"HEAD_DIM": d}, num_warps=m.num_warps, num_stages=1)))
+            for hk in (1, 2, 4, 8, 16):
+                a = append_config(hk, d)
+                sig = {"Kn": f"*{t}", "Vn": f"*{t}", "KC": f"*{t}", "VC": f"*{t}", "PageIndptr": "*i32",
+                       "PageIndices": "*i32", "TokenNode": "*i32", "TokenPos": "*i32"}
+                for name in ("page_size", "num_heads", "stride_kt", "stride_kh", "stride_vt",
+                             "stride_vh", "stride_cp", "stride_cs", "stride_ch", "stride_dp",
+                             "stride_ds", "stride_dh"):
+                    sig[name] = "i32"
+                out.append(("append", f"append d={d:<3} {t} BLOCK_H={a.BLOCK_H:<2} warps={a.num_warps}",
+                            sig, dict(const={"HEAD_DIM": d, "BLOCK_H": a.BLOCK_H},
+                                      num_warps=a.num_warps, num_stages=1)))
+    return out
+
+
+# arguments that get the 16-divisibility hint (pointers, and strides that are multiples of head_dim)
+_NOT_DIV16 = {"qk_scale", "page_size", "num_heads", "stride_lt", "stride_lp"}
+
+
+def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from multiverse_kernels.backends.triton._common import jit
+    from multiverse_kernels.backends.triton.append_paged_kv import _append_kernel
+    from multiverse_kernels.backends.triton.merge_states import _merge_kernel
+    from multiverse_kernels.backends.triton.tree_attention import _tree_attn_kernel
+
+    kind, label, sig, opts, arch = job
+    fn = {"attn": _tree_attn_kernel, "merge": _merge_kernel, "append": _append_kernel}[kind]
+    signature = dict(sig)
+    for k in opts["const"]:
+        signature[k] = "constexpr"
+    names = list(signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n] != "constexpr" and n not in _NOT_DIV16}
+    src = ASTSource(fn=jit(fn), signature=signature, constexprs=opts["const"], attrs=attrs)
+    t0 = time.perf_counter()
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: registers and spills
+    triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+    with contextlib.redirect_stdout(log):
+        options = {"num_warps": opts["num_warps"], "num_stages": opts["num_stages"]}
+        if opts.get("maxnreg"):
+            options["maxnreg"] = opts["maxnreg"]  # only the report's own self-test uses this
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    dt = time.perf_counter() - t0
+    text = log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spill = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                                     text)]
+    ptx = k.asm["ptx"]
+    return dict(label=label, arch=arch, regs=int(regs[-1]) if regs else -1,
+                spills=max(spill) if spill else -1, shared=int(k.metadata.shared),
+                wgmma="wgmma.mma_async" in ptx, tcgen05="tcgen05.mma" in ptx, seconds=dt,
+                ptxas_ok=bool(regs and spill))
+
+
+def problems(r: dict) -> str:
+    """Why a compiled configuration fails the report ("" when it passes)."""
+    why = []
+    if not r["ptxas_ok"]:
+        why.append("no ptxas report")
+    elif r["spills"] > 0:
+        why.append("SPILLS")
+    if r["shared"] > SMEM_LIMIT[r["arch"]]:
+        why.append("SHARED MEMORY OVER LIMIT")
+    return ", ".join(why)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compile processes (default 2)")
+    ap.add_argument("--targets", default="90,100", help="compute capabilities (default 90,100)")
+    args = ap.parse_args(argv)
+    archs = [int(a) for a in args.targets.split(",")]
+    jobs = [(*c, arch) for arch in archs for c in _configs()]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        results = list(ex.map(_compile, jobs))
+    bad = []
+    for arch in archs:
+        print(f"\n== sm_{arch}a (shared memory limit {SMEM_LIMIT[arch]} B per block)")
+        print(f"{'kernel configuration':<58} {'regs':>5} {'spill B':>8} {'smem B':>8}  wgmma tcgen05")
+        for r in results:
+            if r["arch"] != arch:
+                continue
+            flag = problems(r)
+            if flag:
+                bad.append((arch, r["label"], flag))
+                flag = "  <-- " + flag
+            print(f"{r['label']:<58} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
+                  f"{'yes' if r['wgmma'] else 'no':<5} {'yes' if r['tcgen05'] else 'no':<7}{flag}")
+    total = time.perf_counter() - t0
+    print(f"\n{len(jobs)} kernels compiled in {total:.1f} s ({args.jobs} processes)")
+    if bad:
+        print(f"FAILED: {len(bad)} configuration(s) spill, exceed shared memory, or lack a ptxas report")
+        return 1
+    print("OK: no spills, shared memory within limits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
