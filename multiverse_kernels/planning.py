@@ -244,6 +244,9 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
         merge_rows=merge_rows,
     )
     if capacity is not None:
+        # fixed buffers may be replayed with another step's plan (copy_into): size the kernels' row
+        # tile for the worst case, not for this step
+        max_item_readers = rows_per_tile
         pad = dict(reader_row=(capacity.readers, 0, "readers"),
                    reader_limit=(capacity.readers, 0, "readers"),
                    row_partial_indices=(capacity.partials, 0, "partials"),

@@ -99,8 +99,9 @@ def check_invariants(plan: TreePlan, meta) -> None:
     assert torch.equal(plan.row_partial_indices[:P].sort().values.long(), torch.arange(P))
     single = (ip[1:] - ip[:-1]) == 1
     assert torch.equal(plan.merge_rows[:plan.num_merge_rows].long(), (~single).nonzero().flatten())
-    if plan.max_item_readers:
+    if plan.max_item_readers and plan.item_node.numel() == W:  # unpadded
         assert plan.max_item_readers == int(rn.max())
+    assert plan.max_item_readers >= (int(rn.max()) if W else 0)
 
 
 def _forest_cases():
@@ -175,10 +176,12 @@ def test_capacity_padding_and_copy_into():
                        merge_rows=p.num_merge_rows + 2)
     pp = plan_tree_attention(meta, 4, 2, chunk_tokens=8, rows_per_tile=2, capacity=cap)
     assert pp.item_node.numel() == cap.items and pp.partial_capacity == cap.partials
+    assert pp.max_item_readers == pp.rows_per_tile == 2, "row tile sized for any plan in the buffers"
+    check_invariants(pp, meta)
     assert (pp.item_num_readers[p.num_items:] == 0).all(), "padding items have no readers"
     assert (pp.merge_rows[p.num_merge_rows:] == -1).all()
     for name in TreePlan.TENSOR_FIELDS:
-        a, b = getattr(p, name), getattr(pp, name)
+        a, b = getattr(p, name), getattr(pp, name)  # the padded arrays start with the plan
         assert torch.equal(b[:a.numel()], a), name
     q, k, v = make_inputs(meta, f.num_pages, 4, 2, 16, torch.float64)
     torch.testing.assert_close(execute_plan(pp, q, k, v, meta, 0.25)[0],
