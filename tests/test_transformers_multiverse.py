@@ -207,3 +207,22 @@ def test_unshared_metadata_and_measured_kv_bytes(page_size):
     shared, per_path = hook(q, k, v, meta, 0.125), hook(q, k, v, un, 0.125)
     unique = kv_elements_read(meta, per_group=False) * 2 * 2 * 64 * 4  # K+V, Hk=2, D=64, fp32
     assert unique <= shared < per_path
+
+
+def test_example_runs():
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(root / "examples" / "multiverse_generate.py"), "--paths", "3",
+                          "--path-len", "5", "--prefix", "10", "--concl-len", "3", "--check"],
+                         capture_output=True, text=True, cwd=root, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "positions match parse()" in out.stdout and "1 fork / 1 join" in out.stdout
+    err = float(re.search(r"dense Multiverse mask\)\| = (\S+)", out.stdout).group(1))
+    assert err < 1e-4
+    assert re.search(r"forest \(shared pages\)\s+[\d.]+\s+[\d,]+", out.stdout)
