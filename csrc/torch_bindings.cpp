@@ -25,6 +25,9 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
   const int64_t slots = plan[kRowPartialIndices].numel();
   auto pout = at::empty({slots, hq, d}, q.options().dtype(at::kFloat));
   auto plse = at::empty({slots, hq}, q.options().dtype(at::kFloat));
+  if (poison_outputs()) {  // tests: every element the kernels fail to write stays NaN
+    for (at::Tensor* t : {&out, &lse, &pout, &plse}) t->fill_(std::numeric_limits<float>::quiet_NaN());
+  }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.partial_out = pout.data_ptr<float>();
@@ -46,6 +49,10 @@ std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& v, const a
   auto sc = s.contiguous();
   auto out = at::empty({v.size(0), v.size(2), v.size(3)}, v.options());
   auto lse = at::empty({v.size(0), v.size(2)}, v.options().dtype(at::kFloat));
+  if (poison_outputs()) {
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    lse.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
   MergeParams m = make_merge_params(vc, sc, out, lse);
   multiverse::cpu::merge_states(m);
   return {out, lse};

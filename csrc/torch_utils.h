@@ -5,9 +5,19 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <limits>
+
 #include "multiverse/params.h"
 
 namespace multiverse::bind {
+
+// MULTIVERSE_DEBUG_POISON=1: outputs and workspaces are filled with NaN before the kernels run, so a
+// test sees any element a kernel does not write (read per call; tests toggle it).
+inline bool poison_outputs() {
+  const char* v = std::getenv("MULTIVERSE_DEBUG_POISON");
+  return v != nullptr && v[0] == '1';
+}
 
 inline DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {

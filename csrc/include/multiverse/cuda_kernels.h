@@ -17,6 +17,10 @@ cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 // True when tree_attention takes the tensor-core path for these params (caches 16-byte aligned).
 bool tree_attention_uses_mma(const TreeAttentionParams& p);
 
+// Dynamic shared memory the tensor-core kernel uses for (dtype, head_dim); 0 when it takes the SIMT
+// path (host-only, no CUDA calls: the compile report prints it).
+size_t tree_attention_smem_bytes(DType dtype, int head_dim);
+
 cudaError_t merge_states(const MergeParams& p, cudaStream_t stream);
 
 // Requires src and cache of the same dtype (the torch binding casts k/v first).

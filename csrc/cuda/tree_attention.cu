@@ -1,0 +1,466 @@
+// CUDA tree attention over a plan (docs/plan.md). One CTA per (work item, KV head).
+//
+// Tensor-core path (fp16/bf16, head_dim 64/128/256): 4 warps, each owning 16 packed rows
+// (reader x GQA head) of a 64-row tile. The item's KV chunk is streamed through shared memory in
+// blocks of BN tokens with cp.async (16-byte copies, double-buffered: block b+1 is in flight while
+// block b is computed), so every K/V byte of the chunk is fetched from HBM once for all rows of the
+// tile. S = Q K^T and O += P V use mma.sync.m16n8k16 (fp32 accumulate) with ldmatrix fragments;
+// the softmax is online (FlashAttention-2 style, base-2 exponent, sm_scale * log2(e) folded in).
+//
+// SIMT path (fp32 or other head dims): one warp per packed row, lanes split head_dim.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "multiverse/cuda_kernels.h"
+#include "multiverse/index_math.h"
+
+namespace multiverse::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileRows = kWarps * 16;  // packed rows per CTA pass
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class T> struct Pack2;
+template <> struct Pack2<__half> {
+  using T2 = __half2;
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ __half from_float(float a) { return __float2half_rn(a); }
+};
+template <> struct Pack2<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float a) { return __float2bfloat16_rn(a); }
+};
+
+// D = A(16x16) * B(16x8) + D, fp32 accumulate.
+template <class T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// 16-byte async global->shared copy; src_bytes = 0 zero-fills the destination (out-of-range rows).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Per-row bookkeeping of the CTA's current 64-row tile, in shared memory.
+struct RowInfo {
+  int32_t vis[kTileRows];   // visible tokens of the chunk (0: padding row or chunk past its limit)
+  int64_t qoff[kTileRows];  // element offset of the row's q vector (row * stride + head * stride)
+  int32_t out_row[kTileRows];  // >= 0: write straight to out/lse (the row's only partial)
+  int32_t slot[kTileRows];
+  int32_t head[kTileRows];
+};
+
+template <class T, int D>
+struct MmaCfg {
+  static constexpr int BN = D >= 256 ? 32 : 64;   // tokens per pipelined KV block
+  static constexpr int LD = D + 8;                 // smem row stride (elements): conflict-free ldmatrix
+  static constexpr int kQ = kTileRows * LD;
+  static constexpr int kKV = BN * LD;
+  static constexpr size_t smem_bytes = (kQ + 4 * kKV) * sizeof(T) + sizeof(RowInfo);
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(const TreeAttentionParams p) {
+  using Cfg = MmaCfg<T, D>;
+  constexpr int BN = Cfg::BN, LD = Cfg::LD;
+  constexpr int NT = BN / 8;   // n-tiles of S per warp
+  constexpr int DT = D / 8;    // n-tiles of O per warp
+  constexpr int CPR = D / 8;   // 16-byte chunks per row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + Cfg::kQ;              // 2 stages
+  T* sV = sK + 2 * Cfg::kKV;         // 2 stages
+  RowInfo* info = reinterpret_cast<RowInfo*>(sV + 2 * Cfg::kKV);
+
+  const int item = blockIdx.x, kh = blockIdx.y;
+  const int nr = p.item_num_readers[item];
+  if (nr == 0) return;  // capacity padding
+  const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
+  const int M = nr * group;
+  const int32_t node = p.item_node[item], kv_start = p.item_kv_start[item], len = p.item_kv_len[item];
+  const int32_t r0 = p.item_reader_start[item], slot0 = p.item_partial_start[item];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const float scale_log2 = p.sm_scale * kLog2e;
+
+  for (int m0 = 0; m0 < M; m0 += kTileRows) {
+    __syncthreads();  // previous tile's readers of info/sQ are done
+    if (tid < kTileRows) {
+      const int m = m0 + tid;
+      int vis = 0, orow = -1, slot = 0, head = 0;
+      int64_t qoff = 0;
+      if (m < M) {
+        const int rd = r0 + packed_reader(m, group);
+        const int row = p.reader_row[rd];
+        head = packed_head(m, group, kh);
+        vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
+        qoff = row * p.q_stride_row + head * p.q_stride_head;
+        slot = slot0 + packed_reader(m, group);
+        if (p.row_partial_indptr[row + 1] - p.row_partial_indptr[row] == 1) orow = row;
+      }
+      info->vis[tid] = vis; info->qoff[tid] = qoff; info->out_row[tid] = orow;
+      info->slot[tid] = slot; info->head[tid] = head;
+    }
+    __syncthreads();
+    int max_vis = 0;
+    for (int i = 0; i < kTileRows; ++i) max_vis = max(max_vis, info->vis[i]);
+    const int nblocks = (max_vis + BN - 1) / BN;
+    if (p.kv_bytes_loaded != nullptr && tid == 0 && max_vis > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.kv_bytes_loaded),
+                static_cast<unsigned long long>(chunk_kv_bytes(max_vis, D, sizeof(T))));
+
+    // Q tile (rows past M are zero-filled).
+    for (int c = tid; c < kTileRows * CPR; c += kThreads) {
+      const int r = c / CPR, col = (c % CPR) * 8;
+      const bool ok = m0 + r < M;
+      cp_async16(sQ + r * LD + col, q + (ok ? info->qoff[r] : 0) + col, ok);
+    }
+    auto load_kv = [&](int blk, int stage) {
+      T* dk = sK + stage * Cfg::kKV;
+      T* dv = sV + stage * Cfg::kKV;
+      for (int c = tid; c < BN * CPR; c += kThreads) {
+        const int r = c / CPR, col = (c % CPR) * 8;
+        const int t = blk * BN + r;  // token within the chunk
+        const bool ok = t < max_vis;
+        const int tok = kv_start + (ok ? t : 0);
+        const int64_t ko = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                        p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+        const int64_t vo = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                        p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+        cp_async16(dk + r * LD + col, kc + ko + col, ok);
+        cp_async16(dv + r * LD + col, vc + vo + col, ok);
+      }
+    };
+    if (nblocks > 0) load_kv(0, 0);
+    cp_async_commit();
+
+    const int wr = warp * 16;  // this warp's first row in the tile
+    const int vis_lo = info->vis[wr + g], vis_hi = info->vis[wr + g + 8];
+    float o[DT][4];
+#pragma unroll
+    for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+
+    for (int b = 0; b < nblocks; ++b) {
+      if (b + 1 < nblocks) {
+        load_kv(b + 1, (b + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* k_s = sK + (b & 1) * Cfg::kKV;
+      const T* v_s = sV + (b & 1) * Cfg::kKV;
+      if (wr < M - m0) {
+        // S = Q K^T for 16 rows x BN tokens.
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t a[4];
+          ldmatrix_x4(a, sQ + (wr + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+          for (int j = 0; j < NT; j += 2) {
+            uint32_t bk[4];
+            const int jm = lane / 8, rr = lane % 8;
+            ldmatrix_x4(bk, k_s + (j * 8 + rr + (jm / 2) * 8) * LD + kk * 16 + (jm % 2) * 8);
+            mma16816<T>(s[j], a, bk);
+            mma16816<T>(s[j + 1], a, bk + 2);
+          }
+        }
+        // Mask, scale to log2 domain, online softmax update (rows g and g + 8 of the warp).
+        float bmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int t = b * BN + j * 8 + t4 * 2 + (e & 1);
+            const bool ok = t < (e < 2 ? vis_lo : vis_hi);
+            s[j][e] = ok ? s[j][e] * scale_log2 : -INFINITY;
+            bmax[e / 2] = fmaxf(bmax[e / 2], s[j][e]);
+          }
+        }
+        float alpha[2], mnew[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          bmax[h] = fmaxf(bmax[h], __shfl_xor_sync(0xffffffffu, bmax[h], 1));
+          bmax[h] = fmaxf(bmax[h], __shfl_xor_sync(0xffffffffu, bmax[h], 2));
+          mnew[h] = fmaxf(mrow[h], bmax[h]);
+          // A row that has seen nothing yet keeps m = -inf: use 0 as the reference so exp2 gives 0.
+          const float ref = mnew[h] == -INFINITY ? 0.f : mnew[h];
+          alpha[h] = exp2f(mrow[h] - ref);
+          mrow[h] = mnew[h];
+          mnew[h] = ref;
+          lrow[h] *= alpha[h];
+        }
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+          o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+        }
+        uint32_t pa[NT / 2][4];  // P as A fragments (k = tokens)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          float e0 = exp2f(s[j][0] - mnew[0]), e1 = exp2f(s[j][1] - mnew[0]);
+          float e2 = exp2f(s[j][2] - mnew[1]), e3 = exp2f(s[j][3] - mnew[1]);
+          lrow[0] += e0 + e1;
+          lrow[1] += e2 + e3;
+          pa[j / 2][(j % 2) * 2 + 0] = Pack2<T>::pack(e0, e1);
+          pa[j / 2][(j % 2) * 2 + 1] = Pack2<T>::pack(e2, e3);
+        }
+        // O += P V: V^T fragments by ldmatrix.trans from the [token][d] tile.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+          for (int j = 0; j < DT; j += 2) {
+            uint32_t bv[4];
+            const int jm = lane / 8, rr = lane % 8;
+            ldmatrix_x4_trans(bv, v_s + (kk * 16 + rr + (jm % 2) * 8) * LD + j * 8 + (jm / 2) * 8);
+            mma16816<T>(o[j], pa[kk], bv);
+            mma16816<T>(o[j + 1], pa[kk], bv + 2);
+          }
+        }
+      }
+      __syncthreads();  // stage b & 1 is refilled by the next iteration's prefetch
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: finish the row sums across the quad, normalise, write out or the partial slot.
+    if (wr < M - m0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 1);
+        lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 2);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wr + g + 8 * h;
+        if (m0 + r >= M) continue;
+        const bool seen = lrow[h] > 0.f;
+        const float inv = seen ? 1.f / lrow[h] : 0.f;
+        const float lse = seen ? (mrow[h] + log2f(lrow[h])) * kLn2 : -INFINITY;
+        const int orow = info->out_row[r], head = info->head[r];
+        if (orow >= 0) {
+          T* dst = static_cast<T*>(p.out) + partial_out_offset(orow, head, p.num_qo_heads, D);
+#pragma unroll
+          for (int j = 0; j < DT; ++j) {
+            typename Pack2<T>::T2 v2;
+            v2.x = Pack2<T>::from_float(o[j][2 * h] * inv);
+            v2.y = Pack2<T>::from_float(o[j][2 * h + 1] * inv);
+            *reinterpret_cast<typename Pack2<T>::T2*>(dst + j * 8 + t4 * 2) = v2;
+          }
+          if (t4 == 0) p.lse[partial_lse_offset(orow, head, p.num_qo_heads)] = lse;
+        } else {
+          const int slot = info->slot[r];
+          float* dst = p.partial_out + partial_out_offset(slot, head, p.num_qo_heads, D);
+#pragma unroll
+          for (int j = 0; j < DT; ++j)
+            *reinterpret_cast<float2*>(dst + j * 8 + t4 * 2) =
+                make_float2(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+          if (t4 == 0) p.partial_lse[partial_lse_offset(slot, head, p.num_qo_heads)] = lse;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ SIMT path
+template <class T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+constexpr int kSimtMaxD = 256;
+constexpr int kSimtPer = kSimtMaxD / 32;
+
+// One warp per packed row (rows m = warp, warp + 4, ...); lane holds dims lane, lane + 32, ...
+template <class T>
+__global__ void __launch_bounds__(kThreads) tree_attention_simt_kernel(const TreeAttentionParams p) {
+  const int item = blockIdx.x, kh = blockIdx.y;
+  const int nr = p.item_num_readers[item];
+  if (nr == 0) return;
+  const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
+  const int M = nr * group, D = p.head_dim;
+  const int32_t node = p.item_node[item], kv_start = p.item_kv_start[item], len = p.item_kv_len[item];
+  const int32_t r0 = p.item_reader_start[item];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  if (p.kv_bytes_loaded != nullptr && threadIdx.x == 0) {
+    int max_vis = 0;
+    for (int j = 0; j < nr; ++j) max_vis = max(max_vis, visible_in_chunk(p.reader_limit[r0 + j], kv_start, len));
+    if (max_vis > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.kv_bytes_loaded),
+                static_cast<unsigned long long>(chunk_kv_bytes(max_vis, D, sizeof(T))));
+  }
+  for (int m = warp; m < M; m += kWarps) {
+    const int rd = r0 + packed_reader(m, group);
+    const int row = p.reader_row[rd];
+    const int head = packed_head(m, group, kh);
+    const int vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
+    float qv[kSimtPer], acc[kSimtPer];
+    for (int i = 0; i < kSimtPer; ++i) {
+      const int d = lane + 32 * i;
+      qv[i] = d < D ? to_f(q[row * p.q_stride_row + head * p.q_stride_head + d]) * p.sm_scale * kLog2e : 0.f;
+      acc[i] = 0.f;
+    }
+    float mx = -INFINITY, l = 0.f;
+    for (int t = 0; t < vis; ++t) {
+      const int tok = kv_start + t;
+      const int64_t ko = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                      p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+      const int64_t vo = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                      p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+      float s = 0.f;
+      for (int i = 0; i < kSimtPer; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) s += qv[i] * to_f(kc[ko + d]);
+      }
+      for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+      const float mn = fmaxf(mx, s);
+      const float alpha = exp2f(mx - mn), e = exp2f(s - mn);
+      l = l * alpha + e;
+      for (int i = 0; i < kSimtPer; ++i) {
+        const int d = lane + 32 * i;
+        acc[i] = acc[i] * alpha + (d < D ? e * to_f(vc[vo + d]) : 0.f);
+      }
+      mx = mn;
+    }
+    const bool seen = vis > 0;
+    const float inv = seen ? 1.f / l : 0.f;
+    const float lse = seen ? (mx + log2f(l)) * kLn2 : -INFINITY;
+    const bool direct = p.row_partial_indptr[row + 1] - p.row_partial_indptr[row] == 1;
+    const int slot = p.item_partial_start[item] + packed_reader(m, group);
+    for (int i = 0; i < kSimtPer; ++i) {
+      const int d = lane + 32 * i;
+      if (d >= D) continue;
+      if (direct)
+        static_cast<T*>(p.out)[partial_out_offset(row, head, p.num_qo_heads, D) + d] = from_f<T>(acc[i] * inv);
+      else
+        p.partial_out[partial_out_offset(slot, head, p.num_qo_heads, D) + d] = acc[i] * inv;
+    }
+    if (lane == 0) {
+      if (direct) p.lse[partial_lse_offset(row, head, p.num_qo_heads)] = lse;
+      else p.partial_lse[partial_lse_offset(slot, head, p.num_qo_heads)] = lse;
+    }
+  }
+}
+
+template <class T, int D>
+cudaError_t launch_mma(const TreeAttentionParams& p, cudaStream_t stream) {
+  const size_t smem = MmaCfg<T, D>::smem_bytes;
+  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  dim3 grid(p.num_items, p.num_kv_heads);
+  tree_attention_mma_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_mma_d(const TreeAttentionParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_mma<T, 64>(p, stream);
+    case 128: return launch_mma<T, 128>(p, stream);
+    default: return launch_mma<T, 256>(p, stream);
+  }
+}
+
+template <class T>
+cudaError_t launch_simt(const TreeAttentionParams& p, cudaStream_t stream) {
+  dim3 grid(p.num_items, p.num_kv_heads);
+  tree_attention_simt_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* ptr, int64_t a, int64_t b, int64_t c) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && a % 8 == 0 && b % 8 == 0 && c % 8 == 0;
+}
+
+}  // namespace
+
+bool tree_attention_uses_mma(const TreeAttentionParams& p) {
+  const bool dims = p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256;
+  return p.dtype != DType::kFloat32 && dims && aligned16(p.q, p.q_stride_row, p.q_stride_head, 0) &&
+         aligned16(p.k_cache, p.k_stride_page, p.k_stride_slot, p.k_stride_head) &&
+         aligned16(p.v_cache, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+}
+
+size_t tree_attention_smem_bytes(DType dtype, int head_dim) {
+  if (dtype == DType::kFloat32) return 0;
+  switch (head_dim) {
+    case 64: return MmaCfg<__half, 64>::smem_bytes;
+    case 128: return MmaCfg<__half, 128>::smem_bytes;
+    case 256: return MmaCfg<__half, 256>::smem_bytes;
+    default: return 0;
+  }
+}
+
+cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
+  if (p.num_items == 0 || p.num_kv_heads == 0) return cudaSuccess;
+  if (p.head_dim > kSimtMaxD) return cudaErrorInvalidValue;
+  if (tree_attention_uses_mma(p)) {
+    return p.dtype == DType::kFloat16 ? launch_mma_d<__half>(p, stream) : launch_mma_d<__nv_bfloat16>(p, stream);
+  }
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_simt<__half>(p, stream);
+    case DType::kBFloat16: return launch_simt<__nv_bfloat16>(p, stream);
+    default: return launch_simt<float>(p, stream);
+  }
+}
+
+}  // namespace multiverse::cuda

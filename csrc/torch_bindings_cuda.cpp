@@ -1,0 +1,90 @@
+// CUDA implementations of torch.ops.multiverse_C.* (schemas in torch_bindings.cpp).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+
+#include "multiverse/cuda_kernels.h"
+#include "torch_utils.h"
+
+namespace multiverse::bind {
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, what, " failed: ", cudaGetErrorString(e));
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
+    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes) {
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
+  TORCH_CHECK(q.size(2) <= 256, "q: the cuda backend supports head_dim <= 256, got ", q.size(2));
+  const c10::cuda::CUDAGuard guard(q.device());
+  TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
+                                                plan, plan_ints, sm_scale);
+  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
+  auto out = at::empty({total_q, hq, d}, q.options());
+  auto lse = at::empty({total_q, hq}, q.options().dtype(at::kFloat));
+  const int64_t slots = plan[kRowPartialIndices].numel();
+  auto pout = at::empty({slots, hq, d}, q.options().dtype(at::kFloat));
+  auto plse = at::empty({slots, hq}, q.options().dtype(at::kFloat));
+  if (poison_outputs()) {  // tests: every element the kernels fail to write stays NaN
+    for (at::Tensor* t : {&out, &lse, &pout, &plse}) t->fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.partial_out = pout.data_ptr<float>();
+  p.partial_lse = plse.data_ptr<float>();
+  if (kv_bytes.has_value()) {
+    TORCH_CHECK(kv_bytes->scalar_type() == at::kLong && kv_bytes->numel() == 1 &&
+                    kv_bytes->device() == q.device(),
+                "kv_bytes: expected an int64 tensor with one element on q's device");
+    p.kv_bytes_loaded = kv_bytes->data_ptr<int64_t>();
+  }
+  auto stream = at::cuda::getCurrentCUDAStream();
+  check_cuda(multiverse::cuda::tree_attention(p, stream), "multiverse tree_attention kernel");
+  MergeParams m = make_plan_merge_params(p, plan, out, lse);
+  check_cuda(multiverse::cuda::merge_states(m, stream), "multiverse merge kernel");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_states_cuda(const at::Tensor& v, const at::Tensor& s) {
+  TORCH_CHECK(v.is_cuda(), "v: expected a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(v.device());
+  auto vc = v.contiguous();
+  auto sc = s.contiguous();
+  auto out = at::empty({v.size(0), v.size(2), v.size(3)}, v.options());
+  auto lse = at::empty({v.size(0), v.size(2)}, v.options().dtype(at::kFloat));
+  if (poison_outputs()) {
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    lse.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  MergeParams m = make_merge_params(vc, sc, out, lse);
+  check_cuda(multiverse::cuda::merge_states(m, at::cuda::getCurrentCUDAStream()), "multiverse merge kernel");
+  return {out, lse};
+}
+
+void append_paged_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& page_indptr,
+                          const at::Tensor& page_indices, const at::Tensor& token_node,
+                          const at::Tensor& token_pos) {
+  TORCH_CHECK(k.is_cuda(), "k: expected a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(k.device());
+  // The kernel copies bytes: cast the new tokens to the cache dtype first.
+  const at::Tensor kk = k.scalar_type() == k_cache.scalar_type() ? k : k.to(k_cache.scalar_type());
+  const at::Tensor vv = v.scalar_type() == v_cache.scalar_type() ? v : v.to(v_cache.scalar_type());
+  AppendParams p = make_append_params(kk, vv, k_cache, v_cache, page_indptr, page_indices, token_node,
+                                      token_pos);
+  check_cuda(multiverse::cuda::append_paged_kv(p, at::cuda::getCurrentCUDAStream()),
+             "multiverse append kernel");
+}
+
+}  // namespace
+}  // namespace multiverse::bind
+
+TORCH_LIBRARY_IMPL(multiverse_C, CUDA, m) {
+  m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cuda);
+  m.impl("merge_states", &multiverse::bind::merge_states_cuda);
+  m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cuda);
+}

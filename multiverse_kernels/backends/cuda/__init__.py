@@ -1,0 +1,74 @@
+"""CUDA backend: the kernels of ``multiverse_kernels._C_cuda`` (csrc/cuda/), compiled for sm_90a and
+sm_100a. fp16/bf16 with head_dim 64/128/256 run the tensor-core kernel (mma.sync m16n8k16, cp.async
+double-buffered 16-byte loads); fp32 and other head dims <= 256 a SIMT kernel; float64 goes to the
+reference. Uses the plan of :mod:`multiverse_kernels.planning` with its default tile (64 packed rows =
+the kernel's CTA tile), cached per metadata object. Registers ``tree_attention_kv_bytes`` too (bytes
+counted by the kernel with a device atomic at its loads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...metadata import ForestMetadata
+from ...planning import TreePlan
+from .. import register
+from ..cpu._ext import cached_plan, load_extension, run_tree_attention
+from ..reference import append_paged_kv as _ref_append
+from ..reference import merge_states as _ref_merge
+from ..reference import tree_attention as _ref_attention
+
+load_extension("_C_cuda")
+
+__all__ = ["tree_attention", "merge_states", "append_paged_kv", "tree_attention_kv_bytes"]
+
+CHUNK_TOKENS = 512
+_NATIVE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
+    return cached_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], CHUNK_TOKENS, None)
+
+
+def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
+                   sm_scale: float, plan: TreePlan | None = None) -> tuple[Tensor, Tensor]:
+    """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32)."""
+    if q.dtype not in _NATIVE or q.shape[-1] > 256:
+        return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
+    if plan is None:
+        plan = _plan(q, k_cache, meta)
+    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)
+
+
+tree_attention.supports_plan = True
+
+
+def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
+                            sm_scale: float) -> int:
+    """K+V bytes the CUDA kernel loads from the caches in one call (device atomic counter)."""
+    counter = torch.zeros(1, dtype=torch.int64, device=q.device)
+    run_tree_attention(q, k_cache, v_cache, meta, sm_scale, _plan(q, k_cache, meta), counter)
+    return int(counter.item())
+
+
+def merge_states(v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """v [N, S, H, D], s [N, S, H] -> (out [N, H, D] v.dtype, lse [N, H] float32)."""
+    if v.dtype not in _NATIVE or s.dtype != torch.float32:
+        return _ref_merge(v, s)
+    return torch.ops.multiverse_C.merge_states(v, s)
+
+
+def append_paged_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
+                    page_indices: Tensor, token_node: Tensor, token_pos: Tensor) -> None:
+    """k, v [n, Hk, D] -> k_cache, v_cache [num_pages, page_size, Hk, D] in place."""
+    if k_cache.dtype not in _NATIVE or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return _ref_append(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
+    torch.ops.multiverse_C.append_paged_kv(k, v, k_cache, v_cache, page_indptr, page_indices, token_node,
+                                           token_pos)
+
+
+register("tree_attention", "cuda", ("cuda",))(tree_attention)
+register("merge_states", "cuda", ("cuda",))(merge_states)
+register("append_paged_kv", "cuda", ("cuda",))(append_paged_kv)
+register("tree_attention_kv_bytes", "cuda", ("cuda",))(tree_attention_kv_bytes)
