@@ -328,7 +328,7 @@ constexpr int kSimtPer = kSimtMaxD / 32;
 
 // One warp per packed row (rows m = warp, warp + 4, ...); lane holds dims lane, lane + 32, ...
 template <class T>
-__global__ void __launch_bounds__(kThreads) tree_attention_simt_kernel(const TreeAttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const TreeAttentionParams p) {
   const int item = blockIdx.x, kh = blockIdx.y;
   const int nr = p.item_num_readers[item];
   if (nr == 0) return;
@@ -353,6 +353,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_simt_kernel(const Tre
     const int head = packed_head(m, group, kh);
     const int vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
     float qv[kSimtPer], acc[kSimtPer];
+#pragma unroll
     for (int i = 0; i < kSimtPer; ++i) {
       const int d = lane + 32 * i;
       qv[i] = d < D ? to_f(q[row * p.q_stride_row + head * p.q_stride_head + d]) * p.sm_scale * kLog2e : 0.f;
@@ -366,7 +367,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_simt_kernel(const Tre
       const int64_t vo = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
                                       p.v_stride_page, p.v_stride_slot, p.v_stride_head);
       float s = 0.f;
-      for (int i = 0; i < kSimtPer; ++i) {
+  #pragma unroll
+    for (int i = 0; i < kSimtPer; ++i) {
         const int d = lane + 32 * i;
         if (d < D) s += qv[i] * to_f(kc[ko + d]);
       }
@@ -374,7 +376,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_simt_kernel(const Tre
       const float mn = fmaxf(mx, s);
       const float alpha = exp2f(mx - mn), e = exp2f(s - mn);
       l = l * alpha + e;
-      for (int i = 0; i < kSimtPer; ++i) {
+  #pragma unroll
+    for (int i = 0; i < kSimtPer; ++i) {
         const int d = lane + 32 * i;
         acc[i] = acc[i] * alpha + (d < D ? e * to_f(vc[vo + d]) : 0.f);
       }
@@ -385,6 +388,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_simt_kernel(const Tre
     const float lse = seen ? (mx + log2f(l)) * kLn2 : -INFINITY;
     const bool direct = p.row_partial_indptr[row + 1] - p.row_partial_indptr[row] == 1;
     const int slot = p.item_partial_start[item] + packed_reader(m, group);
+#pragma unroll
     for (int i = 0; i < kSimtPer; ++i) {
       const int d = lane + 32 * i;
       if (d >= D) continue;
