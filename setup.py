@@ -34,8 +34,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 LOG_DIR = os.path.join(ROOT, "build")
 
 
+# pip runs setup.py for metadata first and then for the build: report only in the build run.
+_METADATA_ONLY = any(a in sys.argv for a in ("egg_info", "dist_info", "sdist", "--version"))
+
+
 def _note(msg: str) -> None:
     # One line on stderr (pip shows it with -v; the reason also lands in build/multiverse_build.txt).
+    if _METADATA_ONLY:
+        return
     line = f"multiverse_kernels: {msg}"
     print(line, file=sys.stderr, flush=True)
     try:
@@ -91,6 +97,10 @@ def _extensions() -> tuple[list, dict]:
     want_cuda = _flag("MULTIVERSE_BUILD_CUDA")
     if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"  # torch would otherwise guess from `which nvcc`
+    import logging
+
+    # torch warns "No CUDA runtime is found" on a GPU-less build machine: expected here, not news.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import torch
         from torch.utils import cpp_extension
