@@ -19,6 +19,7 @@ What the interpreter covers and what it does not (DESIGN §5):
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -30,11 +31,14 @@ pytest.importorskip("triton", reason="triton is not installed")
 def triton_interpreter():
     """Enable the interpreter + CPU registration for the module; restore afterwards."""
     from multiverse_kernels import backends
-    from multiverse_kernels.backends import triton as tb
-    from multiverse_kernels.backends.triton import merge_states as tms
-    from multiverse_kernels.backends.triton import tree_attention as tta
 
     backends._load()
+    # the kernel modules (the package re-exports functions with the same names, so go through
+    # sys.modules rather than attribute imports)
+    tb = importlib.import_module("multiverse_kernels.backends.triton")
+    tms = importlib.import_module("multiverse_kernels.backends.triton.merge_states")
+    tta = importlib.import_module("multiverse_kernels.backends.triton.tree_attention")
+    assert hasattr(tta, "POISON") and hasattr(tms, "POISON")
     old = os.environ.get("TRITON_INTERPRET")
     tb.enable_interpreter()
     tta.POISON = tms.POISON = True
