@@ -226,3 +226,17 @@ def test_example_runs():
     err = float(re.search(r"dense Multiverse mask\)\| = (\S+)", out.stdout).group(1))
     assert err < 1e-4
     assert re.search(r"forest \(shared pages\)\s+[\d.]+\s+[\d,]+", out.stdout)
+
+
+def test_logits_rows():
+    model, _ = tiny_model(dtype=torch.float64, seed=4)
+    drv = MultiverseDriver(TAGS, num_pages=64, page_size=4)
+    b = drv.start(prompt(TAGS, 0, V, paths=2))
+    full, part = [], []
+    for rows, out in ((None, full), (b.last_rows, part)):
+        cache = ForestKVCache.for_model(model, 64, 4)
+        with torch.no_grad():
+            out.append(forest_forward(model, b.input_ids, b.position_ids, b.meta, cache, b.token_node,
+                                      b.token_pos, backend="reference", logits_rows=rows))
+    assert part[0].shape == (1, V + 10)
+    torch.testing.assert_close(part[0], full[0][b.last_rows])

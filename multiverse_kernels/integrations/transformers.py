@@ -243,11 +243,9 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
     if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
         raise ValueError(f"input_ids/position_ids: expected two [T] tensors, got {tuple(input_ids.shape)} "
                          f"and {tuple(position_ids.shape)}")
-    hidden = model.base_model(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
-                         multiverse=ctx).last_hidden_state[0]
-    if logits_rows is not None:
-        hidden = hidden[logits_rows]
-    return model.get_output_embeddings()(hidden)
+    keep = 0 if logits_rows is None else logits_rows  # transformers' logits_to_keep: 0 = all rows
+    return model(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
+                 logits_to_keep=keep, multiverse=ctx).logits[0]
 
 
 def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validate: bool = True,
