@@ -122,6 +122,9 @@ def test_bad_inputs():
     plan = plan_tree_attention(meta2, 8, 1, rows_per_tile=16)  # 10 readers x 8 heads > 64 rows
     with pytest.raises(MetadataError, match="rows_per_tile"):
         mk.tree_attention(q2, k2, v2, meta2, backend="triton", plan=plan)
+    q3, k3, v3 = make_inputs(meta, f.num_pages, 128, 1, 256, torch.float16)
+    with pytest.raises(MetadataError, match="GQA group"):
+        mk.tree_attention(q3, k3, v3, meta, backend="triton")
     q, k, v = make_inputs(meta, f.num_pages, 8, 1, 256, torch.float32)
     bad = plan_tree_attention(f.metadata(groups[:1]), 8, 1)
     with pytest.raises(MetadataError, match="plan.row_partial_indptr"):

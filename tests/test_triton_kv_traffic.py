@@ -33,10 +33,11 @@ def test_traffic_at_the_lower_bound():
         assert 1.0 <= r <= 1.05, r
 
 
-def test_traffic_fp32_and_extend():
+def test_traffic_other_dtypes_and_extend():
     f, groups = multiverse_forest(48, 4, 8, 6, page_size=4, concl_q=3)  # causal extend of the join
-    r = _ratio(f, groups, torch.float32)
-    assert 1.0 <= r <= 1.05, r
+    for dtype in (torch.float32, torch.bfloat16):
+        r = _ratio(f, groups, dtype)
+        assert 1.0 <= r <= 1.05, (dtype, r)
 
 
 def test_counter_sees_extra_loads():

@@ -133,6 +133,11 @@ class AttnConfig(NamedTuple):
 def attn_config(head_dim: int, dtype: torch.dtype, group: int, max_item_readers: int,
                 device: torch.device) -> AttnConfig:
     """The dispatcher: pick the kernel variant for a call."""
+    if group > MAX_BLOCK_M[head_dim]:
+        raise MetadataError(
+            f"k_cache: GQA group num_qo_heads / num_kv_heads = {group} exceeds the Triton kernel's row "
+            f"tile {MAX_BLOCK_M[head_dim]} for head_dim {head_dim}"
+        )
     rows = max(1, max_item_readers) * group
     block_m = max(16, next_pow2(rows))
     if block_m > MAX_BLOCK_M[head_dim]:
