@@ -1,7 +1,8 @@
 """A scripted Multiverse 'model' policy for driver tests: it decides every branch's next token.
 
-Fresh paths write some text and may open a nested block (up to ``nest`` levels); resumed branches (in a
-conclusion node after a join) write text, close the conclusion and block, and end their path. The root
+Fresh paths (and, with ``concl_nest``, conclusions) write some text and may open a nested block (up to
+``nest`` levels); resumed branches (in a conclusion node after a join) write text, close the conclusion
+and block, and end their path. The root
 stops after its conclusion. Choices depend on (seed, branch id), so a run is reproducible.
 """
 
@@ -23,11 +24,14 @@ def open_block(tags: MultiverseTags, rng: random.Random, vocab: int, paths: int)
 
 class ScriptPolicy:
     def __init__(self, tags: MultiverseTags, seed: int, vocab: int, nest: int = 1, max_paths: int = 3,
-                 max_text: int = 4, nest_prob: float = 0.6, chunk: int = 1) -> None:
-        """``chunk`` > 1: scripted (known) tokens go in extend steps of up to ``chunk`` tokens."""
+                 max_text: int = 4, nest_prob: float = 0.6, chunk: int = 1, concl_nest: bool = False) -> None:
+        """``chunk`` > 1: scripted (known) tokens go in extend steps of up to ``chunk`` tokens.
+        ``concl_nest``: conclusions may open a nested block too."""
         self.t, self.seed, self.vocab, self.nest = tags, seed, vocab, nest
         self.max_paths, self.max_text, self.nest_prob = max_paths, max_text, nest_prob
         self.chunk = chunk
+        self.concl_nest = concl_nest
+        self.concl_nested: dict[int, int] = {}
         self.state: dict[int, tuple[int, list[int]]] = {}
 
     def _rng(self, bid: int, node: int) -> random.Random:
@@ -52,8 +56,18 @@ class ScriptPolicy:
                     else:
                         queue += [self.t.path_end]
                 elif seen:  # resumed in a conclusion after a join
-                    queue = self._text(rng) + [self.t.conclusion_end, self.t.parallel_end] + self._text(rng)
-                    queue += [self.t.path_end] if info.kind == "path" else [STOP]
+                    close = [self.t.conclusion_end, self.t.parallel_end]
+                    final = [self.t.path_end] if info.kind == "path" else [STOP]
+                    opened = self.concl_nested.get(info.branch, 0)
+                    if opened:  # the join of a block opened inside a conclusion: close both
+                        self.concl_nested[info.branch] = opened - 1
+                        queue = self._text(rng) + close + self._text(rng) + close + self._text(rng) + final
+                    elif (self.concl_nest and info.depth < self.nest and rng.random() < self.nest_prob):
+                        self.concl_nested[info.branch] = 1  # open a nested block in this conclusion
+                        queue = self._text(rng) + open_block(self.t, rng, self.vocab,
+                                                             rng.randint(1, self.max_paths))
+                    else:
+                        queue = self._text(rng) + close + self._text(rng) + final
                 else:  # the root after its prompt: free text until the caller stops
                     queue = []
                 self.state[info.branch] = (info.node, queue)

@@ -59,9 +59,12 @@ def test_random_generations(seed):
     max_depth = [None, 1, 0, 2][seed % 4]
     order = torch.randperm(4096, generator=torch.Generator().manual_seed(seed)).tolist()
     drv = MultiverseDriver(TAGS, num_pages=4096, page_size=page_size, max_depth=max_depth, page_order=order)
-    pol = ScriptPolicy(TAGS, seed, V, nest=2 + seed % 2, max_paths=1 + seed % 4, chunk=1 + seed % 3)
+    pol = ScriptPolicy(TAGS, seed, V, nest=2 + seed % 2, max_paths=1 + seed % 4, chunk=1 + seed % 3,
+                       concl_nest=seed % 2 == 1)
     batches = run(drv, pol, prompt(TAGS, seed, V, paths=1 + seed % 4))
-    check_run(drv, batches)
+    ids = check_run(drv, batches)
+    if seed in (1, 3, 7):  # these scripts open blocks inside conclusions
+        assert any(b.parent >= 0 and b.parent_path < 0 for b in parse(ids, TAGS).blocks)
     widths = [len(b.branches) for b in batches]
     if seed % 3:  # scripted tokens were fed in extend steps (q_len > 1 after the prefill)
         assert any(b.meta.total_q > len(b.branches) for b in batches[1:])

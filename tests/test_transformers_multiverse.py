@@ -50,7 +50,8 @@ def dense_logits(ref, ids, pos):
                    use_cache=False).logits[0]
 
 
-def generate(model, page_size, backend, seed=0, nest=1, chunk=1, max_depth=None, paths=3):
+def generate(model, page_size, backend, seed=0, nest=1, chunk=1, max_depth=None, paths=3,
+             concl_nest=False):
     drv = MultiverseDriver(TAGS, num_pages=2048, page_size=page_size, max_depth=max_depth)
     cache = ForestKVCache.for_model(model, 2048, page_size)
     rows: dict[tuple[int, int], torch.Tensor] = {}
@@ -65,7 +66,8 @@ def generate(model, page_size, backend, seed=0, nest=1, chunk=1, max_depth=None,
                 rows[(info.node, info.tokens_in_node - (qo[g + 1] - r))] = lg[r]
         return lg[b.last_rows, :V].argmax(-1).tolist()  # greedy among ordinary tokens
 
-    pol = ScriptPolicy(TAGS, seed, V, nest=nest, max_paths=paths, chunk=chunk, nest_prob=1.0)
+    pol = ScriptPolicy(TAGS, seed, V, nest=nest, max_paths=paths, chunk=chunk, nest_prob=1.0,
+                       concl_nest=concl_nest)
     batches = run(drv, pol, prompt(TAGS, seed, V, paths=paths), forward)
     return drv, rows, batches
 
@@ -115,8 +117,10 @@ def test_generation_equals_dense_mask_and_paths_alone(page_size, backend, dtype)
 def test_nested_blocks_extend_and_serial(max_depth, chunk):
     model, ref = tiny_model(dtype=torch.float64, seed=1)
     drv, rows, batches = generate(model, 4, "reference", seed=5, nest=2, chunk=chunk, max_depth=max_depth,
-                                  paths=2)
-    assert drv.num_forks >= 3  # the top block and a nested block in each path
+                                  paths=2, concl_nest=True)
+    assert drv.num_forks >= 4  # the top block, a nested block in each path and one in the conclusion
+    blocks = parse(drv.sequence()[0], TAGS).blocks
+    assert any(b.parent >= 0 and b.parent_path < 0 for b in blocks)  # a block inside a conclusion
     if chunk > 1:
         assert any(b.meta.total_q > len(b.branches) for b in batches[1:])  # extend steps
     ids, pos, index = drv.sequence()
