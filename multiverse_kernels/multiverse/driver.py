@@ -39,7 +39,8 @@ __all__ = ["MultiverseDriver", "Batch", "DriverError", "BranchInfo"]
 
 
 class DriverError(ValueError):
-    """A token that breaks the Multiverse structure; names the branch, its node and the token."""
+    """A token that breaks the Multiverse structure; names the branch, its node and the token.
+    The step is not rolled back: the generation cannot continue after it."""
 
 
 @dataclass
