@@ -120,7 +120,8 @@ def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
     ptx = k.asm["ptx"]
     return dict(label=label, arch=arch, regs=int(regs[-1]) if regs else -1,
                 spills=max(spill) if spill else -1, shared=int(k.metadata.shared),
-                wgmma="wgmma.mma_async" in ptx, tcgen05="tcgen05.mma" in ptx, seconds=dt,
+                wgmma="wgmma.mma_async" in ptx, tcgen05="tcgen05.mma" in ptx,
+                mma_sync="mma.sync" in ptx, seconds=dt,
                 ptxas_ok=bool(regs and spill))
 
 
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = []
     for arch in archs:
         print(f"\n== sm_{arch}a (shared memory limit {SMEM_LIMIT[arch]} B per block)")
-        print(f"{'kernel configuration':<58} {'regs':>5} {'spill B':>8} {'smem B':>8}  wgmma tcgen05")
+        print(f"{'kernel configuration':<58} {'regs':>5} {'spill B':>8} {'smem B':>8}  wgmma tcgen05 "
+              f"mma.sync")
         for r in results:
             if r["arch"] != arch:
                 continue
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 bad.append((arch, r["label"], flag))
                 flag = "  <-- " + flag
             print(f"{r['label']:<58} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
-                  f"{'yes' if r['wgmma'] else 'no':<5} {'yes' if r['tcgen05'] else 'no':<7}{flag}")
+                  f"{'yes' if r['wgmma'] else 'no':<5} {'yes' if r['tcgen05'] else 'no':<7} "
+                  f"{'yes' if r['mma_sync'] else 'no':<8}{flag}")
     total = time.perf_counter() - t0
     print(f"\n{len(jobs)} kernels compiled in {total:.1f} s ({args.jobs} processes)")
     if bad:
