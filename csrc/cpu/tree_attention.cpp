@@ -114,15 +114,28 @@ MV_CLONES void run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, 
   sc.vb.resize(static_cast<size_t>(Tp) * Dp);
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  for (int t = 0; t < max_vis; ++t) {
-    const int32_t tok = kv_start + t;
-    const T* kp = kc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
-                                    p.k_stride_page, p.k_stride_slot, p.k_stride_head);
-    const T* vp = vc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
-                                    p.v_stride_page, p.v_stride_slot, p.v_stride_head);
-    float* vrow = sc.vb.data() + static_cast<size_t>(t) * Dp;
-    for (int d = 0; d < D; ++d) sc.kt[static_cast<size_t>(d) * Tp + t] = E::load(kp[d]);
-    for (int d = 0; d < D; ++d) vrow[d] = E::load(vp[d]);
+  // Load the chunk in groups of VL tokens: V rows are copied as they are; K is transposed group-wise
+  // (for each d, the VL tokens' d-th elements form one contiguous VL-float store into kt), so the
+  // transposed buffer is written a full cache line at a time while the VL source rows stay in L1.
+  // Tokens past max_vis in the last group repeat the last visible token (never used: masked).
+  float* __restrict ktp = sc.kt.data();
+  for (int t0 = 0; t0 < max_vis; t0 += VL) {
+    const T* krow[VL];
+    for (int i = 0; i < VL; ++i) {
+      const int32_t tok = kv_start + std::min(t0 + i, max_vis - 1);
+      krow[i] = kc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                  p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+      if (t0 + i < max_vis) {
+        const T* vp = vc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                        p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+        float* vrow = sc.vb.data() + static_cast<size_t>(t0 + i) * Dp;
+        for (int d = 0; d < D; ++d) vrow[d] = E::load(vp[d]);
+      }
+    }
+    for (int d = 0; d < D; ++d) {
+      float* dst = ktp + static_cast<size_t>(d) * Tp + t0;
+      for (int i = 0; i < VL; ++i) dst[i] = E::load(krow[i][d]);
+    }
   }
   if (p.kv_bytes_loaded != nullptr && max_vis > 0)
     __atomic_fetch_add(p.kv_bytes_loaded, chunk_kv_bytes(max_vis, D, sizeof(T)), __ATOMIC_RELAXED);
