@@ -234,3 +234,21 @@ def test_plan_scales_to_1024_leaves():
     meta = f.decode_metadata(leaves)
     plan = plan_tree_attention(meta, 32, 8)
     assert plan.num_partials >= 3 * 1024
+
+
+def test_empty_groups_and_empty_nodes():
+    """A group with no rows and no nodes, a listed empty node, and a forest with no rows at all."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    meta = mk.ForestMetadata(
+        node_page_indptr=i32([0, 1, 1, 2]), node_page_indices=i32([0, 1]), node_len=i32([3, 0, 2]),
+        qo_indptr=i32([0, 0, 2]), vis_indptr=i32([0, 0, 3]), vis_nodes=i32([0, 1, 2]), page_size=4)
+    meta.validate(2)
+    p = plan_tree_attention(meta, 2, 1, chunk_tokens=2, rows_per_tile=1)
+    check_invariants(p, meta)
+    assert torch.equal(covered(p, meta), dense_mask(meta).long())
+    assert p.item_node.tolist() == [0, 0, 0, 0, 2, 2]  # node 1 (empty) has no items
+    assert p.reader_limit.tolist() == [3, 3, 1, 2]
+    none = mk.ForestMetadata(i32([0, 1]), i32([0]), i32([3]), i32([0, 0]), i32([0, 1]), i32([0]), 4)
+    p0 = plan_tree_attention(none, 2, 1)
+    assert (p0.num_items, p0.num_partials, p0.num_readers, p0.num_merge_rows) == (0, 0, 0, 0)
+    assert p0.row_partial_indptr.tolist() == [0]

@@ -105,6 +105,10 @@ def test_rows_that_see_nothing_and_empty_groups():
     f.append(c, 2)
     meta = f.metadata([(e, 0), (c, 2)])
     _compare(meta, f.num_pages, 2, 2, 64, torch.float32)
+    no_rows = f.metadata([(c, 0)])
+    q, k, v = make_inputs(no_rows, f.num_pages, 2, 2, 64, torch.float16)
+    out, lse = mk.tree_attention(q, k, v, no_rows, return_lse=True, backend="triton")
+    assert out.shape == (0, 2, 64) and lse.shape == (0, 2)
 
 
 def test_bad_inputs():
