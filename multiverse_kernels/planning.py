@@ -103,11 +103,17 @@ class TreePlan:
 
     def tensors(self) -> list[Tensor]:
         """The tensor fields in :attr:`TENSOR_FIELDS` order (the op schema's ``plan_tensors``)."""
-        return [getattr(self, f) for f in self.TENSOR_FIELDS]
+        lists = self.__dict__.get("_lists")
+        if lists is None:  # computed once per plan: the op is called once per layer
+            lists = ([getattr(self, f) for f in self.TENSOR_FIELDS],
+                     [getattr(self, f) for f in self.INT_FIELDS])
+            object.__setattr__(self, "_lists", lists)
+        return lists[0]
 
     def ints(self) -> list[int]:
         """The int fields in :attr:`INT_FIELDS` order (the op schema's ``plan_ints``)."""
-        return [getattr(self, f) for f in self.INT_FIELDS]
+        self.tensors()
+        return self.__dict__["_lists"][1]
 
     @classmethod
     def from_lists(cls, tensors: list[Tensor], ints: list[int]) -> TreePlan:
@@ -117,8 +123,11 @@ class TreePlan:
                 f"plan: expected {len(cls.TENSOR_FIELDS)} tensors and {len(cls.INT_FIELDS)} ints, got "
                 f"{len(tensors)} and {len(ints)}"
             )
-        return cls(**dict(zip(cls.TENSOR_FIELDS, tensors, strict=True)),
-                   **dict(zip(cls.INT_FIELDS, ints, strict=True)))
+        # bypass the frozen dataclass __init__ (per-call overhead in the op): same fields, no checks
+        plan = object.__new__(cls)
+        plan.__dict__.update(zip(cls.TENSOR_FIELDS, tensors, strict=True))
+        plan.__dict__.update(zip(cls.INT_FIELDS, ints, strict=True))
+        return plan
 
     def copy_into(self, dst: TreePlan) -> TreePlan:
         """Copy this plan's tensors into ``dst``'s buffers (same capacities) and return a plan that
