@@ -75,21 +75,47 @@ _HELPERS: dict[Callable, object] = {}
 
 @contextlib.contextmanager
 def _jit_calls_interpreted() -> Iterator[None]:
-    from triton.runtime.interpreter import InterpretedFunction
+    """Run device-function calls through the interpreter, and undo every triton.language patch after.
+
+    ``InterpretedFunction.__call__`` (a device-function call in the interpreter) patches
+    ``triton.language`` for the interpreter and never restores it; later *compilation* in the same
+    process (the compile report, a CUDA launch) would then fail. We record the first original of every
+    attribute the interpreter patches while the launch runs and put them all back at the end.
+    """
+    from triton.runtime import interpreter as ti
 
     def call(self, *args, **kwargs):
         if self.fn not in _HELPERS:
-            _HELPERS[self.fn] = InterpretedFunction(self.fn)
+            _HELPERS[self.fn] = ti.InterpretedFunction(self.fn)
         return _HELPERS[self.fn](*args, **kwargs)
 
+    missing = object()
+    originals: dict[tuple[int, str], tuple[object, str, object]] = {}
+    scope_set_attr = ti._LangPatchScope.set_attr
+
+    def recording_set_attr(scope, obj, name, value):
+        key = (id(obj), name)
+        if key not in originals:
+            own = vars(obj).get(name, missing) if hasattr(obj, "__dict__") else getattr(obj, name, missing)
+            originals[key] = (obj, name, own)
+        return scope_set_attr(scope, obj, name, value)
+
     had = "__call__" in vars(JITFunction)
-    original = vars(JITFunction).get("__call__")
+    original_call = vars(JITFunction).get("__call__")
     JITFunction.__call__ = call
+    ti._LangPatchScope.set_attr = recording_set_attr
     try:
         yield
     finally:
+        ti._LangPatchScope.set_attr = scope_set_attr
+        for obj, name, own in reversed(list(originals.values())):
+            if own is missing:
+                if hasattr(obj, "__dict__") and name in vars(obj):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, own)
         if had:
-            JITFunction.__call__ = original
+            JITFunction.__call__ = original_call
         else:
             del JITFunction.__call__
 
