@@ -1,16 +1,18 @@
 // CPU tree attention over a plan (docs/plan.md): one task per (work item, KV head).
 //
-// A task loads its chunk of one node's K/V ONCE (converted to fp32 into thread-local scratch: K
-// transposed to [D][T], V as [T][D]) and computes the partial softmax state of every packed row
-// (reader x GQA head) of the item against it. The dot products are register-blocked RB rows x VL
-// tokens (QK^T) and RB rows x VL dims (PV) with GCC/Clang vector extensions, so every K/V element
-// loaded from cache feeds RB rows per FMA from L1/L2. The hot function is compiled for several ISAs
-// (target_clones: x86-64-v4 / v3 / baseline) and picked at load time, so the binary is portable
-// (no -march=native) and still uses AVX-512/AVX2 where present.
+// A task reads its chunk of one node's K/V from the cache ONCE for all packed rows (reader x GQA head)
+// of the item. fp32 caches are read in place; fp16/bf16 rows are converted once into thread-local fp32
+// scratch. Scores are computed transposed, S^T[t][m] (rows m in vector lanes): for a tile of TB tokens
+// and one vector of rows, every d broadcasts TB key elements against one vector of pre-scaled queries,
+// so K needs no transposition and the softmax (max, exp, sum over t) is vectorised across rows. Then
+// O[m][:] = sum_t P^T[t][m] V[t][:] in register tiles of RB rows x VL dims. GCC/Clang vector
+// extensions; the hot function is compiled for several ISAs (target_clones: x86-64-v4 / v3 / baseline)
+// and picked at load time, so the binary is portable (no -march=native) and uses AVX-512 where present.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "convert.h"
@@ -71,11 +73,139 @@ MV_INLINE float hsum(vf v) {
 }
 
 struct Scratch {
-  std::vector<float> kt, vb, qb, s;
+  std::vector<float> kb, vb, qt, st;
+  std::vector<const float*> krow, vrow;
   std::vector<int32_t> vis, slot, head, row;  // row >= 0: write straight to out (single partial)
 };
 
-// One (work item, kv head) task. Dp = head_dim rounded up to VL; Tp = chunk rounded up to VL.
+constexpr int TB = 8;  // tokens per register tile of S^T
+
+// Row-vector helpers for NR lanes (16, or 8 for items with at most 8 packed rows).
+template <int NR> struct RowVec;
+template <> struct RowVec<16> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef float U __attribute__((vector_size(64), aligned(4)));
+};
+template <> struct RowVec<8> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), aligned(4)));
+};
+
+// exp(x) for x <= 0, any vector width (see vexp_nonpos).
+template <class V, class I>
+MV_INLINE V vexp_rows(V x) {
+  const V lo = V{} - 87.0f;
+  x = x < lo ? lo : x;
+  const V t = x * 1.44269504088896341f;
+  const V n = (t + 12582912.0f) - 12582912.0f;
+  const V f = (t - n) * 0.693147180559945309f;
+  V q = V{} + 1.0f / 720;
+  q = q * f + 1.0f / 120;
+  q = q * f + 1.0f / 24;
+  q = q * f + 1.0f / 6;
+  q = q * f + 0.5f;
+  q = q * f + 1.0f;
+  q = q * f + 1.0f;
+  const I ni = __builtin_convertvector(n, I);
+  return reinterpret_cast<V>(reinterpret_cast<I>(q) + (ni << 23));
+}
+
+// S^T, softmax and P V for one task whose rows are laid out in vectors of NR lanes.
+template <class E, int NR>
+MV_INLINE void compute_rows(const TreeAttentionParams& p, Scratch& sc, int M, int Mp, int max_vis,
+                            const float* const* krow, const float* const* vrow) {
+  using T = typename E::T;
+  using V = typename RowVec<NR>::V;
+  using I = typename RowVec<NR>::I;
+  using U = typename RowVec<NR>::U;
+  const int D = p.head_dim;
+  const float* __restrict qt = sc.qt.data();  // [D][Mp]
+  float* __restrict st = sc.st.data();        // [Tp][Mp]
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float lse[NR], inv[NR];
+  for (int r0 = 0; r0 < Mp; r0 += NR) {
+    I visv;
+    int32_t tmax = 0;
+    for (int i = 0; i < NR; ++i) {
+      visv[i] = sc.vis[r0 + i];
+      tmax = std::max(tmax, sc.vis[r0 + i]);
+    }
+    // S^T[t][r0:r0+NR] = sum_d K[t][d] * Qt[d][r0:r0+NR] for TB tokens at a time.
+    for (int t0 = 0; t0 < tmax; t0 += TB) {
+      V acc[TB];
+      const float* kr[TB];
+      for (int j = 0; j < TB; ++j) {
+        acc[j] = V{};
+        kr[j] = krow[std::min(t0 + j, max_vis - 1)];  // past the chunk: a valid row, masked below
+      }
+      const float* qd = qt + r0;
+      for (int d = 0; d < D; ++d, qd += Mp) {
+        const V qv = *reinterpret_cast<const U*>(qd);
+        for (int j = 0; j < TB; ++j) acc[j] += kr[j][d] * qv;
+      }
+      for (int j = 0; j < TB && t0 + j < tmax; ++j)
+        *reinterpret_cast<U*>(st + static_cast<size_t>(t0 + j) * Mp + r0) = acc[j];
+    }
+    // Softmax over t, vectorised across rows; invisible tokens (t >= vis) get weight exactly 0.
+    V mv = V{} + ninf;
+    for (int t = 0; t < tmax; ++t) {
+      const V x = *reinterpret_cast<const U*>(st + static_cast<size_t>(t) * Mp + r0);
+      const V xm = (I{} + t) < visv ? x : V{} + ninf;
+      mv = xm > mv ? xm : mv;
+    }
+    const V mref = mv == ninf ? V{} : mv;  // rows that see nothing: any finite reference
+    V sum = V{};
+    for (int t = 0; t < tmax; ++t) {
+      float* sp = st + static_cast<size_t>(t) * Mp + r0;
+      const V x = *reinterpret_cast<const U*>(sp);
+      const V e = (I{} + t) < visv ? vexp_rows<V, I>(x - mref) : V{};
+      *reinterpret_cast<U*>(sp) = e;
+      sum += e;
+    }
+    for (int i = 0; i < NR; ++i) {
+      const bool seen = sum[i] > 0.0f;
+      inv[i] = seen ? 1.0f / sum[i] : 0.0f;
+      lse[i] = seen ? mv[i] + std::log(sum[i]) : ninf;
+    }
+    // O[r][:] = sum_t P^T[t][r] V[t][:], RB rows x VL dims per register tile.
+    for (int rb = r0; rb < r0 + NR && rb < M; rb += RB) {
+      int32_t tb = 0;
+      for (int r = 0; r < RB; ++r) tb = std::max(tb, sc.vis[rb + r]);
+      for (int d0 = 0; d0 < D; d0 += VL) {
+        vf acc[RB];
+        for (int r = 0; r < RB; ++r) acc[r] = vf{};
+        const float* pt = st + rb;
+        for (int t = 0; t < tb; ++t, pt += Mp) {
+          const vf vv = vload(vrow[t] + d0);
+          for (int r = 0; r < RB; ++r) acc[r] += pt[r] * vv;
+        }
+        const int n = std::min(VL, D - d0);
+        for (int r = 0; r < RB && rb + r < M; ++r) {
+          const int m = rb + r;
+          const vf o = acc[r] * inv[m - r0];
+          if (sc.row[m] >= 0) {  // the row's only partial: final output in q's dtype
+            T* dst = static_cast<T*>(p.out) + partial_out_offset(sc.row[m], sc.head[m], p.num_qo_heads, D) + d0;
+            for (int i = 0; i < n; ++i) dst[i] = E::store(o[i]);
+          } else {
+            float* dst = p.partial_out + partial_out_offset(sc.slot[m], sc.head[m], p.num_qo_heads, D) + d0;
+            for (int i = 0; i < n; ++i) dst[i] = o[i];
+          }
+        }
+      }
+    }
+    for (int i = 0; i < NR && r0 + i < M; ++i) {
+      const int m = r0 + i;
+      if (sc.row[m] >= 0)
+        p.lse[partial_lse_offset(sc.row[m], sc.head[m], p.num_qo_heads)] = lse[i];
+      else
+        p.partial_lse[partial_lse_offset(sc.slot[m], sc.head[m], p.num_qo_heads)] = lse[i];
+    }
+  }
+}
+
+// One (work item, kv head) task.
 template <class E>
 MV_CLONES void run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, Scratch& sc) {
   using T = typename E::T;
@@ -90,8 +220,8 @@ MV_CLONES void run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, 
   const int32_t slot0 = p.item_partial_start[item];
   const int M = nr * group;
   if (M == 0) return;  // capacity padding item
-  const int Mp = round_up(std::max(M, 1), RB);
-  const int Tp = round_up(std::max(len, 1), VL);
+  const int NR = M <= 8 ? 8 : 16;
+  const int Mp = round_up(M, std::max(NR, RB));
 
   sc.vis.assign(Mp, 0);
   sc.slot.assign(Mp, -1);
@@ -108,132 +238,66 @@ MV_CLONES void run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, 
     max_vis = std::max(max_vis, sc.vis[m]);
   }
 
-  // Load the chunk once: only the tokens some reader sees (max_vis <= len).
-  // Padding lanes are never read into a kept result, so no zeroing (resize value-initialises once).
-  sc.kt.resize(static_cast<size_t>(Dp) * Tp);
-  sc.vb.resize(static_cast<size_t>(Tp) * Dp);
+  // The chunk's K/V rows (only tokens some reader sees), each read from the cache once: fp32 rows in
+  // place when whole vectors fit (head_dim % VL == 0), otherwise converted into padded fp32 scratch.
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  // Load the chunk in groups of VL tokens: V rows are copied as they are; K is transposed group-wise
-  // (for each d, the VL tokens' d-th elements form one contiguous VL-float store into kt), so the
-  // transposed buffer is written a full cache line at a time while the VL source rows stay in L1.
-  // Tokens past max_vis in the last group repeat the last visible token (never used: masked).
-  float* __restrict ktp = sc.kt.data();
-  for (int t0 = 0; t0 < max_vis; t0 += VL) {
-    const T* krow[VL];
-    for (int i = 0; i < VL; ++i) {
-      const int32_t tok = kv_start + std::min(t0 + i, max_vis - 1);
-      krow[i] = kc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
-                                  p.k_stride_page, p.k_stride_slot, p.k_stride_head);
-      if (t0 + i < max_vis) {
-        const T* vp = vc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
-                                        p.v_stride_page, p.v_stride_slot, p.v_stride_head);
-        float* vrow = sc.vb.data() + static_cast<size_t>(t0 + i) * Dp;
-        for (int d = 0; d < D; ++d) vrow[d] = E::load(vp[d]);
-      }
+  const bool in_place = std::is_same_v<E, F32> && D % VL == 0;
+  sc.krow.resize(std::max(max_vis, 1));
+  sc.vrow.resize(std::max(max_vis, 1));
+  if (!in_place) {
+    sc.kb.resize(static_cast<size_t>(std::max(max_vis, 1)) * Dp);
+    sc.vb.resize(static_cast<size_t>(std::max(max_vis, 1)) * Dp);
+  }
+  // Pass 1: row addresses, and prefetches (into L2) of every row: rows of one head are a page/slot
+  // stride apart, which hardware prefetchers do not follow, so the misses would otherwise stall the
+  // loops one by one.
+  for (int t = 0; t < max_vis; ++t) {
+    const int32_t tok = kv_start + t;
+    const T* kp = kc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                    p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+    const T* vp = vc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                    p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+    for (int b = 0; b < D; b += 64 / static_cast<int>(sizeof(T))) {
+      __builtin_prefetch(kp + b, 0, 2);
+      __builtin_prefetch(vp + b, 0, 2);
     }
-    for (int d = 0; d < D; ++d) {
-      float* dst = ktp + static_cast<size_t>(d) * Tp + t0;
-      for (int i = 0; i < VL; ++i) dst[i] = E::load(krow[i][d]);
+    sc.krow[t] = reinterpret_cast<const float*>(kp);  // fp32 in place; else the raw row for pass 2
+    sc.vrow[t] = reinterpret_cast<const float*>(vp);
+  }
+  // Pass 2 (fp16/bf16, or head_dim not a multiple of VL): convert each row once into fp32 scratch.
+  if (!in_place) {
+    for (int t = 0; t < max_vis; ++t) {
+      const T* kp = reinterpret_cast<const T*>(sc.krow[t]);
+      const T* vp = reinterpret_cast<const T*>(sc.vrow[t]);
+      float* kd = sc.kb.data() + static_cast<size_t>(t) * Dp;
+      float* vd = sc.vb.data() + static_cast<size_t>(t) * Dp;
+      for (int d = 0; d < D; ++d) kd[d] = E::load(kp[d]);
+      for (int d = 0; d < D; ++d) vd[d] = E::load(vp[d]);
+      for (int d = D; d < Dp; ++d) kd[d] = vd[d] = 0.0f;
+      sc.krow[t] = kd;
+      sc.vrow[t] = vd;
     }
   }
   if (p.kv_bytes_loaded != nullptr && max_vis > 0)
     __atomic_fetch_add(p.kv_bytes_loaded, chunk_kv_bytes(max_vis, D, sizeof(T)), __ATOMIC_RELAXED);
 
-  // Packed query rows, pre-scaled by sm_scale (so scores and lse include it).
-  sc.qb.resize(static_cast<size_t>(Mp) * Dp);
+  // Queries transposed [D][Mp], pre-scaled by sm_scale (so scores and lse include it); pad rows 0.
+  sc.qt.assign(static_cast<size_t>(D) * Mp, 0.0f);
   const T* qp = static_cast<const T*>(p.q);
   for (int m = 0; m < M; ++m) {
     const int32_t row = p.reader_row[r0 + packed_reader(m, group)];
     const T* src = qp + row * p.q_stride_row + static_cast<int64_t>(sc.head[m]) * p.q_stride_head;
-    // Row blocks of RB rows stored d-major ([Mp / RB][Dp][RB]): the RB values the QK^T loop
-    // broadcasts for one d are adjacent, addressed from one pointer.
-    float* dst = sc.qb.data() + static_cast<size_t>(m / RB) * Dp * RB + m % RB;
-    for (int d = 0; d < D; ++d) dst[static_cast<size_t>(d) * RB] = E::load(src[d]) * p.sm_scale;
+    for (int d = 0; d < D; ++d) sc.qt[static_cast<size_t>(d) * Mp + m] = E::load(src[d]) * p.sm_scale;
   }
-
-  sc.s.resize(static_cast<size_t>(RB) * Tp * 2);
-  float* S = sc.s.data();                             // scores [RB][Tp]
-  float* __restrict PT = S + static_cast<size_t>(RB) * Tp;  // probabilities transposed [Tp][RB]
-  const float* kt = sc.kt.data();
-  const float* vb = sc.vb.data();
-  for (int mb = 0; mb < M; mb += RB) {
-    int32_t tmax = 0;
-    for (int r = 0; r < RB; ++r) tmax = std::max(tmax, sc.vis[mb + r]);
-    const int Tb = round_up(std::max(tmax, 1), VL);
-    const float* __restrict qblk = sc.qb.data() + static_cast<size_t>(mb) * Dp;  // [Dp][RB]
-    // S[r][t] = q_r . k_t for an RB x VL tile at a time, accumulators in registers.
-    for (int t0 = 0; t0 < Tb; t0 += VL) {
-      vf acc[RB];
-      for (int r = 0; r < RB; ++r) acc[r] = vf{};
-      const float* __restrict kp = kt + t0;
-      const float* __restrict qd = qblk;
-      for (int d = 0; d < D; ++d, kp += Tp, qd += RB) {
-        const vf kv = vload(kp);
-        for (int r = 0; r < RB; ++r) acc[r] += qd[r] * kv;
-      }
-      for (int r = 0; r < RB; ++r) vstore(S + r * Tp + t0, acc[r]);
-    }
-    // Softmax numerators per row; invisible tokens get weight 0.
-    float inv_den[RB], lse[RB];
-    for (int r = 0; r < RB; ++r) {
-      float* sr = S + r * Tp;
-      const int32_t vis = sc.vis[mb + r];
-      if (vis == 0) {
-        std::fill(sr, sr + Tb, 0.0f);
-        inv_den[r] = 0.0f;
-        lse[r] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      for (int t = vis; t < Tb; ++t) sr[t] = -std::numeric_limits<float>::infinity();
-      vf mv = vsplat(-std::numeric_limits<float>::infinity());
-      for (int t0 = 0; t0 < Tb; t0 += VL) {
-        const vf x = vload(sr + t0);
-        mv = x > mv ? x : mv;
-      }
-      const float mx = hmax(mv);
-      for (int t0 = 0; t0 < Tb; t0 += VL) vstore(sr + t0, vexp_nonpos(vload(sr + t0) - mx));
-      for (int t = vis; t < Tb; ++t) sr[t] = 0.0f;  // exp clamps at -87: zero the masked tail exactly
-      vf sv = vf{};
-      for (int t0 = 0; t0 < Tb; t0 += VL) sv += vload(sr + t0);
-      const float den = hsum(sv);
-      inv_den[r] = 1.0f / den;
-      lse[r] = mx + std::log(den);
-    }
-    for (int t = 0; t < tmax; ++t)
-      for (int r = 0; r < RB; ++r) PT[t * RB + r] = S[r * Tp + t];
-    // O[r][:] = sum_t P[r][t] V[t][:], RB rows x VL dims per register tile.
-    for (int d0 = 0; d0 < Dp; d0 += VL) {
-      vf acc[RB];
-      for (int r = 0; r < RB; ++r) acc[r] = vf{};
-      const float* __restrict vp = vb + d0;
-      const float* __restrict pt = PT;
-      for (int t = 0; t < tmax; ++t, vp += Dp, pt += RB) {
-        const vf vv = vload(vp);
-        for (int r = 0; r < RB; ++r) acc[r] += pt[r] * vv;
-      }
-      for (int r = 0; r < RB; ++r) {
-        const int m = mb + r;
-        if (m >= M) break;
-        const vf o = acc[r] * inv_den[r];
-        const int n = std::min(VL, D - d0);
-        if (sc.row[m] >= 0) {  // the row's only partial: final output in q's dtype
-          T* dst = static_cast<T*>(p.out) + partial_out_offset(sc.row[m], sc.head[m], p.num_qo_heads, D) + d0;
-          for (int i = 0; i < n; ++i) dst[i] = E::store(o[i]);
-        } else {
-          float* dst = p.partial_out + partial_out_offset(sc.slot[m], sc.head[m], p.num_qo_heads, D) + d0;
-          for (int i = 0; i < n; ++i) dst[i] = o[i];
-        }
-      }
-    }
-    for (int r = 0; r < RB && mb + r < M; ++r) {
-      const int m = mb + r;
-      if (sc.row[m] >= 0)
-        p.lse[partial_lse_offset(sc.row[m], sc.head[m], p.num_qo_heads)] = lse[r];
-      else
-        p.partial_lse[partial_lse_offset(sc.slot[m], sc.head[m], p.num_qo_heads)] = lse[r];
-    }
+  sc.st.resize(static_cast<size_t>(round_up(std::max(max_vis, 1), TB)) * Mp);
+  if (max_vis == 0) {  // nothing visible in this chunk for any row: empty partials
+    for (int m = 0; m < Mp; ++m) sc.vis[m] = 0;
   }
+  if (NR == 8)
+    compute_rows<E, 8>(p, sc, M, Mp, std::max(max_vis, 1), sc.krow.data(), sc.vrow.data());
+  else
+    compute_rows<E, 16>(p, sc, M, Mp, std::max(max_vis, 1), sc.krow.data(), sc.vrow.data());
 }
 
 template <class E>
