@@ -193,3 +193,23 @@ def test_interpreter_leaves_triton_language_unpatched():
     _compare(f.metadata(groups), f.num_pages, 4, 2, 64, torch.float16)
     assert snapshot() == before
     assert tl.load is tl.core.load and "interpreter" not in getattr(tl.load, "__module__", "")
+
+
+def test_run_step_has_no_host_sync(monkeypatch):
+    """With a precomputed plan and validate=False the run step reads no tensor value on the host (no
+    .item() / int() / bool() / .tolist()): the precondition for capturing it in a CUDA graph."""
+    f, groups = random_forest(7, page_size=4, max_nodes=8)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 4, 2, 64, torch.float16)
+    cap = PlanCapacity(256, 256, 256, 64)
+    plan = plan_tree_attention(meta, 4, 2, chunk_tokens=8, head_dim=64, capacity=cap)
+    ref = mk.tree_attention(q, k, v, meta, backend="reference")
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync in the run step")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    out = mk.tree_attention(q, k, v, meta, backend="triton", plan=plan, validate=False)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, ref, **tolerance(torch.float16))
