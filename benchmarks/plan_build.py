@@ -30,19 +30,40 @@ def thousand_leaf_forest(page_size: int = 16) -> ForestMetadata:
     return f.decode_metadata(leaves)
 
 
+def token_tree_forest(depth: int = 10) -> ForestMetadata:
+    """Tiny nodes: a 256-token prompt under a binary tree of one-token nodes, 2**depth leaves decoding
+    (2**(depth+1) - 2 one-token nodes, page size 1)."""
+    f = KVForest(8192, 1)
+    level = [f.new_sequence(256)]
+    for _ in range(depth):
+        nxt = []
+        for p in level:
+            for k in f.fork(p, 2):
+                f.append(k, 1)
+                nxt.append(k)
+        level = nxt
+    return f.decode_metadata(level)
+
+
+def _time(label: str, meta: ForestMetadata, chunk: int) -> None:
+    plan_tree_attention(meta, 32, 8, chunk_tokens=chunk)  # warm-up
+    times = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        plan = plan_tree_attention(meta, 32, 8, chunk_tokens=chunk)
+        times.append(time.perf_counter() - t0)
+    print(f"{label}, chunk_tokens={chunk}: nodes={meta.num_nodes} items={plan.num_items} "
+          f"partials={plan.num_partials} readers={plan.num_readers}  median "
+          f"{statistics.median(times) * 1e3:.2f} ms, min {min(times) * 1e3:.2f} ms "
+          f"(torch {torch.__version__}, 1 thread)")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     meta = thousand_leaf_forest()
     for chunk in (512, 64):
-        plan_tree_attention(meta, 32, 8, chunk_tokens=chunk)  # warm-up
-        times = []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            plan = plan_tree_attention(meta, 32, 8, chunk_tokens=chunk)
-            times.append(time.perf_counter() - t0)
-        print(f"1,024 leaves, chunk_tokens={chunk}: items={plan.num_items} partials={plan.num_partials} "
-              f"readers={plan.num_readers}  median {statistics.median(times) * 1e3:.2f} ms, "
-              f"min {min(times) * 1e3:.2f} ms (torch {torch.__version__}, 1 thread)")
+        _time("1,024 leaves", meta, chunk)
+    _time("1,024-leaf binary token tree (one-token nodes)", token_tree_forest(), 512)
 
 
 if __name__ == "__main__":
