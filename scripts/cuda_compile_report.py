@@ -5,7 +5,8 @@
 
 For every kernel and architecture: registers, spill stores/loads, stack frame, static shared memory
 (from ``-Xptxas -v``); plus the dynamic shared memory of each tensor-core configuration (printed by the
-host tool ``multiverse_smem_report``). Exits 1 if the build fails or any kernel spills.
+host tool ``multiverse_smem_report``). Also runs the standalone CPU-library smoke test that the same
+CMake build produces. Exits 1 if the build fails, any kernel spills, or the smoke test fails.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     tool = os.path.join(a.build_dir, "multiverse_smem_report")
     if os.path.exists(tool):
         print(subprocess.run([tool], capture_output=True, text=True).stdout.rstrip())
+    smoke = os.path.join(a.build_dir, "multiverse_cpu_smoke_test")  # the CPU library without torch
+    if os.path.exists(smoke):
+        sr = subprocess.run([smoke], capture_output=True, text=True)
+        print(sr.stdout.rstrip())
+        if sr.returncode:
+            print("cuda_compile_report: the standalone CPU library smoke test FAILED")
+            return 1
     missing = [f"sm_{x}" for x in archs if not any(row["arch"] == f"sm_{x}" for row in rows)]
     if not rows or missing:
         print(f"cuda_compile_report: no ptxas report for {missing or archs}: FAILED")
