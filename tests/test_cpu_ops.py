@@ -203,3 +203,35 @@ def test_opcheck_multiverse_C_ops() -> None:
     vv = torch.randn(5, 2, 4, 64)
     ss = torch.randn(5, 2, 4)
     torch.library.opcheck(torch.ops.multiverse_C.merge_states.default, (vv, ss))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(24))
+def test_fuzz_random_shapes(seed: int) -> None:
+    """Wider sweep: random forests with long nodes and extends, every dtype, head dims incl. odd ones,
+    GQA ratios 1-8, page sizes 1-32, own_full on some groups."""
+    import random
+
+    rng = random.Random(seed)
+    page_size = rng.choice([1, 2, 16, 32])
+    hk = rng.choice([1, 2, 4])
+    hq = hk * rng.choice([1, 2, 4, 8])
+    d = rng.choice([16, 64, 72, 128, 256])
+    dtype = rng.choice(DTYPES)
+    f, groups = random_forest(5000 + seed, page_size=page_size, max_len=rng.choice([24, 300, 700]),
+                              max_nodes=rng.choice([6, 12, 20]), max_q_len=rng.choice([1, 8, 40]))
+    meta = f.metadata(groups)
+    if seed % 3 == 0:
+        meta = meta.with_own_full(torch.rand(meta.num_groups, generator=torch.Generator().manual_seed(seed))
+                                  < 0.5)
+    _check_attention(meta, f.num_pages, hq, hk, d, dtype, seed)
+
+
+def test_long_extend_splits_reader_tiles() -> None:
+    """An extend with more packed rows than one CPU item holds (MAX_ITEM_ROWS): readers split into
+    tiles, merged per row."""
+    f, groups = multiverse_forest(prefix=300, paths=2, path_len=600, concl_len=2, page_size=16)
+    meta = f.metadata([(n, 600 if q == 1 and i < 2 else q) for i, (n, q) in enumerate(groups)])
+    plan = cpu_backend._plan(torch.empty(0, 8, 64), torch.empty(0, 4, 2, 64), meta)
+    assert plan.max_item_readers == cpu_backend.MAX_ITEM_ROWS // 4
+    _check_attention(meta, f.num_pages, 8, 2, 64, torch.float32, 3)

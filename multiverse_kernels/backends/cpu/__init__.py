@@ -2,9 +2,9 @@
 thread pool, fp32 accumulation, fp32/fp16/bf16 inputs (float64 inputs go to the reference, which is
 the float64-capable specification).
 
-tree_attention plans the step with :func:`multiverse_kernels.planning.plan_tree_attention` using ALL
-readers of a node in one work item (``rows_per_tile`` = unbounded), so every node's K/V chunk is loaded
-from the cache exactly once per KV head and shared by every row that sees it; the plan is cached per
+tree_attention plans the step with :func:`multiverse_kernels.planning.plan_tree_attention` putting
+all readers of a node in one work item (up to ``MAX_ITEM_ROWS`` packed rows), so every node's K/V chunk
+is loaded from the cache exactly once per KV head and shared by every row that sees it; the plan is cached per
 metadata object (plan once per step, reuse in every layer). Also registers the measurement hook
 ``tree_attention_kv_bytes`` (bytes counted by the kernel at its loads).
 """
@@ -30,12 +30,17 @@ __all__ = ["tree_attention", "merge_states", "append_paged_kv", "tree_attention_
 # Tokens per work item: K+V of one chunk in fp32 (2 x 256 x 128 x 4 B = 256 KiB) stays in L2 while all
 # of the node's rows use it, and a 4K prefix still gives 16 chunks x Hk items to spread over threads.
 CHUNK_TOKENS = 256
-_ALL_READERS = 1 << 30  # rows_per_tile: every reader of a node in one item (load each chunk once)
+# Packed rows (readers x GQA heads) per work item: every reader of a node in one item (each chunk
+# loaded once) up to 1024 rows, e.g. 256 branches at GQA 4; beyond that (long extends) the node's
+# readers are split into tiles so the per-thread scratch stays ~1-2 MB.
+MAX_ITEM_ROWS = 1024
 _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata):
-    return cached_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], CHUNK_TOKENS, _ALL_READERS)
+    group = q.shape[1] // k_cache.shape[2]
+    return cached_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], CHUNK_TOKENS,
+                       max(1, MAX_ITEM_ROWS // group))
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
