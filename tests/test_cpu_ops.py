@@ -106,6 +106,15 @@ def test_kv_bytes_hook_reads_each_node_once(dtype: torch.dtype) -> None:
         assert got == want
 
 
+def test_non_contiguous_q() -> None:
+    f, groups = random_forest(12, page_size=4)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 4, 2, 64)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # head_dim strided
+    out = tree_attention(qt, k, v, meta, backend="cpu")
+    torch.testing.assert_close(out, tree_attention(q, k, v, meta, backend="reference"), **tolerance(q.dtype))
+
+
 def test_plan_cached_per_metadata() -> None:
     f, groups = random_forest(11)
     meta = f.metadata(groups)

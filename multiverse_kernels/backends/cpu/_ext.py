@@ -93,6 +93,8 @@ def run_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Forest
                        kv_bytes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``torch.ops.multiverse_C.tree_attention_run`` on ``plan``: out [total_q, Hq, D] (q.dtype),
     lse [total_q, Hq] float32."""
+    # The kernels take any row/head/page strides but need head_dim contiguous.
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     return torch.ops.multiverse_C.tree_attention_run(
         q, k_cache, v_cache, meta.node_page_indptr, meta.node_page_indices, plan.tensors(), plan.ints(),
         float(sm_scale), kv_bytes)
