@@ -24,7 +24,7 @@ __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "DEFAULT_CHUNK_TOK
 
 DEFAULT_CHUNK_TOKENS = 512
 # Packed (reader x GQA head) rows per work item the kernels are compiled for, by head_dim.
-MAX_TILE_ROWS = {64: 64, 128: 64, 256: 64}
+MAX_TILE_ROWS = {64: 64, 128: 64, 256: 32}
 
 
 def default_rows_per_tile(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> int:

@@ -10,8 +10,9 @@ Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BL
 (<= MAX_BLOCK_M[head_dim]) with the dispatcher's BLOCK_N / num_warps / num_stages; merge = head_dim x
 output dtype; append = head_dim x cache dtype x BLOCK_H {1, 2, 4, 8, 16} (num_kv_heads <= 16). fp32 (a
 test-only dtype) is not compiled. Pointer arguments and the row strides get the 16-divisibility hint the
-JIT gives them at run time for these shapes; page_size is left generic (the JIT additionally
-specializes page_size == 1, a variant with strictly simpler index math).
+JIT gives them at run time for these shapes; page_size, the GQA group, num_kv_heads and the lse strides
+are runtime arguments the kernels tell the JIT not to specialize on, so each configuration is one
+compiled variant (alignment aside).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
                      "RowPartialIndptr"):
             sig[name] = "*i32"
         sig["qk_scale"] = "fp32"
-        for name in ("page_size", "stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh",
+        for name in ("page_size", "group", "stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh",
                      "stride_vp", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_lt",
                      "stride_pp", "stride_ph", "stride_lp"):
             sig[name] = "i32"
-        const = {k: getattr(cfg, k) for k in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
+        const = {k: getattr(cfg, k) for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
                                               "IEEE_DOT")}
         label = f"attn d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N} " \
                 f"warps={cfg.num_warps} stages={cfg.num_stages}"
@@ -81,7 +82,7 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
 
 
 # arguments that get the 16-divisibility hint (pointers, and strides that are multiples of head_dim)
-_NOT_DIV16 = {"qk_scale", "page_size", "num_heads", "stride_lt", "stride_lp"}
+_NOT_DIV16 = {"qk_scale", "page_size", "group", "num_heads", "stride_lt", "stride_lp"}
 
 
 def _compile(job: tuple[str, str, dict, dict, int]) -> dict:

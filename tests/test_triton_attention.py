@@ -11,6 +11,7 @@ import torch
 from _triton_interp import triton_interpreter  # noqa: F401  (module fixture)
 
 import multiverse_kernels as mk
+from multiverse_kernels.backends.triton.tree_attention import MAX_BLOCK_M
 from multiverse_kernels.metadata import MetadataError
 from multiverse_kernels.planning import PlanCapacity, plan_tree_attention
 from multiverse_kernels.testing import (
@@ -173,8 +174,9 @@ def test_random_forests_sweep(seed):
     hq, hk = ((2, 2), (4, 2), (8, 2), (8, 1), (16, 1))[(seed // 2) % 5]
     f, groups = random_forest(seed, page_size=page_size, max_len=48, max_nodes=12)
     meta = f.metadata(groups)
-    plan = plan_tree_attention(meta, hq, hk, chunk_tokens=[16, 512, 7][seed % 3],
-                               rows_per_tile=[None, 3][seed % 2], head_dim=d)
+    rpt = [None, min(3, max(1, MAX_BLOCK_M[d] // (hq // hk)))][seed % 2]
+    plan = plan_tree_attention(meta, hq, hk, chunk_tokens=[16, 512, 7][seed % 3], rows_per_tile=rpt,
+                               head_dim=d)
     _compare(meta, f.num_pages, hq, hk, d, dtype, seed=seed, plan=plan)
 
 

@@ -30,7 +30,7 @@ def interpreter_enabled() -> bool:
 def jit(fn: Callable) -> JITFunction:
     """The compiled (GPU) kernel object of ``fn`` (also what the compile report compiles)."""
     if fn not in _JIT:
-        _JIT[fn] = JITFunction(fn)
+        _JIT[fn] = JITFunction(fn, do_not_specialize=list(getattr(fn, "do_not_specialize", ())))
     return _JIT[fn]
 
 

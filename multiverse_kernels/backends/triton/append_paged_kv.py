@@ -39,6 +39,9 @@ def _append_kernel(
              v.to(VC.dtype.element_ty), mask=hm)
 
 
+_append_kernel.do_not_specialize = ("page_size", "num_heads")  # see tree_attention.py
+
+
 class AppendConfig(NamedTuple):
     HEAD_DIM: int
     BLOCK_H: int

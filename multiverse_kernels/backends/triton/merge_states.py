@@ -54,6 +54,9 @@ def _merge_kernel(
     tl.store(Lse + r * stride_lt + h + tl.zeros([1], tl.int32), lse, mask=ok)
 
 
+_merge_kernel.do_not_specialize = ("stride_lp", "stride_lt")  # see tree_attention.py
+
+
 class MergeConfig(NamedTuple):
     HEAD_DIM: int
     num_warps: int

@@ -2,8 +2,8 @@
 
 A program loads its chunk of one node's K/V once, through the node's page table, and computes the
 partial softmax state of every (reader, GQA head) row of the item with ``tl.dot``: the readers' query
-heads that share the KV head are packed into the row dimension (row m = reader m // GROUP, head
-h * GROUP + m % GROUP). Online softmax in fp32 (base 2: scores are pre-multiplied by log2(e)).
+heads that share the KV head are packed into the row dimension (row m = reader m // group, head
+h * group + m % group). Online softmax in fp32 (base 2: scores are pre-multiplied by log2(e)).
 A row whose query row has a single partial is written straight to ``out``/``lse``; the others go to the
 fp32 workspace and are merged by :mod:`.merge_states`.
 """
@@ -23,9 +23,17 @@ from .merge_states import launch_merge
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128, 256)
-# Largest packed row tile per head_dim (accumulator BLOCK_M x HEAD_DIM fp32 must fit in registers).
-MAX_BLOCK_M = {64: 128, 128: 128, 256: 64}
-BLOCK_MS = (16, 32, 64, 128)
+# (HEAD_DIM, BLOCK_M) -> (BLOCK_N, num_warps): every tile the dispatcher may pick. Chosen with the
+# compile report (scripts/triton_compile_report.py) so that no variant spills on sm_90a or sm_100a:
+# the fp32 accumulator BLOCK_M x HEAD_DIM plus the 64-bit gather pointers of a BLOCK_N x HEAD_DIM K/V
+# tile must fit in registers. 256-wide heads stop at 32 rows (64 rows spill on sm_90a).
+TILES = {
+    (64, 16): (64, 4), (64, 32): (64, 4), (64, 64): (64, 4), (64, 128): (64, 8),
+    (128, 16): (64, 4), (128, 32): (64, 4), (128, 64): (64, 8), (128, 128): (32, 8),
+    (256, 16): (32, 4), (256, 32): (32, 8),
+}
+# Largest packed row tile per head_dim.
+MAX_BLOCK_M = {d: max(bm for dd, bm in TILES if dd == d) for d in HEAD_DIMS}
 # Tests set this: fill out/lse/workspace with NaN before each launch so unwritten elements fail.
 POISON = False
 
@@ -36,10 +44,10 @@ def _tree_attn_kernel(
     ReaderRow, ReaderLimit,
     ItemNode, ItemKvStart, ItemKvLen, ItemReaderStart, ItemNumReaders, ItemPartialStart,
     RowPartialIndptr,
-    qk_scale, page_size,
+    qk_scale, page_size, group,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_pp, stride_ph, stride_lp,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     w = tl.program_id(0)
@@ -53,8 +61,8 @@ def _tree_attn_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    j = offs_m // GROUP  # reader within the item
-    qh = h * GROUP + offs_m % GROUP  # query head of the packed row
+    j = offs_m // group  # reader within the item
+    qh = h * group + offs_m % group  # query head of the packed row
     valid = j < nr
     row = tl.load(ReaderRow + r0 + j, mask=valid, other=0).to(tl.int64)
     lim = tl.load(ReaderLimit + r0 + j, mask=valid, other=0)  # row sees tokens [0, lim) of the node
@@ -117,10 +125,14 @@ def _tree_attn_kernel(
     tl.store(PL + slot_p * stride_lp + qh, lse, mask=to_ws)
 
 
+# runtime ints the JIT must not specialize on (value 1 / divisibility): one compiled variant per config,
+# exactly the ones the compile report checks
+_tree_attn_kernel.do_not_specialize = ("page_size", "group", "stride_lt", "stride_lp")
+
+
 class AttnConfig(NamedTuple):
     """Compile-time parameters of one attention kernel variant (what the dispatcher picks)."""
 
-    GROUP: int
     HEAD_DIM: int
     BLOCK_M: int
     BLOCK_N: int
@@ -146,22 +158,18 @@ def attn_config(head_dim: int, dtype: torch.dtype, group: int, max_item_readers:
             f"exceeds the kernel's row tile {MAX_BLOCK_M[head_dim]} for head_dim {head_dim}; plan with "
             f"rows_per_tile <= {max(1, MAX_BLOCK_M[head_dim] // group)}"
         )
-    block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if block_m * head_dim >= 128 * 128 or (head_dim == 256 and block_m >= 64) else 4
-    return AttnConfig(group, head_dim, block_m, block_n, interpret_math_fp32(dtype, device),
+    block_n, num_warps = TILES[(head_dim, block_m)]
+    return AttnConfig(head_dim, block_m, block_n, interpret_math_fp32(dtype, device),
                       dtype == torch.float32, num_warps, 2)
 
 
 def gpu_attn_configs() -> list[tuple[torch.dtype, AttnConfig]]:
-    """Every (dtype, variant) the dispatcher can choose on a GPU for fp16/bf16 (GROUP only changes
-    index math; the report compiles GROUP = 4)."""
+    """Every (dtype, variant) the dispatcher can choose on a GPU for fp16/bf16 (the GQA group, page size
+    and lse strides are runtime arguments the JIT does not specialize on)."""
     out = []
-    for d in HEAD_DIMS:
+    for d, bm in TILES:
         for dtype in (torch.float16, torch.bfloat16):
-            for bm in BLOCK_MS:
-                if bm <= MAX_BLOCK_M[d]:
-                    cfg = attn_config(d, dtype, 1, bm, torch.device("cuda"))
-                    out.append((dtype, cfg._replace(GROUP=4)))
+            out.append((dtype, attn_config(d, dtype, 1, bm, torch.device("cuda"))))
     return out
 
 
@@ -200,11 +208,11 @@ def run_plan(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata, 
             plan.reader_row, plan.reader_limit,
             plan.item_node, plan.item_kv_start, plan.item_kv_len, plan.item_reader_start,
             plan.item_num_readers, plan.item_partial_start, plan.row_partial_indptr,
-            float(sm_scale) * LOG2E, meta.page_size,
+            float(sm_scale) * LOG2E, meta.page_size, group,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), lse.stride(0), po.stride(0), po.stride(1), pl.stride(0),
-            GROUP=cfg.GROUP, HEAD_DIM=cfg.HEAD_DIM, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            HEAD_DIM=cfg.HEAD_DIM, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             MATH_FP32=cfg.MATH_FP32, IEEE_DOT=cfg.IEEE_DOT, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
