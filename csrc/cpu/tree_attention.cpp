@@ -33,44 +33,11 @@ namespace {
 constexpr int VL = 16;  // floats per vector (lowered to 1 zmm, 2 ymm or 4 xmm by the compiler)
 constexpr int RB = 8;   // rows per register block
 typedef float vf __attribute__((vector_size(VL * 4)));
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));  // unaligned access
 
 MV_INLINE vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 MV_INLINE void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-MV_INLINE vf vsplat(float x) { return vf{} + x; }
 MV_INLINE int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
-// exp(x) for x <= 0 (scores minus their max): 2^(x log2 e) split into 2^n * 2^f, f in [-1/2, 1/2],
-// 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n added into the exponent bits.
-MV_INLINE vf vexp_nonpos(vf x) {
-  const vf lo = vsplat(-87.0f);
-  x = x < lo ? lo : x;
-  const vf t = x * 1.44269504088896341f;
-  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (t + magic) - magic;
-  const vf f = (t - n) * 0.693147180559945309f;  // f * ln 2, |.| <= 0.347
-  vf p = vsplat(1.0f / 720);
-  p = p * f + 1.0f / 120;
-  p = p * f + 1.0f / 24;
-  p = p * f + 1.0f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const vi ni = __builtin_convertvector(n, vi);
-  return reinterpret_cast<vf>(reinterpret_cast<vi>(p) + (ni << 23));
-}
-
-MV_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
-  return m;
-}
-MV_INLINE float hsum(vf v) {
-  float s = 0;
-  for (int i = 0; i < VL; ++i) s += v[i];
-  return s;
-}
 
 struct Scratch {
   std::vector<float> kb, vb, qt, st;
@@ -93,13 +60,15 @@ template <> struct RowVec<8> {
   typedef float U __attribute__((vector_size(32), aligned(4)));
 };
 
-// exp(x) for x <= 0, any vector width (see vexp_nonpos).
+// exp(x) for x <= 0 (scores minus their max), any vector width: 2^(x log2 e) split into 2^n * 2^f,
+// f in [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n added into the
+// exponent bits; x is clamped at -87 (callers select exact zeros for masked entries).
 template <class V, class I>
 MV_INLINE V vexp_rows(V x) {
   const V lo = V{} - 87.0f;
   x = x < lo ? lo : x;
   const V t = x * 1.44269504088896341f;
-  const V n = (t + 12582912.0f) - 12582912.0f;
+  const V n = (t + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
   const V f = (t - n) * 0.693147180559945309f;
   V q = V{} + 1.0f / 720;
   q = q * f + 1.0f / 120;
