@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .metadata import ForestMetadata, MetadataError
 
-__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "DEFAULT_CHUNK_TOKENS",
+__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "DEFAULT_CHUNK_TOKENS",
            "default_rows_per_tile"]
 
 DEFAULT_CHUNK_TOKENS = 512
@@ -269,6 +269,35 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
     return TreePlan(**arrays, num_readers=R, num_items=W, num_partials=P, num_merge_rows=M,
                     max_item_readers=max_item_readers, chunk_tokens=chunk_tokens,
                     rows_per_tile=rows_per_tile)
+
+
+_CACHE: list[tuple[tuple, tuple[Tensor, ...], TreePlan]] = []
+_CACHE_SIZE = 8
+
+
+def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, rows_per_tile: int | None = None) -> TreePlan:
+    """:func:`plan_tree_attention`, memoised on the metadata's *tensors* (identity and version counter),
+    so that the per-layer calls of one step plan once even when no plan is passed and the metadata
+    object is rebuilt from its tensors (as the custom op does). A small LRU of 8 entries; entries hold
+    the tensors, so their ids cannot be reused while cached. Inference-mode tensors (no version
+    counter) are planned afresh every time.
+    """
+    ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
+    if any(t.is_inference() for t in ts):
+        return plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
+                                   rows_per_tile=rows_per_tile, head_dim=head_dim)
+    key = (tuple(id(t) for t in ts), tuple(t._version for t in ts), meta.page_size, num_qo_heads,
+           num_kv_heads, head_dim, chunk_tokens, rows_per_tile)
+    for i, (k, held, plan) in enumerate(_CACHE):
+        if k == key and all(a is b for a, b in zip(held, ts, strict=True)):
+            _CACHE.insert(0, _CACHE.pop(i))
+            return plan
+    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
+                               rows_per_tile=rows_per_tile, head_dim=head_dim)
+    _CACHE.insert(0, (key, ts, plan))
+    del _CACHE[_CACHE_SIZE:]
+    return plan
 
 
 def plan_kv_tokens(meta: ForestMetadata) -> int:

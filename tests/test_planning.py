@@ -252,3 +252,20 @@ def test_empty_groups_and_empty_nodes():
     p0 = plan_tree_attention(none, 2, 1)
     assert (p0.num_items, p0.num_partials, p0.num_readers, p0.num_merge_rows) == (0, 0, 0, 0)
     assert p0.row_partial_indptr.tolist() == [0]
+
+
+def test_cached_plan_keys_on_tensors():
+    from multiverse_kernels.planning import cached_plan
+
+    f, groups = random_forest(11, page_size=4)
+    meta = f.metadata(groups)
+    p1 = cached_plan(meta, 4, 2, head_dim=64)
+    rebuilt = mk.ForestMetadata(*meta.tensors(), meta.page_size, meta.own_full)  # as the op does
+    assert cached_plan(rebuilt, 4, 2, head_dim=64) is p1
+    assert cached_plan(meta, 8, 2, head_dim=64) is not p1  # other head counts
+    with torch.no_grad():
+        meta.node_len[0] += 0  # an in-place write bumps the version counter: plan again
+    p2 = cached_plan(meta, 4, 2, head_dim=64)
+    assert p2 is not p1 and torch.equal(p2.item_node, p1.item_node)
+    meta2 = f.metadata(groups)  # equal values, new tensors
+    assert cached_plan(meta2, 4, 2, head_dim=64) is not p2
