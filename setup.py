@@ -122,8 +122,8 @@ def _extensions() -> tuple[list, dict]:
     exts = [
         cpp_extension.CppExtension(
             "multiverse_kernels._C",
-            sources=["csrc/torch_bindings.cpp", "csrc/cpu/tree_attention.cpp", "csrc/cpu/merge_states.cpp",
-                     "csrc/cpu/append_paged_kv.cpp"],
+            sources=["csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/cpu/tree_attention.cpp",
+                     "csrc/cpu/merge_states.cpp", "csrc/cpu/append_paged_kv.cpp"],
             include_dirs=inc,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
@@ -147,7 +147,7 @@ def _extensions() -> tuple[list, dict]:
         exts.append(
             cpp_extension.CUDAExtension(
                 "multiverse_kernels._C_cuda",
-                sources=["csrc/torch_bindings_cuda.cpp", "csrc/cuda/tree_attention.cu",
+                sources=["csrc/torch_bindings_cuda.cpp", "csrc/plan.cpp", "csrc/cuda/tree_attention.cu",
                          "csrc/cuda/merge_states.cu", "csrc/cuda/append_paged_kv.cu"],
                 include_dirs=inc + _cu13_include(),
                 extra_compile_args={

@@ -68,10 +68,47 @@ void append_paged_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Ten
   multiverse::cpu::append_paged_kv(p);
 }
 
+// multiverse_C::tree_attention: the Python op's schema (metadata in, planning inside, in C++).
+std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& node_page_indptr,
+    const at::Tensor& node_page_indices, const at::Tensor& node_len, const at::Tensor& qo_indptr,
+    const at::Tensor& vis_indptr, const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full,
+    double sm_scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q: expected [total_q, Hq, D] and 4-D caches");
+  const int64_t group = q.size(1) / std::max<int64_t>(k_cache.size(2), 1);
+  // Same choices as multiverse_kernels/backends/cpu: 256-token chunks, <= 1024 packed rows per item.
+  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 256,
+                              std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), q.device());
+  return tree_attention_run_cpu(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
+                                std::nullopt);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
+    const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
+    const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
+    int64_t rows_per_tile) {
+  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, chunk_tokens, rows_per_tile,
+                              node_len.device());
+  auto it = at::empty({static_cast<int64_t>(ints.size())}, at::TensorOptions().dtype(at::kLong));
+  std::copy(ints.begin(), ints.end(), it.data_ptr<int64_t>());
+  return {ts, it};
+}
+
 }  // namespace
 }  // namespace multiverse::bind
 
 TORCH_LIBRARY(multiverse_C, m) {
+  // Same schema as torch.ops.multiverse.tree_attention minus backend/validate: plans in C++ per call
+  // (for C++ callers; the Python backends plan once per step and call tree_attention_run).
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, "
+      "Tensor node_page_indices, Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
+      "Tensor? own_full, float sm_scale) -> (Tensor, Tensor)");
+  // The host planner (csrc/plan.cpp), identical to multiverse_kernels.planning: (plan tensors on the
+  // metadata's device, int64 tensor of TreePlan.INT_FIELDS). Eager only (data-dependent sizes).
+  m.def(
+      "plan_tree_attention(Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
+      "Tensor? own_full, int chunk_tokens, int rows_per_tile) -> (Tensor[], Tensor)");
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
   // int64[1] the kernel adds the K+V bytes it loads to (measurement hook).
   m.def(
@@ -84,7 +121,12 @@ TORCH_LIBRARY(multiverse_C, m) {
       "Tensor page_indices, Tensor token_node, Tensor token_pos) -> ()");
 }
 
+TORCH_LIBRARY_IMPL(multiverse_C, CompositeExplicitAutograd, m) {
+  m.impl("plan_tree_attention", &multiverse::bind::plan_tree_attention_op);
+}
+
 TORCH_LIBRARY_IMPL(multiverse_C, CPU, m) {
+  m.impl("tree_attention", &multiverse::bind::tree_attention_cpu);
   m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cpu);
   m.impl("merge_states", &multiverse::bind::merge_states_cpu);
   m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cpu);

@@ -80,10 +80,27 @@ void append_paged_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Te
              "multiverse append kernel");
 }
 
+std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& node_page_indptr,
+    const at::Tensor& node_page_indices, const at::Tensor& node_len, const at::Tensor& qo_indptr,
+    const at::Tensor& vis_indptr, const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full,
+    double sm_scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q: expected [total_q, Hq, D] and 4-D caches");
+  const int64_t group = std::max<int64_t>(q.size(1) / std::max<int64_t>(k_cache.size(2), 1), 1);
+  // Same choices as multiverse_kernels/backends/cuda (planning.py defaults): 512-token chunks, one
+  // kernel row tile (64 packed rows; 32 at head_dim 256) of readers per item. Plans on the host (sync).
+  const int64_t tile_rows = q.size(2) >= 256 ? 32 : 64;
+  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 512,
+                              std::max<int64_t>(1, tile_rows / group), q.device());
+  return tree_attention_run_cuda(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
+                                 std::nullopt);
+}
+
 }  // namespace
 }  // namespace multiverse::bind
 
 TORCH_LIBRARY_IMPL(multiverse_C, CUDA, m) {
+  m.impl("tree_attention", &multiverse::bind::tree_attention_cuda);
   m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cuda);
   m.impl("merge_states", &multiverse::bind::merge_states_cuda);
   m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cuda);

@@ -6,9 +6,14 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <optional>
+#include <stdexcept>
+#include <utility>
+#include <vector>
 #include <limits>
 
 #include "multiverse/params.h"
+#include "multiverse/plan.h"
 
 namespace multiverse::bind {
 
@@ -203,6 +208,48 @@ inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v,
   p.src_dtype = to_dtype(k, "k");
   p.cache_dtype = to_dtype(k_cache, "k_cache");
   return p;
+}
+
+// Plans on the host (metadata copied to the CPU if needed) and returns the plan as int32 tensors on
+// `device`, in TreePlan.TENSOR_FIELDS order, plus the ints in TreePlan.INT_FIELDS order.
+inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> host_plan(
+    const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
+    const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
+    int64_t rows_per_tile, const at::Device& device) {
+  const auto cpu = at::Device(at::kCPU);
+  const at::Tensor nl = node_len.to(cpu).contiguous(), qo = qo_indptr.to(cpu).contiguous();
+  const at::Tensor vi = vis_indptr.to(cpu).contiguous(), vn = vis_nodes.to(cpu).contiguous();
+  check_i32(nl, "node_len", cpu);
+  check_i32(qo, "qo_indptr", cpu);
+  check_i32(vi, "vis_indptr", cpu);
+  check_i32(vn, "vis_nodes", cpu);
+  TORCH_CHECK(vi.numel() == qo.numel() && qo.numel() >= 1, "vis_indptr: expected the length of qo_indptr");
+  const int64_t groups = qo.numel() - 1;
+  at::Tensor of;
+  if (own_full.has_value()) {
+    of = own_full->to(cpu).to(at::kBool).contiguous();
+    TORCH_CHECK(of.numel() == groups, "own_full: expected one flag per group (", groups, ")");
+  }
+  HostPlan hp;
+  try {
+    hp = plan_tree_attention(nl.data_ptr<int32_t>(), static_cast<int32_t>(nl.numel()), qo.data_ptr<int32_t>(),
+                             vi.data_ptr<int32_t>(), vn.data_ptr<int32_t>(), static_cast<int32_t>(groups),
+                             of.defined() ? of.data_ptr<bool>() : nullptr, static_cast<int32_t>(chunk_tokens),
+                             static_cast<int32_t>(rows_per_tile));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  std::vector<at::Tensor> ts;
+  for (const std::vector<int32_t>* v :
+       {&hp.reader_row, &hp.reader_limit, &hp.item_node, &hp.item_kv_start, &hp.item_kv_len, &hp.item_reader_start,
+        &hp.item_num_readers, &hp.item_partial_start, &hp.row_partial_indptr, &hp.row_partial_indices,
+        &hp.merge_rows}) {
+    auto t = at::empty({static_cast<int64_t>(v->size())}, at::TensorOptions().dtype(at::kInt));
+    std::copy(v->begin(), v->end(), t.data_ptr<int32_t>());
+    ts.push_back(device.is_cpu() ? t : t.to(device));
+  }
+  return {ts, {hp.num_readers, hp.num_items, hp.num_partials, hp.num_merge_rows, hp.max_item_readers,
+               hp.chunk_tokens, hp.rows_per_tile}};
 }
 
 }  // namespace multiverse::bind

@@ -115,6 +115,36 @@ def test_non_contiguous_q() -> None:
     torch.testing.assert_close(out, tree_attention(q, k, v, meta, backend="reference"), **tolerance(q.dtype))
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_cpp_planner_matches_planning_py(seed: int) -> None:
+    """csrc/plan.cpp (for C++ callers) builds exactly the arrays of multiverse_kernels.planning."""
+    f, groups = random_forest(6000 + seed, page_size=[1, 4, 16][seed % 3], max_len=[24, 90][seed % 2],
+                              max_q_len=[1, 5, 30][seed % 3])
+    meta = f.metadata(groups)
+    if seed % 4 == 3:
+        meta = meta.with_own_full(torch.arange(meta.num_groups) % 2 == 0)
+    chunk, tile = [(512, 16), (7, 3), (1, 1), (32, 100)][seed % 4]
+    ref = plan_tree_attention(meta, 8, 2, chunk_tokens=chunk, rows_per_tile=tile)
+    ts, ints = torch.ops.multiverse_C.plan_tree_attention(meta.node_len, meta.qo_indptr, meta.vis_indptr,
+                                                          meta.vis_nodes, meta.own_full, chunk, tile)
+    assert ints.tolist() == ref.ints()
+    for name, got, want in zip(ref.TENSOR_FIELDS, ts, ref.tensors(), strict=True):
+        assert got.dtype == torch.int32, name
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_tree_attention_op_same_schema(dtype: torch.dtype) -> None:
+    """torch.ops.multiverse_C.tree_attention: the Python op's schema, planning inside (C++)."""
+    f, groups = random_forest(8, page_size=4, max_q_len=6)
+    meta = f.metadata(groups).with_own_full(torch.arange(len(groups)) % 3 == 0)
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, dtype)
+    out, lse = torch.ops.multiverse_C.tree_attention(q, k, v, *meta.tensors(), meta.own_full, 0.125)
+    ref_out, ref_lse = tree_attention(q, k, v, meta, sm_scale=0.125, return_lse=True, backend="reference")
+    torch.testing.assert_close(out.float(), ref_out.float(), **tolerance(dtype))
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
 def test_plan_cached_per_metadata() -> None:
     f, groups = random_forest(11)
     meta = f.metadata(groups)
@@ -208,6 +238,9 @@ def test_opcheck_multiverse_C_ops() -> None:
     torch.library.opcheck(torch.ops.multiverse_C.tree_attention_run.default,
                           (q, k, v, meta.node_page_indptr, meta.node_page_indices, plan.tensors(),
                            plan.ints(), 0.125, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.multiverse_C.tree_attention.default,
+                          (q, k, v, *meta.tensors(), None, 0.125),
                           test_utils=("test_schema", "test_faketensor"))
     vv = torch.randn(5, 2, 4, 64)
     ss = torch.randn(5, 2, 4)

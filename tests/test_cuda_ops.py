@@ -84,6 +84,17 @@ def test_user_plan_and_capacity(chunk, tile):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_tree_attention_op_plans_inside(dtype):
+    f, groups = random_forest(91, page_size=16, max_q_len=8)
+    meta = f.metadata(groups).to(DEV)
+    q, k, v = make_inputs(meta, f.num_pages, 32, 8, 128, dtype, device=DEV)
+    out, lse = torch.ops.multiverse_C.tree_attention(q, k, v, *meta.tensors(), None, 0.1)
+    ref_out, ref_lse = tree_attention(q, k, v, meta, sm_scale=0.1, return_lse=True, backend="reference")
+    torch.testing.assert_close(out.float(), ref_out.float(), **tolerance(dtype))
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kv_bytes_hook(dtype):
     from multiverse_kernels.backends import resolve
 

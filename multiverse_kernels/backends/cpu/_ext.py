@@ -55,6 +55,11 @@ def _register_fakes() -> None:
           kv_bytes=None):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
+    @torch.library.register_fake(f"{lib}::tree_attention")
+    def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+          vis_nodes, own_full, sm_scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
     @torch.library.register_fake(f"{lib}::merge_states")
     def _(v, s):
         return v.new_empty(v.shape[0], v.shape[2], v.shape[3]), v.new_empty(
