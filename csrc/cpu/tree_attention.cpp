@@ -84,7 +84,7 @@ MV_INLINE V vexp_rows(V x) {
 // S^T, softmax and P V for one task whose rows are laid out in vectors of NR lanes.
 template <class E, int NR>
 MV_INLINE void compute_rows(const TreeAttentionParams& p, Scratch& sc, int M, int Mp, int max_vis,
-                            const float* const* krow, const float* const* vrow) {
+                            const float* const* krow, const float* const* vrow, int r_begin, int r_end) {
   using T = typename E::T;
   using V = typename RowVec<NR>::V;
   using I = typename RowVec<NR>::I;
@@ -94,7 +94,7 @@ MV_INLINE void compute_rows(const TreeAttentionParams& p, Scratch& sc, int M, in
   float* __restrict st = sc.st.data();        // [Tp][Mp]
   const float ninf = -std::numeric_limits<float>::infinity();
   float lse[NR], inv[NR];
-  for (int r0 = 0; r0 < Mp; r0 += NR) {
+  for (int r0 = r_begin; r0 < r_end; r0 += NR) {
     I visv;
     int32_t tmax = 0;
     for (int i = 0; i < NR; ++i) {
@@ -189,8 +189,11 @@ MV_CLONES void run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, 
   const int32_t slot0 = p.item_partial_start[item];
   const int M = nr * group;
   if (M == 0) return;  // capacity padding item
-  const int NR = M <= 8 ? 8 : 16;
-  const int Mp = round_up(M, std::max(NR, RB));
+  // Rows go in vectors of 16 lanes; a remainder of <= 8 rows takes one 8-lane vector (less padding,
+  // e.g. 36 rows -> 40 instead of 48).
+  const int full16 = M / 16 * 16;
+  const int rem = M - full16;
+  const int Mp = rem == 0 ? full16 : rem <= 8 ? full16 + 8 : full16 + 16;
 
   sc.vis.assign(Mp, 0);
   sc.slot.assign(Mp, -1);
@@ -263,10 +266,10 @@ MV_CLONES void run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, 
   if (max_vis == 0) {  // nothing visible in this chunk for any row: empty partials
     for (int m = 0; m < Mp; ++m) sc.vis[m] = 0;
   }
-  if (NR == 8)
-    compute_rows<E, 8>(p, sc, M, Mp, std::max(max_vis, 1), sc.krow.data(), sc.vrow.data());
-  else
-    compute_rows<E, 16>(p, sc, M, Mp, std::max(max_vis, 1), sc.krow.data(), sc.vrow.data());
+  const int mv1 = std::max(max_vis, 1);
+  const int end16 = rem > 8 ? Mp : full16;
+  if (end16 > 0) compute_rows<E, 16>(p, sc, M, Mp, mv1, sc.krow.data(), sc.vrow.data(), 0, end16);
+  if (end16 < Mp) compute_rows<E, 8>(p, sc, M, Mp, mv1, sc.krow.data(), sc.vrow.data(), end16, Mp);
 }
 
 template <class E>
