@@ -4,8 +4,9 @@ the float64-capable specification).
 
 tree_attention plans the step with :func:`multiverse_kernels.planning.plan_tree_attention` putting
 all readers of a node in one work item (up to ``MAX_ITEM_ROWS`` packed rows), so every node's K/V chunk
-is loaded from the cache exactly once per KV head and shared by every row that sees it; the plan is cached per
-metadata object (plan once per step, reuse in every layer). Also registers the measurement hook
+is loaded from the cache exactly once per KV head and shared by every row that sees it; the plan is
+memoised on the metadata tensors (:func:`~multiverse_kernels.planning.cached_plan`: plan once per
+step, reuse in every layer). Also registers the measurement hook
 ``tree_attention_kv_bytes`` (bytes counted by the kernel at its loads).
 """
 
@@ -15,12 +16,12 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
-from ...planning import TreePlan
+from ...planning import TreePlan, cached_plan
 from .. import register
 from ..reference import append_paged_kv as _ref_append
 from ..reference import merge_states as _ref_merge
 from ..reference import tree_attention as _ref_attention
-from ._ext import cached_plan, load_extension, run_tree_attention
+from ._ext import load_extension, run_tree_attention
 
 load_extension("_C")
 
@@ -39,8 +40,8 @@ _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata):
     group = q.shape[1] // k_cache.shape[2]
-    return cached_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], CHUNK_TOKENS,
-                       max(1, MAX_ITEM_ROWS // group))
+    return cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
+                       chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group))
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
-from ...planning import TreePlan, plan_tree_attention
+from ...planning import TreePlan
 
-__all__ = ["load_extension", "cached_plan", "run_tree_attention"]
+__all__ = ["load_extension", "run_tree_attention"]
 
 _LOADED: set[str] = set()
 
@@ -68,29 +68,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{lib}::append_paged_kv")
     def _(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos):
         return None
-
-
-# One plan per step, reused by every layer: keyed by the metadata object, the version counters of
-# its tensors (an in-place edit invalidates it) and the plan parameters. Small and bounded.
-_PLAN_CACHE: dict[tuple, tuple[ForestMetadata, TreePlan]] = {}
-_PLAN_CACHE_SIZE = 8
-
-
-def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                chunk_tokens: int, rows_per_tile: int | None) -> TreePlan:
-    """``plan_tree_attention`` for ``meta``, memoised while ``meta`` and its tensors are unchanged."""
-    ts = meta.tensors()
-    key = (id(meta), tuple(t._version for t in ts), meta.own_full is not None and meta.own_full._version,
-           num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile)
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None and hit[0] is meta:
-        return hit[1]
-    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                               rows_per_tile=rows_per_tile, head_dim=head_dim)
-    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-    _PLAN_CACHE[key] = (meta, plan)  # holding meta keeps id(meta) from being reused while cached
-    return plan
 
 
 def run_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,

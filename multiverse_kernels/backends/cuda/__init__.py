@@ -2,8 +2,8 @@
 sm_100a. fp16/bf16 with head_dim 64/128/256 run the tensor-core kernel (mma.sync m16n8k16, cp.async
 double-buffered 16-byte loads); fp32 and other head dims <= 256 a SIMT kernel; float64 goes to the
 reference. Uses the plan of :mod:`multiverse_kernels.planning` with its default tile (64 packed rows =
-the kernel's CTA tile), cached per metadata object. Registers ``tree_attention_kv_bytes`` too (bytes
-counted by the kernel with a device atomic at its loads).
+the kernel's CTA tile), memoised on the metadata tensors (plan once per step). Registers
+``tree_attention_kv_bytes`` too (bytes counted by the kernel with a device atomic at its loads).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
-from ...planning import TreePlan
+from ...planning import TreePlan, cached_plan
 from .. import register
-from ..cpu._ext import cached_plan, load_extension, run_tree_attention
+from ..cpu._ext import load_extension, run_tree_attention
 from ..reference import append_paged_kv as _ref_append
 from ..reference import merge_states as _ref_merge
 from ..reference import tree_attention as _ref_attention
@@ -28,7 +28,7 @@ _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
-    return cached_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], CHUNK_TOKENS, None)
+    return cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2], chunk_tokens=CHUNK_TOKENS)
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
