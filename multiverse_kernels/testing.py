@@ -16,6 +16,7 @@ from .forest import KVForest
 from .metadata import ForestMetadata
 
 __all__ = [
+    "design_example_forest",
     "random_forest",
     "multiverse_forest",
     "sampling_forest",
@@ -31,6 +32,19 @@ def _pool(num_pages: int, page_size: int, rng: random.Random | None) -> KVForest
     if rng is not None:
         rng.shuffle(order)
     return KVForest(num_pages, page_size, page_order=order)
+
+
+def design_example_forest() -> tuple[KVForest, list[tuple[int, int]]]:
+    """DESIGN §2's worked example (page size 4, 16 pages): a 10-token trunk, paths A (5 tokens) and
+    B (3), a conclusion C (2) joining them; A and B decode one row each, C extends by 2."""
+    f = KVForest(16, 4)
+    trunk = f.new_sequence(10)
+    a, b = f.fork(trunk, 2)
+    f.append(a, 5)
+    f.append(b, 3)
+    c = f.join([a, b])
+    f.append(c, 2)
+    return f, [(a, 1), (b, 1), (c, 2)]
 
 
 def random_forest(seed: int, page_size: int = 4, max_len: int = 24, max_nodes: int = 12,

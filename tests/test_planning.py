@@ -17,6 +17,7 @@ from multiverse_kernels.metadata import MetadataError
 from multiverse_kernels.planning import PlanCapacity, TreePlan, plan_tree_attention
 from multiverse_kernels.testing import (
     beam_forest,
+    design_example_forest,
     eagle_tree_forest,
     make_inputs,
     multiverse_forest,
@@ -143,14 +144,8 @@ def test_plan_matches_reference(kind, seed):
 
 def test_worked_example():
     """DESIGN §2's example, planned with chunk 4 and 2 readers per tile, checked field by field."""
-    f = mk.KVForest(16, 4)
-    trunk = f.new_sequence(10)
-    a, b = f.fork(trunk, 2)
-    f.append(a, 5)
-    f.append(b, 3)
-    c = f.join([a, b])
-    f.append(c, 2)
-    meta = f.metadata([(a, 1), (b, 1), (c, 2)])
+    f, groups = design_example_forest()
+    meta = f.metadata(groups)
     p = plan_tree_attention(meta, 2, 1, chunk_tokens=8, rows_per_tile=3)
     # readers by node: trunk rows 0,1,2,3; A rows 0,2,3; B rows 1,2,3; C rows 2,3 (causal 1, 2)
     assert p.reader_row.tolist() == [0, 1, 2, 3, 0, 2, 3, 1, 2, 3, 2, 3]

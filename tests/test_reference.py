@@ -6,6 +6,7 @@ import torch
 import multiverse_kernels as mk
 from multiverse_kernels.testing import (
     beam_forest,
+    design_example_forest,
     eagle_tree_forest,
     make_inputs,
     multiverse_forest,
@@ -49,14 +50,8 @@ def test_real_shapes(shape):
 
 def test_worked_example_from_design():
     """DESIGN §2: 10-token trunk, paths A (5) and B (3), conclusion C (2) joining them, page size 4."""
-    f = mk.KVForest(16, 4)
-    trunk = f.new_sequence(10)
-    a, b = f.fork(trunk, 2)
-    f.append(a, 5)
-    f.append(b, 3)
-    c = f.join([a, b])
-    f.append(c, 2)
-    m = f.metadata([(a, 1), (b, 1), (c, 2)])
+    f, groups = design_example_forest()
+    m = f.metadata(groups)
     assert m.node_page_indptr.tolist() == [0, 3, 5, 6, 7]
     assert m.node_page_indices.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert m.node_len.tolist() == [10, 5, 3, 2]

@@ -7,21 +7,15 @@ import torch
 
 import multiverse_kernels as mk
 from multiverse_kernels import MetadataError
-from multiverse_kernels.testing import make_inputs
+from multiverse_kernels.testing import design_example_forest, make_inputs
 
 i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
 
 
 @pytest.fixture
 def example():
-    f = mk.KVForest(16, 4)
-    t = f.new_sequence(10)
-    a, b = f.fork(t, 2)
-    f.append(a, 5)
-    f.append(b, 3)
-    c = f.join([a, b])
-    f.append(c, 2)
-    m = f.metadata([(a, 1), (b, 1), (c, 2)])
+    f, groups = design_example_forest()
+    m = f.metadata(groups)
     q, k, v = make_inputs(m, 16)
     return m, q, k, v
 
