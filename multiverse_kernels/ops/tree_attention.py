@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends import resolve
+from ..backends import available_backends, resolve
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
 from ._checks import check_attention_args
+from .tree_attention_backward import _tree_attention_backward_op
 
 __all__ = ["tree_attention"]
 
@@ -83,6 +84,36 @@ def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_ind
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
     return out, lse
+
+
+# ---------------------------------------------------------------- autograd (DESIGN §3)
+# Differentiable in q, k_cache, v_cache, through both outputs (out and lse). The backward recomputes the
+# scores block by block from the saved lse (FlashAttention-style) in the op tree_attention_backward;
+# memory is bounded by its block sizes, never L x L. Only the reference backend implements it, so the
+# backward runs the reference math whatever backend ran the forward. The index tensors get no gradient.
+# Not twice differentiable (tree_attention_backward has no autograd formula).
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k_cache, v_cache, *index, own_full, sm_scale, backend, validate = inputs[:13]
+    out, lse = output
+    ctx.save_for_backward(q, k_cache, v_cache, *index, own_full, out, lse)
+    ctx.sm_scale = sm_scale
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k_cache, v_cache, *index, own_full, out, lse = ctx.saved_tensors
+    # the forward's backend if it implements the backward, else "auto" (today: the reference)
+    bw = ctx.backend if ctx.backend in available_backends("tree_attention_backward", q.device) else "auto"
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _tree_attention_backward_op(grad_out, grad_lse, q, k_cache, v_cache, out, lse, *index,
+                                             own_full, ctx.sm_scale, bw, False)
+    return (dq, dk, dv) + (None,) * 12
+
+
+_tree_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def tree_attention(

@@ -1,0 +1,113 @@
+"""``tree_attention_backward``: gradients of :func:`~multiverse_kernels.tree_attention` (DESIGN §3,
+packed tree attention with autograd).
+
+The op ``torch.ops.multiverse.tree_attention_backward`` (with a fake implementation, so a backward graph
+traces under ``torch.compile``) dispatches on its ``backend`` argument through
+:mod:`multiverse_kernels.backends` (op name ``"tree_attention_backward"``; only the reference backend
+implements it today, so ``backend="auto"`` resolves to it on every device). ``tree_attention``'s autograd
+formula (registered in :mod:`.tree_attention`) calls it; users rarely call it directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+from ..metadata import ForestMetadata, MetadataError
+
+__all__ = ["tree_attention_backward"]
+
+_SCHEMA = (
+    "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor out, "
+    "Tensor lse, Tensor node_page_indptr, Tensor node_page_indices, Tensor node_len, Tensor qo_indptr, "
+    "Tensor vis_indptr, Tensor vis_nodes, Tensor? own_full, float sm_scale, str backend, bool validate) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("multiverse::tree_attention_backward", mutates_args=(), schema=_SCHEMA)
+def _tree_attention_backward_op(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    node_page_indptr: Tensor,
+    node_page_indices: Tensor,
+    node_len: Tensor,
+    qo_indptr: Tensor,
+    vis_indptr: Tensor,
+    vis_nodes: Tensor,
+    own_full: Tensor | None,
+    sm_scale: float,
+    backend: str,
+    validate: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+                          vis_nodes, k_cache.shape[1], own_full)
+    if validate:
+        from ._checks import check_attention_args
+
+        check_attention_args(q, k_cache, v_cache)
+        meta.validate(num_pages=k_cache.shape[0])
+        _check_grads(grad_out, grad_lse, q, out, lse)
+        if meta.total_q != q.shape[0]:
+            raise MetadataError(f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}")
+    impl = resolve("tree_attention_backward", backend, q.device)
+    return impl(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale)
+
+
+def _check_grads(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, out: Tensor, lse: Tensor) -> None:
+    rows_heads = (q.shape[0], q.shape[1])
+    for name, t, shape in (("out", out, tuple(q.shape)), ("grad_out", grad_out, tuple(q.shape)),
+                           ("lse", lse, rows_heads), ("grad_lse", grad_lse, rows_heads)):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise MetadataError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise MetadataError(f"{name}: expected device {q.device} (like q), got {t.device}")
+        if not t.is_floating_point():
+            raise MetadataError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+@_tree_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices, node_len,
+      qo_indptr, vis_indptr, vis_nodes, own_full, sm_scale, backend, validate):
+    return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+
+def tree_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    meta: ForestMetadata,
+    *,
+    grad_lse: Tensor | None = None,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``tree_attention(q, k_cache, v_cache, meta, return_lse=True)`` -> ``(out, lse)``.
+
+    Args:
+        grad_out: [total_q, num_qo_heads, head_dim], the gradient of ``out``.
+        q, k_cache, v_cache, meta, sm_scale: the forward's arguments.
+        out, lse: the forward's outputs (lse float32 [total_q, num_qo_heads]).
+        grad_lse: [total_q, num_qo_heads], the gradient of ``lse`` (None: lse unused).
+        backend: "auto" or "reference" (the only implementation so far).
+
+    Returns:
+        ``(dq, dk_cache, dv_cache)`` shaped and typed like ``q``, ``k_cache``, ``v_cache``; cache slots
+        that no query row sees get 0.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return _tree_attention_backward_op(grad_out, grad_lse, q, k_cache, v_cache, out, lse, *meta.tensors(),
+                                       meta.own_full, float(sm_scale), backend, validate)
