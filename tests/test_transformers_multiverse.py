@@ -143,7 +143,7 @@ def test_packed_forward_and_gradients(arch):
         got_auto = packed_forward(model, s)
     torch.testing.assert_close(got, want, **tol(torch.float64))
     torch.testing.assert_close(got_auto, want, **tol(torch.float64))
-    # training: the packed path backpropagates (reference math) and matches the dense-mask gradients
+    # training: the packed path backpropagates (tree_attention's autograd), matches the dense-mask grads
     target = torch.roll(s.token_ids, -1)
     for m, f in ((model, lambda: packed_forward(model, s)),
                  (ref, lambda: ref(input_ids=s.token_ids[None], position_ids=s.position_ids[None],
@@ -152,6 +152,38 @@ def test_packed_forward_and_gradients(arch):
         torch.nn.functional.cross_entropy(f(), target).backward()
     for (name, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-7, msg=name)
+
+
+def test_packed_gradients_float32_cpu_backend():
+    """float32 training step with the C++ cpu forward (+ the reference backward) against the float64
+    dense-mask model's gradients, and the attention goes through tree_attention's autograd node."""
+    from multiverse_kernels.backends import available_backends
+    from multiverse_kernels.multiverse.synthetic import random_sequence
+
+    if "cpu" not in available_backends("tree_attention", "cpu"):
+        pytest.skip("the C++ cpu backend is not built")
+    model, ref = tiny_model("qwen2", dtype=torch.float64, seed=4)
+    model = model.float()
+    s = parse(random_sequence(5, TAGS, vocab=V, max_depth=2, max_paths=3), TAGS)
+    target = torch.roll(s.token_ids, -1)
+    logits = packed_forward(model, s, backend="cpu")
+    # the autograd graph holds tree_attention's backward node (not a chain of plain-torch ops)
+    names, stack, seen = [], [logits.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack += [nxt for nxt, _ in fn.next_functions]
+    assert any("tree_attention" in n.lower() for n in names), sorted(set(names))
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    ref.zero_grad()
+    dense = ref(input_ids=s.token_ids[None], position_ids=s.position_ids[None],
+                attention_mask=s.dense_mask()[None, None], use_cache=False).logits[0]
+    torch.nn.functional.cross_entropy(dense, target).backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_llama_generation():

@@ -12,6 +12,7 @@ from multiverse_kernels.backends import available_backends
 from multiverse_kernels.backends.reference.tree_attention_backward import tree_attention_backward as ref_bw
 from multiverse_kernels.multiverse import MultiverseTags, parse
 from multiverse_kernels.multiverse.synthetic import random_sequence
+from multiverse_kernels.ops import tree_attention_backward
 from multiverse_kernels.testing import multiverse_forest, random_forest
 
 V = 32
@@ -229,16 +230,28 @@ def test_opcheck_backward():
                           (qr, kr, vr, *m.tensors(), None, 0.25, "reference", True))
 
 
+def test_public_backward_equals_autograd():
+    m, q, k, v = forest_case(11, 4, 4, 2, d=8, max_q_len=5)
+    out, lse = mk.tree_attention(q, k, v, m, return_lse=True, sm_scale=0.7)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = tree_attention_backward(go, q, k, v, out, lse, m, grad_lse=gl, sm_scale=0.7)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    o2, l2 = mk.tree_attention(*ins, m, return_lse=True, sm_scale=0.7)
+    want = torch.autograd.grad((o2 * go).sum() + (l2 * gl).sum(), ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_backward_errors_name_the_argument():
     m, q, k, v = forest_case(0, 4)
     out, lse = mk.tree_attention(q, k, v, m, return_lse=True)
     with pytest.raises(mk.MetadataError, match="grad_out"):
-        mk.ops.tree_attention_backward.tree_attention_backward(out[:, :1], q, k, v, out, lse, m)
+        tree_attention_backward(out[:, :1], q, k, v, out, lse, m)
     with pytest.raises(mk.MetadataError, match="grad_lse"):
-        mk.ops.tree_attention_backward.tree_attention_backward(out, q, k, v, out, lse, m,
+        tree_attention_backward(out, q, k, v, out, lse, m,
                                                                grad_lse=lse[:1])
     with pytest.raises(RuntimeError, match="backend"):
-        mk.ops.tree_attention_backward.tree_attention_backward(out, q, k, v, out, lse, m, backend="cpu")
+        tree_attention_backward(out, q, k, v, out, lse, m, backend="cpu")
 
 
 def test_not_twice_differentiable():

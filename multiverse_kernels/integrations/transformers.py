@@ -15,9 +15,9 @@ Two modes of :class:`ForestContext`:
   Multiverse positions, so RoPE is applied by the model before K is cached.
 - **packed** (training / scoring one packed Multiverse sequence): K/V of the sequence stay contiguous
   ``[L, Hk, D]``, viewed as a page-size-1 cache, and every node of :func:`parse`'s forest is its own group.
-  No ``L x L`` mask is built. ``tree_attention`` is a custom op without autograd; when gradients are
-  needed the packed path runs the reference math (plain, differentiable PyTorch; memory ~ sum over nodes
-  of node_len x visible tokens) instead.
+  No ``L x L`` mask is built. Gradients flow through ``tree_attention``'s autograd formula (a blocked,
+  FlashAttention-style backward from the saved lse; memory bounded by its block sizes, see
+  ``multiverse_kernels/backends/reference/tree_attention_backward.py``), whatever backend runs the forward.
 
 Use :func:`forest_forward` and :func:`packed_forward`, or pass ``multiverse=ForestContext(...)`` yourself.
 """
@@ -175,15 +175,10 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     if ctx.packed:
         kc = k.view(T, 1, k.shape[1], k.shape[2])
         vc = v.view(T, 1, v.shape[1], v.shape[2])
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            from ..backends.reference.tree_attention import tree_attention as ref_tree_attention
-
-            out, _ = ref_tree_attention(q, kc, vc, ameta, sm)  # plain torch: differentiable
-        else:
-            if ctx.kv_bytes_hook is not None:
-                ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q, kc, vc, ameta, sm)))
-            out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend,
-                                 validate=ctx.validate)
+        if ctx.kv_bytes_hook is not None:
+            ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q.detach(), kc.detach(), vc.detach(), ameta, sm)))
+        # differentiable in q, k, v (tree_attention's autograd; the views pass gradients back to k, v)
+        out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
         return out.unsqueeze(0), None
     if ctx.cache is None or ctx.token_node is None or ctx.token_pos is None:
         raise ValueError("multiverse: paged mode needs cache, token_node and token_pos in the ForestContext")
@@ -251,7 +246,8 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
 def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validate: bool = True,
                    meta: ForestMetadata | None = None) -> Tensor:
     """Logits [L, vocab] of one packed Multiverse sequence (a :class:`MultiverseStructure`), with
-    Multiverse positions and attention, no dense mask. Differentiable (see module docstring)."""
+    Multiverse positions and attention, no dense mask. Differentiable through ``tree_attention``'s
+    autograd (memory-bounded blocked backward, no L x L object; see module docstring)."""
     _ensure(model)
     ids = structure.token_ids.to(model.device)
     if meta is None:
