@@ -13,7 +13,7 @@ from multiverse_kernels.backends.reference.tree_attention_backward import tree_a
 from multiverse_kernels.multiverse import MultiverseTags, parse
 from multiverse_kernels.multiverse.synthetic import random_sequence
 from multiverse_kernels.ops import tree_attention_backward
-from multiverse_kernels.testing import multiverse_forest, random_forest
+from multiverse_kernels.testing import multiverse_forest, random_forest, tolerance
 
 V = 32
 TAGS = MultiverseTags(*range(V, V + 10))
@@ -145,6 +145,27 @@ def test_cpu_forward_float32_grads():
         for name, a, b in zip("qkv", got, want):
             assert a.dtype == torch.float32
             torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4, msg=f"d{name} seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_low_precision_and_head_dims(dtype, d):
+    """fp16/bf16/fp32 inputs (float32 accumulation, gradients in the input dtype) at head dims
+    64/128/256 against float64 dense autograd, with a plan passed to the forward (it gets no grad)."""
+    from multiverse_kernels.planning import plan_tree_attention
+
+    m, q, k, v = forest_case(12 + d, 16, 4, 2, d=d, dtype=dtype, max_q_len=6, max_len=40)
+    g = torch.Generator().manual_seed(d)
+    go = torch.randn(q.shape, generator=g).to(dtype)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    plan = plan_tree_attention(m, 4, 2, head_dim=d)
+    got = torch.autograd.grad((mk.tree_attention(*ins, m, plan=plan) * go).sum(), ins)
+    ins64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad((dense_out_lse(*ins64, m)[0] * go.double()).sum(), ins64)
+    for name, a, b in zip("qkv", got, want):  # the forward's tolerances (measured errors: < 1/4 of them)
+        assert a.dtype == dtype and a.shape == b.shape
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a.double(), b, **tolerance(dtype), msg=f"d{name}")
 
 
 @pytest.mark.parametrize("block_q,block_k", [(1, 1), (2, 3), (5, 2)])

@@ -100,6 +100,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k_cache, v_cache, *index, own_full, out, lse)
     ctx.sm_scale = sm_scale
     ctx.backend = backend
+    plan_tensors = inputs[13] if len(inputs) > 13 else None
+    ctx.num_plan_tensors = None if plan_tensors is None else len(plan_tensors)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -110,7 +112,9 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _tree_attention_backward_op(grad_out, grad_lse, q, k_cache, v_cache, out, lse, *index,
                                              own_full, ctx.sm_scale, bw, False)
-    return (dq, dk, dv) + (None,) * 12
+    # the returned structure mirrors the inputs: a list of Nones for a plan_tensors list
+    plan = None if ctx.num_plan_tensors is None else [None] * ctx.num_plan_tensors
+    return (dq, dk, dv) + (None,) * 10 + (plan, None)
 
 
 _tree_attention_op.register_autograd(_backward, setup_context=_setup_context)
