@@ -184,6 +184,27 @@ def test_blocking_is_exact(block_q, block_k):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_that_see_nothing_contribute_nothing(dtype):
+    """lse = -inf rows (out 0; valid metadata cannot make one, the guard is for callers of the op):
+    no NaN/inf, their dq is 0, and the other rows' gradients are those of the forest without them."""
+    m, q, k, v = forest_case(1, 4, 4, 2, d=8, max_q_len=5, dtype=dtype)
+    out, lse = mk.tree_attention(q, k, v, m, return_lse=True)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    dead = torch.zeros(q.shape[0], dtype=torch.bool)
+    dead[0] = True
+    out2 = out.masked_fill(dead[:, None, None], 0)
+    lse2 = lse.masked_fill(dead[:, None], float("-inf"))
+    dq, dk, dv = ref_bw(go, gl, q, k, v, out2, lse2, m, 8 ** -0.5)
+    for t in (dq, dk, dv):
+        assert bool(torch.isfinite(t).all())
+    assert bool((dq[0] == 0).all())
+    go0, gl0 = go.masked_fill(dead[:, None, None], 0), gl.masked_fill(dead[:, None], 0)
+    want = ref_bw(go0, gl0, q, k, v, out, lse, m, 8 ** -0.5)
+    for a, b in zip((dq[1:], dk, dv), (want[0][1:], want[1], want[2])):
+        torch.testing.assert_close(a, b, **tolerance(dtype))
+
+
 def test_long_node_default_blocks():
     """A 600-token trunk with 300 extend rows and GQA: several row and key blocks at the default block
     sizes (causal key blocks skipped), float32 against float64 dense autograd."""

@@ -140,7 +140,7 @@ def tree_attention_backward(
             lse_b = run[..., None]
         else:
             lse_b = heads_first(lse_acc[r0:r1])
-        live = torch.isfinite(lse_b)
+        live = torch.isfinite(lse_b) & torch.isfinite(heads_first(lse_acc[r0:r1]))  # saved -inf: dead
         lse_b = torch.where(live, lse_b, 0)
         dob = do[r0:r1].reshape(n, hk, gs, -1)
         dl = heads_first(delta[r0:r1])
