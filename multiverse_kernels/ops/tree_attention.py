@@ -2,7 +2,8 @@
 
 Public entry :func:`tree_attention` and the op ``torch.ops.multiverse.tree_attention`` (with a fake
 implementation, so it traces under ``torch.compile(fullgraph=True)``). The op dispatches on its
-``backend`` argument through :mod:`multiverse_kernels.backends`.
+``backend`` argument through :mod:`multiverse_kernels.backends`. It has an autograd formula (below) whose
+backward is the op ``torch.ops.multiverse.tree_attention_backward`` (docs/api.md, "Autograd").
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ def tree_attention(
 
     Returns:
         out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
+
+    Differentiable in ``q``, ``k_cache`` and ``v_cache`` (through out and lse) on every backend; the
+    backward is the blocked reference backward (memory bounded by its block sizes, no L x L mask).
     """
     if validate:
         check_attention_args(q, k_cache, v_cache)
