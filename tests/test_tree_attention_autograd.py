@@ -205,6 +205,44 @@ def test_rows_that_see_nothing_contribute_nothing(dtype):
         torch.testing.assert_close(a, b, **tolerance(dtype))
 
 
+def test_backward_memory_is_bounded_by_blocks():
+    """Every tensor the backward creates is at most a [Hq, block_q, block_k] score block or the size of
+    q / the caches (inputs and gradient accumulators): never q_len x a node's keys (unblocked, the
+    300-row conclusion x the 600-token trunk x 4 heads makes a 720K-element score tensor, 11x the
+    largest allowed here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in res if isinstance(res, (tuple, list)) else (res,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return res
+
+    f, groups = multiverse_forest(prefix=600, paths=2, path_len=40, concl_len=300, page_size=16,
+                                  concl_q=300)
+    m = f.metadata(groups)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(m.total_q, 4, 32, generator=g)
+    k = torch.randn(f.num_pages, 16, 2, 32, generator=g)
+    v = torch.randn(f.num_pages, 16, 2, 32, generator=g)
+    out, lse = mk.tree_attention(q, k, v, m, return_lse=True)
+    go = torch.randn_like(out)
+    for bq, bk in ((16, 32), (64, 256)):
+        with Largest() as mode:
+            got = ref_bw(go, None, q, k, v, out, lse, m, 0.2, block_q=bq, block_k=bk)
+        bound = max(4 * bq * bk, q.numel(), k.numel())
+        assert mode.numel <= bound < 300 * 4 * 600, (mode.numel, bound)
+    want = ref_bw(go, None, q, k, v, out, lse, m, 0.2, block_q=1 << 20, block_k=1 << 20)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_long_node_default_blocks():
     """A 600-token trunk with 300 extend rows and GQA: several row and key blocks at the default block
     sizes (causal key blocks skipped), float32 against float64 dense autograd."""
