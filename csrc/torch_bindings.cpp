@@ -19,40 +19,18 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
-  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
-  auto out = at::empty({total_q, hq, d}, q.options());
-  auto lse = at::empty({total_q, hq}, q.options().dtype(at::kFloat));
-  const int64_t slots = plan[kRowPartialIndices].numel();
-  auto pout = at::empty({slots, hq, d}, q.options().dtype(at::kFloat));
-  auto plse = at::empty({slots, hq}, q.options().dtype(at::kFloat));
-  if (poison_outputs()) {  // tests: every element the kernels fail to write stays NaN
-    for (at::Tensor* t : {&out, &lse, &pout, &plse}) t->fill_(std::numeric_limits<float>::quiet_NaN());
-  }
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.partial_out = pout.data_ptr<float>();
-  p.partial_lse = plse.data_ptr<float>();
-  if (kv_bytes.has_value()) {
-    TORCH_CHECK(kv_bytes->scalar_type() == at::kLong && kv_bytes->numel() == 1 && kv_bytes->is_cpu(),
-                "kv_bytes: expected a CPU int64 tensor with one element");
-    p.kv_bytes_loaded = kv_bytes->data_ptr<int64_t>();
-  }
+  AttentionBuffers b = alloc_attention_buffers(p, q, plan, kv_bytes);
   multiverse::cpu::tree_attention(p);
-  MergeParams m = make_plan_merge_params(p, plan, out, lse);
+  MergeParams m = make_plan_merge_params(p, plan, b.out, b.lse);
   multiverse::cpu::merge_states(m);
-  return {out, lse};
+  return {b.out, b.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& v, const at::Tensor& s) {
   TORCH_CHECK(v.device().is_cpu(), "v: expected a CPU tensor");
   auto vc = v.contiguous();
   auto sc = s.contiguous();
-  auto out = at::empty({v.size(0), v.size(2), v.size(3)}, v.options());
-  auto lse = at::empty({v.size(0), v.size(2)}, v.options().dtype(at::kFloat));
-  if (poison_outputs()) {
-    out.fill_(std::numeric_limits<float>::quiet_NaN());
-    lse.fill_(std::numeric_limits<float>::quiet_NaN());
-  }
+  auto [out, lse] = alloc_merge_outputs(v);
   MergeParams m = make_merge_params(vc, sc, out, lse);
   multiverse::cpu::merge_states(m);
   return {out, lse};

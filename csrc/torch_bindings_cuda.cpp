@@ -23,30 +23,12 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
-  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
-  auto out = at::empty({total_q, hq, d}, q.options());
-  auto lse = at::empty({total_q, hq}, q.options().dtype(at::kFloat));
-  const int64_t slots = plan[kRowPartialIndices].numel();
-  auto pout = at::empty({slots, hq, d}, q.options().dtype(at::kFloat));
-  auto plse = at::empty({slots, hq}, q.options().dtype(at::kFloat));
-  if (poison_outputs()) {  // tests: every element the kernels fail to write stays NaN
-    for (at::Tensor* t : {&out, &lse, &pout, &plse}) t->fill_(std::numeric_limits<float>::quiet_NaN());
-  }
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.partial_out = pout.data_ptr<float>();
-  p.partial_lse = plse.data_ptr<float>();
-  if (kv_bytes.has_value()) {
-    TORCH_CHECK(kv_bytes->scalar_type() == at::kLong && kv_bytes->numel() == 1 &&
-                    kv_bytes->device() == q.device(),
-                "kv_bytes: expected an int64 tensor with one element on q's device");
-    p.kv_bytes_loaded = kv_bytes->data_ptr<int64_t>();
-  }
+  AttentionBuffers b = alloc_attention_buffers(p, q, plan, kv_bytes);
   auto stream = at::cuda::getCurrentCUDAStream();
   check_cuda(multiverse::cuda::tree_attention(p, stream), "multiverse tree_attention kernel");
-  MergeParams m = make_plan_merge_params(p, plan, out, lse);
+  MergeParams m = make_plan_merge_params(p, plan, b.out, b.lse);
   check_cuda(multiverse::cuda::merge_states(m, stream), "multiverse merge kernel");
-  return {out, lse};
+  return {b.out, b.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cuda(const at::Tensor& v, const at::Tensor& s) {
@@ -54,12 +36,7 @@ std::tuple<at::Tensor, at::Tensor> merge_states_cuda(const at::Tensor& v, const 
   const c10::cuda::CUDAGuard guard(v.device());
   auto vc = v.contiguous();
   auto sc = s.contiguous();
-  auto out = at::empty({v.size(0), v.size(2), v.size(3)}, v.options());
-  auto lse = at::empty({v.size(0), v.size(2)}, v.options().dtype(at::kFloat));
-  if (poison_outputs()) {
-    out.fill_(std::numeric_limits<float>::quiet_NaN());
-    lse.fill_(std::numeric_limits<float>::quiet_NaN());
-  }
+  auto [out, lse] = alloc_merge_outputs(v);
   MergeParams m = make_merge_params(vc, sc, out, lse);
   check_cuda(multiverse::cuda::merge_states(m, at::cuda::getCurrentCUDAStream()), "multiverse merge kernel");
   return {out, lse};

@@ -119,6 +119,50 @@ inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::
   return p;
 }
 
+// Output, lse and the fp32 partial-state workspace of one tree_attention run (sized from q and the
+// plan), poisoned when asked; sets the params' output pointers and, if given, the kernel's byte counter
+// (an int64 [1] tensor on q's device).
+struct AttentionBuffers {
+  at::Tensor out, lse, partial_out, partial_lse;
+};
+
+inline AttentionBuffers alloc_attention_buffers(TreeAttentionParams& p, const at::Tensor& q,
+                                                at::TensorList plan,
+                                                const std::optional<at::Tensor>& kv_bytes) {
+  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t slots = plan[kRowPartialIndices].numel();
+  const auto f32 = q.options().dtype(at::kFloat);
+  AttentionBuffers b{at::empty({total_q, hq, d}, q.options()), at::empty({total_q, hq}, f32),
+                     at::empty({slots, hq, d}, f32), at::empty({slots, hq}, f32)};
+  if (poison_outputs()) {  // tests: every element the kernels fail to write stays NaN
+    for (at::Tensor* t : {&b.out, &b.lse, &b.partial_out, &b.partial_lse}) {
+      t->fill_(std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  p.out = b.out.data_ptr();
+  p.lse = b.lse.data_ptr<float>();
+  p.partial_out = b.partial_out.data_ptr<float>();
+  p.partial_lse = b.partial_lse.data_ptr<float>();
+  if (kv_bytes.has_value()) {
+    TORCH_CHECK(kv_bytes->scalar_type() == at::kLong && kv_bytes->numel() == 1 &&
+                    kv_bytes->device() == q.device(),
+                "kv_bytes: expected an int64 tensor with one element on q's device");
+    p.kv_bytes_loaded = kv_bytes->data_ptr<int64_t>();
+  }
+  return b;
+}
+
+// Output and lse of merge_states for v [N, S, H, D], poisoned when asked.
+inline std::pair<at::Tensor, at::Tensor> alloc_merge_outputs(const at::Tensor& v) {
+  auto out = at::empty({v.size(0), v.size(2), v.size(3)}, v.options());
+  auto lse = at::empty({v.size(0), v.size(2)}, v.options().dtype(at::kFloat));
+  if (poison_outputs()) {
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    lse.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return {out, lse};
+}
+
 inline MergeParams make_plan_merge_params(const TreeAttentionParams& a, at::TensorList plan,
                                           const at::Tensor& out, const at::Tensor& lse) {
   MergeParams m{};

@@ -14,9 +14,8 @@ from torch import Tensor
 from ...metadata import ForestMetadata
 from ...planning import TreePlan, cached_plan
 from .. import register
+from ..cpu import append_paged_kv, merge_states  # same torch.ops.multiverse_C ops, CUDA-key kernels
 from ..cpu._ext import load_extension, run_tree_attention
-from ..reference import append_paged_kv as _ref_append
-from ..reference import merge_states as _ref_merge
 from ..reference import tree_attention as _ref_attention
 
 load_extension("_C_cuda")
@@ -50,22 +49,6 @@ def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: F
     counter = torch.zeros(1, dtype=torch.int64, device=q.device)
     run_tree_attention(q, k_cache, v_cache, meta, sm_scale, _plan(q, k_cache, meta), counter)
     return int(counter.item())
-
-
-def merge_states(v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """v [N, S, H, D], s [N, S, H] -> (out [N, H, D] v.dtype, lse [N, H] float32)."""
-    if v.dtype not in _NATIVE or s.dtype != torch.float32:
-        return _ref_merge(v, s)
-    return torch.ops.multiverse_C.merge_states(v, s)
-
-
-def append_paged_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
-                    page_indices: Tensor, token_node: Tensor, token_pos: Tensor) -> None:
-    """k, v [n, Hk, D] -> k_cache, v_cache [num_pages, page_size, Hk, D] in place."""
-    if k_cache.dtype not in _NATIVE or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return _ref_append(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
-    torch.ops.multiverse_C.append_paged_kv(k, v, k_cache, v_cache, page_indptr, page_indices, token_node,
-                                           token_pos)
 
 
 register("tree_attention", "cuda", ("cuda",))(tree_attention)
