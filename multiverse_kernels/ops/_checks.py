@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..metadata import MetadataError
+from ..metadata import ForestMetadata, MetadataError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,3 +41,18 @@ def check_attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
         raise MetadataError(
             f"k_cache: expected num_kv_heads dividing num_qo_heads = {hq}, got {hk}"
         )
+
+
+def op_metadata(q: Tensor, k_cache: Tensor, v_cache: Tensor, node_page_indptr: Tensor,
+                node_page_indices: Tensor, node_len: Tensor, qo_indptr: Tensor, vis_indptr: Tensor,
+                vis_nodes: Tensor, own_full: Tensor | None, validate: bool) -> ForestMetadata:
+    """The forest of an attention op's flat arguments (page size from ``k_cache``), checked against
+    q and the caches when ``validate``."""
+    meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+                          vis_nodes, k_cache.shape[1], own_full)
+    if validate:
+        check_attention_args(q, k_cache, v_cache)
+        meta.validate(num_pages=k_cache.shape[0])
+        if meta.total_q != q.shape[0]:
+            raise MetadataError(f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}")
+    return meta

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..backends import available_backends, resolve
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
-from ._checks import check_attention_args
+from ._checks import check_attention_args, op_metadata
 from .tree_attention_backward import _tree_attention_backward_op
 
 __all__ = ["tree_attention"]
@@ -47,15 +47,8 @@ def _tree_attention_op(
     plan_tensors: list[Tensor] | None = None,
     plan_ints: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
-                          vis_nodes, k_cache.shape[1], own_full)
-    if validate:
-        check_attention_args(q, k_cache, v_cache)
-        meta.validate(num_pages=k_cache.shape[0])
-        if meta.total_q != q.shape[0]:
-            raise MetadataError(
-                f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}"
-            )
+    meta = op_metadata(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr,
+                       vis_indptr, vis_nodes, own_full, validate)
     impl = resolve("tree_attention", backend, q.device)
     if plan_tensors is not None and getattr(impl, "supports_plan", False):
         # a precomputed plan (multiverse_kernels.planning, docs/plan.md); backends without a plan

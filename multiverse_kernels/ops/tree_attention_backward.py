@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import ForestMetadata, MetadataError
+from ._checks import op_metadata
 
 __all__ = ["tree_attention_backward"]
 
@@ -46,16 +47,10 @@ def _tree_attention_backward_op(
     backend: str,
     validate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
-                          vis_nodes, k_cache.shape[1], own_full)
+    meta = op_metadata(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr,
+                       vis_indptr, vis_nodes, own_full, validate)
     if validate:
-        from ._checks import check_attention_args
-
-        check_attention_args(q, k_cache, v_cache)
-        meta.validate(num_pages=k_cache.shape[0])
         _check_grads(grad_out, grad_lse, q, out, lse)
-        if meta.total_q != q.shape[0]:
-            raise MetadataError(f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}")
     impl = resolve("tree_attention_backward", backend, q.device)
     return impl(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale)
 
