@@ -76,7 +76,8 @@ def check_index_devices(q: Tensor, tensors: tuple, names: tuple[str, ...] = INDE
             raise MetadataError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
     if own_full is not None:
         if not isinstance(own_full, Tensor) or own_full.dtype != torch.bool:
-            raise MetadataError(f"own_full: expected a bool tensor, got {getattr(own_full, 'dtype', own_full)}")
+            got = getattr(own_full, "dtype", type(own_full).__name__)
+            raise MetadataError(f"own_full: expected a bool tensor, got {got}")
         if own_full.device != q.device:
             raise MetadataError(f"own_full: expected device {q.device} (like q), got {own_full.device}")
 

@@ -14,8 +14,8 @@ from torch import Tensor
 from ..backends import available_backends, resolve
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
-from ._plan_check import check_plan_matches
 from ._checks import check_attention_args, check_index_devices, check_sm_scale, debug_checks, op_metadata
+from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
 __all__ = ["tree_attention"]

@@ -12,8 +12,8 @@ def merge_states(v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     Each partial is softmax-normalised over its own keys with denominator exp(s). The merge is
     ``lse = logsumexp_i s_i`` and ``out = sum_i exp(s_i - lse) * v_i``. States with s = -inf carry
     nothing (their values are never read); a row whose states are all -inf (or that has no states)
-    gets out = 0, lse = -inf; a NaN or +inf lse makes the row NaN (docs/errors.md). Returns (out [N, H, D] v.dtype,
-    lse [N, H] float32).
+    gets out = 0, lse = -inf; a NaN or +inf lse makes the row NaN (docs/errors.md).
+    Returns (out [N, H, D] v.dtype, lse [N, H] float32).
     """
     acc = torch.float64 if v.dtype == torch.float64 or s.dtype == torch.float64 else torch.float32
     N, S, H, D = v.shape
