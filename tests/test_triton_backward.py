@@ -215,3 +215,27 @@ def test_random_forests_sweep(seed):
     hq, hk = ((2, 2), (4, 2), (8, 2), (8, 1), (16, 1))[(seed // 2) % 5]
     f, groups = random_forest(seed, page_size=page_size, max_len=48, max_nodes=12)
     _compare(*_compact(f.metadata(groups)), hq, hk, d, dtype, seed=seed)
+
+
+def test_rl_group_through_a_tiny_model():
+    """A GRPO group packed (multiverse_kernels.rl) through a tiny transformers model whose attention
+    runs forward and backward on the triton backend: log-probs and parameter gradients equal the
+    unpacked runs' (float32)."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from test_rl import grpo_loss, tiny_model, unpacked_logprobs
+
+    from multiverse_kernels.rl import pack_group, rollout_forward
+
+    model, alone = tiny_model(head_dim=64)
+    g = torch.Generator().manual_seed(4)
+    p = pack_group(torch.randint(0, 50, (10,), generator=g),
+                   [torch.randint(0, 50, (n,), generator=g) for n in (4, 1, 6)])
+    lp = p.token_logprobs(rollout_forward(model, p, backend="triton"))
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    grpo_loss(p.per_sequence(lp, trainable_only=True), adv).backward()
+    for i, s in enumerate(p.sequences):
+        ref = unpacked_logprobs(alone, p.token_ids[s])
+        torch.testing.assert_close(lp[s][1:], ref, atol=5e-5, rtol=5e-5)
+        grpo_loss([ref[10 - 1:]], adv[i:i + 1]).backward()
+    for (name, a), b in zip(model.named_parameters(), alone.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm}: {m}")
