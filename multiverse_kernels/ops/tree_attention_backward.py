@@ -1,4 +1,4 @@
-"""``tree_attention_backward``: gradients of :func:`~multiverse_kernels.tree_attention` (DESIGN §3,
+"""``tree_attention_backward``: gradients of :func:`~multiverse_kernels.tree_attention` (docs/design.md §3,
 packed tree attention with autograd).
 
 The op ``torch.ops.multiverse.tree_attention_backward`` (with a fake implementation, so a backward graph
