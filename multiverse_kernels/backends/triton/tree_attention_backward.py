@@ -14,8 +14,8 @@ output element has one writer:
   ``BLOCK_M`` packed (reader, GQA head) rows, recomputing ``P`` from ``lse``. Reader tiles that cannot
   see the chunk (causal own node) are skipped. The readers and chunks come from the forward's plan
   format (docs/plan.md: ``reader_row``/``reader_limit`` sorted by node; one item per node chunk).
-  A node owns its pages (docs/design.md §2), so the chunk's cache slots have no other writer; slots no row sees
-  keep the zeros they are allocated with.
+  A node owns its pages (docs/design.md §2), so the chunk's cache slots have no other writer; slots no
+  row sees keep the zeros they are allocated with.
 * **dQ** (``_bwd_dq_kernel``, grid = (row blocks of a query group, KV heads)): a program holds the
   fp32 ``dQ`` of ``BLOCK_M`` packed rows of one group and walks the group's visibility list node by
   node in ``BLOCK_N`` token blocks (tokens past every row's limit are not loaded).
