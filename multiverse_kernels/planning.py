@@ -1,4 +1,4 @@
-"""Planning: turn forest metadata into a work list for the fast kernels (DESIGN §4, docs/plan.md).
+"""Planning: turn forest metadata into a work list for the fast kernels (docs/design.md §4, docs/plan.md).
 
 A *reader* is one (query row, visible node) pair with a non-empty node. A *work item* is (a chunk of
 one node's tokens, a contiguous run of at most ``rows_per_tile`` of that node's readers); it runs for

@@ -1,4 +1,4 @@
-"""``tree_attention``: decode and extend over a KV forest (DESIGN §2-§3).
+"""``tree_attention``: decode and extend over a KV forest (docs/design.md §2-§3).
 
 Public entry :func:`tree_attention` and the op ``torch.ops.multiverse.tree_attention`` (with a fake
 implementation, so it traces under ``torch.compile(fullgraph=True)``). The op dispatches on its
@@ -89,7 +89,7 @@ def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_ind
     return out, lse
 
 
-# ---------------------------------------------------------------- autograd (DESIGN §3)
+# ---------------------------------------------------------------- autograd (docs/design.md §3)
 # Differentiable in q, k_cache, v_cache, through both outputs (out and lse). The backward recomputes the
 # scores block by block from the saved lse (FlashAttention-style) in the op tree_attention_backward;
 # memory is bounded by its block sizes, never L x L. Only the reference backend implements it, so the

@@ -1,7 +1,7 @@
 """Reference tree attention: the specification. Plain PyTorch, any device, float64-capable.
 
 One group at a time: gather the K/V of every listed node through the page table, build the group's
-(q_len x keys) mask from DESIGN §2, and run a masked softmax. Slow on purpose; obviously right.
+(q_len x keys) mask from docs/design.md §2, and run a masked softmax. Slow on purpose; obviously right.
 
 Non-finite inputs follow the NaN policy of docs/errors.md: a non-finite value in the q row or in a K
 token the row sees makes that (row, head) NaN (out and lse); a non-finite V value makes the output
