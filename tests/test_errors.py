@@ -213,6 +213,27 @@ def test_debug_checks_override_validate_false(example, monkeypatch):
                            torch.tensor([0], **i32), torch.tensor([0], **i32), backend="cpu", validate=False)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_own_full_shape_checked_without_validation(example, backend):
+    meta, q, kc, vc = example
+    bad = meta.with_own_full(torch.ones(meta.num_groups + 4, dtype=torch.bool))
+    with pytest.raises(MetadataError, match=r"own_full: expected a bool tensor of shape \(3,\)"):
+        mk.tree_attention(q, kc, vc, bad, backend=backend, validate=False)
+
+
+def test_meta_argument_type(example):
+    _, q, kc, vc = example
+    with pytest.raises(MetadataError, match="meta: expected a ForestMetadata"):
+        mk.tree_attention(q, kc, vc, None)
+
+
+def test_kvforest_constructor_names_the_argument():
+    with pytest.raises(ValueError, match="page_size"):
+        mk.KVForest(4, 0)
+    with pytest.raises(ValueError, match="num_pages"):
+        mk.KVForest(0, 4)
+
+
 # ------------------------------------------------------------------------------ merge_states
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_states_edges_agree_with_reference(backend):
