@@ -14,6 +14,7 @@ from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Tr
 import multiverse_kernels as mk
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
 from multiverse_kernels.multiverse import MultiverseParseError, MultiverseTags, parse
+from multiverse_kernels.ops import tree_attention_backward
 from multiverse_kernels.planning import plan_tree_attention
 from multiverse_kernels.testing import design_example_forest, make_inputs, random_forest, tolerance
 
@@ -156,6 +157,15 @@ def test_index_tensor_on_meta_device(example, backend, validate, field):
                             field: t.to("meta")})
     with pytest.raises(MetadataError, match=f"{field}: expected device cpu"):
         mk.tree_attention(q, kc, vc, bad, backend=backend, validate=validate)
+
+
+def test_backward_index_on_meta_device(example):
+    meta, q, kc, vc = example
+    out, lse = mk.tree_attention(q, kc, vc, meta, return_lse=True, backend="reference")
+    bad = ForestMetadata(**{**{f: getattr(meta, f) for f in meta.__dataclass_fields__},
+                            "vis_nodes": meta.vis_nodes.to("meta")})
+    with pytest.raises(MetadataError, match="vis_nodes: expected device cpu"):
+        tree_attention_backward(out, q, kc, vc, out, lse, bad, validate=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
