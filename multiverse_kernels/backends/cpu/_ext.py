@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -44,7 +45,9 @@ def load_extension(name: str = "_C") -> None:
     spec = importlib.util.find_spec(f"multiverse_kernels.{name}")
     why = f"multiverse_kernels.{name} was not built at install time"
     loaded = False
-    if spec is not None and spec.origin is not None:
+    if os.environ.get("MULTIVERSE_PREBUILT") == "0":  # ignore the install-time build (tests the other path)
+        why = f"multiverse_kernels.{name} from the install ignored (MULTIVERSE_PREBUILT=0)"
+    elif spec is not None and spec.origin is not None:
         try:
             torch.ops.load_library(spec.origin)
             loaded = True
