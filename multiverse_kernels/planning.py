@@ -26,9 +26,9 @@ from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
 __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "default_rows_per_tile",
            "default_num_workers", "auto_chunk_tokens", "MIN_CHUNK_TOKENS"]
 
-# Packed (reader x GQA head) rows per work item the kernels are compiled for, by head_dim: the Triton
-# kernel's largest row tile, so that a chunk is loaded once for up to 256 packed rows per KV head.
-MAX_TILE_ROWS = {64: 256, 128: 256, 256: 32}
+# Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
+# (backends/triton/tree_attention.py TILES), so that a chunk is loaded once for all of them.
+MAX_TILE_ROWS = {64: 256, 128: 128, 256: 32}
 
 
 def default_rows_per_tile(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> int:
