@@ -11,24 +11,13 @@ from torch import Tensor
 
 from ... import _jit
 from ...metadata import ForestMetadata
+from ...plan_format import FORMAT_STRING
 from ...planning import TreePlan
 
 __all__ = ["load_extension", "library_path", "run_tree_attention"]
 
 _LOADED: set[str] = set()
 _SOURCES: dict[str, str] = {}
-
-# The C++ side (csrc/torch_utils.h, enums PlanT / PlanI) reads the plan lists in exactly this order.
-CPP_PLAN_TENSORS = ("reader_row", "reader_limit", "item_node", "item_kv_start", "item_kv_len",
-                    "item_reader_start", "item_num_readers", "item_partial_start", "row_partial_indptr",
-                    "row_partial_indices", "merge_rows")
-CPP_PLAN_INTS = ("num_readers", "num_items", "num_partials", "num_merge_rows", "max_item_readers",
-                 "chunk_tokens", "rows_per_tile")
-if tuple(TreePlan.TENSOR_FIELDS) != CPP_PLAN_TENSORS or tuple(TreePlan.INT_FIELDS) != CPP_PLAN_INTS:
-    raise ImportError(
-        "multiverse_kernels.planning.TreePlan fields changed; update csrc/torch_utils.h (PlanT/PlanI) "
-        f"and CPP_PLAN_TENSORS/CPP_PLAN_INTS: got {TreePlan.TENSOR_FIELDS} / {TreePlan.INT_FIELDS}")
-
 
 def load_extension(name: str = "_C") -> None:
     """Load ``multiverse_kernels.<name>`` (a torch op library, not a Python module).
@@ -61,6 +50,12 @@ def load_extension(name: str = "_C") -> None:
             raise ModuleNotFoundError(f"{e} (see docs/build.md; python -m multiverse_kernels.info)") from e
     _LOADED.add(name)
     if name == "_C":
+        built = torch.ops.multiverse_C.plan_format()
+        if built != FORMAT_STRING:  # one definition: multiverse_kernels/plan_format.py
+            raise ImportError(
+                f"multiverse_kernels._C was built for the plan format {built!r}, but "
+                f"multiverse_kernels/plan_format.py defines {FORMAT_STRING!r}: rebuild the extension "
+                "(docs/build.md)")
         _register_fakes()
 
 
