@@ -1,4 +1,4 @@
-"""Planning: turn forest metadata into a work list for the fast kernels (DESIGN §4, docs/plan.md).
+"""Planning: turn forest metadata into a work list for the fast kernels (docs/design.md §4, docs/plan.md).
 
 A *reader* is one (query row, visible node) pair with a non-empty node. A *work item* is (a chunk of
 one node's tokens, a contiguous run of at most ``rows_per_tile`` of the node's readers that see the
@@ -15,6 +15,7 @@ in docs/plan.md; the Triton and the C++/CUDA backends all consume it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, fields
 
 import torch
@@ -93,6 +94,7 @@ class TreePlan:
     chunk_tokens: int
     rows_per_tile: int
     workspace_slots: int
+    num_workers: int
 
     TENSOR_FIELDS = TENSOR_FIELDS  # multiverse_kernels/plan_format.py
     INT_FIELDS = INT_FIELDS
@@ -397,38 +399,52 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
     )
     ints = dict(num_readers=R, num_items=W, num_partials=P, num_merge_rows=merge_rows.numel(),
                 max_item_readers=max_item_readers, chunk_tokens=plan_chunk, rows_per_tile=rows_per_tile,
-                workspace_slots=P)
+                workspace_slots=P, num_workers=num_workers if chunk_tokens is None else 0)
     return TreePlan.from_lists([arrays[f].to(i32) for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
 
 
-_CACHE: list[tuple[tuple, tuple[Tensor, ...], TreePlan]] = []
+_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None, TreePlan]] = []
 _CACHE_SIZE = 8
+_CACHE_LOCK = threading.Lock()
 
 
 def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
                 chunk_tokens: int | None = None, rows_per_tile: int | None = None,
                 num_workers: int | None = None) -> TreePlan:
-    """:func:`plan_tree_attention`, memoised on the metadata's *tensors* (identity and version counter),
-    so that the per-layer calls of one step plan once even when no plan is passed and the metadata
-    object is rebuilt from its tensors (as the custom op does). A small LRU of 8 entries; entries hold
-    the tensors, so their ids cannot be reused while cached. Inference-mode tensors (no version
-    counter) are planned afresh every time.
+    """:func:`plan_tree_attention`, memoised on the metadata's *tensors*, so that the per-layer calls of
+    one step plan once even when no plan is passed and the metadata object is rebuilt from its tensors
+    (as the custom op does). A small LRU of 8 entries, safe to call from several threads.
+
+    A hit needs the same tensor objects (identity, data pointer, version counter) AND, for CPU tensors,
+    the same contents: an entry keeps a copy of the index tensors and compares it on every hit (cheap:
+    O(nodes + groups + pages) int32), so metadata changed in place by a route that does not bump
+    torch's version counter (a ``.numpy()`` view, ``.data``, a shared buffer) is planned afresh instead
+    of reusing a stale plan. On other devices (a content compare would sync) entries are keyed by
+    identity, data pointer and version only: after changing GPU metadata behind torch's back, pass an
+    explicit ``plan=``. Inference-mode GPU tensors (no version counter) are planned afresh every time.
     """
     ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
-    if any(t.is_inference() for t in ts):
+    on_cpu = all(t.device.type == "cpu" for t in ts)
+    inference = any(t.is_inference() for t in ts)
+    if inference and not on_cpu:
         return plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
                                    rows_per_tile=rows_per_tile, head_dim=head_dim,
                                    num_workers=num_workers)
-    key = (tuple(id(t) for t in ts), tuple(t._version for t in ts), meta.page_size, num_qo_heads,
+    key = (tuple(id(t) for t in ts), tuple(t.data_ptr() for t in ts),
+           tuple(-1 if inference else t._version for t in ts), meta.page_size, num_qo_heads,
            num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers)
-    for i, (k, held, plan) in enumerate(_CACHE):
-        if k == key and all(a is b for a, b in zip(held, ts, strict=True)):
-            _CACHE.insert(0, _CACHE.pop(i))
-            return plan
+    with _CACHE_LOCK:
+        for i, (k, held, copy, plan) in enumerate(_CACHE):
+            if k == key and all(a is b for a, b in zip(held, ts, strict=True)) and (
+                    copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts, strict=True))):
+                _CACHE.insert(0, _CACHE.pop(i))
+                return plan
     plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
                                rows_per_tile=rows_per_tile, head_dim=head_dim, num_workers=num_workers)
-    _CACHE.insert(0, (key, ts, plan))
-    del _CACHE[_CACHE_SIZE:]
+    copy = tuple(t.clone() for t in ts) if on_cpu else None
+    with _CACHE_LOCK:
+        _CACHE.insert(0, (key, ts, copy, plan))
+        del _CACHE[_CACHE_SIZE:]
     return plan
 
 

@@ -169,7 +169,7 @@ def test_plan_matches_reference(kind, seed):
 
 
 def test_worked_example():
-    """DESIGN §2's example, planned with chunk 4 and 2 readers per tile, checked field by field."""
+    """docs/design.md §2's example, planned with chunk 4 and 2 readers per tile, checked field by field."""
     f, groups = design_example_forest()
     meta = f.metadata(groups)
     p = plan_tree_attention(meta, 2, 1, chunk_tokens=8, rows_per_tile=3)
