@@ -253,10 +253,11 @@ def broken(draw):
         qo = meta.qo_indptr.clone()
         qo[0] = 1
         return _replace(meta, qo_indptr=qo), {"qo_indptr"}
-    # one more query row than the own node has tokens (or than q has rows)
+    # the last group gets more query rows than its own node has tokens
     qo = meta.qo_indptr.clone()
-    qo[-1] += 1 + i % 3
-    return _replace(meta, qo_indptr=qo), {"qo_indptr", "q"}
+    own = int(meta.vis_nodes[-1]) if meta.num_groups and V else -1
+    qo[-1] += (int(meta.node_len[own]) if own >= 0 else 0) + 1 + i % 3
+    return _replace(meta, qo_indptr=qo), {"qo_indptr", "vis_nodes"}
 
 
 def _check_broken(backend, case):
