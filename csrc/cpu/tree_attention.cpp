@@ -118,11 +118,16 @@ MV_INLINE void compute_rows(const TreeAttentionParams& p, Scratch& sc, int M, in
         *reinterpret_cast<U*>(st + static_cast<size_t>(t0 + j) * Mp + r0) = acc[j];
     }
     // Softmax over t, vectorised across rows; invisible tokens (t >= vis) get weight exactly 0.
+    // NaN policy (docs/errors.md, tests/test_nan_policy.py): a non-finite score a row sees (NaN/Inf
+    // in its q or in a visible K token) marks the row `bad`: its out and lse become NaN below.
     V mv = V{} + ninf;
+    I bad = I{};
     for (int t = 0; t < tmax; ++t) {
       const V x = *reinterpret_cast<const U*>(st + static_cast<size_t>(t) * Mp + r0);
-      const V xm = (I{} + t) < visv ? x : V{} + ninf;
+      const I vis_t = (I{} + t) < visv;
+      const V xm = vis_t ? x : V{} + ninf;
       mv = xm > mv ? xm : mv;
+      bad |= vis_t & ((x - x) != V{});  // x - x is NaN exactly when x is NaN or +-Inf
     }
     const V mref = mv == ninf ? V{} : mv;  // rows that see nothing: any finite reference
     V sum = V{};
@@ -137,18 +142,28 @@ MV_INLINE void compute_rows(const TreeAttentionParams& p, Scratch& sc, int M, in
       const bool seen = sum[i] > 0.0f;
       inv[i] = seen ? 1.0f / sum[i] : 0.0f;
       lse[i] = seen ? mv[i] + std::log(sum[i]) : ninf;
+      if (bad[i]) inv[i] = lse[i] = std::numeric_limits<float>::quiet_NaN();  // NaN policy
     }
     // O[r][:] = sum_t P^T[t][r] V[t][:], RB rows x VL dims per register tile.
     for (int rb = r0; rb < r0 + NR && rb < M; rb += RB) {
-      int32_t tb = 0;
+      int32_t tb = 0, tmin = std::numeric_limits<int32_t>::max();
       for (int r = 0; r < RB; ++r) tb = std::max(tb, sc.vis[rb + r]);
+      for (int r = 0; r < RB && rb + r < M; ++r) tmin = std::min(tmin, sc.vis[rb + r]);
       for (int d0 = 0; d0 < D; d0 += VL) {
         vf acc[RB];
         for (int r = 0; r < RB; ++r) acc[r] = vf{};
         const float* pt = st + rb;
-        for (int t = 0; t < tb; ++t, pt += Mp) {
+        int t = 0;
+        for (; t < tmin; ++t, pt += Mp) {  // tokens every row of the block sees
           const vf vv = vload(vrow[t] + d0);
           for (int r = 0; r < RB; ++r) acc[r] += pt[r] * vv;
+        }
+        // NaN policy: tokens only some rows see are skipped (not multiplied by 0) for the others, so
+        // a NaN/Inf in V never leaks across the mask (0 * NaN = NaN).
+        for (; t < tb; ++t, pt += Mp) {
+          const vf vv = vload(vrow[t] + d0);
+          for (int r = 0; r < RB; ++r)
+            if (t < sc.vis[rb + r]) acc[r] += pt[r] * vv;
         }
         const int n = std::min(VL, D - d0);
         for (int r = 0; r < RB && rb + r < M; ++r) {
