@@ -158,6 +158,8 @@ def tree_attention(
     Differentiable in ``q``, ``k_cache`` and ``v_cache`` (through out and lse) on every backend; the
     backward is the blocked reference backward (memory bounded by its block sizes, no L x L mask).
     """
+    if not isinstance(meta, ForestMetadata):
+        raise MetadataError(f"meta: expected a ForestMetadata, got {type(meta).__name__}")
     if not torch.compiler.is_compiling():
         # (under torch.compile the op's fake implementation runs the same checks: an exception raised
         # here would surface as dynamo's Unsupported instead of MetadataError)

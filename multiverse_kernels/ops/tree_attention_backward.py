@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import ForestMetadata, MetadataError
-from ._checks import op_metadata
+from ._checks import check_attention_args, check_index_devices, op_metadata
 
 __all__ = ["tree_attention_backward"]
 
@@ -73,6 +73,10 @@ def _check_grads(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, out: Tens
 @_tree_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices, node_len,
       qo_indptr, vis_indptr, vis_nodes, own_full, sm_scale, backend, validate):
+    # no-data checks (index tensors on the meta device would otherwise land here and return garbage)
+    check_attention_args(q, k_cache, v_cache)
+    check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr, vis_nodes),
+                        own_full=own_full)
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
