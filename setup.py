@@ -123,6 +123,8 @@ def _extensions() -> tuple[list, dict]:
         cpp_extension.CppExtension(
             "multiverse_kernels._C",
             sources=["csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/cpu/tree_attention.cpp",
+                     "csrc/cpu/tree_attention_avx512.cpp", "csrc/cpu/tree_attention_avx2.cpp",
+                     "csrc/cpu/tree_attention_baseline.cpp",
                      "csrc/cpu/merge_states.cpp", "csrc/cpu/append_paged_kv.cpp"],
             include_dirs=inc,
             extra_compile_args={"cxx": cxx_flags},

@@ -1,0 +1,51 @@
+// Internal interface between the CPU tree-attention dispatcher (tree_attention.cpp) and its per-ISA
+// micro-kernel translation units (tree_attention_{avx512,avx2,baseline}.cpp, all built from
+// tree_attention_impl.h with a different target). Only plain types cross this boundary: the ISA units
+// use no std containers, so no inline function compiled for a wider ISA can be merged by the linker
+// into code that runs on a narrower CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "multiverse/params.h"
+
+namespace multiverse::cpu {
+
+// Per-thread buffers of one task (work item, kv head), sized by the dispatcher (task_scratch_floats).
+struct TaskScratch {
+  float* kv;      // packed fp32 K then V of the chunk: 2 x [tokens_pad][dp]
+  float* qt;      // [D][kRowBlock] queries of a row block, transposed, times sm_scale
+  float* st;      // [tokens_pad][kRowBlock] S^T, then P^T
+  float* lse;     // [kRowBlock]
+  float* inv;     // [kRowBlock]
+  int32_t* rows;  // 4 x [rows_pad]: visible tokens, partial slot, query head, direct output row (or -1)
+};
+
+// Rows of the packed (reader x GQA head) dimension processed per block: S^T of a block is
+// [tokens x kRowBlock] floats (64 KiB at 128 rows, 128 tokens), so it stays in L2 with the chunk.
+constexpr int kRowBlock = 128;
+constexpr int kTokenBlock = 48;  // tokens packed (and prefetched ahead) per step; a multiple of every tile
+constexpr int kDimPad = 16;    // packed K/V rows are padded to a multiple of this (zeros)
+
+inline int64_t round_up64(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t task_rows_pad(int64_t rows) { return round_up64(rows, 16) + 16; }
+
+// Floats of scratch a task with `tokens` chunk tokens needs.
+inline int64_t task_scratch_floats(int64_t tokens, int64_t head_dim) {
+  const int64_t tp = round_up64(tokens < 1 ? 1 : tokens, kTokenBlock);
+  const int64_t dp = round_up64(head_dim, kDimPad);
+  return 2 * tp * dp + head_dim * kRowBlock + tp * kRowBlock + 2 * kRowBlock + 64;
+}
+
+// One task; returns the K+V bytes it loaded from the caches (counted where it loads them).
+using TaskFn = int64_t (*)(const TreeAttentionParams& p, int32_t item, int32_t kv_head, const TaskScratch& s);
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MULTIVERSE_X86_ISAS 1
+int64_t tree_attention_task_avx512(const TreeAttentionParams& p, int32_t item, int32_t kh, const TaskScratch& s);
+int64_t tree_attention_task_avx2(const TreeAttentionParams& p, int32_t item, int32_t kh, const TaskScratch& s);
+#endif
+int64_t tree_attention_task_baseline(const TreeAttentionParams& p, int32_t item, int32_t kh,
+                                     const TaskScratch& s);
+
+}  // namespace multiverse::cpu
