@@ -61,8 +61,9 @@ def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_byt
     g = torch.Generator().manual_seed(0)
     a = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
     b = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
-    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=dict(a=a, b=b, torch=torch, sync=_sync, dev=dev)
-                           ).blocked_autorange(min_run_time=min_run_time).median
+    env = dict(a=a, b=b, torch=torch, sync=_sync, dev=dev)
+    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env).blocked_autorange(
+        min_run_time=min_run_time).median
     del a, b
     x = torch.ones(bw_bytes // 4, dtype=torch.float32, device=dev)
     x.sum()  # first touch
@@ -103,7 +104,8 @@ def cpu_isa() -> tuple[str, str]:
     except (ImportError, OSError, RuntimeError):
         return "-", "-"
     sel, best = torch.ops.multiverse_C.cpu_isa()
-    name = ISA_NAMES[sel] if sel >= 0 else f"invalid MULTIVERSE_CPU_ISA={os.environ.get('MULTIVERSE_CPU_ISA')}"
+    env = os.environ.get("MULTIVERSE_CPU_ISA")
+    name = ISA_NAMES[sel] if sel >= 0 else f"invalid MULTIVERSE_CPU_ISA={env}"
     return name, ISA_NAMES[best]
 
 

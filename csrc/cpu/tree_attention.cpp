@@ -65,14 +65,16 @@ struct Scratch {
     const int64_t ni = 4 * task_rows_pad(rows);
     if (static_cast<int64_t>(f.size()) < nf) f.resize(nf);
     if (static_cast<int64_t>(i.size()) < ni) i.resize(ni);
-    const int64_t tp = round_up64(tokens < 1 ? 1 : tokens, kTokenBlock);
+    const int64_t tp = task_tokens_pad(tokens);
     const int64_t dp = round_up64(head_dim, kDimPad);
     TaskScratch s;
     s.kv = f.data();
     s.qt = s.kv + 2 * tp * dp;
     s.st = s.qt + static_cast<int64_t>(head_dim) * kRowBlock;
-    s.lse = s.st + tp * kRowBlock;
-    s.inv = s.lse + kRowBlock;
+    s.o = s.st + static_cast<int64_t>(kTokenBlock) * kRowBlock;
+    s.mx = s.o + kRowBlock * dp;
+    s.sum = s.mx + kRowBlock;
+    s.alpha = s.sum + kRowBlock;
     s.rows = i.data();
     return s;
   }

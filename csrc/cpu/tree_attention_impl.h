@@ -224,61 +224,60 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v]);
 }
 
-// ---------------------------------------------------------------------------------- softmax over t
-// Columns c0 .. c0+N of P^T (rows of the block): P^T[t][c] = exp(S^T[t][c] - max) for t < vis[c], 0 for
-// vis[c] <= t < t_end; lse/inv of the rows (rows that see nothing: lse -inf, inv 0).
+// ---------------------------------------------------------------------------------- online softmax
+// Columns c0 .. c0+N (rows of the row block), tokens [t0, t_end) of one token block, S^T rows stored
+// from t0 (st row 0 = token t0). Per row: new max over its visible tokens of the block, the rescale
+// alpha = exp(old max - new max) of its output and sum so far, P^T = exp(S^T - new max) for t < vis and
+// exactly 0 for vis <= t < t_end (so P V tiles can run every row to their tile's max).
 template <int N>
-MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t_end, float* lse, float* inv) {
+MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0, int t_end, float* mx, float* sum,
+                         float* alpha) {
   using V = typename VT<N>::V;
   using I = typename VT<N>::I;
-  const float ninf = -__builtin_inff();
+  const V ninf = vbcast<V>(-__builtin_inff());
   I visv;
-  int tmax = 0;
+  int tmax = t0;
   for (int i = 0; i < N; ++i) {
     visv[i] = vis[c0 + i];
-    tmax = imax(tmax, vis[c0 + i]);
+    tmax = imax(tmax, imin(vis[c0 + i], t_end));
   }
-  V mv = V{} + ninf;
-  for (int t = 0; t < tmax; ++t) {
-    const V x = vld<N>(st + static_cast<size_t>(t) * lds + c0);
-    const V xm = (I{} + t) < visv ? x : V{} + ninf;
+  const V mold = vld<N>(mx + c0);
+  V mv = mold;
+  for (int t = t0; t < tmax; ++t) {
+    const V x = vld<N>(st + static_cast<size_t>(t - t0) * lds + c0);
+    const V xm = (I{} + t) < visv ? x : ninf;
     mv = xm > mv ? xm : mv;
   }
-  const V mref = mv == ninf ? V{} : mv;  // rows that see nothing: any finite reference
-  V sum = V{};
-  for (int t = 0; t < t_end; ++t) {
-    float* sp = st + static_cast<size_t>(t) * lds + c0;
+  const V mref = mv == ninf ? V{} : mv;  // rows that saw nothing yet: any finite reference
+  V s = V{};
+  for (int t = t0; t < t_end; ++t) {
+    float* sp = st + static_cast<size_t>(t - t0) * lds + c0;
     const V e = (I{} + t) < visv ? vexp<V, I>(vld<N>(sp) - mref) : V{};
     vst<N>(sp, e);
-    sum += e;
+    s += e;
   }
-  for (int i = 0; i < N; ++i) {
-    const bool seen = sum[i] > 0.0f;
-    inv[c0 + i] = seen ? 1.0f / sum[i] : 0.0f;
-    lse[c0 + i] = seen ? mv[i] + __builtin_logf(sum[i]) : ninf;
-  }
+  const V al = mold == ninf ? V{} : vexp<V, I>(mold - mref);
+  vst<N>(alpha + c0, al);
+  vst<N>(mx + c0, mv);
+  vst<N>(sum + c0, vld<N>(sum + c0) * al + s);
 }
 
 // ---------------------------------------------------------------------------------- O = P V
-struct RowOut {  // where block rows go (pointers into the task's row arrays, block-local index)
-  const int32_t* vis;
-  const int32_t* slot;
-  const int32_t* head;
-  const int32_t* orow;
-  const float* inv;
-};
-
-// O[r][d0 : d0 + NV*W] for RB rows r (block-local rb + r), tb tokens, then scaled and stored.
-template <class E, int RB, int NV>
-MV_INL void pv_tile(const TreeAttentionParams& p, const float* __restrict vb, int dp, int d0,
-                    const float* __restrict pt, int lds, int tb, const RowOut& ro, int rb) {
+// O[r][d0 : d0 + NV*W] = alpha[r] * O[r][...] + sum_{t0 <= t < t1} P^T[t - t0][r] V[t][...] for RB rows r
+// (block-local rb + r); o: [rows][dp] fp32 scratch.
+template <int RB, int NV>
+MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __restrict pt, int lds, int t0,
+                    int t1, float* __restrict o, const float* __restrict alpha, int rb) {
   using V = typename VT<W>::V;
   V acc[RB][NV];
-  MV_UNROLL(12) for (int r = 0; r < RB; ++r)
-    MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  const float* vp = vb + d0;
+  MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+    const V al = vbcast<V>(alpha[rb + r]);
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v)
+      acc[r][v] = vld<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W) * al;
+  }
+  const float* vp = vb + static_cast<size_t>(t0) * dp + d0;
   const float* pp = pt + rb;
-  for (int t = 0; t < tb; ++t, vp += dp, pp += lds) {
+  for (int t = t0; t < t1; ++t, vp += dp, pp += lds) {
     V vv[NV];
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -286,43 +285,29 @@ MV_INL void pv_tile(const TreeAttentionParams& p, const float* __restrict vb, in
       MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
     }
   }
-  const int D = p.head_dim;
-  const int n = imin(NV * W, D - d0);
-  MV_UNROLL(12) for (int r = 0; r < RB; ++r) {  // unrolled: acc stays in registers in the loop above
-    const int m = rb + r;
-    float o[NV * W];
-    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<W>(o + v * W, acc[r][v] * ro.inv[m]);
-    if (ro.orow[m] >= 0) {  // the row's only partial: final output in q's dtype
-      typename E::T* dst = static_cast<typename E::T*>(p.out) +
-                           partial_out_offset(ro.orow[m], ro.head[m], p.num_qo_heads, D) + d0;
-      for (int i = 0; i < n; ++i) dst[i] = E::store(o[i]);
-    } else {
-      float* dst = p.partial_out + partial_out_offset(ro.slot[m], ro.head[m], p.num_qo_heads, D) + d0;
-      for (int i = 0; i < n; ++i) dst[i] = o[i];
-    }
-  }
+  MV_UNROLL(12) for (int r = 0; r < RB; ++r)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W, acc[r][v]);
 }
 
-template <class E, int RB>
-inline void pv_rows(const TreeAttentionParams& p, const float* vb, int dp, const float* pt, int lds, int tb,
-                    const RowOut& ro, int rb) {
-  const int D = p.head_dim;
+template <int RB>
+inline void pv_rows(const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1, float* o,
+                    const float* alpha, int rb) {
   int d0 = 0;
-  for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W) pv_tile<E, RB, 2>(p, vb, dp, d0, pt, lds, tb, ro, rb);
-  for (; d0 < D; d0 += W) pv_tile<E, RB, 1>(p, vb, dp, d0, pt, lds, tb, ro, rb);
+  for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W) pv_tile<RB, 2>(vb, dp, d0, pt, lds, t0, t1, o, alpha, rb);
+  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vb, dp, d0, pt, lds, t0, t1, o, alpha, rb);
 }
 
-// rows (1 .. RB) rows starting at block-local rb.
-template <class E, int RB>
-inline void pv_dispatch(int rows, const TreeAttentionParams& p, const float* vb, int dp, const float* pt, int lds,
-                        int tb, const RowOut& ro, int rb) {
+// `rows` (1 .. RB) rows starting at block-local rb.
+template <int RB>
+inline void pv_dispatch(int rows, const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1,
+                        float* o, const float* alpha, int rb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<E, RB - 1>(rows, p, vb, dp, pt, lds, tb, ro, rb);
+      pv_dispatch<RB - 1>(rows, vb, dp, D, pt, lds, t0, t1, o, alpha, rb);
       return;
     }
   }
-  pv_rows<E, RB>(p, vb, dp, pt, lds, tb, ro, rb);
+  pv_rows<RB>(vb, dp, D, pt, lds, t0, t1, o, alpha, rb);
 }
 
 // ---------------------------------------------------------------------------------- one task
@@ -338,10 +323,10 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
   const int32_t slot0 = p.item_partial_start[item];
   TaskCtx c{&p, p.item_node[item], p.item_kv_start[item], kh, D, static_cast<int>(round_up64(D, kDimPad)),
             nullptr, nullptr};
+  const int dp = c.dp;
   const int32_t len = p.item_kv_len[item];
-  const int64_t tp = round_up64(len < 1 ? 1 : len, kTokenBlock);
   c.kb = sc.kv;
-  c.vb = sc.kv + tp * c.dp;
+  c.vb = sc.kv + task_tokens_pad(len) * dp;
 
   const int rp = static_cast<int>(task_rows_pad(M));
   int32_t* vis = sc.rows;
@@ -372,8 +357,9 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
     const int mb = imin(kRowBlock, M - m0);
     const int mbp = static_cast<int>(round_up64(mb, G));
     const int lds = mbp;  // S^T / Qt row stride
+    const int32_t* bvis = vis + m0;
     int tmax = 0;
-    for (int i = 0; i < mb; ++i) tmax = imax(tmax, vis[m0 + i]);
+    for (int i = 0; i < mb; ++i) tmax = imax(tmax, bvis[i]);
     // Q^T of the block, pre-scaled by sm_scale (so scores and lse include it); pad columns 0.
     float* qt = sc.qt;
     for (int i = 0; i < mb; ++i) {
@@ -384,56 +370,71 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
     }
     for (int i = mb; i < mbp; ++i)
       for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
+    for (int i = 0; i < mbp; ++i) {
+      sc.mx[i] = -__builtin_inff();
+      sc.sum[i] = 0.0f;
+    }
+    for (int64_t i = 0; i < static_cast<int64_t>(mbp) * dp; ++i) sc.o[i] = 0.0f;
 
-    // S^T, token block by token block; the first row block also loads each token block (the next one
-    // is being prefetched meanwhile).
+    // Token block by token block (online softmax). The first row block also loads each token block
+    // from the caches while the next one is being prefetched.
     const int t_stop = m0 == 0 ? max_vis : tmax;
     const int nbig = mbp / (2 * W);
     for (int tb0 = 0; tb0 < t_stop; tb0 += kTokenBlock) {
-      const int tb1 = imin(tb0 + kTokenBlock, max_vis);
       if (m0 == 0) {
+        const int tb1 = imin(tb0 + kTokenBlock, max_vis);
         if (tb1 < max_vis) prefetch_rows<E>(c, tb1, imin(tb1 + kTokenBlock, max_vis));
         bytes += pack_rows<E>(c, tb0, tb1);
         for (int t = tb1; t < tb0 + kTokenBlock; ++t)  // tiles past the chunk read zeros
-          for (int d = 0; d < c.dp; ++d) c.kb[static_cast<size_t>(t) * c.dp + d] = 0.0f;
+          for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
       }
       if (tb0 >= tmax) continue;
-      for (int g = 0; g < nbig; ++g) {
-        const int col = g * 2 * W;
+      const int te = imin(tmax, tb0 + kTokenBlock);
+      // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
+      for (int col = 0; col < mbp;) {
+        const bool big = col < nbig * 2 * W;
+        const int width = big ? 2 * W : G;
         int tt = 0;
-        for (int i = 0; i < 2 * W; ++i) tt = imax(tt, vis[m0 + col + i]);
-        const int te = imin(tt, tb0 + kTokenBlock);
-        for (int t0 = tb0; t0 < te; t0 += QK_TB)
-          qk_tile<W, 2, QK_TB>(c.kb + static_cast<size_t>(t0) * c.dp, c.dp, qt + col, lds, D,
-                               sc.st + static_cast<size_t>(t0) * lds + col, lds);
+        for (int i = 0; i < width; ++i) tt = imax(tt, bvis[col + i]);
+        const int tend = imin(tt, te);
+        const float* kp = c.kb + static_cast<size_t>(tb0) * dp;
+        if (big) {
+          for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp)
+            qk_tile<W, 2, QK_TB>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col, lds);
+        } else {
+          for (int t0 = tb0; t0 < tend; t0 += QK_TB_SMALL, kp += QK_TB_SMALL * dp)
+            qk_tile<G, 1, QK_TB_SMALL>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col,
+                                       lds);
+        }
+        col += width;
       }
-      for (int col = nbig * 2 * W; col < mbp; col += G) {
-        int tt = 0;
-        for (int i = 0; i < G; ++i) tt = imax(tt, vis[m0 + col + i]);
-        const int te = imin(tt, tb0 + kTokenBlock);
-        for (int t0 = tb0; t0 < te; t0 += QK_TB_SMALL)
-          qk_tile<G, 1, QK_TB_SMALL>(c.kb + static_cast<size_t>(t0) * c.dp, c.dp, qt + col, lds, D,
-                                     sc.st + static_cast<size_t>(t0) * lds + col, lds);
+      for (int col = 0; col < mbp; col += G) softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha);
+      // O = alpha O + P V in tiles of PV_RB rows (rows that see nothing of this block keep alpha = 1).
+      for (int rb = 0; rb < mb; rb += PV_RB) {
+        const int rows = imin(PV_RB, mb - rb);
+        int tb = 0;
+        for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
+        const int t1 = imin(tb, te);
+        if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, sc.o, sc.alpha, rb);
       }
     }
-    // Softmax over t per row (vectorised across rows); P^T exactly 0 past a row's visible tokens up to
-    // the block's last visible token, so the P V tiles below can run every row to their tile's max.
-    for (int col = 0; col < mbp; col += G)
-      softmax_cols<G>(sc.st, lds, col, vis + m0, tmax, sc.lse, sc.inv);
+    // Normalise and write: the row's only partial goes straight to out (q's dtype), else a partial.
     for (int i = 0; i < mb; ++i) {
       const int m = m0 + i;
-      if (orow[m] >= 0)
-        p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = sc.lse[i];
-      else
-        p.partial_lse[partial_lse_offset(slot[m], head[m], p.num_qo_heads)] = sc.lse[i];
-    }
-    // O = P V in tiles of PV_RB rows.
-    const RowOut ro{vis + m0, slot + m0, head + m0, orow + m0, sc.inv};
-    for (int rb = 0; rb < mb; rb += PV_RB) {
-      const int rows = imin(PV_RB, mb - rb);
-      int tb = 0;
-      for (int r = 0; r < rows; ++r) tb = imax(tb, vis[m0 + rb + r]);
-      pv_dispatch<E, PV_RB>(rows, p, c.vb, c.dp, sc.st, lds, tb, ro, rb);
+      const float l = sc.sum[i];
+      const bool seen = l > 0.0f;
+      const float inv = seen ? 1.0f / l : 0.0f;
+      const float lse = seen ? sc.mx[i] + __builtin_logf(l) : -__builtin_inff();
+      const float* orow_p = sc.o + static_cast<size_t>(i) * dp;
+      if (orow[m] >= 0) {
+        p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = lse;
+        T* dst = static_cast<T*>(p.out) + partial_out_offset(orow[m], head[m], p.num_qo_heads, D);
+        for (int d = 0; d < D; ++d) dst[d] = E::store(orow_p[d] * inv);
+      } else {
+        p.partial_lse[partial_lse_offset(slot[m], head[m], p.num_qo_heads)] = lse;
+        float* dst = p.partial_out + partial_out_offset(slot[m], head[m], p.num_qo_heads, D);
+        for (int d = 0; d < D; ++d) dst[d] = orow_p[d] * inv;
+      }
     }
   }
   return bytes;

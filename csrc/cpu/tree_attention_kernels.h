@@ -15,26 +15,29 @@ namespace multiverse::cpu {
 struct TaskScratch {
   float* kv;      // packed fp32 K then V of the chunk: 2 x [tokens_pad][dp]
   float* qt;      // [D][kRowBlock] queries of a row block, transposed, times sm_scale
-  float* st;      // [tokens_pad][kRowBlock] S^T, then P^T
-  float* lse;     // [kRowBlock]
-  float* inv;     // [kRowBlock]
+  float* st;      // [kTokenBlock][kRowBlock] S^T, then P^T, of one token block
+  float* o;       // [kRowBlock][dp] unnormalised output rows of the row block
+  float* mx;      // [kRowBlock] running max of each row
+  float* sum;     // [kRowBlock] running softmax denominator of each row
+  float* alpha;   // [kRowBlock] rescale of each row's output for the current token block
   int32_t* rows;  // 4 x [rows_pad]: visible tokens, partial slot, query head, direct output row (or -1)
 };
 
-// Rows of the packed (reader x GQA head) dimension processed per block: S^T of a block is
-// [tokens x kRowBlock] floats (64 KiB at 128 rows, 128 tokens), so it stays in L2 with the chunk.
+// Rows of the packed (reader x GQA head) dimension processed per block, and tokens per block: the
+// scores of a (row block, token block) pair are [kTokenBlock x kRowBlock] floats (24 KiB), in L1.
 constexpr int kRowBlock = 128;
-constexpr int kTokenBlock = 48;  // tokens packed (and prefetched ahead) per step; a multiple of every tile
-constexpr int kDimPad = 16;    // packed K/V rows are padded to a multiple of this (zeros)
+constexpr int kTokenBlock = 48;  // tokens loaded (and prefetched ahead) per step; a multiple of every tile
+constexpr int kDimPad = 16;      // packed K/V/O rows are padded to a multiple of this (zeros)
 
 inline int64_t round_up64(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t task_rows_pad(int64_t rows) { return round_up64(rows, 16) + 16; }
+inline int64_t task_tokens_pad(int64_t tokens) { return round_up64(tokens < 1 ? 1 : tokens, kTokenBlock); }
 
-// Floats of scratch a task with `tokens` chunk tokens needs.
+// Floats of scratch a task with `tokens` chunk tokens needs (TaskScratch order).
 inline int64_t task_scratch_floats(int64_t tokens, int64_t head_dim) {
-  const int64_t tp = round_up64(tokens < 1 ? 1 : tokens, kTokenBlock);
   const int64_t dp = round_up64(head_dim, kDimPad);
-  return 2 * tp * dp + head_dim * kRowBlock + tp * kRowBlock + 2 * kRowBlock + 64;
+  return 2 * task_tokens_pad(tokens) * dp + head_dim * kRowBlock + kTokenBlock * kRowBlock + kRowBlock * dp +
+         3 * kRowBlock;
 }
 
 // One task; returns the K+V bytes it loaded from the caches (counted where it loads them).
