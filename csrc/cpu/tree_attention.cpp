@@ -2,6 +2,7 @@
 // threads from a shared counter. This unit picks the micro-kernel build for the CPU at run time
 // (cpuid; MULTIVERSE_CPU_ISA caps it) and owns the per-thread scratch; the kernels themselves live in
 // tree_attention_impl.h, compiled once per ISA (tree_attention_{avx512,avx2,baseline}.cpp).
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -114,12 +115,19 @@ CpuIsa cpu_isa_selected() {
 void tree_attention(const TreeAttentionParams& p) {
   const TaskFn fn = task_fn(cpu_isa_selected());
   const int32_t group = gqa_group(p.num_qo_heads, p.num_kv_heads);
-  const int64_t tasks = static_cast<int64_t>(p.num_items) * p.num_kv_heads;
-  parallel_tasks<Scratch>(tasks, [&](int64_t t, Scratch& sc) {
-    const int32_t item = static_cast<int32_t>(t / p.num_kv_heads);
-    const int32_t kh = static_cast<int32_t>(t % p.num_kv_heads);
+  const int32_t hk = p.num_kv_heads;
+  const int64_t tasks = static_cast<int64_t>(p.num_items) * hk;
+  // Tasks in plan order (a node's chunks and heads together); each worker prefetches the chunk of the
+  // task it runs next while computing the current one, so a compute-bound task hides the loads of the
+  // next (possibly memory-bound) one.
+  parallel_tasks_lookahead<Scratch>(tasks, [&](int64_t i, int64_t next, Scratch& sc) {
+    const int64_t t = i;
+    const int32_t item = static_cast<int32_t>(t / hk);
+    const int32_t kh = static_cast<int32_t>(t % hk);
+    const int64_t tn = next;
     const TaskScratch s = sc.view(p.item_kv_len[item], p.head_dim, p.item_num_readers[item] * group);
-    const int64_t bytes = fn(p, item, kh, s);
+    const int64_t bytes = fn(p, item, kh, tn >= 0 ? static_cast<int32_t>(tn / hk) : -1,
+                             tn >= 0 ? static_cast<int32_t>(tn % hk) : 0, s);
     if (p.kv_bytes_loaded != nullptr && bytes > 0)
       __atomic_fetch_add(p.kv_bytes_loaded, bytes, __ATOMIC_RELAXED);
   });

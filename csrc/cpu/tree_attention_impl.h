@@ -179,19 +179,37 @@ template <class E> MV_INL const typename E::T* v_row(const TaskCtx& c, int t) {
                       p.v_stride_page, p.v_stride_slot, p.v_stride_head);
 }
 
-// Prefetch (into L2) tokens [a, b): rows of one head are a page/slot stride apart, which hardware
-// prefetchers do not follow across 4 KiB pages.
-template <class E> inline void prefetch_rows(const TaskCtx& c, int a, int b) {
-  const int bytes = c.D * static_cast<int>(sizeof(typename E::T));
-  for (int t = a; t < b; ++t) {
-    const char* kp = reinterpret_cast<const char*>(k_row<E>(c, t));
-    const char* vp = reinterpret_cast<const char*>(v_row<E>(c, t));
+// Prefetches (into L2) of the next token block's K/V rows, spread over the current block's compute a
+// few rows at a time: rows of one head are a page/slot stride apart, which hardware prefetchers do not
+// follow across 4 KiB pages, and a burst of hundreds of prefetches would stall on the miss buffers.
+template <class E> struct Prefetcher {
+  const TaskCtx* c;
+  int next, end;
+  MV_INL void row(int t) const {
+    const int bytes = c->D * static_cast<int>(sizeof(typename E::T));
+    const char* kp = reinterpret_cast<const char*>(k_row<E>(*c, t));
+    const char* vp = reinterpret_cast<const char*>(v_row<E>(*c, t));
     for (int o = 0; o < bytes; o += 64) {
       __builtin_prefetch(kp + o, 0, 2);
       __builtin_prefetch(vp + o, 0, 2);
     }
   }
-}
+  MV_INL void step(int n) {
+    for (; n > 0 && next < end; --n) row(next++);
+  }
+  MV_INL void finish() { step(end - next); }
+};
+
+// This task's next-block prefetches first, then (when those are done) the next task's chunk, so that a
+// compute-bound task hides the loads of a memory-bound one (the dispatcher pairs them).
+template <class E> struct Prefetch2 {
+  Prefetcher<E> own, next;
+  MV_INL void step(int n) {
+    const int left = own.end - own.next;
+    own.step(n);
+    if (n > left) next.step(n - left);
+  }
+};
 
 // Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads.
 // Returns the bytes read.
@@ -312,7 +330,8 @@ inline void pv_dispatch(int rows, const float* vb, int dp, int D, const float* p
 
 // ---------------------------------------------------------------------------------- one task
 template <class E>
-int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const TaskScratch& sc) {
+int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
+                 const TaskScratch& sc) {
   using T = typename E::T;
   const int D = p.head_dim;
   const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
@@ -352,7 +371,16 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
 
   int64_t bytes = 0;
   const T* qp = static_cast<const T*>(p.q);
-  if (max_vis > 0) prefetch_rows<E>(c, 0, imin(kTokenBlock, max_vis));
+  TaskCtx cn = c;  // the next task's chunk (prefetched during this one)
+  int next_len = 0;
+  if (next_item >= 0 && p.item_num_readers[next_item] > 0) {
+    cn.node = p.item_node[next_item];
+    cn.kv_start = p.item_kv_start[next_item];
+    cn.kh = next_kh;
+    next_len = p.item_kv_len[next_item];
+  }
+  Prefetch2<E> pf{{&c, 0, imin(kTokenBlock, max_vis)}, {&cn, 0, next_len}};
+  pf.own.finish();
   for (int m0 = 0; m0 < M; m0 += kRowBlock) {
     const int mb = imin(kRowBlock, M - m0);
     const int mbp = static_cast<int>(round_up64(mb, G));
@@ -383,8 +411,9 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
     for (int tb0 = 0; tb0 < t_stop; tb0 += kTokenBlock) {
       if (m0 == 0) {
         const int tb1 = imin(tb0 + kTokenBlock, max_vis);
-        if (tb1 < max_vis) prefetch_rows<E>(c, tb1, imin(tb1 + kTokenBlock, max_vis));
+        pf.own.finish();  // the rest of this block's prefetches, if compute did not issue them all
         bytes += pack_rows<E>(c, tb0, tb1);
+        pf.own = Prefetcher<E>{&c, tb1, imin(tb1 + kTokenBlock, max_vis)};
         for (int t = tb1; t < tb0 + kTokenBlock; ++t)  // tiles past the chunk read zeros
           for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
       }
@@ -399,12 +428,16 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
         const int tend = imin(tt, te);
         const float* kp = c.kb + static_cast<size_t>(tb0) * dp;
         if (big) {
-          for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp)
+          for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp) {
             qk_tile<W, 2, QK_TB>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col, lds);
+            pf.step(4);
+          }
         } else {
-          for (int t0 = tb0; t0 < tend; t0 += QK_TB_SMALL, kp += QK_TB_SMALL * dp)
+          for (int t0 = tb0; t0 < tend; t0 += QK_TB_SMALL, kp += QK_TB_SMALL * dp) {
             qk_tile<G, 1, QK_TB_SMALL>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col,
                                        lds);
+            pf.step(4);
+          }
         }
         col += width;
       }
@@ -416,6 +449,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
         if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, sc.o, sc.alpha, rb);
+        pf.step(4);
       }
     }
     // Normalise and write: the row's only partial goes straight to out (q's dtype), else a partial.
@@ -444,11 +478,12 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, const T
 }  // namespace multiverse::cpu
 
 namespace multiverse::cpu {
-int64_t MV_TASK_FN(const TreeAttentionParams& p, int32_t item, int32_t kh, const TaskScratch& s) {
+int64_t MV_TASK_FN(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
+                   const TaskScratch& s) {
   switch (p.dtype) {
-    case DType::kFloat32: return run_task<F32>(p, item, kh, s);
-    case DType::kFloat16: return run_task<F16>(p, item, kh, s);
-    case DType::kBFloat16: return run_task<BF16>(p, item, kh, s);
+    case DType::kFloat32: return run_task<F32>(p, item, kh, next_item, next_kh, s);
+    case DType::kFloat16: return run_task<F16>(p, item, kh, next_item, next_kh, s);
+    case DType::kBFloat16: return run_task<BF16>(p, item, kh, next_item, next_kh, s);
   }
   return 0;
 }

@@ -40,15 +40,19 @@ inline int64_t task_scratch_floats(int64_t tokens, int64_t head_dim) {
          3 * kRowBlock;
 }
 
-// One task; returns the K+V bytes it loaded from the caches (counted where it loads them).
-using TaskFn = int64_t (*)(const TreeAttentionParams& p, int32_t item, int32_t kv_head, const TaskScratch& s);
+// One task; returns the K+V bytes it loaded from the caches (counted where it loads them). The chunk of
+// task (next_item, next_kh) (next_item -1: none) is prefetched while this one computes.
+using TaskFn = int64_t (*)(const TreeAttentionParams& p, int32_t item, int32_t kv_head, int32_t next_item,
+                           int32_t next_kh, const TaskScratch& s);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MULTIVERSE_X86_ISAS 1
-int64_t tree_attention_task_avx512(const TreeAttentionParams& p, int32_t item, int32_t kh, const TaskScratch& s);
-int64_t tree_attention_task_avx2(const TreeAttentionParams& p, int32_t item, int32_t kh, const TaskScratch& s);
+int64_t tree_attention_task_avx512(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item,
+                                   int32_t next_kh, const TaskScratch& s);
+int64_t tree_attention_task_avx2(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item,
+                                   int32_t next_kh, const TaskScratch& s);
 #endif
-int64_t tree_attention_task_baseline(const TreeAttentionParams& p, int32_t item, int32_t kh,
-                                     const TaskScratch& s);
+int64_t tree_attention_task_baseline(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item,
+                                   int32_t next_kh, const TaskScratch& s);
 
 }  // namespace multiverse::cpu
