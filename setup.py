@@ -4,6 +4,9 @@ Parts and how they are chosen:
 
 * ``multiverse_kernels._C``      CPU kernels + torch.ops.multiverse_C schemas. Built when torch is
   importable at build time (``pip install --no-build-isolation .``) and a C++ compiler works.
+  Otherwise (pip's default isolated build has no torch) the wheel ships the C++ sources as
+  ``multiverse_kernels/_csrc/`` and the first use builds them against the installed torch
+  (multiverse_kernels/_jit.py, cached per user).
 * ``multiverse_kernels._C_cuda`` CUDA kernels (sm_90a, sm_100a by default). Built when additionally
   torch is a CUDA build and nvcc is found (CUDA_HOME, default /usr/local/cuda).
 
@@ -29,9 +32,45 @@ import sysconfig
 import tempfile
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LOG_DIR = os.path.join(ROOT, "build")
+
+
+def _load_build_config():
+    # Sources and flags shared with the first-use build (multiverse_kernels/_jit.py); loaded by path
+    # because the package (and torch) may not be importable here.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_multiverse_build_config", os.path.join(ROOT, "multiverse_kernels", "_build_config.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CFG = _load_build_config()
+
+
+class BuildPyWithSources(build_py):
+    """Also copies csrc/ into the wheel as multiverse_kernels/_csrc/csrc/ so that an install without a
+    compiled _C (isolated build, no torch) can build the kernels on first use. Not for editable
+    installs: those find csrc/ in the source tree."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        src_root = os.path.join(ROOT, "csrc")
+        dst_root = os.path.join(self.build_lib, "multiverse_kernels", "_csrc", "csrc")
+        for dirpath, dirnames, filenames in os.walk(src_root):
+            dirnames[:] = [d for d in dirnames if d != "tools"]
+            for fn in filenames:
+                if fn.endswith(CFG.SOURCE_SUFFIXES):
+                    rel = os.path.relpath(os.path.join(dirpath, fn), src_root)
+                    os.makedirs(os.path.dirname(os.path.join(dst_root, rel)), exist_ok=True)
+                    self.copy_file(os.path.join(dirpath, fn), os.path.join(dst_root, rel))
 
 
 # pip runs setup.py for metadata first and then for the build: report only in the build run.
@@ -92,7 +131,8 @@ def _cu13_include() -> list[str]:
 
 def _extensions() -> tuple[list, dict]:
     if _flag("MULTIVERSE_BUILD_CPP") == "0":
-        _note("C++/CUDA extension skipped (MULTIVERSE_BUILD_CPP=0); pure Python (reference, triton)")
+        _note("C++/CUDA extension not compiled now (MULTIVERSE_BUILD_CPP=0); the first use of the cpu "
+              "backend builds it (MULTIVERSE_JIT=0 turns that off too)")
         return [], {}
     want_cuda = _flag("MULTIVERSE_BUILD_CUDA")
     if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -108,27 +148,24 @@ def _extensions() -> tuple[list, dict]:
         if want_cuda == "1":
             raise SystemExit("multiverse_kernels: MULTIVERSE_BUILD_CUDA=1 but torch is not importable at "
                              "build time (use pip install --no-build-isolation)") from None
-        _note("C++/CUDA extension skipped (torch not importable at build time; use "
-              "pip install --no-build-isolation); pure Python (reference, triton)")
+        _note("C++/CUDA extension not compiled now (torch not importable in the build environment); "
+              "the first use builds it against the installed torch, once, cached (docs/build.md)")
         return [], {}
     if not _cxx_works():
         if want_cuda == "1":
             raise SystemExit("multiverse_kernels: MULTIVERSE_BUILD_CUDA=1 but no working C++ compiler")
-        _note("C++/CUDA extension skipped (no working C++ compiler); pure Python (reference, triton)")
+        _note("C++/CUDA extension skipped (no working C++ compiler); pure Python (reference, triton) "
+              "unless a compiler is there at first use")
         return [], {}
 
-    inc = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++20", "-DMULTIVERSE_WITH_ATEN", "-fopenmp", "-Wno-psabi"]
+    inc = [os.path.join(ROOT, d) for d in CFG.INCLUDE_DIRS]
     exts = [
         cpp_extension.CppExtension(
             "multiverse_kernels._C",
-            sources=["csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/cpu/tree_attention.cpp",
-                     "csrc/cpu/tree_attention_avx512.cpp", "csrc/cpu/tree_attention_avx2.cpp",
-                     "csrc/cpu/tree_attention_baseline.cpp",
-                     "csrc/cpu/merge_states.cpp", "csrc/cpu/append_paged_kv.cpp"],
+            sources=list(CFG.CPU_SOURCES),
             include_dirs=inc,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": list(CFG.CPU_CXX_FLAGS)},
+            extra_link_args=list(CFG.CPU_LINK_FLAGS),
         )
     ]
 
@@ -145,20 +182,31 @@ def _extensions() -> tuple[list, dict]:
             raise SystemExit(f"multiverse_kernels: MULTIVERSE_BUILD_CUDA=1 but {cuda_reason}")
         _note(f"CUDA extension skipped ({cuda_reason}); CPU extension only")
     else:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a;10.0a")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CFG.DEFAULT_CUDA_ARCHS)
         exts.append(
             cpp_extension.CUDAExtension(
                 "multiverse_kernels._C_cuda",
-                sources=["csrc/torch_bindings_cuda.cpp", "csrc/plan.cpp", "csrc/cuda/tree_attention.cu",
-                         "csrc/cuda/merge_states.cu", "csrc/cuda/append_paged_kv.cu"],
+                sources=list(CFG.CUDA_SOURCES),
                 include_dirs=inc + _cu13_include(),
-                extra_compile_args={
-                    "cxx": ["-O3", "-std=c++20"],
-                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
-                },
+                extra_compile_args={"cxx": list(CFG.CUDA_CXX_FLAGS), "nvcc": list(CFG.CUDA_NVCC_FLAGS)},
             )
         )
     return exts, {"build_ext": _make_build_ext(cpp_extension.BuildExtension)}
+
+
+def _write_build_info(lib_path: str, part: str) -> None:
+    # What `python -m multiverse_kernels.info` reports about this library (torch, CUDA archs).
+    import json
+
+    import torch
+
+    info = {"built": "at install time (setup.py)", "torch": torch.__version__,
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if part == "_C_cuda" else None}
+    try:
+        with open(lib_path + ".build.json", "w") as f:
+            json.dump(info, f)
+    except OSError:
+        pass
 
 
 def _make_build_ext(base: type) -> type:
@@ -192,6 +240,7 @@ def _make_build_ext(base: type) -> type:
                     os.close(saved[1])
             if err is None:
                 _note(f"built {ext.name} (log: {os.path.relpath(log, ROOT)})")
+                _write_build_info(self.get_ext_fullpath(ext.name), part)
                 return
             if strict:
                 raise SystemExit(f"multiverse_kernels: building {ext.name} failed: {err} "
@@ -202,4 +251,4 @@ def _make_build_ext(base: type) -> type:
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
-  AttentionBuffers b = alloc_attention_buffers(p, q, plan, kv_bytes);
+  AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   multiverse::cpu::tree_attention(p);
   MergeParams m = make_plan_merge_params(p, plan, b.out, b.lse);
   multiverse::cpu::merge_states(m);
@@ -58,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
   const int64_t group = q.size(1) / std::max<int64_t>(k_cache.size(2), 1);
   // Same choices as multiverse_kernels/backends/cpu: 256-token chunks, <= 1024 packed rows per item.
   auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 256,
-                              std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), q.device());
+                              std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), std::max<int64_t>(group, 1),
+                              k_cache.size(2), 1, q.device());
   return tree_attention_run_cpu(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
                                 std::nullopt);
 }
@@ -66,9 +67,9 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
 std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
     const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
     const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
-    int64_t rows_per_tile) {
+    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers) {
   auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, chunk_tokens, rows_per_tile,
-                              node_len.device());
+                              group, num_kv_heads, num_workers, node_len.device());
   auto it = at::empty({static_cast<int64_t>(ints.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(ints.begin(), ints.end(), it.data_ptr<int64_t>());
   return {ts, it};
@@ -97,10 +98,14 @@ TORCH_LIBRARY(multiverse_C, m) {
       "Tensor node_page_indices, Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
       "Tensor? own_full, float sm_scale) -> (Tensor, Tensor)");
   // The host planner (csrc/plan.cpp), identical to multiverse_kernels.planning: (plan tensors on the
-  // metadata's device, int64 tensor of TreePlan.INT_FIELDS). Eager only (data-dependent sizes).
+  // metadata's device, int64 tensor of TreePlan.INT_FIELDS). chunk_tokens 0: automatic split for
+  // num_workers. Eager only (data-dependent sizes).
   m.def(
       "plan_tree_attention(Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
-      "Tensor? own_full, int chunk_tokens, int rows_per_tile) -> (Tensor[], Tensor)");
+      "Tensor? own_full, int chunk_tokens, int rows_per_tile, int group=1, int num_kv_heads=1, "
+      "int num_workers=1) -> (Tensor[], Tensor)");
+  // The plan field lists this library was built with (multiverse_kernels/plan_format.py FORMAT_STRING).
+  m.def("plan_format() -> str");
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
   // int64[1] the kernel adds the K+V bytes it loads to (measurement hook).
   m.def(
@@ -117,6 +122,7 @@ TORCH_LIBRARY(multiverse_C, m) {
 
 TORCH_LIBRARY_IMPL(multiverse_C, CompositeExplicitAutograd, m) {
   m.impl("plan_tree_attention", &multiverse::bind::plan_tree_attention_op);
+  m.impl("plan_format", []() -> std::string { return MULTIVERSE_PLAN_FORMAT; });
 }
 
 TORCH_LIBRARY_IMPL(multiverse_C, CPU, m) {

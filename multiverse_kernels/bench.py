@@ -2,6 +2,7 @@
 
     python -m multiverse_kernels.bench                 # default backend, both forests
     python -m multiverse_kernels.bench --forest multiverse --iters 20
+    python -m multiverse_kernels.bench --sweep all --json report.json --plot docs/img   # sweeps, JSON, PNG
 
 For each method it prints the time of one step, its ratio to the fastest peer, and the KV bytes it
 read from the cache next to the forest's unique KV bytes (the lower bound: every visible page once).
@@ -339,7 +340,8 @@ def format_table(w: Workload, rows: list[Row], bw: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m multiverse_kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--forest", choices=["multiverse", "sampling16", "all"], default="all")
+    p.add_argument("--forest", choices=["multiverse", "sampling16", "all", "none"], default="all",
+                   help="main tables to print (none: only the sweeps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="default: float16 on CUDA, float32 on CPU")
@@ -347,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                    "available for the device)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-peers", action="store_true")
+    from . import bench_sweep  # sweeps, JSON and plots (multiverse_kernels/bench_sweep.py)
+
+    bench_sweep.add_arguments(p)
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if a.device.startswith("cuda")
                                                      else torch.float32)
@@ -354,11 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"multiverse_kernels benchmark | torch {torch.__version__} | device {a.device} | "
           f"auto backend: {available_backends('tree_attention', torch.device(a.device))[0]} | "
           f"{torch.get_num_threads()} threads")
-    for forest in (["multiverse", "sampling16"] if a.forest == "all" else [a.forest]):
+    tables = []
+    forests = {"all": ["multiverse", "sampling16"], "none": []}.get(a.forest, [a.forest])
+    for forest in forests:
         w, rows, bw = run_bench(forest, a.device, dtype, a.iters, a.backend, not a.no_peers)
         print()
         print(format_table(w, rows, bw))
         sys.stdout.flush()
+        tables.append(bench_sweep.table_record(w, rows, bw))
+    bench_sweep.main_hook(a, dtype, tables, sys.argv[1:] if argv is None else argv)
     return 0
 
 

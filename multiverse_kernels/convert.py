@@ -32,19 +32,56 @@ def from_page_lists(page_lists: list[Tensor], seq_lens: list[int], page_size: in
         q_lens: query rows per request (its last q_len tokens), default 1 each.
     Returns metadata with one group per request, in request order.
     """
+    return _from_page_lists(page_lists, seq_lens, page_size, q_lens, device)
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_MAX_ID = 2**31 - 1  # page ids and slots are stored as int32
+
+
+def _check_page_size(page_size: int) -> None:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise MetadataError(f"page_size: expected a positive int, got {page_size!r}")
+
+
+def _check_ids(name: str, t: Tensor) -> None:
+    """An integer tensor of ids in [0, 2^31): float ids would be truncated, large ones would wrap."""
+    if not isinstance(t, Tensor):
+        raise MetadataError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise MetadataError(f"{name}: expected an integer tensor, got {t.dtype}")
+    if t.dim() != 1:
+        raise MetadataError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > _MAX_ID:
+            raise MetadataError(f"{name}: expected ids in [0, 2^31), found {lo if lo < 0 else hi}")
+
+
+def _from_page_lists(page_lists, seq_lens, page_size, q_lens, device,
+                     names=("page_lists", "seq_lens", "q_lens")) -> ForestMetadata:
+    """:func:`from_page_lists` with the caller's argument names in the errors."""
+    n_pages, n_seq, n_q = names
+    _check_page_size(page_size)
     R = len(page_lists)
+    for r, p in enumerate(page_lists):
+        _check_ids(f"{n_pages}[{r}]", p)
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seq_lens):
+        raise MetadataError(f"{n_seq}: expected non-negative ints, got {list(seq_lens)}")
     if len(seq_lens) != R:
-        raise MetadataError(f"seq_lens: expected {R} entries (one per request), got {len(seq_lens)}")
+        raise MetadataError(f"{n_seq}: expected {R} entries (one per request), got {len(seq_lens)}")
     q_lens = [1] * R if q_lens is None else list(q_lens)
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in q_lens):
+        raise MetadataError(f"{n_q}: expected non-negative ints, got {q_lens}")
     if len(q_lens) != R:
-        raise MetadataError(f"q_lens: expected {R} entries (one per request), got {len(q_lens)}")
+        raise MetadataError(f"{n_q}: expected {R} entries (one per request), got {len(q_lens)}")
     if device is None:
         device = page_lists[0].device if R else "cpu"
     npg = [int(p.numel()) for p in page_lists]
     for r in range(R):
         if -(-seq_lens[r] // page_size) != npg[r]:
             raise MetadataError(
-                f"seq_lens: request {r} has {seq_lens[r]} tokens but {npg[r]} pages of {page_size}")
+                f"{n_seq}: request {r} has {seq_lens[r]} tokens but {npg[r]} pages of {page_size}")
     maxp = max(npg, default=0)
     pad = torch.full((R, maxp + 1), -1, dtype=torch.int64)
     for r, p in enumerate(page_lists):
@@ -71,10 +108,10 @@ def from_page_lists(page_lists: list[Tensor], seq_lens: list[int], page_size: in
             tok = [seq_lens[int(r)] - start * page_size for r in ending]
             if ending.numel() and (min(tok) != max(tok)):
                 raise MetadataError(
-                    f"seq_lens: requests {ending.tolist()} share their last page but differ in length")
+                    f"{n_seq}: requests {ending.tolist()} share their last page but differ in length")
             if going.numel() and ending.numel() and tok[0] != lcp * page_size:
                 raise MetadataError(
-                    f"page_lists: request {int(ending[0])} ends inside a page that request "
+                    f"{n_pages}: request {int(ending[0])} ends inside a page that request "
                     f"{int(going[0])} continues past")
             nid = len(node_len)
             node_pages.append(pad[int(reqs[0]), start:end])
@@ -92,7 +129,7 @@ def from_page_lists(page_lists: list[Tensor], seq_lens: list[int], page_size: in
         path = node_vis[r]
         if q_lens[r] > node_len[path[-1]]:
             raise MetadataError(
-                f"q_lens: request {r}'s last {q_lens[r]} tokens are not all its own (only "
+                f"{n_q}: request {r}'s last {q_lens[r]} tokens are not all its own (only "
                 f"{node_len[path[-1]]} tokens after the last page it shares)")
         qo.append(qo[-1] + q_lens[r])
         vis.extend(path)
@@ -117,22 +154,49 @@ def from_flashinfer(kv_indptr: Tensor, kv_indices: Tensor, kv_last_page_len: Ten
     """From FlashInfer's paged layout: request r owns pages ``kv_indices[kv_indptr[r]:kv_indptr[r+1]]``
     with ``kv_last_page_len[r]`` tokens in its last page; ``qo_indptr`` (default one row per request)
     gives its query rows (the last tokens of the request)."""
+    _check_page_size(page_size)
+    _check_ids("kv_indices", kv_indices)
+    for name, t in (("kv_indptr", kv_indptr), ("kv_last_page_len", kv_last_page_len)) + (
+            (("qo_indptr", qo_indptr),) if qo_indptr is not None else ()):
+        if not isinstance(t, Tensor) or t.dtype not in _INT_DTYPES or t.dim() != 1:
+            raise MetadataError(f"{name}: expected a 1-D integer tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     ip = kv_indptr.tolist()
+    if not ip or ip[0] != 0 or any(b < a for a, b in zip(ip, ip[1:])):
+        raise MetadataError(f"kv_indptr: expected a non-decreasing indptr starting at 0, got {ip}")
+    if ip[-1] > kv_indices.numel():
+        raise MetadataError(f"kv_indptr: last entry {ip[-1]} is past the end of kv_indices "
+                            f"({kv_indices.numel()} entries)")
+    R = len(ip) - 1
     last = kv_last_page_len.tolist()
-    lists = [kv_indices[ip[r]:ip[r + 1]] for r in range(len(ip) - 1)]
+    if len(last) != R:
+        raise MetadataError(f"kv_last_page_len: expected {R} entries (len(kv_indptr) - 1), got {len(last)}")
+    lists = [kv_indices[ip[r]:ip[r + 1]] for r in range(R)]
+    for r, p in enumerate(lists):
+        lo = 1 if p.numel() else 0
+        if not lo <= last[r] <= (page_size if p.numel() else 0):
+            raise MetadataError(f"kv_last_page_len: request {r} has {p.numel()} pages, expected a last-page "
+                                f"length in [{lo}, {page_size if p.numel() else 0}], got {last[r]}")
     seq = [max(0, (len(p) - 1) * page_size + last[r]) for r, p in enumerate(lists)]
     q_lens = None
     if qo_indptr is not None:
         qo = qo_indptr.tolist()
+        if len(qo) != R + 1 or qo[0] != 0 or any(b < a for a, b in zip(qo, qo[1:])):
+            raise MetadataError(f"qo_indptr: expected a non-decreasing indptr of {R + 1} entries starting "
+                                f"at 0, got {qo}")
         q_lens = [b - a for a, b in zip(qo, qo[1:])]
-    return from_page_lists(lists, seq, page_size, q_lens, device=kv_indices.device)
+    return _from_page_lists(lists, seq, page_size, q_lens, kv_indices.device,
+                            names=("kv_indices", "kv_last_page_len", "qo_indptr"))
 
 
 def from_sglang(token_slots: list[Tensor], q_lens: list[int] | None = None) -> ForestMetadata:
     """From SGLang-style token-slot lists (``req_to_token[r, :seq_len[r]]``, page size 1): request r's
     tokens live at slots ``token_slots[r]`` of a [num_slots, 1, Hk, D] cache view."""
-    return from_page_lists(list(token_slots), [int(t.numel()) for t in token_slots], 1, q_lens,
-                           device=token_slots[0].device if token_slots else None)
+    for r, t in enumerate(token_slots):
+        _check_ids(f"token_slots[{r}]", t)
+    return _from_page_lists(list(token_slots), [int(t.numel()) for t in token_slots], 1, q_lens,
+                            token_slots[0].device if token_slots else None,
+                            names=("token_slots", "token_slots", "q_lens"))
 
 
 def _group_pages(meta: ForestMetadata, g: int) -> tuple[list[int], int]:

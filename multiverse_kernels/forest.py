@@ -74,7 +74,14 @@ class KVForest:
         return self._nodes[node]
 
     def new_sequence(self, num_tokens: int = 0) -> int:
-        """Start a root node (a new prompt); allocate room for ``num_tokens``. Returns its id."""
+        """Start a root node (a new prompt); allocate room for ``num_tokens``. Returns its id.
+
+        Raises ValueError / :class:`OutOfPages` before creating anything (no node is left behind)."""
+        if not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
+        need = -(-num_tokens // self.page_size)
+        if need > len(self._free):
+            raise OutOfPages(f"need {need} pages, {len(self._free)} free")
         nid = self._new_node([])
         if num_tokens:
             self.append(nid, num_tokens)
@@ -86,8 +93,8 @@ class KVForest:
         ``node`` becomes frozen (no more appends), so a child never writes into its parent's pages.
         """
         parent = self._check_live(node)
-        if k < 1:
-            raise ValueError(f"k: expected a positive number of children, got {k}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive number of children, got {k!r}")
         kids = [self._new_node(list(parent.vis)) for _ in range(k)]
         parent.children += k
         return kids
@@ -120,8 +127,8 @@ class KVForest:
         nd = self._check_live(node)
         if nd.children:
             raise ValueError(f"node: node {node} has children and is frozen; fork a child to extend")
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens: expected >= 0, got {num_tokens}")
+        if not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
         new_len = nd.length + num_tokens
         need = -(-new_len // self.page_size) - len(nd.pages)
         if need > len(self._free):

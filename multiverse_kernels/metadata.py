@@ -1,4 +1,4 @@
-"""KV-forest metadata: the one format every op and backend consumes (DESIGN §2).
+"""KV-forest metadata: the one format every op and backend consumes (docs/design.md §2).
 
 A forest is a set of *nodes* (runs of tokens in the paged KV cache) and *query groups* (runs of query
 rows with a visibility list of nodes). All index tensors are int32 and live on the same device as the
@@ -139,7 +139,7 @@ class ForestMetadata:
 
     # -------------------------------------------------------------- checking
     def validate(self, num_pages: int | None = None) -> None:
-        """Check every invariant of DESIGN §2; raise :class:`MetadataError` naming the field.
+        """Check every invariant of docs/design.md §2; raise :class:`MetadataError` naming the field.
 
         ``num_pages`` (the cache's first dimension) enables the page-range check. This syncs with the
         device; call it once per step (ops do it unless ``validate=False``).

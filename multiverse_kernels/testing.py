@@ -35,7 +35,7 @@ def _pool(num_pages: int, page_size: int, rng: random.Random | None) -> KVForest
 
 
 def design_example_forest() -> tuple[KVForest, list[tuple[int, int]]]:
-    """DESIGN §2's worked example (page size 4, 16 pages): a 10-token trunk, paths A (5 tokens) and
+    """docs/design.md §2's worked example (page size 4, 16 pages): a 10-token trunk, paths A (5 tokens) and
     B (3), a conclusion C (2) joining them; A and B decode one row each, C extends by 2."""
     f = KVForest(16, 4)
     trunk = f.new_sequence(10)

@@ -6,9 +6,11 @@ needed) and report registers, spills, shared memory and tensor-core instructions
 Exit status 1 on any spill (ptxas "bytes spill stores/loads" > 0) or shared memory over the target's
 per-block limit (227 KiB on sm_90 and sm_100), or any compile failure. CI runs it (.ci/run).
 
-Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128}
-(<= MAX_BLOCK_M[head_dim]) with the dispatcher's BLOCK_N / num_warps / num_stages; merge = head_dim x
-output dtype; append = head_dim x cache dtype x BLOCK_H {1, 2, 4, 8, 16} (num_kv_heads <= 16). fp32 (a
+Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128, 256}
+(<= MAX_BLOCK_M[head_dim]: 256 / 128 / 32 for head_dim 64 / 128 / 256) with the dispatcher's
+BLOCK_N / num_warps / num_stages; merge = head_dim x output dtype; append = head_dim x cache dtype x
+BLOCK_H {1, 2, 4, 8, 16} (num_kv_heads <= 16); backward = head_dim x {fp16, bf16} x {dK/dV kernel, dQ
+kernel} with the tiles of ``DKDV_TILES`` / ``DQ_TILES``. fp32 (a
 test-only dtype) is not compiled. Pointer arguments and the row strides get the 16-divisibility hint the
 JIT gives them at run time for these shapes; page_size, the GQA group, num_kv_heads and the lse strides
 are runtime arguments the kernels tell the JIT not to specialize on, so each configuration is one
@@ -36,6 +38,7 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
     from multiverse_kernels.backends.triton.append_paged_kv import append_config
     from multiverse_kernels.backends.triton.merge_states import merge_config
     from multiverse_kernels.backends.triton.tree_attention import HEAD_DIMS, gpu_attn_configs
+    from multiverse_kernels.backends.triton.tree_attention_backward import gpu_bwd_configs
 
     out = []
     for dtype, cfg in gpu_attn_configs():
@@ -78,11 +81,35 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
                 out.append(("append", f"append d={d:<3} {t} BLOCK_H={a.BLOCK_H:<2} warps={a.num_warps}",
                             sig, dict(const={"HEAD_DIM": d, "BLOCK_H": a.BLOCK_H},
                                       num_warps=a.num_warps, num_stages=1)))
+    for kind, dtype, cfg in gpu_bwd_configs():
+        t = _TY[dtype]
+        sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "DO": f"*{t}", "Lse": "*fp32", "Delta": "*fp32"}
+        if kind == "bwd_dkdv":
+            sig.update({"DK": f"*{t}", "DV": f"*{t}"})
+            idx = ("NodePageIndptr", "NodePageIndices", "ReaderRow", "ReaderLimit", "ItemNode",
+                   "ItemKvStart", "ItemKvLen", "ItemReaderStart", "ItemReaderEnd")
+        else:
+            sig["DQ"] = f"*{t}"
+            idx = ("NodePageIndptr", "NodePageIndices", "NodeLen", "QoIndptr", "VisIndptr", "VisNodes",
+                   "OwnFull", "BlockGroup", "BlockRow0")
+        for name in idx:
+            sig[name] = "*i32"
+        sig["qk_scale"] = "fp32"
+        sig["sm_scale"] = "fp32"
+        for name in ("page_size", "group", "stride_qt", "stride_qh", "stride_kp", "stride_ks",
+                     "stride_kh", "stride_lt"):
+            sig[name] = "i32"
+        const = {k: getattr(cfg, k) for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
+                                              "IEEE_DOT")}
+        label = f"{kind:<8} d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N} " \
+                f"warps={cfg.num_warps} stages={cfg.num_stages}"
+        out.append((kind, label, sig, dict(const=const, num_warps=cfg.num_warps,
+                                           num_stages=cfg.num_stages)))
     return out
 
 
 # arguments that get the 16-divisibility hint (pointers, and strides that are multiples of head_dim)
-_NOT_DIV16 = {"qk_scale", "page_size", "group", "num_heads", "stride_lt", "stride_lp"}
+_NOT_DIV16 = {"qk_scale", "sm_scale", "page_size", "group", "num_heads", "stride_lt", "stride_lp"}
 
 
 def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
@@ -94,9 +121,11 @@ def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
     from multiverse_kernels.backends.triton.append_paged_kv import _append_kernel
     from multiverse_kernels.backends.triton.merge_states import _merge_kernel
     from multiverse_kernels.backends.triton.tree_attention import _tree_attn_kernel
+    from multiverse_kernels.backends.triton.tree_attention_backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 
     kind, label, sig, opts, arch = job
-    fn = {"attn": _tree_attn_kernel, "merge": _merge_kernel, "append": _append_kernel}[kind]
+    fn = {"attn": _tree_attn_kernel, "merge": _merge_kernel, "append": _append_kernel,
+          "bwd_dkdv": _bwd_dkdv_kernel, "bwd_dq": _bwd_dq_kernel}[kind]
     signature = dict(sig)
     for k in opts["const"]:
         signature[k] = "constexpr"

@@ -6,7 +6,7 @@ variable and backend registration), so other test files in the same pytest proce
 The backend wraps its kernels per call (not with ``@triton.jit`` at import), so import order does not
 matter.
 
-What the interpreter covers and what it does not (DESIGN §5):
+What the interpreter covers and what it does not (docs/design.md §5):
   * fp32 and fp16: the kernels' exact code path (fp16 ``tl.dot`` with fp32 accumulation, p cast to
     fp16 for the PV product; fp32 dots are IEEE on both the interpreter and the GPU).
   * bf16: loads, stores and conversions are exercised, but the interpreter computes bf16 arithmetic and

@@ -49,7 +49,7 @@ def test_real_shapes(shape):
 
 
 def test_worked_example_from_design():
-    """DESIGN §2: 10-token trunk, paths A (5) and B (3), conclusion C (2) joining them, page size 4."""
+    """docs/design.md §2: 10-token trunk, paths A (5) and B (3), conclusion C (2) joining them, page 4."""
     f, groups = design_example_forest()
     m = f.metadata(groups)
     assert m.node_page_indptr.tolist() == [0, 3, 5, 6, 7]

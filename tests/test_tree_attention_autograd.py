@@ -1,4 +1,4 @@
-"""Autograd of tree_attention (DESIGN §3, packed tree attention with autograd): gradcheck in float64,
+"""Autograd of tree_attention (docs/design.md §3, packed tree attention with autograd): gradcheck in float64,
 gradients equal autograd through the dense-mask SDPA, the blocked backward at tiny block sizes, the
 packed-training case on parsed Multiverse sequences, opcheck of the backward op, torch.compile."""
 

@@ -46,7 +46,15 @@ def test_spills_are_flagged(report):
 
 def test_every_dispatchable_config_is_listed(report):
     labels = [label for _, label, _, _ in report._configs()]
-    for d, bms in ((64, (16, 32, 64, 128)), (128, (16, 32, 64, 128)), (256, (16, 32))):
+    for d, bms in ((64, (16, 32, 64, 128, 256)), (128, (16, 32, 64, 128)), (256, (16, 32))):
         for t in ("fp16", "bf16"):
             for bm in bms:
                 assert any(f"attn d={d:<3} {t} BLOCK_M={bm:<3}" in x for x in labels), (d, t, bm)
+
+
+def test_backward_kernels_are_listed(report):
+    labels = [label for _, label, _, _ in report._configs()]
+    for kind in ("bwd_dkdv", "bwd_dq"):
+        for d in (64, 128, 256):
+            for t in ("fp16", "bf16"):
+                assert any(x.startswith(f"{kind:<8} d={d:<3} {t} ") for x in labels), (kind, d, t)

@@ -11,7 +11,8 @@
 namespace multiverse::cpu {
 namespace {
 
-// Merge one row: states with lse -inf carry nothing; all empty -> out 0, lse -inf.
+// Merge one row: states with lse -inf carry nothing (their values are never read, NaN or not); all
+// empty (or no states) -> out 0, lse -inf; a NaN or +Inf lse -> out NaN, lse NaN.
 template <class In, class Out>
 void merge_rows(const MergeParams& p, int64_t b, int64_t e) {
   const int H = p.num_heads, D = p.head_dim;
@@ -34,9 +35,20 @@ void merge_rows(const MergeParams& p, int64_t b, int64_t e) {
     };
     for (int h = 0; h < H; ++h) {
       float m = -std::numeric_limits<float>::infinity();
-      for (int32_t i = s_begin; i < s_end; ++i) m = std::max(m, p.partial_lse[slot_of(i) * H + h]);
+      bool bad = false;  // NaN policy (docs/errors.md): a NaN or +Inf lse makes the row NaN
+      for (int32_t i = s_begin; i < s_end; ++i) {
+        const float ls = p.partial_lse[slot_of(i) * H + h];
+        if (std::isnan(ls) || ls == std::numeric_limits<float>::infinity()) bad = true;
+        else m = std::max(m, ls);
+      }
       std::fill(acc.begin(), acc.end(), 0.0f);
       float den = 0.0f;
+      if (bad) {
+        auto* dst = out + (r * H + h) * static_cast<int64_t>(D);
+        for (int d = 0; d < D; ++d) dst[d] = Out::store(std::numeric_limits<float>::quiet_NaN());
+        p.lse[r * H + h] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       if (std::isfinite(m)) {
         for (int32_t i = s_begin; i < s_end; ++i) {
           const int64_t sl = slot_of(i);

@@ -63,7 +63,7 @@ struct Scratch {
   std::vector<int32_t> i;
   TaskScratch view(int64_t tokens, int32_t head_dim, int32_t rows) {
     const int64_t nf = task_scratch_floats(tokens, head_dim);
-    const int64_t ni = 4 * task_rows_pad(rows);
+    const int64_t ni = task_row_ints(rows);
     if (static_cast<int64_t>(f.size()) < nf) f.resize(nf);
     if (static_cast<int64_t>(i.size()) < ni) i.resize(ni);
     const int64_t tp = task_tokens_pad(tokens);

@@ -53,16 +53,19 @@ template <> struct VT<4> {
   typedef float V __attribute__((vector_size(16)));
   typedef float U __attribute__((vector_size(16), aligned(4)));
   typedef int32_t I __attribute__((vector_size(16)));
+  typedef int32_t IU __attribute__((vector_size(16), aligned(4)));
 };
 template <> struct VT<8> {
   typedef float V __attribute__((vector_size(32)));
   typedef float U __attribute__((vector_size(32), aligned(4)));
   typedef int32_t I __attribute__((vector_size(32)));
+  typedef int32_t IU __attribute__((vector_size(32), aligned(4)));
 };
 template <> struct VT<16> {
   typedef float V __attribute__((vector_size(64)));
   typedef float U __attribute__((vector_size(64), aligned(4)));
   typedef int32_t I __attribute__((vector_size(64)));
+  typedef int32_t IU __attribute__((vector_size(64), aligned(4)));
 };
 
 template <int N> MV_INL typename VT<N>::V vld(const float* p) {
@@ -249,7 +252,7 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
 // exactly 0 for vis <= t < t_end (so P V tiles can run every row to their tile's max).
 template <int N>
 MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0, int t_end, float* mx, float* sum,
-                         float* alpha) {
+                         float* alpha, int32_t* bad) {
   using V = typename VT<N>::V;
   using I = typename VT<N>::I;
   const V ninf = vbcast<V>(-__builtin_inff());
@@ -261,11 +264,15 @@ MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0,
   }
   const V mold = vld<N>(mx + c0);
   V mv = mold;
+  I badv = *reinterpret_cast<const typename VT<N>::IU*>(bad + c0);
   for (int t = t0; t < tmax; ++t) {
     const V x = vld<N>(st + static_cast<size_t>(t - t0) * lds + c0);
-    const V xm = (I{} + t) < visv ? x : ninf;
+    const I seen = (I{} + t) < visv;
+    const V xm = seen ? x : ninf;
     mv = xm > mv ? xm : mv;
+    badv |= seen & ((x - x) != V{});  // NaN policy: x - x is NaN exactly when x is NaN or +-Inf
   }
+  *reinterpret_cast<typename VT<N>::IU*>(bad + c0) = badv;
   const V mref = mv == ninf ? V{} : mv;  // rows that saw nothing yet: any finite reference
   V s = V{};
   for (int t = t0; t < t_end; ++t) {
@@ -283,9 +290,12 @@ MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0,
 // ---------------------------------------------------------------------------------- O = P V
 // O[r][d0 : d0 + NV*W] = alpha[r] * O[r][...] + sum_{t0 <= t < t1} P^T[t - t0][r] V[t][...] for RB rows r
 // (block-local rb + r); o: [rows][dp] fp32 scratch.
+// Tokens [t0, tfull) every row of the tile sees; tokens [tfull, t1) only rows r with t < vis[r] (NaN
+// policy: a masked token is skipped, never multiplied by 0, so a NaN/Inf in V cannot cross the mask).
 template <int RB, int NV>
 MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __restrict pt, int lds, int t0,
-                    int t1, float* __restrict o, const float* __restrict alpha, int rb) {
+                    int tfull, int t1, const int32_t* __restrict vis, float* __restrict o,
+                    const float* __restrict alpha, int rb) {
   using V = typename VT<W>::V;
   V acc[RB][NV];
   MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -295,7 +305,8 @@ MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __r
   }
   const float* vp = vb + static_cast<size_t>(t0) * dp + d0;
   const float* pp = pt + rb;
-  for (int t = t0; t < t1; ++t, vp += dp, pp += lds) {
+  int t = t0;
+  for (; t < tfull; ++t, vp += dp, pp += lds) {
     V vv[NV];
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -303,29 +314,42 @@ MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __r
       MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
     }
   }
+  for (; t < t1; ++t, vp += dp, pp += lds) {
+    V vv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+      if (t < vis[rb + r]) {
+        const V pb = vbcast<V>(pp[r]);
+        MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
+      }
+    }
+  }
   MV_UNROLL(12) for (int r = 0; r < RB; ++r)
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W, acc[r][v]);
 }
 
 template <int RB>
-inline void pv_rows(const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1, float* o,
-                    const float* alpha, int rb) {
+inline void pv_rows(const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1, const int32_t* vis,
+                    float* o, const float* alpha, int rb) {
+  int tfull = t1;
+  for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
   int d0 = 0;
-  for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W) pv_tile<RB, 2>(vb, dp, d0, pt, lds, t0, t1, o, alpha, rb);
-  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vb, dp, d0, pt, lds, t0, t1, o, alpha, rb);
+  for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W)
+    pv_tile<RB, 2>(vb, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
+  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vb, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
 }
 
 // `rows` (1 .. RB) rows starting at block-local rb.
 template <int RB>
 inline void pv_dispatch(int rows, const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1,
-                        float* o, const float* alpha, int rb) {
+                        const int32_t* vis, float* o, const float* alpha, int rb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<RB - 1>(rows, vb, dp, D, pt, lds, t0, t1, o, alpha, rb);
+      pv_dispatch<RB - 1>(rows, vb, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
       return;
     }
   }
-  pv_rows<RB>(vb, dp, D, pt, lds, t0, t1, o, alpha, rb);
+  pv_rows<RB>(vb, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
 }
 
 // ---------------------------------------------------------------------------------- one task
@@ -352,6 +376,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   int32_t* slot = vis + rp;
   int32_t* head = slot + rp;
   int32_t* orow = head + rp;
+  int32_t* bad = orow + rp;  // [kRowBlock] of the current row block: a visible score was NaN/Inf
   int max_vis = 0;
   for (int m = 0; m < M; ++m) {
     const int32_t rd = r0 + packed_reader(m, group);
@@ -401,6 +426,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     for (int i = 0; i < mbp; ++i) {
       sc.mx[i] = -__builtin_inff();
       sc.sum[i] = 0.0f;
+      bad[i] = 0;
     }
     for (int64_t i = 0; i < static_cast<int64_t>(mbp) * dp; ++i) sc.o[i] = 0.0f;
 
@@ -441,14 +467,15 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         }
         col += width;
       }
-      for (int col = 0; col < mbp; col += G) softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha);
+      for (int col = 0; col < mbp; col += G)
+        softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
       // O = alpha O + P V in tiles of PV_RB rows (rows that see nothing of this block keep alpha = 1).
       for (int rb = 0; rb < mb; rb += PV_RB) {
         const int rows = imin(PV_RB, mb - rb);
         int tb = 0;
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
-        if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, sc.o, sc.alpha, rb);
+        if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, bvis, sc.o, sc.alpha, rb);
         pf.step(4);
       }
     }
@@ -457,8 +484,9 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       const int m = m0 + i;
       const float l = sc.sum[i];
       const bool seen = l > 0.0f;
-      const float inv = seen ? 1.0f / l : 0.0f;
-      const float lse = seen ? sc.mx[i] + __builtin_logf(l) : -__builtin_inff();
+      float inv = seen ? 1.0f / l : 0.0f;
+      float lse = seen ? sc.mx[i] + __builtin_logf(l) : -__builtin_inff();
+      if (bad[i]) inv = lse = __builtin_nanf("");  // NaN policy (docs/errors.md): the whole row NaN
       const float* orow_p = sc.o + static_cast<size_t>(i) * dp;
       if (orow[m] >= 0) {
         p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = lse;

@@ -20,7 +20,8 @@ struct TaskScratch {
   float* mx;      // [kRowBlock] running max of each row
   float* sum;     // [kRowBlock] running softmax denominator of each row
   float* alpha;   // [kRowBlock] rescale of each row's output for the current token block
-  int32_t* rows;  // 4 x [rows_pad]: visible tokens, partial slot, query head, direct output row (or -1)
+  int32_t* rows;  // 4 x [rows_pad] (visible tokens, partial slot, query head, direct output row or -1), then
+                  // [kRowBlock] flags: the row saw a NaN/Inf score (NaN policy)
 };
 
 // Rows of the packed (reader x GQA head) dimension processed per block, and tokens per block: the
@@ -31,6 +32,7 @@ constexpr int kDimPad = 16;      // packed K/V/O rows are padded to a multiple o
 
 inline int64_t round_up64(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t task_rows_pad(int64_t rows) { return round_up64(rows, 16) + 16; }
+inline int64_t task_row_ints(int64_t rows) { return 4 * task_rows_pad(rows) + kRowBlock; }
 inline int64_t task_tokens_pad(int64_t tokens) { return round_up64(tokens < 1 ? 1 : tokens, kTokenBlock); }
 
 // Floats of scratch a task with `tokens` chunk tokens needs (TaskScratch order).

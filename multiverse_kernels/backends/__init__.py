@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,10 @@ def _load() -> None:
             _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
         except (ImportError, OSError, RuntimeError) as e:  # extension built wrongly, driver issues
             _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+    if "cpu" in _LOAD_ERRORS and not _LOAD_ERRORS["cpu"].startswith("disabled"):
+        # The C++ kernels are expected wherever there is a compiler: say once that auto falls back.
+        warnings.warn(f"multiverse_kernels: C++ CPU kernels unavailable ({_LOAD_ERRORS['cpu']}); "
+                      "backend='auto' runs the reference on CPU tensors", RuntimeWarning, stacklevel=3)
 
 
 def available_backends(op: str, device: torch.device | str) -> list[str]:

@@ -172,7 +172,9 @@ def parse(token_ids: Tensor | list[int], tags: MultiverseTags, *, partial: bool 
         MultiverseParseError (a ValueError) naming the offending token index: ``</Path>`` without an
         open ``<Path>`` in the innermost block, ``<Path>`` outside any ``<Parallel>`` or inside an open
         path of the same block, ``</Parallel>`` while a path, goal or conclusion is open, goal and
-        conclusion tags out of place, and unclosed blocks, paths, goals or conclusions at the end.
+        conclusion tags out of place (a ``<Goal>`` after a path or the conclusion, a ``<Path>`` after the
+        ``<Conclusion>``, a second ``<Goal>`` or ``<Conclusion>``), and unclosed blocks, paths, goals or
+        conclusions at the end.
     """
     ids = token_ids if isinstance(token_ids, Tensor) else torch.tensor(list(token_ids), dtype=torch.int64)
     if ids.dim() != 1:
@@ -234,6 +236,11 @@ def parse(token_ids: Tensor | list[int], tags: MultiverseTags, *, partial: bool 
             not_in_path(b, t, "<Goal>")
             if b.goal_start >= 0:
                 raise MultiverseParseError(t, f"second <Goal> in the block opened at index {b.start}")
+            if b.paths:
+                raise MultiverseParseError(
+                    t, f"<Goal> after the <Path> at index {b.paths[0][0]} (a block's goal comes first)")
+            if b.conclusion_start >= 0:
+                raise MultiverseParseError(t, f"<Goal> after the <Conclusion> at index {b.conclusion_start}")
             b.goal_start, b._goal_open = t, True
         elif v == T.goal_end:
             b = top(t, "</Goal>")
@@ -255,6 +262,9 @@ def parse(token_ids: Tensor | list[int], tags: MultiverseTags, *, partial: bool 
             if b._concl_open:
                 raise MultiverseParseError(
                     t, f"<Path> while <Conclusion> at index {b.conclusion_start} is open")
+            if b.conclusion_start >= 0:
+                raise MultiverseParseError(
+                    t, f"<Path> after the <Conclusion> at index {b.conclusion_start} (paths come first)")
             b._open_path = t
             b._restarted = b.goal_end >= 0
             if b._restarted:
@@ -272,6 +282,10 @@ def parse(token_ids: Tensor | list[int], tags: MultiverseTags, *, partial: bool 
             not_in_path(b, t, "<Conclusion>")
             if b._goal_open or b._concl_open:
                 raise MultiverseParseError(t, "<Conclusion> while a <Goal> or <Conclusion> is open")
+            if b.conclusion_start >= 0:
+                raise MultiverseParseError(
+                    t, f"second <Conclusion> in the block opened at index {b.start} (the first at index "
+                       f"{b.conclusion_start})")
             b.conclusion_start, b._concl_open = t, True
             if b.goal_end >= 0 and b._longest >= 0:
                 restart(t, b.goal_end_pos + b._longest + 1)

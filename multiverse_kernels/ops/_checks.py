@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor
 
@@ -36,6 +39,10 @@ def check_attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
         raise MetadataError(
             f"k_cache: expected head_dim {q.shape[-1]} (like q), got {k_cache.shape[-1]}"
         )
+    if q.shape[-1] < 1:
+        raise MetadataError(f"q: expected head_dim >= 1, got shape {tuple(q.shape)}")
+    if q.shape[1] < 1:
+        raise MetadataError(f"q: expected num_qo_heads >= 1, got shape {tuple(q.shape)}")
     hq, hk = q.shape[1], k_cache.shape[2]
     if hk == 0 or hq % hk != 0:
         raise MetadataError(
@@ -43,15 +50,55 @@ def check_attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
         )
 
 
+INDEX_FIELDS = ("node_page_indptr", "node_page_indices", "node_len", "qo_indptr", "vis_indptr",
+                "vis_nodes")
+
+
+def debug_checks() -> bool:
+    """True when ``MULTIVERSE_DEBUG_CHECKS=1``: every op validates its arguments even when called with
+    ``validate=False`` (the bounds-checked debug mode of docs/errors.md)."""
+    return os.environ.get("MULTIVERSE_DEBUG_CHECKS", "0") not in ("", "0")
+
+
+def check_index_devices(q: Tensor, tensors: tuple, names: tuple[str, ...] = INDEX_FIELDS,
+                        own_full: Tensor | None = None) -> None:
+    """Cheap checks (no device sync) run whatever ``validate`` says: every index tensor is an int32
+    1-D tensor on ``q``'s device (a tensor on the ``meta`` device or on another device than ``q``
+    would otherwise be dispatched to the fake implementation or read out of bounds)."""
+    for name, t in zip(names, tensors, strict=True):
+        if not isinstance(t, Tensor):
+            raise MetadataError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise MetadataError(f"{name}: expected device {q.device} (like q), got {t.device}")
+        if t.dtype != torch.int32:
+            raise MetadataError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise MetadataError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    if own_full is not None:
+        if not isinstance(own_full, Tensor) or own_full.dtype != torch.bool:
+            got = getattr(own_full, "dtype", type(own_full).__name__)
+            raise MetadataError(f"own_full: expected a bool tensor, got {got}")
+        if own_full.device != q.device:
+            raise MetadataError(f"own_full: expected device {q.device} (like q), got {own_full.device}")
+
+
+def check_sm_scale(sm_scale: float) -> None:
+    """A non-finite softmax scale is rejected (docs/errors.md, NaN policy)."""
+    if not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+        raise MetadataError(f"sm_scale: expected a finite float, got {sm_scale!r}")
+
+
 def op_metadata(q: Tensor, k_cache: Tensor, v_cache: Tensor, node_page_indptr: Tensor,
                 node_page_indices: Tensor, node_len: Tensor, qo_indptr: Tensor, vis_indptr: Tensor,
                 vis_nodes: Tensor, own_full: Tensor | None, validate: bool) -> ForestMetadata:
     """The forest of an attention op's flat arguments (page size from ``k_cache``), checked against
     q and the caches when ``validate``."""
+    check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+                            vis_nodes), own_full=own_full)
     meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
                           vis_nodes, k_cache.shape[1], own_full)
-    if validate:
-        check_attention_args(q, k_cache, v_cache)
+    check_attention_args(q, k_cache, v_cache)  # shapes/dtypes/devices only: no sync, always on
+    if validate or debug_checks():
         meta.validate(num_pages=k_cache.shape[0])
         if meta.total_q != q.shape[0]:
             raise MetadataError(f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}")

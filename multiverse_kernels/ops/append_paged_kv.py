@@ -6,10 +6,21 @@ import torch
 from torch import Tensor
 
 from ..backends import resolve
-from ..metadata import MetadataError
-from ._checks import FLOAT_DTYPES, check_tensor
+from ..metadata import MetadataError, _check_indptr
+from ._checks import FLOAT_DTYPES, check_tensor, debug_checks
 
 __all__ = ["append_paged_kv"]
+
+
+def _cheap_checks(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos) -> None:
+    """No-sync checks run whatever ``validate`` says: every tensor on k's device (a ``meta`` tensor
+    would otherwise dispatch to the fake implementation and write nothing), index tensors int32."""
+    check_tensor("k", k, dim=3, dtypes=FLOAT_DTYPES)
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, device=k.device)
+    for name, t in (("page_indptr", page_indptr), ("page_indices", page_indices),
+                    ("token_node", token_node), ("token_pos", token_pos)):
+        check_tensor(name, t, dim=1, dtypes=(torch.int32,), device=k.device)
 
 
 def _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos) -> None:
@@ -37,13 +48,22 @@ def _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, tok
             f"token_node/token_pos: expected {n} entries (one per row of k), got "
             f"{token_node.numel()} and {token_pos.numel()}"
         )
+    # the page table itself: an indptr over page_indices (its last entry == len(page_indices))
+    _check_indptr("page_indptr", page_indptr, page_indices.numel(), "page_indices")
+    if page_indices.numel():
+        lo, hi = int(page_indices.min()), int(page_indices.max())
+        if lo < 0 or hi >= k_cache.shape[0]:
+            raise MetadataError(
+                f"page_indices: expected page ids in [0, {k_cache.shape[0]}), found {lo if lo < 0 else hi}")
     if n == 0:
         return
     num_nodes = page_indptr.numel() - 1
     if int(token_node.min()) < 0 or int(token_node.max()) >= num_nodes:
-        raise MetadataError(f"token_node: expected node ids in [0, {num_nodes})")
+        raise MetadataError(
+            f"token_node: expected node ids in [0, {num_nodes}) (len(page_indptr) - 1), found "
+            f"{int(token_node.min()) if int(token_node.min()) < 0 else int(token_node.max())}")
     if int(token_pos.min()) < 0:
-        raise MetadataError("token_pos: expected non-negative positions")
+        raise MetadataError(f"token_pos: expected non-negative positions, found {int(token_pos.min())}")
     ps = k_cache.shape[1]
     cap = (page_indptr[1:] - page_indptr[:-1]).long()[token_node.long()] * ps
     over = (token_pos.long() >= cap).nonzero()
@@ -53,17 +73,14 @@ def _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, tok
             f"token_pos: token {i} writes position {int(token_pos[i])} of node {int(token_node[i])}, "
             f"which has pages for only {int(cap[i])} tokens"
         )
-    if page_indices.numel():
-        pages = page_indices.long()[page_indptr.long()[token_node.long()] + token_pos.long() // ps]
-        if int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]:
-            raise MetadataError(f"page_indices: expected page ids in [0, {k_cache.shape[0]})")
 
 
 @torch.library.custom_op("multiverse::append_paged_kv", mutates_args=("k_cache", "v_cache"))
 def _append_paged_kv_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
                         page_indices: Tensor, token_node: Tensor, token_pos: Tensor, backend: str,
                         validate: bool) -> None:
-    if validate:
+    _cheap_checks(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
+    if validate or debug_checks():
         _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
     resolve("append_paged_kv", backend, k.device)(k, v, k_cache, v_cache, page_indptr, page_indices,
                                                    token_node, token_pos)
@@ -71,6 +88,7 @@ def _append_paged_kv_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, 
 
 @_append_paged_kv_op.register_fake
 def _(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos, backend, validate):
+    _cheap_checks(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
     return None
 
 

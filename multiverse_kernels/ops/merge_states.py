@@ -14,18 +14,22 @@ __all__ = ["merge_states"]
 
 @torch.library.custom_op("multiverse::merge_states", mutates_args=())
 def _merge_states_op(v: Tensor, s: Tensor, backend: str, validate: bool) -> tuple[Tensor, Tensor]:
-    if validate:
-        check_tensor("v", v, dim=4, dtypes=FLOAT_DTYPES)
-        check_tensor("s", s, dim=3, dtypes=(torch.float32, torch.float64), device=v.device)
-        if s.shape != v.shape[:3]:
-            raise MetadataError(
-                f"s: expected shape {tuple(v.shape[:3])} (v's [N, num_states, H]), got {tuple(s.shape)}"
-            )
+    _check(v, s)  # shapes/dtypes/devices only (no sync): always on
     return resolve("merge_states", backend, v.device)(v, s)
+
+
+def _check(v: Tensor, s: Tensor) -> None:
+    check_tensor("v", v, dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("s", s, dim=3, dtypes=(torch.float32, torch.float64), device=v.device)
+    if s.shape != v.shape[:3]:
+        raise MetadataError(
+            f"s: expected shape {tuple(v.shape[:3])} (v's [N, num_states, H]), got {tuple(s.shape)}"
+        )
 
 
 @_merge_states_op.register_fake
 def _(v, s, backend, validate):
+    _check(v, s)
     return v.new_empty(v.shape[0], v.shape[2], v.shape[3]), s.new_empty(
         v.shape[0], v.shape[2], dtype=torch.float32)
 

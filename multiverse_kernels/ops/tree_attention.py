@@ -1,4 +1,4 @@
-"""``tree_attention``: decode and extend over a KV forest (DESIGN §2-§3).
+"""``tree_attention``: decode and extend over a KV forest (docs/design.md §2-§3).
 
 Public entry :func:`tree_attention` and the op ``torch.ops.multiverse.tree_attention`` (with a fake
 implementation, so it traces under ``torch.compile(fullgraph=True)``). The op dispatches on its
@@ -14,7 +14,8 @@ from torch import Tensor
 from ..backends import available_backends, resolve
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
-from ._checks import check_attention_args, op_metadata
+from ._checks import check_attention_args, check_index_devices, check_sm_scale, debug_checks, op_metadata
+from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
 __all__ = ["tree_attention"]
@@ -49,13 +50,15 @@ def _tree_attention_op(
 ) -> tuple[Tensor, Tensor]:
     meta = op_metadata(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr,
                        vis_indptr, vis_nodes, own_full, validate)
+    check_sm_scale(sm_scale)
     impl = resolve("tree_attention", backend, q.device)
     if plan_tensors is not None and getattr(impl, "supports_plan", False):
         # a precomputed plan (multiverse_kernels.planning, docs/plan.md); backends without a plan
         # argument ignore it (same math)
         plan = TreePlan.from_lists(plan_tensors, plan_ints if plan_ints is not None else [])
-        if validate:
+        if validate or debug_checks():
             _check_plan(plan, q)
+            check_plan_matches(plan, meta, q.shape[1], k_cache.shape[2])
         return impl(q, k_cache, v_cache, meta, sm_scale, plan=plan)
     return impl(q, k_cache, v_cache, meta, sm_scale)
 
@@ -75,12 +78,18 @@ def _check_plan(plan: TreePlan, q: Tensor) -> None:
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
       vis_nodes, own_full, sm_scale, backend, validate, plan_tensors=None, plan_ints=None):
+    # The argument checks that need no data (also under torch.compile, and for index tensors on the
+    # meta device, which the dispatcher sends here instead of to a kernel).
+    check_attention_args(q, k_cache, v_cache)
+    check_sm_scale(sm_scale)
+    check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+                            vis_nodes), own_full=own_full)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
     return out, lse
 
 
-# ---------------------------------------------------------------- autograd (DESIGN §3)
+# ---------------------------------------------------------------- autograd (docs/design.md §3)
 # Differentiable in q, k_cache, v_cache, through both outputs (out and lse). The backward recomputes the
 # scores block by block from the saved lse (FlashAttention-style) in the op tree_attention_backward;
 # memory is bounded by its block sizes, never L x L. Only the reference backend implements it, so the
@@ -149,14 +158,16 @@ def tree_attention(
     Differentiable in ``q``, ``k_cache`` and ``v_cache`` (through out and lse) on every backend; the
     backward is the blocked reference backward (memory bounded by its block sizes, no L x L mask).
     """
-    if validate:
+    if not torch.compiler.is_compiling():
+        # (under torch.compile the op's fake implementation runs the same checks: an exception raised
+        # here would surface as dynamo's Unsupported instead of MetadataError)
         check_attention_args(q, k_cache, v_cache)
-    if validate and meta.page_size != k_cache.shape[1]:
-        raise MetadataError(
-            f"meta.page_size: expected k_cache.shape[1] = {k_cache.shape[1]}, got {meta.page_size}"
-        )
+        if meta.page_size != k_cache.shape[1]:
+            raise MetadataError(
+                f"meta.page_size: expected k_cache.shape[1] = {k_cache.shape[1]}, got {meta.page_size}"
+            )
     if sm_scale is None:
-        sm_scale = q.shape[-1] ** -0.5
+        sm_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is rejected by the op
     if plan is None:
         out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
                                       float(sm_scale), backend, validate)

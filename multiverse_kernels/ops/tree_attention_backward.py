@@ -1,10 +1,11 @@
-"""``tree_attention_backward``: gradients of :func:`~multiverse_kernels.tree_attention` (DESIGN §3,
+"""``tree_attention_backward``: gradients of :func:`~multiverse_kernels.tree_attention` (docs/design.md §3,
 packed tree attention with autograd).
 
 The op ``torch.ops.multiverse.tree_attention_backward`` (with a fake implementation, so a backward graph
 traces under ``torch.compile``) dispatches on its ``backend`` argument through
-:mod:`multiverse_kernels.backends` (op name ``"tree_attention_backward"``; only the reference backend
-implements it today, so ``backend="auto"`` resolves to it on every device). ``tree_attention``'s autograd
+:mod:`multiverse_kernels.backends` (op name ``"tree_attention_backward"``; implemented by the reference
+backend and the triton backend (fused dK/dV and dQ kernels, docs/training.md); ``backend="auto"`` picks
+the triton one on CUDA tensors). ``tree_attention``'s autograd
 formula (registered in :mod:`.tree_attention`) calls it; users rarely call it directly.
 """
 
@@ -96,7 +97,7 @@ def tree_attention_backward(
         q, k_cache, v_cache, meta, sm_scale: the forward's arguments.
         out, lse: the forward's outputs (lse float32 [total_q, num_qo_heads]).
         grad_lse: [total_q, num_qo_heads], the gradient of ``lse`` (None: lse unused).
-        backend: "auto" or "reference" (the only implementation so far).
+        backend: "auto", "reference" or "triton" (CUDA tensors, or CPU tensors in the interpreter).
 
     Returns:
         ``(dq, dk_cache, dv_cache)`` shaped and typed like ``q``, ``k_cache``, ``v_cache``; cache slots

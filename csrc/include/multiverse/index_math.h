@@ -12,7 +12,7 @@
 
 namespace multiverse {
 
-// Page-table lookup: the cache page holding token `token` of node `node` (DESIGN §2: every node starts
+// Page-table lookup: the cache page holding token `token` of node `node` (docs/design.md §2: every node starts
 // at slot 0 of its first page).
 MV_HD int32_t token_page(const int32_t* node_page_indptr, const int32_t* node_page_indices, int32_t node,
                          int32_t token, int32_t page_size) {

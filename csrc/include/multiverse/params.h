@@ -3,7 +3,7 @@
 // Kernels take raw pointers plus one of these structs; nothing here depends on torch, so a C++ engine
 // can fill them from its own buffers (see CMakeLists.txt, target multiverse_kernels).
 //
-// Layout conventions (DESIGN §2, docs/plan.md):
+// Layout conventions (docs/design.md §2, docs/plan.md):
 //   q            [total_q, Hq, D]                 strides q_stride_row, q_stride_head, last dim contiguous
 //   k/v cache    [num_pages, page_size, Hk, D]    strides *_stride_page, *_stride_slot, *_stride_head
 //   out          [total_q, Hq, D]  contiguous, q's dtype

@@ -4,47 +4,64 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
 
+from ... import _jit
 from ...metadata import ForestMetadata
+from ...plan_format import FORMAT_STRING
 from ...planning import TreePlan
 
-__all__ = ["load_extension", "run_tree_attention"]
+__all__ = ["load_extension", "library_path", "run_tree_attention"]
 
 _LOADED: set[str] = set()
-
-# The C++ side (csrc/torch_utils.h, enums PlanT / PlanI) reads the plan lists in exactly this order.
-CPP_PLAN_TENSORS = ("reader_row", "reader_limit", "item_node", "item_kv_start", "item_kv_len",
-                    "item_reader_start", "item_num_readers", "item_partial_start", "row_partial_indptr",
-                    "row_partial_indices", "merge_rows")
-CPP_PLAN_INTS = ("num_readers", "num_items", "num_partials", "num_merge_rows", "max_item_readers",
-                 "chunk_tokens", "rows_per_tile")
-if tuple(TreePlan.TENSOR_FIELDS) != CPP_PLAN_TENSORS or tuple(TreePlan.INT_FIELDS) != CPP_PLAN_INTS:
-    raise ImportError(
-        "multiverse_kernels.planning.TreePlan fields changed; update csrc/torch_utils.h (PlanT/PlanI) "
-        f"and CPP_PLAN_TENSORS/CPP_PLAN_INTS: got {TreePlan.TENSOR_FIELDS} / {TreePlan.INT_FIELDS}")
-
+_SOURCES: dict[str, str] = {}
 
 def load_extension(name: str = "_C") -> None:
     """Load ``multiverse_kernels.<name>`` (a torch op library, not a Python module).
 
-    Raises ModuleNotFoundError when it was not built (see docs/build.md).
+    Uses the library built at install time when there is one that loads; otherwise builds it from the
+    shipped sources against the installed torch on first use (:mod:`multiverse_kernels._jit`, cached,
+    one line on stderr while it compiles). Raises ModuleNotFoundError (with the reason) when neither
+    works; see docs/build.md.
     """
     if name in _LOADED:
         return
-    spec = importlib.util.find_spec(f"multiverse_kernels.{name}")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"multiverse_kernels.{name} is not built (pip install --no-build-isolation . with a C++ "
-            f"compiler{' and nvcc' if name == '_C_cuda' else ''}; see docs/build.md)")
     if name != "_C":
         load_extension("_C")  # defines the multiverse_C schemas the CUDA library implements
-    torch.ops.load_library(spec.origin)
+    spec = importlib.util.find_spec(f"multiverse_kernels.{name}")
+    why = f"multiverse_kernels.{name} was not built at install time"
+    loaded = False
+    if os.environ.get("MULTIVERSE_PREBUILT") == "0":  # ignore the install-time build (tests the other path)
+        why = f"multiverse_kernels.{name} from the install ignored (MULTIVERSE_PREBUILT=0)"
+    elif spec is not None and spec.origin is not None:
+        try:
+            torch.ops.load_library(spec.origin)
+            loaded = True
+            _SOURCES[name] = spec.origin
+        except OSError as e:  # built against another torch (undefined symbols) or a broken build
+            why = f"the installed {spec.origin} does not load ({e})"
+    if not loaded:
+        try:
+            _SOURCES[name] = str(_jit.build_and_load(name, why))
+        except RuntimeError as e:
+            raise ModuleNotFoundError(f"{e} (see docs/build.md; python -m multiverse_kernels.info)") from e
     _LOADED.add(name)
     if name == "_C":
+        built = torch.ops.multiverse_C.plan_format()
+        if built != FORMAT_STRING:  # one definition: multiverse_kernels/plan_format.py
+            raise ImportError(
+                f"multiverse_kernels._C was built for the plan format {built!r}, but "
+                f"multiverse_kernels/plan_format.py defines {FORMAT_STRING!r}: rebuild the extension "
+                "(docs/build.md)")
         _register_fakes()
+
+
+def library_path(name: str = "_C") -> str | None:
+    """Path of the loaded library for ``name`` (install-time build or the first-use cache), or None."""
+    return _SOURCES.get(name)
 
 
 def _register_fakes() -> None:

@@ -1,7 +1,11 @@
 """Reference tree attention: the specification. Plain PyTorch, any device, float64-capable.
 
 One group at a time: gather the K/V of every listed node through the page table, build the group's
-(q_len x keys) mask from DESIGN §2, and run a masked softmax. Slow on purpose; obviously right.
+(q_len x keys) mask from docs/design.md §2, and run a masked softmax. Slow on purpose; obviously right.
+
+Non-finite inputs follow the NaN policy of docs/errors.md: a non-finite value in the q row or in a K
+token the row sees makes that (row, head) NaN (out and lse); a non-finite V value makes the output
+dims it reaches through a positive weight NaN; nothing crosses the mask.
 """
 
 from __future__ import annotations
@@ -71,13 +75,26 @@ def tree_attention(
         k = kf[slots].to(acc).repeat_interleave(hq // hk, dim=1)  # [K, Hq, D]
         v = vf[slots].to(acc).repeat_interleave(hq // hk, dim=1)
         s = torch.einsum("qhd,khd->hqk", q[q0:q1].to(acc), k) * sm_scale
-        s = s.masked_fill(~mask[None], float("-inf"))
+        # NaN policy (docs/errors.md): a non-finite score the row sees (from a non-finite q row or K
+        # token) makes the row NaN; what the row does not see never reaches it.
+        bad = (~torch.isfinite(s) & mask[None]).any(-1, keepdim=True)  # [Hq, q, 1]
+        s = s.masked_fill(~mask[None] | ~torch.isfinite(s), float("-inf"))
         m = s.amax(-1, keepdim=True)
         seen = torch.isfinite(m)
         m = torch.where(seen, m, torch.zeros_like(m))
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
-        o = torch.einsum("hqk,khd->qhd", p / torch.where(seen, den, torch.ones_like(den)), v)
+        p = p / torch.where(seen, den, torch.ones_like(den))
+        # non-finite V values reach exactly the (row, dim) pairs whose row sees their token (whatever
+        # its weight); 0 * NaN must not leak them into rows that cannot see the token
+        v_bad = ~torch.isfinite(v)
+        o = torch.einsum("hqk,khd->qhd", p, torch.where(v_bad, torch.zeros_like(v), v))
+        if bool(v_bad.any()):
+            hit = torch.einsum("qk,khd->qhd", mask.to(acc), v_bad.to(acc)) > 0
+            o = o.masked_fill(hit, float("nan"))
+        lse_g = torch.where(seen, m + den.log(), m.new_full((), float("-inf")))
+        o = o.masked_fill(bad[..., 0].T[..., None], float("nan"))
+        lse_g = lse_g.masked_fill(bad, float("nan"))
         out[q0:q1] = o
-        lse[q0:q1] = torch.where(seen, m + den.log(), m.new_full((), float("-inf")))[..., 0].T
+        lse[q0:q1] = lse_g[..., 0].T
     return out.to(q.dtype), lse.float()

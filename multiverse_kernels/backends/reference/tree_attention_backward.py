@@ -1,6 +1,6 @@
 """Reference backward of tree attention: FlashAttention-style recompute from the saved ``lse``.
 
-For the rows ``r`` and visible keys ``t`` of DESIGN §2 (scores ``s = sm_scale * q_r . k_t``)::
+For the rows ``r`` and visible keys ``t`` of docs/design.md §2 (scores ``s = sm_scale * q_r . k_t``)::
 
     P     = exp(s - lse_r)                       (the forward's softmax, recomputed)
     D_r   = sum_e dO[r, e] * O[r, e] - dlse_r    (dlse: the gradient of lse, 0 when unused)

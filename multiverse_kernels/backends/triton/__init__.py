@@ -1,4 +1,4 @@
-"""Triton backend: tree attention over a plan, merge and append (docs/triton.md).
+"""Triton backend: tree attention over a plan (forward and backward), merge and append (docs/triton.md).
 
 Registered for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` is set at import (the
 Triton interpreter; how the tests run the kernels without a GPU). :func:`enable_interpreter` adds the
@@ -20,6 +20,7 @@ from ._common import count_loads, interpreter_enabled
 from .append_paged_kv import append_paged_kv
 from .merge_states import merge_states
 from .tree_attention import tree_attention
+from .tree_attention_backward import tree_attention_backward
 
 __all__ = ["enable_interpreter", "disable_interpreter", "tree_attention_kv_bytes"]
 
@@ -48,6 +49,7 @@ def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: F
 
 def _register(devices: tuple[str, ...]) -> None:
     register("tree_attention", "triton", devices)(tree_attention)
+    register("tree_attention_backward", "triton", devices)(tree_attention_backward)
     register("merge_states", "triton", devices)(merge_states)
     register("append_paged_kv", "triton", devices)(append_paged_kv)
     register("tree_attention_kv_bytes", "triton", ("cpu", "cuda"))(tree_attention_kv_bytes)

@@ -122,7 +122,7 @@ def _jit_calls_interpreted() -> Iterator[None]:
 
 def interpret_math_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     """True when loaded values must be converted to float32 before any math: the Triton interpreter
-    computes bf16 arithmetic and bf16 ``tl.dot`` wrongly without an error (DESIGN §5)."""
+    computes bf16 arithmetic and bf16 ``tl.dot`` wrongly without an error (docs/design.md §5)."""
     return device.type == "cpu" and dtype == torch.bfloat16
 
 

@@ -35,20 +35,26 @@ def _merge_kernel(
     m = tl.full([1], float("-inf"), tl.float32)
     den = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
+    bad = tl.zeros([1], tl.int32)  # NaN policy (docs/errors.md): a NaN / +Inf lse makes the row NaN
     for p in range(start, end):
         slot = tl.load(RowIndices + p).to(tl.int64)
         s = tl.load(PL + slot * stride_lp + h + tl.zeros([1], tl.int32))
         v = tl.load(PO + slot * stride_pp + h * stride_ph + offs_d).to(tl.float32)
+        s_bad = (s != s) | (s == float("inf"))
+        bad = tl.maximum(bad, s_bad.to(tl.int32))
+        s = tl.where(s_bad, float("-inf"), s)
         m_new = tl.maximum(m, s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all states so far empty
         a = tl.exp(m - m_safe)
         b = tl.exp(s - m_safe)
-        acc = acc * a + b * v
+        acc = acc * a + tl.where(s > float("-inf"), b * v, 0.0)  # an empty state's v is never read
         den = den * a + b
         m = m_new
     seen = den > 0.0
     out = acc / tl.where(seen, den, 1.0)
     lse = tl.where(seen, m + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
+    out = tl.where(bad > 0, float("nan"), out)
+    lse = tl.where(bad > 0, float("nan"), lse)
     tl.store(Out + r * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=ok & (offs_d < HEAD_DIM))
     tl.store(Lse + r * stride_lt + h + tl.zeros([1], tl.int32), lse, mask=ok)

@@ -26,9 +26,13 @@ HEAD_DIMS = (64, 128, 256)
 # (HEAD_DIM, BLOCK_M) -> (BLOCK_N, num_warps): every tile the dispatcher may pick. Chosen with the
 # compile report (scripts/triton_compile_report.py) so that no variant spills on sm_90a or sm_100a:
 # the fp32 accumulator BLOCK_M x HEAD_DIM plus the 64-bit gather pointers of a BLOCK_N x HEAD_DIM K/V
-# tile must fit in registers. 256-wide heads stop at 32 rows (64 rows spill on sm_90a).
+# tile must fit in registers. The 256-row tile of head_dim 64 lets one program load a node's chunk once
+# for up to 256 packed rows (e.g. 64 samples at GQA 4) instead of once per 64-row tile (176 registers
+# on sm_90a, 205 on sm_100a, no spills). head_dim 128 stops at 128 rows (256 rows spill 688-840 bytes
+# with BLOCK_N 16 and 8 or 16 warps), 256-wide heads at 32 rows (64 rows spill on sm_90a with every
+# BLOCK_N / num_warps tried).
 TILES = {
-    (64, 16): (64, 4), (64, 32): (64, 4), (64, 64): (64, 4), (64, 128): (64, 8),
+    (64, 16): (64, 4), (64, 32): (64, 4), (64, 64): (64, 4), (64, 128): (64, 8), (64, 256): (32, 8),
     (128, 16): (64, 4), (128, 32): (64, 4), (128, 64): (64, 8), (128, 128): (32, 8),
     (256, 16): (32, 4), (256, 32): (32, 8),
 }
@@ -77,6 +81,10 @@ def _tree_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # NaN policy (docs/errors.md): a non-finite score a row sees makes the row NaN (bad); a non-finite
+    # V value makes the dims of the rows that see its token NaN (v_hit), never those of other rows
+    bad = tl.zeros([BLOCK_M], tl.int32)
+    v_hit = tl.zeros([BLOCK_M, HEAD_DIM], tl.int32)
     for start in range(kv0, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_ok = t < hi
@@ -94,7 +102,15 @@ def _tree_attn_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
-        s = tl.where((t[None, :] < lim[:, None]) & t_ok[None, :], s, float("-inf"))
+        seen_t = (t[None, :] < lim[:, None]) & t_ok[None, :]
+        s_bad = seen_t & ((s - s) != 0.0)  # s - s is NaN exactly when s is NaN or +-Inf
+        bad = tl.maximum(bad, tl.max(s_bad.to(tl.int32), axis=1))
+        s = tl.where(seen_t & (s_bad == 0), s, float("-inf"))
+        v_bad = (v - v) != 0.0
+        if tl.max(tl.max(v_bad.to(tl.int32), axis=1), axis=0) > 0:  # rare: only with NaN/Inf in V
+            v = tl.where(v_bad, 0.0, v)
+            hits = tl.dot(seen_t.to(tl.float32), v_bad.to(tl.float32), input_precision="ieee")
+            v_hit = tl.maximum(v_hit, (hits > 0.0).to(tl.int32))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
         alpha = tl.math.exp2(m_i - m_safe)
@@ -111,6 +127,8 @@ def _tree_attn_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
+    out = tl.where((bad[:, None] > 0) | (v_hit > 0), float("nan"), out)
+    lse = tl.where(bad > 0, float("nan"), lse)
     # rows with exactly one partial skip the workspace and the merge
     n_part = tl.load(RowPartialIndptr + row + 1, mask=valid, other=0) - tl.load(
         RowPartialIndptr + row, mask=valid, other=0)
