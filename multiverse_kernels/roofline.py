@@ -27,8 +27,9 @@ from torch.utils import benchmark
 from .metadata import ForestMetadata
 from .planning import plan_tree_attention
 
-__all__ = ["MachineRates", "measure_rates", "step_flops", "roofline_seconds", "cpu_model", "cpu_isa",
-           "describe_cpu", "ISA_NAMES"]
+__all__ = ["MachineRates", "measure_rates", "rates_for_run", "step_flops", "roofline_seconds",
+           "workload_roofline", "describe_roofline", "thread_scaling", "cpu_model", "cpu_isa", "describe_cpu",
+           "ISA_NAMES"]
 
 ISA_NAMES = ("baseline", "avx2", "avx512")
 
@@ -51,11 +52,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_bytes: int = 512 << 20,
+def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_bytes: int = 256 << 20,
                   min_run_time: float = 0.5) -> MachineRates:
     """Measure the fp32 GEMM rate and the read bandwidth with the current ``torch.get_num_threads()``.
 
-    ``bw_bytes`` should exceed the last-level cache many times (default 512 MiB).
+    ``bw_bytes`` should exceed the last-level cache many times (default 256 MiB).
     """
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
@@ -114,3 +115,56 @@ def describe_cpu() -> str:
     sel, best = cpu_isa()
     return (f"CPU {cpu_model()} | {os.cpu_count()} logical CPUs | cpu kernel ISA {sel} (CPU supports "
             f"{best}) | torch threads {torch.get_num_threads()}")
+
+
+_RATES: dict[tuple[str, int], MachineRates] = {}
+
+
+def rates_for_run(device: str | torch.device = "cpu") -> MachineRates:
+    """measure_rates for the current thread count, measured once per (device, threads) per process."""
+    key = (str(torch.device(device)), torch.get_num_threads())
+    if key not in _RATES:
+        _RATES[key] = measure_rates(device)
+    return _RATES[key]
+
+
+def workload_roofline(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
+                      rates: MachineRates) -> tuple[float, int]:
+    """(roofline seconds, step flops) of one step of the forest ``meta`` with q of shape
+    [total_q, Hq, D]."""
+    flops = step_flops(meta, q_shape[1], num_kv_heads, q_shape[2])
+    return roofline_seconds(unique_kv_bytes, flops, rates), flops
+
+
+def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> str:
+    """The roofline line printed above a bench table (both terms, which one binds)."""
+    mem = unique_kv_bytes / rates.read_bw
+    comp = flops / rates.gemm_flops
+    return (f"roofline {max(mem, comp) * 1e3:.3f} ms = max({unique_kv_bytes / 1e6:.2f} MB unique KV / "
+            f"{rates.read_bw / 1e9:.1f} GB/s read, {flops / 1e9:.3f} GFLOP / {rates.gemm_flops / 1e9:.1f} "
+            f"GFLOP/s fp32 GEMM) ({'compute' if comp >= mem else 'memory'}-bound, {rates.threads} "
+            f"thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * num_qo_heads")
+
+
+def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
+                   methods: dict[str, object], time_fn, device: str | torch.device = "cpu",
+                   threads: tuple[int, ...] | None = None) -> str:
+    """Time each of ``methods`` (name -> zero-argument callable) with 1 thread and with all threads
+    (``time_fn(fn) -> seconds``); rates re-measured at each thread count. Returns the table."""
+    all_threads = torch.get_num_threads()
+    threads = threads or tuple(sorted({1, all_threads}))
+    lines = ["thread scaling (rates re-measured per thread count):",
+             f"{'method':<34}{'threads':>8}{'time ms':>10}{'% roofline':>12}{'vs 1 thread':>13}"]
+    try:
+        for name, fn in methods.items():
+            base = None
+            for nt in threads:
+                torch.set_num_threads(nt)
+                rates = rates_for_run(device)
+                roof, _ = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
+                t = time_fn(fn)
+                base = base or t
+                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * roof / t:11.1f}%{base / t:12.2f}x")
+    finally:
+        torch.set_num_threads(all_threads)
+    return "\n".join(lines)
