@@ -164,7 +164,7 @@ def _compile(part: str, root: Path, build_dir: Path, arch: str, lib_name: str, s
 
     what = "CUDA kernels (sm " + arch + ")" if part == "_C_cuda" else "C++ CPU kernels"
     print(f"multiverse_kernels: building the {what} for torch {torch.__version__} (first use only, "
-          f"about a minute on 2 cores; cached in {build_dir})", file=sys.stderr, flush=True)
+          f"a minute or more; cached in {build_dir})", file=sys.stderr, flush=True)
     _ensure_ninja()
     saved_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     extra_inc = [str(root / d) for d in cfg.INCLUDE_DIRS]
