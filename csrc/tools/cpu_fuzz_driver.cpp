@@ -2,7 +2,7 @@
 // UndefinedBehaviorSanitizer by scripts/sanitize_cpu.sh (CI step "sanitizers"). For each seed it builds
 // a random valid KV forest (roots, forks, joins, empty and one-token nodes, page sizes 1..16, shuffled
 // pages, causal / own_full groups, GQA ratios, head dims 16..256, fp32/fp16/bf16), plans it with the host
-// planner (multiverse::plan_tree_attention, random chunk_tokens / rows_per_tile), runs
+// planner (multiverse::plan_tree_attention, random chunk_tokens incl. the auto split / rows_per_tile), runs
 // cpu::tree_attention + cpu::merge_states and compares with a naive double-precision attention; then
 // cpu::append_paged_kv of random tokens against a naive scatter, and cpu::merge_states on random dense
 // states (empty states included) against a naive merge. Output buffers start NaN-poisoned, so an
@@ -127,9 +127,13 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   std::vector<bool> ownb(own.begin(), own.end());
   bool own_arr[64];
   for (int i = 0; i < G && i < 64; ++i) own_arr[i] = own[i];
-  const int chunk = 1 + (int)(g() % 64), rpt = 1 + (int)(g() % 16);
+  // chunk_tokens 0: the planner picks chunks per node for num_workers (the auto split)
+  const int chunk = g() % 4 == 0 ? 0 : 1 + (int)(g() % 64), rpt = 1 + (int)(g() % 16);
+  const int workers = 1 + (int)(g() % 8);
   HostPlan pl = plan_tree_attention(f.node_len.data(), N, f.qo_indptr.data(), f.vis_indptr.data(), f.vis_nodes.data(),
-                                    G, use_own && G <= 64 ? own_arr : nullptr, chunk, rpt);
+                                    G, use_own && G <= 64 ? own_arr : nullptr, chunk, rpt, group, Hk, workers);
+  int max_chunk = 1;
+  for (int64_t w = 0; w < pl.num_items; ++w) max_chunk = std::max(max_chunk, (int)pl.item_kv_len[w]);
   const int64_t P = pl.num_partials;
   std::vector<T> out((size_t)total_q * Hq * D, E::store(NAN));
   std::vector<float> lse((size_t)total_q * Hq, NAN), pout(std::max<int64_t>(P, 1) * Hq * D, NAN),
@@ -147,7 +151,7 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   p.k_stride_slot = p.v_stride_slot = (int64_t)Hk * D;
   p.k_stride_head = p.v_stride_head = D;
   p.num_items = (int32_t)pl.num_items; p.num_qo_heads = Hq; p.num_kv_heads = Hk; p.head_dim = D; p.page_size = PS;
-  p.max_chunk_tokens = chunk; p.max_readers = rpt; p.sm_scale = 1.0f / std::sqrt((float)D);
+  p.max_chunk_tokens = max_chunk; p.max_readers = rpt; p.sm_scale = 1.0f / std::sqrt((float)D);
   p.dtype = dt;
   cpu::tree_attention(p);
   MergeParams m{};
