@@ -115,7 +115,7 @@ def test_random_forests(seed: int, dtype: torch.dtype) -> None:
 
 
 _SLOW = pytest.mark.slow
-HEAD_DIM_CASES = [pytest.param(d, dt, marks=_SLOW if d == 256 and dt != torch.float32 else ())
+HEAD_DIM_CASES = [pytest.param(d, dt, marks=_SLOW if d == 256 and dt != torch.float32 else (), id=f"{d}-{dt}")
                   for d in (64, 128, 256, 40) for dt in DTYPES]
 
 
