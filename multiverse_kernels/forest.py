@@ -201,6 +201,8 @@ class KVForest:
         full = None
         if own_full is not False:
             flags = [own_full] * len(groups) if isinstance(own_full, bool) else list(own_full)
+            if len(flags) != len(groups):
+                raise ValueError(f"own_full: expected {len(groups)} flags (one per group), got {len(flags)}")
             full = torch.tensor(flags, dtype=torch.bool, device=self.device)
         i32 = dict(dtype=torch.int32, device=self.device)
         return ForestMetadata(

@@ -237,6 +237,15 @@ def test_meta_argument_type(example):
         mk.tree_attention(q, kc, vc, None)
 
 
+def test_dense_mask_and_forest_metadata_check_their_input(example):
+    meta, *_ = example
+    with pytest.raises(MetadataError, match="own_full"):
+        mk.dense_mask(meta.with_own_full(torch.ones(7, dtype=torch.bool)))
+    f, groups = design_example_forest()
+    with pytest.raises(ValueError, match="own_full: expected 3 flags"):
+        f.metadata(groups, own_full=[True])
+
+
 def test_kvforest_constructor_names_the_argument():
     with pytest.raises(ValueError, match="page_size"):
         mk.KVForest(4, 0)
