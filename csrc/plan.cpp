@@ -21,6 +21,7 @@ HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const i
     throw std::invalid_argument("num_workers: expected positive group, num_kv_heads and num_workers");
   HostPlan p;
   p.rows_per_tile = rows_per_tile;
+  p.num_workers = chunk_tokens == 0 ? num_workers : 0;
   const int64_t total_q = num_groups > 0 ? qo_indptr[num_groups] : 0;
 
   // Readers: every (row, visible non-empty node), bucketed by node (counting sort). Within a node they

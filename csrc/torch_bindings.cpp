@@ -28,6 +28,85 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
   return {b.out, b.lse};
 }
 
+// Backward over the forward's plan: (dq, dk_cache, dv_cache) in q's dtype; cache slots no row sees
+// get 0. out/grad_out are taken in q's dtype (converted if not); lse/grad_lse float32 [total_q, Hq].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_run_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
+    at::IntArrayRef plan_ints, double sm_scale) {
+  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
+  const TreeAttentionParams a = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
+                                                      plan, plan_ints, sm_scale);
+  TORCH_CHECK(out.sizes() == q.sizes(), "out: expected the shape of q");
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out: expected the shape of q");
+  TORCH_CHECK(out.device() == q.device() && grad_out.device() == q.device(), "out: expected q's device");
+  const auto like_q = [&](const at::Tensor& t) {
+    at::Tensor r = t.scalar_type() == q.scalar_type() ? t : t.to(q.scalar_type());
+    return r.stride(-1) == 1 ? r : r.contiguous();
+  };
+  const at::Tensor o = like_q(out), go = like_q(grad_out);
+  const int64_t total_q = q.size(0), hq = q.size(1);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == total_q && lse.size(1) == hq,
+              "lse: expected float32 [total_q, Hq]");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor gl;
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->dim() == 2 && grad_lse->size(0) == total_q && grad_lse->size(1) == hq,
+                "grad_lse: expected [total_q, Hq]");
+    gl = grad_lse->to(at::kFloat).contiguous();
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros(q.sizes(), f32);
+  at::Tensor dk = at::zeros(k_cache.sizes(), f32);
+  at::Tensor dv = at::zeros(v_cache.sizes(), f32);
+  at::Tensor delta = at::empty({total_q, hq}, f32);
+  TreeAttentionBackwardParams p{};
+  p.q = a.q;
+  p.k_cache = a.k_cache;
+  p.v_cache = a.v_cache;
+  p.out = o.data_ptr();
+  p.grad_out = go.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.grad_lse = gl.defined() ? gl.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.node_page_indptr = a.node_page_indptr;
+  p.node_page_indices = a.node_page_indices;
+  p.reader_row = a.reader_row;
+  p.reader_limit = a.reader_limit;
+  p.item_node = a.item_node;
+  p.item_kv_start = a.item_kv_start;
+  p.item_kv_len = a.item_kv_len;
+  p.item_reader_start = a.item_reader_start;
+  p.item_num_readers = a.item_num_readers;
+  p.q_stride_row = a.q_stride_row;
+  p.q_stride_head = a.q_stride_head;
+  p.k_stride_page = a.k_stride_page;
+  p.k_stride_slot = a.k_stride_slot;
+  p.k_stride_head = a.k_stride_head;
+  p.v_stride_page = a.v_stride_page;
+  p.v_stride_slot = a.v_stride_slot;
+  p.v_stride_head = a.v_stride_head;
+  p.out_stride_row = o.stride(0);
+  p.out_stride_head = o.stride(1);
+  p.go_stride_row = go.stride(0);
+  p.go_stride_head = go.stride(1);
+  p.total_q = static_cast<int32_t>(total_q);
+  p.num_items = a.num_items;
+  p.num_qo_heads = a.num_qo_heads;
+  p.num_kv_heads = a.num_kv_heads;
+  p.head_dim = a.head_dim;
+  p.page_size = a.page_size;
+  p.sm_scale = a.sm_scale;
+  p.dtype = a.dtype;
+  multiverse::cpu::tree_attention_backward(p);
+  if (q.scalar_type() == at::kFloat) return {dq, dk, dv};
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+}
+
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& v, const at::Tensor& s) {
   TORCH_CHECK(v.device().is_cpu(), "v: expected a CPU tensor");
   auto vc = v.contiguous();
@@ -112,6 +191,11 @@ TORCH_LIBRARY(multiverse_C, m) {
       "tree_attention_run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, "
       "Tensor node_page_indices, Tensor[] plan_tensors, int[] plan_ints, float sm_scale, "
       "Tensor(a!)? kv_bytes=None) -> (Tensor, Tensor)");
+  // Backward of tree_attention_run over the same plan: (dq, dk_cache, dv_cache) like q and the caches.
+  m.def(
+      "tree_attention_backward_run(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, "
+      "Tensor v_cache, Tensor out, Tensor lse, Tensor node_page_indptr, Tensor node_page_indices, "
+      "Tensor[] plan_tensors, int[] plan_ints, float sm_scale) -> (Tensor, Tensor, Tensor)");
   m.def("merge_states(Tensor v, Tensor s) -> (Tensor, Tensor)");
   // [selected, supported] micro-kernel ISA of the CPU tree_attention (0 baseline, 1 avx2, 2 avx512).
   m.def("cpu_isa() -> int[]", &multiverse::bind::cpu_isa_op);
@@ -128,6 +212,7 @@ TORCH_LIBRARY_IMPL(multiverse_C, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(multiverse_C, CPU, m) {
   m.impl("tree_attention", &multiverse::bind::tree_attention_cpu);
   m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cpu);
+  m.impl("tree_attention_backward_run", &multiverse::bind::tree_attention_backward_run_cpu);
   m.impl("merge_states", &multiverse::bind::merge_states_cpu);
   m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cpu);
 }

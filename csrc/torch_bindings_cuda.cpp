@@ -65,9 +65,9 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q: expected [total_q, Hq, D] and 4-D caches");
   const int64_t group = std::max<int64_t>(q.size(1) / std::max<int64_t>(k_cache.size(2), 1), 1);
   // Same choices as multiverse_kernels/backends/cuda (planning.py defaults): chunks chosen for 2 work
-  // items per SM (chunk_tokens 0), 256 packed rows (64 at head_dim 256) of readers per item. Plans on
-  // the host (sync).
-  const int64_t tile_rows = q.size(2) >= 256 ? 64 : 256;
+  // items per SM (chunk_tokens 0), 256 / 128 / 32 packed rows (head_dim 64 / 128 / 256) per item. Plans on
+  // the host (sync). Row tile = planning.MAX_TILE_ROWS.
+  const int64_t tile_rows = q.size(2) >= 256 ? 32 : q.size(2) > 64 ? 128 : 256;
   const int64_t workers = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 0,
                               std::max<int64_t>(1, tile_rows / group), group, k_cache.size(2), workers,

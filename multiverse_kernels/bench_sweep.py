@@ -202,7 +202,8 @@ def machine() -> dict[str, Any]:
     cpu = cpu_isa()
     out = {"cpu": cpu["model"], "isa": cpu["kernel_isa"], "threads": torch.get_num_threads(),
            "python": platform.python_version(), "torch": torch.__version__,
-           "multiverse_kernels": __version__, "gpu": None}
+           "multiverse_kernels": __version__, "gpu": None,
+           "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -328,8 +329,10 @@ def main_hook(a: argparse.Namespace, dtype: torch.dtype, tables: list[dict[str, 
     if a.plot:
         if not sweeps:
             print("--plot: no sweep was run (add --sweep readers|prompt|all)", file=sys.stderr)
+        mach = machine()
+        where = f"\n{mach['gpu'] or mach['cpu']}, {mach['threads']} threads, torch {mach['torch']}"
         for sw in sweeps:
-            path = plot_sweep(sw, os.path.join(a.plot, f"sweep_{sw['kind']}.png"))
+            path = plot_sweep(sw, os.path.join(a.plot, f"sweep_{sw['kind']}.png"), where)
             print(f"wrote {path}")
     if a.json:
         write_report(a.json, tables, sweeps, cmd.strip())

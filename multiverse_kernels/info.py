@@ -215,7 +215,8 @@ def _format(info: dict[str, Any]) -> str:
         if b["available"]:
             extra = f" [{b['note']}]" if "note" in b else ""
             lib = b.get("library")
-            src = f"; library {lib['path']}" if lib else ""
+            src = f"; library {lib['path']}" + (f" (built {lib['built']})" if lib.get("built") else "") \
+                if lib else ""
             lines.append(f"  {name:10s} available on {'/'.join(b['devices'])}{extra}{src}")
         else:
             lines.append(f"  {name:10s} missing: {b['reason']}")

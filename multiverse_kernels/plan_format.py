@@ -46,6 +46,7 @@ _INTS = (
     ("chunk_tokens", "max of item_kv_len"),
     ("rows_per_tile", "max readers per item the plan was built with"),
     ("workspace_slots", "partial slots the workspace must hold (P, or the padded capacity)"),
+    ("num_workers", "0: every node split into chunk_tokens; > 0: chunks chosen for this many workers"),
 )
 
 TENSOR_FIELDS: tuple[str, ...] = tuple(n for n, _ in _TENSORS)

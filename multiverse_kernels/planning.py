@@ -94,6 +94,7 @@ class TreePlan:
     chunk_tokens: int
     rows_per_tile: int
     workspace_slots: int
+    num_workers: int
 
     TENSOR_FIELDS = TENSOR_FIELDS  # multiverse_kernels/plan_format.py
     INT_FIELDS = INT_FIELDS
@@ -398,7 +399,7 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
     )
     ints = dict(num_readers=R, num_items=W, num_partials=P, num_merge_rows=merge_rows.numel(),
                 max_item_readers=max_item_readers, chunk_tokens=plan_chunk, rows_per_tile=rows_per_tile,
-                workspace_slots=P)
+                workspace_slots=P, num_workers=num_workers if chunk_tokens is None else 0)
     return TreePlan.from_lists([arrays[f].to(i32) for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
 
 

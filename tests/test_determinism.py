@@ -17,11 +17,12 @@ BACKENDS = ("reference", "cpu", "triton")
 D = 64
 
 
-def _forests():
+def _forests(full: bool = True):
     yield multiverse_forest(prefix=40, paths=4, path_len=12, concl_len=3)
-    yield sampling_forest(prompt=70, samples=6, gen_len=5, page_size=4)
-    for seed in (3, 4):
-        yield random_forest(seed, page_size=4, max_len=30, max_nodes=10)
+    if full:
+        yield sampling_forest(prompt=70, samples=6, gen_len=5, page_size=4)
+        for seed in (3, 4):
+            yield random_forest(seed, page_size=4, max_len=30, max_nodes=10)
 
 
 def _inputs(f, meta, dtype=torch.float32, hq=4, hk=2, seed=0):
@@ -35,12 +36,21 @@ def _only_group(f, groups, g: int) -> ForestMetadata:
     return f.metadata([groups[g]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ("reference", "cpu", pytest.param("triton", marks=pytest.mark.slow)))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_run_to_run_and_thread_count(backend, dtype):
+    _run_to_run(backend, dtype, full=True)
+
+
+def test_run_to_run_triton():
+    """The default run's Triton check (interpreter: one forest; the full matrix is -m slow)."""
+    _run_to_run("triton", torch.float32, full=False)
+
+
+def _run_to_run(backend, dtype, full):
     old = torch.get_num_threads()
     try:
-        for f, groups in _forests():
+        for f, groups in _forests(full):
             meta = f.metadata(groups)
             q, k, v = _inputs(f, meta, dtype)
             outs = []

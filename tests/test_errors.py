@@ -14,6 +14,7 @@ from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Tr
 import multiverse_kernels as mk
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
 from multiverse_kernels.multiverse import MultiverseParseError, MultiverseTags, parse
+from multiverse_kernels.ops import tree_attention_backward
 from multiverse_kernels.planning import plan_tree_attention
 from multiverse_kernels.testing import design_example_forest, make_inputs, random_forest, tolerance
 
@@ -158,6 +159,15 @@ def test_index_tensor_on_meta_device(example, backend, validate, field):
         mk.tree_attention(q, kc, vc, bad, backend=backend, validate=validate)
 
 
+def test_backward_index_on_meta_device(example):
+    meta, q, kc, vc = example
+    out, lse = mk.tree_attention(q, kc, vc, meta, return_lse=True, backend="reference")
+    bad = ForestMetadata(**{**{f: getattr(meta, f) for f in meta.__dataclass_fields__},
+                            "vis_nodes": meta.vis_nodes.to("meta")})
+    with pytest.raises(MetadataError, match="vis_nodes: expected device cpu"):
+        tree_attention_backward(out, q, kc, vc, out, lse, bad, validate=False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cache_on_meta_device(example, backend):
     meta, q, kc, vc = example
@@ -211,6 +221,36 @@ def test_debug_checks_override_validate_false(example, monkeypatch):
     with pytest.raises(MetadataError, match="page_indptr"):
         mk.append_paged_kv(q[:1, :2], q[:1, :2], kc, vc, torch.tensor([0, 1], **i32), torch.zeros(0, **i32),
                            torch.tensor([0], **i32), torch.tensor([0], **i32), backend="cpu", validate=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_own_full_shape_checked_without_validation(example, backend):
+    meta, q, kc, vc = example
+    bad = meta.with_own_full(torch.ones(meta.num_groups + 4, dtype=torch.bool))
+    with pytest.raises(MetadataError, match=r"own_full: expected a bool tensor of shape \(3,\)"):
+        mk.tree_attention(q, kc, vc, bad, backend=backend, validate=False)
+
+
+def test_meta_argument_type(example):
+    _, q, kc, vc = example
+    with pytest.raises(MetadataError, match="meta: expected a ForestMetadata"):
+        mk.tree_attention(q, kc, vc, None)
+
+
+def test_dense_mask_and_forest_metadata_check_their_input(example):
+    meta, *_ = example
+    with pytest.raises(MetadataError, match="own_full"):
+        mk.dense_mask(meta.with_own_full(torch.ones(7, dtype=torch.bool)))
+    f, groups = design_example_forest()
+    with pytest.raises(ValueError, match="own_full: expected 3 flags"):
+        f.metadata(groups, own_full=[True])
+
+
+def test_kvforest_constructor_names_the_argument():
+    with pytest.raises(ValueError, match="page_size"):
+        mk.KVForest(4, 0)
+    with pytest.raises(ValueError, match="num_pages"):
+        mk.KVForest(0, 4)
 
 
 # ------------------------------------------------------------------------------ merge_states

@@ -6,7 +6,8 @@
 // cpu::tree_attention + cpu::merge_states and compares with a naive double-precision attention; then
 // cpu::append_paged_kv of random tokens against a naive scatter, and cpu::merge_states on random dense
 // states (empty states included) against a naive merge. Output buffers start NaN-poisoned, so an
-// unwritten element fails. Exit status 0 when every case matches (and the sanitizers found nothing).
+// unwritten element fails. One attention case in four puts a NaN into one K element and checks the NaN
+// policy: exactly the (row, head) pairs that see that token are NaN. Exit status 0 when every case matches (and the sanitizers found nothing).
 //
 //   cpu_fuzz_driver [num_cases=300] [first_seed=0]
 #include <algorithm>
@@ -113,6 +114,14 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   fill<E>(q, qf, (size_t)total_q * Hq * D, g);
   fill<E>(kc, kf, (size_t)f.num_pages * PS * Hk * D, g);
   fill<E>(vc, vf, kc.size(), g);
+  // NaN policy (docs/errors.md) in one case of four: a NaN in one K element of one token of KV head
+  // kpois makes every (row, head of kpois) that sees the token NaN (out and lse), and nothing else.
+  int64_t kpois = -1;
+  if (g() % 4 == 0 && f.num_pages > 0) {
+    kpois = (int64_t)(g() % ((uint64_t)f.num_pages * PS * Hk)) * D + (int64_t)(g() % D);
+    kc[kpois] = E::store(NAN);
+    kf[kpois] = NAN;
+  }
   std::vector<uint8_t> own(f.own_full);
   const bool use_own = g() % 2;
   std::vector<bool> ownb(own.begin(), own.end());
@@ -165,6 +174,14 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
                                         p.k_stride_slot, p.k_stride_head));
         }
         const int r = q0 + i;
+        bool sees_nan = false;
+        for (int64_t o : offs) sees_nan |= kpois >= o && kpois < o + D;
+        if (sees_nan) {  // the whole (row, head) must be NaN
+          bool all_nan = std::isnan(lse[(size_t)r * Hq + h]);
+          for (int x = 0; x < D; ++x) all_nan &= std::isnan((double)E::load(out[((size_t)r * Hq + h) * D + x]));
+          if (!all_nan) worst = std::max(worst, 1e9);
+          continue;
+        }
         double mx = -INFINITY;
         std::vector<double> s;
         for (int64_t o : offs) {

@@ -22,6 +22,10 @@ CpuIsa cpu_isa_selected();
 // Partial (out, lse) of every (work item, kv head) of the plan into p.partial_out / p.partial_lse.
 void tree_attention(const TreeAttentionParams& p);
 
+// Gradients dq, dk, dv (float32, accumulated into the zeroed p.dq / p.dk / p.dv) of tree_attention
+// over the forward's plan (see TreeAttentionBackwardParams).
+void tree_attention_backward(const TreeAttentionBackwardParams& p);
+
 // Log-sum-exp merge (see MergeParams).
 void merge_states(const MergeParams& p);
 

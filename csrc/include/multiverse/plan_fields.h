@@ -26,6 +26,7 @@
   X(chunk_tokens) /* max of item_kv_len */ \
   X(rows_per_tile) /* max readers per item the plan was built with */ \
   X(workspace_slots) /* partial slots the workspace must hold (P, or the padded capacity) */ \
+  X(num_workers) /* 0: every node split into chunk_tokens; > 0: chunks chosen for this many workers */ \
 
-#define MULTIVERSE_PLAN_FORMAT "reader_row,reader_limit,item_node,item_kv_start,item_kv_len,item_reader_start,item_num_readers,item_partial_start,row_partial_indptr,row_partial_indices,merge_rows;num_readers,num_items,num_partials,num_merge_rows,max_item_readers,chunk_tokens,rows_per_tile,workspace_slots"
+#define MULTIVERSE_PLAN_FORMAT "reader_row,reader_limit,item_node,item_kv_start,item_kv_len,item_reader_start,item_num_readers,item_partial_start,row_partial_indptr,row_partial_indices,merge_rows;num_readers,num_items,num_partials,num_merge_rows,max_item_readers,chunk_tokens,rows_per_tile,workspace_slots,num_workers"
 #define MULTIVERSE_PLAN_MIN_CHUNK_TOKENS 256

@@ -14,7 +14,7 @@ from ...metadata import ForestMetadata
 from ...plan_format import FORMAT_STRING
 from ...planning import TreePlan
 
-__all__ = ["load_extension", "library_path", "run_tree_attention"]
+__all__ = ["load_extension", "library_path", "run_tree_attention", "run_tree_attention_backward"]
 
 _LOADED: set[str] = set()
 _SOURCES: dict[str, str] = {}
@@ -77,6 +77,11 @@ def _register_fakes() -> None:
           vis_nodes, own_full, sm_scale):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
+    @torch.library.register_fake(f"{lib}::tree_attention_backward_run")
+    def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices,
+          plan_tensors, plan_ints, sm_scale):
+        return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
     @torch.library.register_fake(f"{lib}::merge_states")
     def _(v, s):
         return v.new_empty(v.shape[0], v.shape[2], v.shape[3]), v.new_empty(
@@ -97,3 +102,14 @@ def run_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Forest
     return torch.ops.multiverse_C.tree_attention_run(
         q, k_cache, v_cache, meta.node_page_indptr, meta.node_page_indices, plan.tensors(), plan.ints(),
         float(sm_scale), kv_bytes)
+
+
+def run_tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k_cache: Tensor,
+                                v_cache: Tensor, out: Tensor, lse: Tensor, meta: ForestMetadata,
+                                sm_scale: float, plan: TreePlan) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.multiverse_C.tree_attention_backward_run`` on ``plan`` (the forward's): dq like q,
+    dk/dv like the caches, in q's dtype (float32 accumulation)."""
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    return torch.ops.multiverse_C.tree_attention_backward_run(
+        grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta.node_page_indptr, meta.node_page_indices,
+        plan.tensors(), plan.ints(), float(sm_scale))
