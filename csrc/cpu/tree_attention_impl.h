@@ -368,8 +368,14 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
             nullptr, nullptr};
   const int dp = c.dp;
   const int32_t len = p.item_kv_len[item];
-  c.kb = sc.kv;
-  c.vb = sc.kv + task_tokens_pad(len) * dp;
+  // A task with one row block consumes each token block right after loading it: K/V then live in a
+  // one-block window (48 rows, L1/L2) instead of the whole chunk, leaving L2 to the next task's
+  // prefetched chunk. kb/vb are then re-based per token block so that row t sits at kb + t * dp.
+  const bool window = M <= kRowBlock;
+  float* const kbase = sc.kv;
+  float* const vbase = sc.kv + task_tokens_pad(len) * dp;
+  c.kb = kbase;
+  c.vb = vbase;
 
   const int rp = static_cast<int>(task_rows_pad(M));
   int32_t* vis = sc.rows;
@@ -438,6 +444,11 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       if (m0 == 0) {
         const int tb1 = imin(tb0 + kTokenBlock, max_vis);
         pf.own.finish();  // the rest of this block's prefetches, if compute did not issue them all
+        if (window) {
+          const ptrdiff_t shift = static_cast<ptrdiff_t>(tb0) * dp;
+          c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
+          c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
+        }
         bytes += pack_rows<E>(c, tb0, tb1);
         pf.own = Prefetcher<E>{&c, tb1, imin(tb1 + kTokenBlock, max_vis)};
         for (int t = tb1; t < tb0 + kTokenBlock; ++t)  // tiles past the chunk read zeros
