@@ -6,7 +6,8 @@
 For each forest: work items, partial states stored in the workspace (rows with a single partial are
 written straight to the output and take none), workspace bytes (fp32 out + lse per slot and query head)
 next to the output's bytes, the K+V bytes the kernels load according to the plan (each item loads its
-chunk up to the largest limit of its readers, for every KV head) over the forest's unique K+V bytes,
+chunk up to the largest limit of its readers, for every KV head) over the forest's unique K+V bytes
+(also for head_dim 64, whose 256-row tile holds 64 readers at GQA 4; head_dim 128 tiles hold 128 rows),
 the partial-state traffic (written once, read once by the merge) over the unique K+V bytes, and the
 plan time (median and min of N, one CPU thread) of the C++ host planner (the default) and of the torch
 planner. The loads column is derived from the plan; scripts/triton_kv_traffic.py measures the Triton
@@ -141,12 +142,15 @@ def main(argv: list[str] | None = None) -> None:
           + ("" if have_cpp else "; C++ planner NOT BUILT"))
     print()
     print("| forest | rows | nodes | items | partials | workspace MB | output MB | ws / out | "
-          "loaded / unique K+V | partial traffic / unique K+V | C++ plan us | torch plan us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "loaded / unique K+V (d 128) | (d 64) | partial traffic / unique K+V | C++ plan us | "
+          "torch plan us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, meta in forests().items():
         plan = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=args.workers)
         unique = plan_kv_tokens(meta) * kv_tok
         loaded = loaded_tokens(plan) * kv_tok
+        p64 = plan_tree_attention(meta, HQ, HK, head_dim=64, num_workers=args.workers)
+        loaded64 = loaded_tokens(p64) / plan_kv_tokens(meta)
         ws = plan.workspace_bytes(HQ, D)
         out = meta.total_q * HQ * D * ELEM
         cpp = "-"
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             tor = f"{med * 1e6:,.0f} ({mn * 1e6:,.0f})"
         print(f"| {name} | {meta.total_q:,} | {meta.num_nodes:,} | {plan.num_items:,} | "
               f"{plan.num_partials:,} | {ws / 2**20:,.2f} | {out / 2**20:,.2f} | {ws / out:.2f} | "
-              f"{loaded / unique:.3f} | {2 * ws / unique:.3f} | {cpp} | {tor} |")
+              f"{loaded / unique:.3f} | {loaded64:.3f} | {2 * ws / unique:.3f} | {cpp} | {tor} |")
 
 
 if __name__ == "__main__":

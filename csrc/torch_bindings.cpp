@@ -5,6 +5,8 @@
 // The namespace is multiverse_C so it does not clash with the Python custom ops torch.ops.multiverse.*,
 // which dispatch on their `backend` argument and call these ops for backend="cpu"/"cuda".
 #include <optional>
+#include <stdexcept>
+#include <vector>
 
 #include "multiverse/cpu_kernels.h"
 #include "torch_utils.h"
@@ -152,6 +154,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
   return {ts, it};
 }
 
+// [selected, supported] CPU micro-kernel ISA (multiverse::cpu::CpuIsa values): what tree_attention runs
+// now (MULTIVERSE_CPU_ISA applied) and the widest this CPU supports.
+std::vector<int64_t> cpu_isa_op() {
+  const int64_t best = static_cast<int64_t>(multiverse::cpu::cpu_isa_supported());
+  int64_t sel = -1;  // -1: MULTIVERSE_CPU_ISA names something this CPU cannot run
+  try {
+    sel = static_cast<int64_t>(multiverse::cpu::cpu_isa_selected());
+  } catch (const std::invalid_argument&) {
+  }
+  return {sel, best};
+}
+
 }  // namespace
 }  // namespace multiverse::bind
 
@@ -183,6 +197,8 @@ TORCH_LIBRARY(multiverse_C, m) {
       "Tensor v_cache, Tensor out, Tensor lse, Tensor node_page_indptr, Tensor node_page_indices, "
       "Tensor[] plan_tensors, int[] plan_ints, float sm_scale) -> (Tensor, Tensor, Tensor)");
   m.def("merge_states(Tensor v, Tensor s) -> (Tensor, Tensor)");
+  // [selected, supported] micro-kernel ISA of the CPU tree_attention (0 baseline, 1 avx2, 2 avx512).
+  m.def("cpu_isa() -> int[]", &multiverse::bind::cpu_isa_op);
   m.def(
       "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor page_indptr, "
       "Tensor page_indices, Tensor token_node, Tensor token_pos) -> ()");

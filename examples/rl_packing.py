@@ -179,7 +179,9 @@ def main() -> None:
         rows = {}
         for method in ("unpacked", "packed"):
             cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method, "--n", str(n)]
-            r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"{method} N={n} failed:\n{r.stderr[-4000:]}")
             rows[method] = json.loads(r.stdout.strip().splitlines()[-1])
         for method, r in rows.items():
             seq = args.prompt + n * args.completion if method == "packed" else r["tokens"]

@@ -13,7 +13,7 @@ CASES=${1:-600}
 CXX=${CXX:-g++}
 OUT=${SANITIZE_BUILD_DIR:-build/sanitize}
 mkdir -p "$OUT"
-SRCS="csrc/plan.cpp csrc/cpu/tree_attention.cpp csrc/cpu/merge_states.cpp csrc/cpu/append_paged_kv.cpp"
+SRCS="csrc/plan.cpp $(ls csrc/cpu/*.cpp | tr '\n' ' ')"  # every CPU kernel (all ISA files + backward)
 FLAGS="-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
        -fopenmp -Wall -Wno-psabi -Icsrc/include"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}
@@ -30,6 +30,9 @@ for variant in clones noclones; do
   echo "sanitizer build ($variant): $(( $(date +%s) - t0 )) s"
   t0=$(date +%s)
   "$OUT/cpu_smoke_test_$variant"
-  "$OUT/cpu_fuzz_driver_$variant" "$CASES" 0
-  echo "sanitizer run ($variant, $CASES cases): $(( $(date +%s) - t0 )) s"
+  # The widest ISA this CPU runs, then the portable baseline micro-kernels (MULTIVERSE_CPU_ISA caps it).
+  for isa in "" baseline; do
+    MULTIVERSE_CPU_ISA=$isa "$OUT/cpu_fuzz_driver_$variant" "$CASES" 0
+  done
+  echo "sanitizer run ($variant, $CASES cases x {widest ISA, baseline}): $(( $(date +%s) - t0 )) s"
 done

@@ -114,8 +114,12 @@ def test_random_forests(seed: int, dtype: torch.dtype) -> None:
     _check(m, pages, hq, hk, 64, dtype, seed, with_lse=seed % 2 == 0)
 
 
-@pytest.mark.parametrize("d", [64, 128, 256, 40])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+_SLOW = pytest.mark.slow
+HEAD_DIM_CASES = [pytest.param(d, dt, marks=_SLOW if d == 256 and dt != torch.float32 else (), id=f"{d}-{dt}")
+                  for d in (64, 128, 256, 40) for dt in DTYPES]
+
+
+@pytest.mark.parametrize("d,dtype", HEAD_DIM_CASES)
 def test_head_dims(d: int, dtype: torch.dtype) -> None:
     """Head dims 64/128/256 and one that is not a multiple of the vector width (40)."""
     m, pages = _forest(20 + d, 16, max_len=60, max_q_len=6)
@@ -131,7 +135,8 @@ def test_plans_split_chunks_and_tiles(chunk: int, tile: int) -> None:
     _check(m, pages, 8, 2, 64, torch.float32, 7, plan=plan)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32] + [pytest.param(dt, marks=_SLOW) for dt in DTYPES[1:]],
+                         ids=str)
 def test_packed_training_forest(dtype: torch.dtype) -> None:
     """Packed training (every node its own group, q_len = node_len, page size 1): a 700-token trunk,
     three 260-token paths and a 90-token conclusion joining them; nodes span several 256-token chunks

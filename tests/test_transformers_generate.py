@@ -123,12 +123,14 @@ def test_no_future_warnings():
 
 
 def test_generate_greedy_matches_dense_mask_model():
-    """temperature 0: every sampled token is the argmax (over tokens the structure allows) of the
-    plain model on the flat sequence with the dense Multiverse mask."""
+    """temperature 0: every chosen token has the largest logit (over the ordinary words and the tags the
+    structure allows) of the plain model on the flat sequence with the dense Multiverse mask."""
     model = tiny(torch.float64)
+    # stop tokens are masked inside blocks: stopping at <Parallel> keeps the paths from nesting, so
+    # they end by max_path_tokens and the flat sequence is a (partial) Multiverse sequence
     out = multiverse_generate(model, block_prompt(paths=3), tags=TAGS, max_new_tokens=40,
-                              max_path_tokens=4, temperature=0, stop=[])
-    assert out.num_forks == 1 and out.num_joins == 1 and out.finish_reason == "length"
+                              max_path_tokens=4, temperature=0, stop=[TAGS.parallel_start])
+    assert out.num_forks == 1 and out.num_joins == 1 and out.finish_reason in ("length", "stop")
     assert out.new_tokens <= 40
     st = parse(out.token_ids, TAGS, partial=True)
     assert torch.equal(st.position_ids, out.position_ids)
@@ -145,7 +147,8 @@ def test_generate_greedy_matches_dense_mask_model():
             tok = int(out.token_ids[b])
             if b < out.prompt_len or tok in forced:
                 continue
-            assert tok == int(dense[a, :V].argmax()) or dense[a, tok] == dense[a, :V].max(), (node, b)
+            # chosen over every ordinary word (and the tags the structure allowed at that point)
+            assert float(dense[a, tok]) >= float(dense[a, :V].max()) - 1e-9, (node, b)
             checked += 1
     assert checked >= 10
 

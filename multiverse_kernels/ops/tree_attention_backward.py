@@ -4,8 +4,9 @@ packed tree attention with autograd).
 The op ``torch.ops.multiverse.tree_attention_backward`` (with a fake implementation, so a backward graph
 traces under ``torch.compile``) dispatches on its ``backend`` argument through
 :mod:`multiverse_kernels.backends` (op name ``"tree_attention_backward"``; implemented by the reference
-backend and the triton backend (fused dK/dV and dQ kernels, docs/training.md); ``backend="auto"`` picks
-the triton one on CUDA tensors). ``tree_attention``'s autograd
+backend, the cpu backend (a fused C++ kernel; ``backend="auto"`` picks it on CPU tensors) and the triton
+backend (fused dK/dV and dQ kernels; ``auto`` picks it on CUDA tensors); docs/training.md).
+``tree_attention``'s autograd
 formula (registered in :mod:`.tree_attention`) calls it; users rarely call it directly.
 """
 
@@ -101,7 +102,8 @@ def tree_attention_backward(
         q, k_cache, v_cache, meta, sm_scale: the forward's arguments.
         out, lse: the forward's outputs (lse float32 [total_q, num_qo_heads]).
         grad_lse: [total_q, num_qo_heads], the gradient of ``lse`` (None: lse unused).
-        backend: "auto", "reference" or "triton" (CUDA tensors, or CPU tensors in the interpreter).
+        backend: "auto", "reference", "cpu" (the fused C++ backward, CPU tensors) or "triton" (CUDA
+            tensors, or CPU tensors in the interpreter).
 
     Returns:
         ``(dq, dk_cache, dv_cache)`` shaped and typed like ``q``, ``k_cache``, ``v_cache``; cache slots
