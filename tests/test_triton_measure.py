@@ -49,8 +49,9 @@ def test_count_loads_counts_and_unhooks():
 _CHILD = r"""
 import json, sys, torch, triton, triton.language as tl
 from triton.runtime import JITFunction
+import importlib
 import multiverse_kernels.backends.triton as tb
-from multiverse_kernels.backends.triton import tree_attention as tta
+tta = importlib.import_module("multiverse_kernels.backends.triton.tree_attention")
 from multiverse_kernels.planning import plan_kv_tokens
 from multiverse_kernels.testing import make_inputs, sampling_forest
 
@@ -60,15 +61,16 @@ def snapshot():
 
 kern = tta._tree_attn_kernel
 call = vars(JITFunction).get("__call__")
-before = snapshot()
 f, groups = sampling_forest(prompt=40, samples=4, gen_len=3, page_size=4)
 meta = f.metadata(groups)
 q, k, v = make_inputs(meta, f.num_pages, 4, 2, 64, torch.float16)
+first = tb.tree_attention_kv_bytes(q, k, v, meta, 0.125)  # also triton's first-use lazy imports
+before = snapshot()
 counted = tb.tree_attention_kv_bytes(q, k, v, meta, 0.125)
 after = snapshot()
 print(json.dumps(dict(
     compiled_before=isinstance(kern, JITFunction), interpreted_flag=tb.INTERPRETED,
-    counted=counted, expected=plan_kv_tokens(meta) * 2 * 2 * 64 * 2,
+    counted=counted, first=first, expected=plan_kv_tokens(meta) * 2 * 2 * 64 * 2,
     kernel_restored=tta._tree_attn_kernel is kern, call_restored=vars(JITFunction).get("__call__") is call,
     lang_changed=sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)),
     triton=triton.__version__)))
@@ -82,7 +84,7 @@ def test_kv_bytes_in_a_compiled_process_restores_everything(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["compiled_before"] and not r["interpreted_flag"]
-    assert r["counted"] == r["expected"], r
+    assert r["counted"] == r["expected"] == r["first"], r
     assert r["kernel_restored"] and r["call_restored"], r
     assert r["lang_changed"] == [], r
 
@@ -104,9 +106,10 @@ def test_compiled_process_rejects_cpu_tensors_clearly(tmp_path):
 @pytest.mark.parametrize("kernel", ["_tree_attn_kernel"])
 def test_kernels_are_public_triton_jit(kernel):
     """Kernels are @triton.jit objects (interpreted here because TRITON_INTERPRET=1 at import)."""
+    import importlib
+
     import triton
 
-    from multiverse_kernels.backends.triton import tree_attention as tta
-
+    tta = importlib.import_module("multiverse_kernels.backends.triton.tree_attention")
     k = getattr(tta, kernel)
     assert isinstance(k, triton.runtime.KernelInterface)
