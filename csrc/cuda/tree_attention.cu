@@ -92,6 +92,7 @@ struct RowInfo {
   int32_t out_row[kTileRows];  // >= 0: write straight to out/lse (the row's only partial)
   int32_t slot[kTileRows];
   int32_t head[kTileRows];
+  uint32_t kv_chunks;  // K+V 16-byte chunk pairs copied (only counted when p.kv_bytes_loaded is set)
 };
 
 template <class T, int D>
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(const Tree
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const float scale_log2 = p.sm_scale * kLog2e;
-  unsigned long long loaded = 0;  // K+V bytes this thread's cp.async copies read (p.kv_bytes_loaded)
+  if (tid == 0) info->kv_chunks = 0;  // the KV byte counter, counted at the loads (no register cost)
 
   for (int m0 = 0; m0 < M; m0 += kTileRows) {
     __syncthreads();  // previous tile's readers of info/sQ are done
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(const Tree
                                         p.v_stride_page, p.v_stride_slot, p.v_stride_head);
         cp_async16(dk + r * LD + col, kc + ko + col, ok);
         cp_async16(dv + r * LD + col, vc + vo + col, ok);
-        loaded += ok ? 32 : 0;  // KV byte counter, at the loads: 16 bytes of K + 16 of V
+        if (p.kv_bytes_loaded != nullptr && ok) atomicAdd(&info->kv_chunks, 1u);  // 16 B of K + 16 of V
       }
     };
     if (nblocks > 0) load_kv(0, 0);
@@ -318,7 +319,11 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(const Tree
       }
     }
   }
-  add_loaded_bytes(p.kv_bytes_loaded, loaded);
+  if (p.kv_bytes_loaded != nullptr) {
+    __syncthreads();
+    if (tid == 0 && info->kv_chunks != 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.kv_bytes_loaded), 32ull * info->kv_chunks);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ SIMT path
