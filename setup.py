@@ -249,6 +249,19 @@ def _make_build_ext(base: type) -> type:
                                  f"(compiler output: {log})")
             _note(f"{ext.name} skipped: compile failed ({type(err).__name__}); compiler output in {log}")
 
+        def copy_extensions_to_source(self) -> None:
+            # In-place builds (editable installs, build_ext --inplace) copy the library into the
+            # package; the build-info file beside it goes along.
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                try:
+                    inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                except AttributeError:  # older setuptools
+                    return
+                if os.path.exists(regular_file + ".build.json"):
+                    shutil.copyfile(regular_file + ".build.json", inplace_file + ".build.json")
+
     return QuietBuildExt
 
 

@@ -1,24 +1,37 @@
-"""Planner build time for a 1,024-leaf forest (docs/plan.md reports the numbers).
+"""Planning benchmark: what the planner builds for real step shapes, and how long it takes.
 
-    python -m benchmarks.plan_build            # host (CPU) planning, median of 50 runs
+    python -m benchmarks.plan_build                 # table for 32 q / 8 KV heads, head_dim 128, fp16
+    python -m benchmarks.plan_build --workers 264   # the device's parallelism (2 x SMs; H100: 132 SMs)
 
-Forest: a 512-token prompt, 32 subtrees of 64 tokens, 32 leaves of 16 tokens under each (1,024 leaves,
-each decoding one token), page size 16; 32 query heads over 8 KV heads.
+For each forest: work items, partial states stored in the workspace (rows with a single partial are
+written straight to the output and take none), workspace bytes (fp32 out + lse per slot and query head)
+next to the output's bytes, the K+V bytes the kernels load according to the plan (each item loads its
+chunk up to the largest limit of its readers, for every KV head) over the forest's unique K+V bytes
+(also for head_dim 64, whose 256-row tile holds 64 readers at GQA 4; head_dim 128 tiles hold 128 rows),
+the partial-state traffic (written once, read once by the merge) over the unique K+V bytes, and the
+plan time (median and min of N, one CPU thread) of the C++ host planner (the default) and of the torch
+planner. The loads column is derived from the plan; scripts/triton_kv_traffic.py measures the Triton
+kernels' loads in the interpreter.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 
 from multiverse_kernels import ForestMetadata, KVForest
-from multiverse_kernels.planning import plan_tree_attention
+from multiverse_kernels.planning import _cpp_planner, plan_kv_tokens, plan_tree_attention
+from multiverse_kernels.testing import beam_forest, multiverse_forest, sampling_forest
+
+HQ, HK, D, ELEM = 32, 8, 128, 2  # fp16
 
 
 def thousand_leaf_forest(page_size: int = 16) -> ForestMetadata:
-    """Metadata of the 1,024-leaf decode step described in the module docstring."""
+    """1,024 leaves: a 512-token prompt, 32 subtrees of 64 tokens, 32 leaves of 16 tokens under each
+    (each leaf decoding one token), page size 16."""
     f = KVForest(8192, page_size)
     root = f.new_sequence(512)
     leaves = []
@@ -45,25 +58,114 @@ def token_tree_forest(depth: int = 10) -> ForestMetadata:
     return f.decode_metadata(level)
 
 
-def _time(label: str, meta: ForestMetadata, chunk: int) -> None:
-    plan_tree_attention(meta, 32, 8, chunk_tokens=chunk)  # warm-up
-    times = []
-    for _ in range(50):
+def eagle_forest(prefix: int = 1024, widths: tuple[int, ...] = (4, 3, 2, 2, 1)) -> ForestMetadata:
+    """An EAGLE-style speculative token tree over a ``prefix``-token context (page size 1): each level
+    expands every frontier token into ``widths[d]`` one-token children; every draft token is a query
+    row that sees its ancestors (4 + 12 + 24 + 48 + 48 = 136 draft tokens by default)."""
+    f = KVForest(prefix + 4096, 1)
+    frontier = [f.new_sequence(prefix)]
+    groups = []
+    for w in widths:
+        nxt = []
+        for p in frontier:
+            for k in f.fork(p, w):
+                f.append(k, 1)
+                groups.append((k, 1))
+                nxt.append(k)
+        frontier = nxt
+    return f.metadata(groups)
+
+
+def causal_prefill(tokens: int, page_size: int = 16) -> ForestMetadata:
+    """One sequence prefilling ``tokens`` tokens (causal, one node)."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    pages = -(-tokens // page_size)
+    return ForestMetadata(i32([0, pages]), torch.arange(pages, dtype=torch.int32), i32([tokens]),
+                          i32([0, tokens]), i32([0, 1]), i32([0]), page_size)
+
+
+def forests() -> dict[str, ForestMetadata]:
+    def meta(fg):
+        f, groups = fg
+        return f.metadata(groups)
+
+    return {
+        "Multiverse (1024 prefix, 8 paths x 128, join)": meta(multiverse_forest(1024, 8, 128, 2)),
+        "16-way sampling (1024 prompt, x 24)": meta(sampling_forest(1024, 16, 24)),
+        "64-way sampling (1024 prompt, x 24)": meta(sampling_forest(1024, 64, 24)),
+        "256-way sampling (256 prompt, x 4)": meta(sampling_forest(256, 256, 4)),
+        "beam depth 4 x width 16 (512 prompt)": meta(beam_forest(512, 4, 16, 8)),
+        "beam depth 4 x width 64 (512 prompt)": meta(beam_forest(512, 4, 64, 8)),
+        "EAGLE token tree (1024 prefix, 136 drafts)": eagle_forest(),
+        "1,024 leaves (512 / 32 x 64 / 1024 x 16)": thousand_leaf_forest(),
+        "binary token tree (256 prompt, 2046 one-token nodes)": token_tree_forest(),
+        "4K causal prefill": causal_prefill(4096),
+        "32K causal prefill": causal_prefill(32768),
+    }
+
+
+def loaded_tokens(plan) -> int:
+    """K/V tokens the kernels load for one KV head: per item, its chunk up to its readers' max limit."""
+    W = plan.num_items
+    if W == 0:
+        return 0
+    nr = plan.item_num_readers[:W].long()
+    item = torch.repeat_interleave(torch.arange(W), nr)
+    j = torch.arange(int(nr.sum())) - (torch.cumsum(nr, 0) - nr)[item]
+    lim = plan.reader_limit.long()[plan.item_reader_start[:W].long()[item] + j]
+    hi = torch.zeros(W, dtype=torch.long).scatter_reduce_(0, item, lim, "amax")
+    start, ln = plan.item_kv_start[:W].long(), plan.item_kv_len[:W].long()
+    return int(torch.clamp(torch.minimum(hi - start, ln), min=0).sum())
+
+
+def _time(fn, reps: int) -> tuple[float, float]:
+    fn()
+    ts = []
+    for _ in range(reps):
         t0 = time.perf_counter()
-        plan = plan_tree_attention(meta, 32, 8, chunk_tokens=chunk)
-        times.append(time.perf_counter() - t0)
-    print(f"{label}, chunk_tokens={chunk}: nodes={meta.num_nodes} items={plan.num_items} "
-          f"partials={plan.num_partials} readers={plan.num_readers}  median "
-          f"{statistics.median(times) * 1e3:.2f} ms, min {min(times) * 1e3:.2f} ms "
-          f"(torch {torch.__version__}, 1 thread)")
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), min(ts)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=264, help="num_workers (default 264: 2 x 132 SMs)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--no-torch", action="store_true", help="skip timing the torch planner")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    meta = thousand_leaf_forest()
-    for chunk in (512, 64):
-        _time("1,024 leaves", meta, chunk)
-    _time("1,024-leaf binary token tree (one-token nodes)", token_tree_forest(), 512)
+    have_cpp = _cpp_planner() is not None
+    kv_tok = 2 * HK * D * ELEM  # K+V bytes of one token, all KV heads
+    print(f"{HQ} q / {HK} KV heads, head_dim {D}, fp16; num_workers={args.workers}; plan time: median "
+          f"(min) of {args.reps}, 1 CPU thread, torch {torch.__version__}"
+          + ("" if have_cpp else "; C++ planner NOT BUILT"))
+    print()
+    print("| forest | rows | nodes | items | partials | workspace MB | output MB | ws / out | "
+          "loaded / unique K+V (d 128) | (d 64) | partial traffic / unique K+V | C++ plan us | "
+          "torch plan us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, meta in forests().items():
+        plan = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=args.workers)
+        unique = plan_kv_tokens(meta) * kv_tok
+        loaded = loaded_tokens(plan) * kv_tok
+        p64 = plan_tree_attention(meta, HQ, HK, head_dim=64, num_workers=args.workers)
+        loaded64 = loaded_tokens(p64) / plan_kv_tokens(meta)
+        ws = plan.workspace_bytes(HQ, D)
+        out = meta.total_q * HQ * D * ELEM
+        cpp = "-"
+        if have_cpp:
+            med, mn = _time(lambda m=meta: plan_tree_attention(
+                m, HQ, HK, head_dim=D, num_workers=args.workers, impl="cpp"), args.reps)
+            cpp = f"{med * 1e6:,.0f} ({mn * 1e6:,.0f})"
+        tor = "-"
+        if not args.no_torch:
+            med, mn = _time(lambda m=meta: plan_tree_attention(
+                m, HQ, HK, head_dim=D, num_workers=args.workers, impl="torch"), max(5, args.reps // 5))
+            tor = f"{med * 1e6:,.0f} ({mn * 1e6:,.0f})"
+        print(f"| {name} | {meta.total_q:,} | {meta.num_nodes:,} | {plan.num_items:,} | "
+              f"{plan.num_partials:,} | {ws / 2**20:,.2f} | {out / 2**20:,.2f} | {ws / out:.2f} | "
+              f"{loaded / unique:.3f} | {loaded64:.3f} | {2 * ws / unique:.3f} | {cpp} | {tor} |")
 
 
 if __name__ == "__main__":

@@ -1,88 +1,153 @@
-// Host planner (see multiverse/plan.h and docs/plan.md). Sequential, O(readers log readers).
+// Host planner (see multiverse/plan.h and docs/plan.md). Sequential; O(readers) apart from sorting
+// each node's readers (skipped when they are already in order, as in decode).
 #include "multiverse/plan.h"
 
 #include <algorithm>
-#include <numeric>
 #include <stdexcept>
 
 namespace multiverse {
 
+namespace {
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+}  // namespace
+
 HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const int32_t* qo_indptr,
                              const int32_t* vis_indptr, const int32_t* vis_nodes, int32_t num_groups,
-                             const bool* own_full, int32_t chunk_tokens, int32_t rows_per_tile) {
-  if (chunk_tokens < 1) throw std::invalid_argument("chunk_tokens: expected a positive int");
+                             const bool* own_full, int32_t chunk_tokens, int32_t rows_per_tile, int32_t group,
+                             int32_t num_kv_heads, int32_t num_workers) {
+  if (chunk_tokens < 0) throw std::invalid_argument("chunk_tokens: expected a positive int (0: automatic)");
   if (rows_per_tile < 1) throw std::invalid_argument("rows_per_tile: expected a positive int");
+  if (group < 1 || num_kv_heads < 1 || num_workers < 1)
+    throw std::invalid_argument("num_workers: expected positive group, num_kv_heads and num_workers");
   HostPlan p;
-  p.chunk_tokens = chunk_tokens;
   p.rows_per_tile = rows_per_tile;
+  p.num_workers = chunk_tokens == 0 ? num_workers : 0;
   const int64_t total_q = num_groups > 0 ? qo_indptr[num_groups] : 0;
 
-  // Readers: every (row, visible non-empty node), sorted by (node, row).
-  struct Reader { int64_t key; int32_t node, row, limit; };
-  std::vector<Reader> rd;
+  // Readers: every (row, visible non-empty node), bucketed by node (counting sort). Within a node they
+  // arrive in increasing row order (groups' rows are increasing ranges).
+  std::vector<int32_t> n_readers(num_nodes, 0);
+  int64_t R = 0;
   for (int32_t g = 0; g < num_groups; ++g) {
     const int32_t q_len = qo_indptr[g + 1] - qo_indptr[g];
     for (int32_t e = vis_indptr[g]; e < vis_indptr[g + 1]; ++e) {
       const int32_t n = vis_nodes[e];
       if (n < 0 || n >= num_nodes) throw std::invalid_argument("vis_nodes: node id out of range");
-      const int32_t nl = node_len[n];
+      if (node_len[n] > 0) { n_readers[n] += q_len; R += q_len; }
+    }
+  }
+  std::vector<int32_t> node_start(num_nodes + 1, 0);
+  for (int32_t n = 0; n < num_nodes; ++n) node_start[n + 1] = node_start[n] + n_readers[n];
+  std::vector<int32_t> row(R), limit(R), fill(node_start.begin(), node_start.end() - 1);
+  for (int32_t g = 0; g < num_groups; ++g) {
+    const int32_t q_len = qo_indptr[g + 1] - qo_indptr[g];
+    for (int32_t e = vis_indptr[g]; e < vis_indptr[g + 1]; ++e) {
+      const int32_t n = vis_nodes[e], nl = node_len[n];
       if (nl <= 0) continue;
       const bool full = e != vis_indptr[g + 1] - 1 || (own_full != nullptr && own_full[g]);
-      for (int32_t i = 0; i < q_len; ++i) {
-        const int32_t row = qo_indptr[g] + i;
-        rd.push_back({static_cast<int64_t>(n) * (total_q + 1) + row, n, row, full ? nl : nl - q_len + i + 1});
+      int32_t at = fill[n];
+      for (int32_t i = 0; i < q_len; ++i, ++at) {
+        row[at] = qo_indptr[g] + i;
+        limit[at] = full ? nl : nl - q_len + i + 1;
+      }
+      fill[n] = at;
+    }
+  }
+
+  // Chunk length of every node (fixed, or planning.auto_chunk_tokens).
+  std::vector<int32_t> chunk(num_nodes, chunk_tokens);
+  int64_t plan_chunk = chunk_tokens;
+  if (chunk_tokens == 0) {
+    int64_t work = 0;
+    for (int32_t n = 0; n < num_nodes; ++n)
+      if (n_readers[n] > 0) work += ceil_div(n_readers[n], rows_per_tile) * node_len[n];
+    work *= num_kv_heads;
+    const int64_t budget = ceil_div(work, num_workers);
+    const int64_t base = std::max<int64_t>(MULTIVERSE_PLAN_MIN_CHUNK_TOKENS, ceil_div(budget, 64) * 64);
+    plan_chunk = 1;
+    for (int32_t n = 0; n < num_nodes; ++n) {
+      const int64_t packed = ceil_div(static_cast<int64_t>(n_readers[n]) * group, 64) * 64;
+      const int64_t c = std::min<int64_t>(std::max(packed, base), std::max(node_len[n], 1));
+      chunk[n] = static_cast<int32_t>(c);
+      if (n_readers[n] > 0) plan_chunk = std::max(plan_chunk, c);
+    }
+  }
+  p.chunk_tokens = plan_chunk;
+
+  // Partials of every row: a reader sees chunks 0 .. k - 1 of its node.
+  std::vector<int32_t> row_cnt(total_q, 0);
+  for (int32_t n = 0; n < num_nodes; ++n)
+    for (int32_t i = node_start[n]; i < node_start[n + 1]; ++i)
+      row_cnt[row[i]] += static_cast<int32_t>(ceil_div(limit[i], chunk[n]));
+
+  // Reader order within a node: merged rows before direct rows (one partial), limit descending, row.
+  // The readers of chunk c >= 1 (limit > c * chunk; never direct) are then a prefix.
+  struct Rd { int32_t direct, limit, row; };
+  std::vector<Rd> tmp;
+  for (int32_t n = 0; n < num_nodes; ++n) {
+    const int32_t a = node_start[n], b = node_start[n + 1];
+    bool sorted = true;
+    for (int32_t i = a + 1; i < b && sorted; ++i) {
+      const int32_t d0 = row_cnt[row[i - 1]] == 1, d1 = row_cnt[row[i]] == 1;
+      sorted = d0 < d1 || (d0 == d1 && limit[i - 1] >= limit[i]);
+    }
+    if (sorted) continue;
+    tmp.resize(b - a);
+    for (int32_t i = a; i < b; ++i) tmp[i - a] = {row_cnt[row[i]] == 1, limit[i], row[i]};
+    std::sort(tmp.begin(), tmp.end(), [](const Rd& x, const Rd& y) {
+      if (x.direct != y.direct) return x.direct < y.direct;
+      if (x.limit != y.limit) return x.limit > y.limit;
+      return x.row < y.row;
+    });
+    for (int32_t i = a; i < b; ++i) { row[i] = tmp[i - a].row; limit[i] = tmp[i - a].limit; }
+  }
+  std::vector<int32_t> merged_before(R + 1, 0);  // merged readers among the first i
+  for (int64_t i = 0; i < R; ++i) merged_before[i + 1] = merged_before[i] + (row_cnt[row[i]] != 1);
+
+  // Items: per node, per chunk with readers, per tile of rows_per_tile of those readers.
+  int64_t slots = 0, max_readers = 0;
+  for (int32_t n = 0; n < num_nodes; ++n) {
+    const int32_t a = node_start[n], b = node_start[n + 1];
+    if (a == b) continue;
+    const int32_t ch = chunk[n];
+    int32_t seen = b - a;  // readers with k > c (a prefix for c >= 1)
+    for (int32_t c = 0; seen > 0; ++c) {
+      if (c > 0)
+        while (seen > 0 && ceil_div(limit[a + seen - 1], ch) <= c) --seen;
+      for (int32_t t0 = 0; t0 < seen; t0 += rows_per_tile) {
+        const int32_t rs = a + t0, nr = std::min(rows_per_tile, seen - t0);
+        p.item_node.push_back(n);
+        p.item_kv_start.push_back(c * ch);
+        p.item_kv_len.push_back(std::min(ch, node_len[n] - c * ch));
+        p.item_reader_start.push_back(rs);
+        p.item_num_readers.push_back(nr);
+        p.item_partial_start.push_back(static_cast<int32_t>(slots));
+        slots += merged_before[rs + nr] - merged_before[rs];
+        max_readers = std::max<int64_t>(max_readers, nr);
       }
     }
   }
-  std::sort(rd.begin(), rd.end(), [](const Reader& a, const Reader& b) { return a.key < b.key; });
-  p.num_readers = static_cast<int64_t>(rd.size());
-  p.reader_row.resize(rd.size());
-  p.reader_limit.resize(rd.size());
-  std::vector<int64_t> n_readers(num_nodes, 0), node_start(num_nodes + 1, 0);
-  for (size_t i = 0; i < rd.size(); ++i) {
-    p.reader_row[i] = rd[i].row;
-    p.reader_limit[i] = rd[i].limit;
-    ++n_readers[rd[i].node];
-  }
-  for (int32_t n = 0; n < num_nodes; ++n) node_start[n + 1] = node_start[n] + n_readers[n];
-
-  // Items: per node, chunk-major then reader tile.
-  int64_t partial = 0;
-  for (int32_t n = 0; n < num_nodes; ++n) {
-    if (n_readers[n] == 0) continue;
-    const int64_t tiles = (n_readers[n] + rows_per_tile - 1) / rows_per_tile;
-    const int64_t chunks = (static_cast<int64_t>(node_len[n]) + chunk_tokens - 1) / chunk_tokens;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int32_t start = static_cast<int32_t>(c * chunk_tokens);
-        const int32_t nr = static_cast<int32_t>(std::min<int64_t>(rows_per_tile, n_readers[n] - t * rows_per_tile));
-        p.item_node.push_back(n);
-        p.item_kv_start.push_back(start);
-        p.item_kv_len.push_back(std::min(chunk_tokens, node_len[n] - start));
-        p.item_reader_start.push_back(static_cast<int32_t>(node_start[n] + t * rows_per_tile));
-        p.item_num_readers.push_back(nr);
-        p.item_partial_start.push_back(static_cast<int32_t>(partial));
-        partial += nr;
-        p.max_item_readers = std::max<int64_t>(p.max_item_readers, nr);
-      }
-  }
+  p.num_readers = R;
   p.num_items = static_cast<int64_t>(p.item_node.size());
-  p.num_partials = partial;
+  p.num_partials = slots;
+  p.workspace_slots = slots;
+  p.max_item_readers = max_readers;
 
-  // Merge: the partial slots of each row in increasing slot order (counting sort by row).
-  std::vector<int32_t> slot_row(partial);
-  for (int64_t w = 0; w < p.num_items; ++w)
-    for (int32_t j = 0; j < p.item_num_readers[w]; ++j)
-      slot_row[p.item_partial_start[w] + j] = p.reader_row[p.item_reader_start[w] + j];
+  // Each row's partials: workspace slots in increasing order, or -1 for a row's only partial.
   p.row_partial_indptr.assign(total_q + 1, 0);
-  for (int32_t r : slot_row) ++p.row_partial_indptr[r + 1];
-  for (int64_t r = 0; r < total_q; ++r) p.row_partial_indptr[r + 1] += p.row_partial_indptr[r];
-  p.row_partial_indices.resize(partial);
-  std::vector<int32_t> fill(p.row_partial_indptr.begin(), p.row_partial_indptr.end() - 1);
-  for (int64_t s = 0; s < partial; ++s) p.row_partial_indices[fill[slot_row[s]]++] = static_cast<int32_t>(s);
+  for (int64_t r = 0; r < total_q; ++r) p.row_partial_indptr[r + 1] = p.row_partial_indptr[r] + row_cnt[r];
+  p.row_partial_indices.assign(p.row_partial_indptr[total_q], -1);
+  std::vector<int32_t> pos(p.row_partial_indptr.begin(), p.row_partial_indptr.end() - 1);
+  for (int64_t w = 0; w < p.num_items; ++w) {
+    const int32_t rs = p.item_reader_start[w];
+    const int32_t m = merged_before[rs + p.item_num_readers[w]] - merged_before[rs];
+    for (int32_t j = 0; j < m; ++j) p.row_partial_indices[pos[row[rs + j]]++] = p.item_partial_start[w] + j;
+  }
   for (int64_t r = 0; r < total_q; ++r)
-    if (p.row_partial_indptr[r + 1] - p.row_partial_indptr[r] != 1) p.merge_rows.push_back(static_cast<int32_t>(r));
+    if (row_cnt[r] != 1) p.merge_rows.push_back(static_cast<int32_t>(r));
   p.num_merge_rows = static_cast<int64_t>(p.merge_rows.size());
+  p.reader_row = std::move(row);
+  p.reader_limit = std::move(limit);
   return p;
 }
 

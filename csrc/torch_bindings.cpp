@@ -5,6 +5,8 @@
 // The namespace is multiverse_C so it does not clash with the Python custom ops torch.ops.multiverse.*,
 // which dispatch on their `backend` argument and call these ops for backend="cpu"/"cuda".
 #include <optional>
+#include <stdexcept>
+#include <vector>
 
 #include "multiverse/cpu_kernels.h"
 #include "torch_utils.h"
@@ -19,11 +21,90 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
-  AttentionBuffers b = alloc_attention_buffers(p, q, plan, kv_bytes);
+  AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   multiverse::cpu::tree_attention(p);
   MergeParams m = make_plan_merge_params(p, plan, b.out, b.lse);
   multiverse::cpu::merge_states(m);
   return {b.out, b.lse};
+}
+
+// Backward over the forward's plan: (dq, dk_cache, dv_cache) in q's dtype; cache slots no row sees
+// get 0. out/grad_out are taken in q's dtype (converted if not); lse/grad_lse float32 [total_q, Hq].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_run_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
+    at::IntArrayRef plan_ints, double sm_scale) {
+  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
+  const TreeAttentionParams a = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
+                                                      plan, plan_ints, sm_scale);
+  TORCH_CHECK(out.sizes() == q.sizes(), "out: expected the shape of q");
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out: expected the shape of q");
+  TORCH_CHECK(out.device() == q.device() && grad_out.device() == q.device(), "out: expected q's device");
+  const auto like_q = [&](const at::Tensor& t) {
+    at::Tensor r = t.scalar_type() == q.scalar_type() ? t : t.to(q.scalar_type());
+    return r.stride(-1) == 1 ? r : r.contiguous();
+  };
+  const at::Tensor o = like_q(out), go = like_q(grad_out);
+  const int64_t total_q = q.size(0), hq = q.size(1);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == total_q && lse.size(1) == hq,
+              "lse: expected float32 [total_q, Hq]");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor gl;
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->dim() == 2 && grad_lse->size(0) == total_q && grad_lse->size(1) == hq,
+                "grad_lse: expected [total_q, Hq]");
+    gl = grad_lse->to(at::kFloat).contiguous();
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros(q.sizes(), f32);
+  at::Tensor dk = at::zeros(k_cache.sizes(), f32);
+  at::Tensor dv = at::zeros(v_cache.sizes(), f32);
+  at::Tensor delta = at::empty({total_q, hq}, f32);
+  TreeAttentionBackwardParams p{};
+  p.q = a.q;
+  p.k_cache = a.k_cache;
+  p.v_cache = a.v_cache;
+  p.out = o.data_ptr();
+  p.grad_out = go.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.grad_lse = gl.defined() ? gl.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.node_page_indptr = a.node_page_indptr;
+  p.node_page_indices = a.node_page_indices;
+  p.reader_row = a.reader_row;
+  p.reader_limit = a.reader_limit;
+  p.item_node = a.item_node;
+  p.item_kv_start = a.item_kv_start;
+  p.item_kv_len = a.item_kv_len;
+  p.item_reader_start = a.item_reader_start;
+  p.item_num_readers = a.item_num_readers;
+  p.q_stride_row = a.q_stride_row;
+  p.q_stride_head = a.q_stride_head;
+  p.k_stride_page = a.k_stride_page;
+  p.k_stride_slot = a.k_stride_slot;
+  p.k_stride_head = a.k_stride_head;
+  p.v_stride_page = a.v_stride_page;
+  p.v_stride_slot = a.v_stride_slot;
+  p.v_stride_head = a.v_stride_head;
+  p.out_stride_row = o.stride(0);
+  p.out_stride_head = o.stride(1);
+  p.go_stride_row = go.stride(0);
+  p.go_stride_head = go.stride(1);
+  p.total_q = static_cast<int32_t>(total_q);
+  p.num_items = a.num_items;
+  p.num_qo_heads = a.num_qo_heads;
+  p.num_kv_heads = a.num_kv_heads;
+  p.head_dim = a.head_dim;
+  p.page_size = a.page_size;
+  p.sm_scale = a.sm_scale;
+  p.dtype = a.dtype;
+  multiverse::cpu::tree_attention_backward(p);
+  if (q.scalar_type() == at::kFloat) return {dq, dk, dv};
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& v, const at::Tensor& s) {
@@ -56,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
   const int64_t group = q.size(1) / std::max<int64_t>(k_cache.size(2), 1);
   // Same choices as multiverse_kernels/backends/cpu: 256-token chunks, <= 1024 packed rows per item.
   auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 256,
-                              std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), q.device());
+                              std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), std::max<int64_t>(group, 1),
+                              k_cache.size(2), 1, q.device());
   return tree_attention_run_cpu(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
                                 std::nullopt);
 }
@@ -64,12 +146,24 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
 std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
     const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
     const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
-    int64_t rows_per_tile) {
+    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers) {
   auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, chunk_tokens, rows_per_tile,
-                              node_len.device());
+                              group, num_kv_heads, num_workers, node_len.device());
   auto it = at::empty({static_cast<int64_t>(ints.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(ints.begin(), ints.end(), it.data_ptr<int64_t>());
   return {ts, it};
+}
+
+// [selected, supported] CPU micro-kernel ISA (multiverse::cpu::CpuIsa values): what tree_attention runs
+// now (MULTIVERSE_CPU_ISA applied) and the widest this CPU supports.
+std::vector<int64_t> cpu_isa_op() {
+  const int64_t best = static_cast<int64_t>(multiverse::cpu::cpu_isa_supported());
+  int64_t sel = -1;  // -1: MULTIVERSE_CPU_ISA names something this CPU cannot run
+  try {
+    sel = static_cast<int64_t>(multiverse::cpu::cpu_isa_selected());
+  } catch (const std::invalid_argument&) {
+  }
+  return {sel, best};
 }
 
 }  // namespace
@@ -83,17 +177,28 @@ TORCH_LIBRARY(multiverse_C, m) {
       "Tensor node_page_indices, Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
       "Tensor? own_full, float sm_scale) -> (Tensor, Tensor)");
   // The host planner (csrc/plan.cpp), identical to multiverse_kernels.planning: (plan tensors on the
-  // metadata's device, int64 tensor of TreePlan.INT_FIELDS). Eager only (data-dependent sizes).
+  // metadata's device, int64 tensor of TreePlan.INT_FIELDS). chunk_tokens 0: automatic split for
+  // num_workers. Eager only (data-dependent sizes).
   m.def(
       "plan_tree_attention(Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
-      "Tensor? own_full, int chunk_tokens, int rows_per_tile) -> (Tensor[], Tensor)");
+      "Tensor? own_full, int chunk_tokens, int rows_per_tile, int group=1, int num_kv_heads=1, "
+      "int num_workers=1) -> (Tensor[], Tensor)");
+  // The plan field lists this library was built with (multiverse_kernels/plan_format.py FORMAT_STRING).
+  m.def("plan_format() -> str");
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
   // int64[1] the kernel adds the K+V bytes it loads to (measurement hook).
   m.def(
       "tree_attention_run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, "
       "Tensor node_page_indices, Tensor[] plan_tensors, int[] plan_ints, float sm_scale, "
       "Tensor(a!)? kv_bytes=None) -> (Tensor, Tensor)");
+  // Backward of tree_attention_run over the same plan: (dq, dk_cache, dv_cache) like q and the caches.
+  m.def(
+      "tree_attention_backward_run(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, "
+      "Tensor v_cache, Tensor out, Tensor lse, Tensor node_page_indptr, Tensor node_page_indices, "
+      "Tensor[] plan_tensors, int[] plan_ints, float sm_scale) -> (Tensor, Tensor, Tensor)");
   m.def("merge_states(Tensor v, Tensor s) -> (Tensor, Tensor)");
+  // [selected, supported] micro-kernel ISA of the CPU tree_attention (0 baseline, 1 avx2, 2 avx512).
+  m.def("cpu_isa() -> int[]", &multiverse::bind::cpu_isa_op);
   m.def(
       "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor page_indptr, "
       "Tensor page_indices, Tensor token_node, Tensor token_pos) -> ()");
@@ -101,11 +206,13 @@ TORCH_LIBRARY(multiverse_C, m) {
 
 TORCH_LIBRARY_IMPL(multiverse_C, CompositeExplicitAutograd, m) {
   m.impl("plan_tree_attention", &multiverse::bind::plan_tree_attention_op);
+  m.impl("plan_format", []() -> std::string { return MULTIVERSE_PLAN_FORMAT; });
 }
 
 TORCH_LIBRARY_IMPL(multiverse_C, CPU, m) {
   m.impl("tree_attention", &multiverse::bind::tree_attention_cpu);
   m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cpu);
+  m.impl("tree_attention_backward_run", &multiverse::bind::tree_attention_backward_run_cpu);
   m.impl("merge_states", &multiverse::bind::merge_states_cpu);
   m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cpu);
 }

@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
-  AttentionBuffers b = alloc_attention_buffers(p, q, plan, kv_bytes);
+  AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   auto stream = at::cuda::getCurrentCUDAStream();
   check_cuda(multiverse::cuda::tree_attention(p, stream), "multiverse tree_attention kernel");
   MergeParams m = make_plan_merge_params(p, plan, b.out, b.lse);
@@ -64,11 +64,14 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
     double sm_scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q: expected [total_q, Hq, D] and 4-D caches");
   const int64_t group = std::max<int64_t>(q.size(1) / std::max<int64_t>(k_cache.size(2), 1), 1);
-  // Same choices as multiverse_kernels/backends/cuda (planning.py defaults): 512-token chunks, one
-  // kernel row tile (64 packed rows; 32 at head_dim 256) of readers per item. Plans on the host (sync).
-  const int64_t tile_rows = q.size(2) >= 256 ? 32 : 64;
-  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 512,
-                              std::max<int64_t>(1, tile_rows / group), q.device());
+  // Same choices as multiverse_kernels/backends/cuda (planning.py defaults): chunks chosen for 2 work
+  // items per SM (chunk_tokens 0), 256 / 128 / 32 packed rows (head_dim 64 / 128 / 256) per item. Plans on
+  // the host (sync). Row tile = planning.MAX_TILE_ROWS.
+  const int64_t tile_rows = q.size(2) >= 256 ? 32 : q.size(2) > 64 ? 128 : 256;
+  const int64_t workers = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 0,
+                              std::max<int64_t>(1, tile_rows / group), group, k_cache.size(2), workers,
+                              q.device());
   return tree_attention_run_cuda(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
                                  std::nullopt);
 }

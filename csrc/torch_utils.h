@@ -42,15 +42,31 @@ inline void check_i32(const at::Tensor& t, const char* name, const at::Device& d
 
 inline const int32_t* i32(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
 
-// The plan fields in TreePlan.TENSOR_FIELDS / INT_FIELDS order (multiverse_kernels/planning.py).
-enum PlanT {
-  kReaderRow, kReaderLimit, kItemNode, kItemKvStart, kItemKvLen, kItemReaderStart, kItemNumReaders,
-  kItemPartialStart, kRowPartialIndptr, kRowPartialIndices, kMergeRows, kNumPlanTensors
+// The plan fields in TreePlan.TENSOR_FIELDS / INT_FIELDS order (multiverse_kernels/plan_format.py, via
+// the generated multiverse/plan_fields.h): PlanT::reader_row, ..., PlanI::num_readers, ...
+namespace PlanT {
+enum : int {
+#define MULTIVERSE_X(name) name,
+  MULTIVERSE_PLAN_TENSOR_FIELDS(MULTIVERSE_X)
+#undef MULTIVERSE_X
+  kCount
 };
-enum PlanI {
-  kNumReaders, kNumItems, kNumPartials, kNumMergeRows, kMaxItemReaders, kChunkTokens, kRowsPerTile,
-  kNumPlanInts
+}  // namespace PlanT
+namespace PlanI {
+enum : int {
+#define MULTIVERSE_X(name) name,
+  MULTIVERSE_PLAN_INT_FIELDS(MULTIVERSE_X)
+#undef MULTIVERSE_X
+  kCount
 };
+}  // namespace PlanI
+inline const char* const kPlanTensorNames[] = {
+#define MULTIVERSE_X(name) #name,
+    MULTIVERSE_PLAN_TENSOR_FIELDS(MULTIVERSE_X)
+#undef MULTIVERSE_X
+};
+constexpr int kNumPlanTensors = PlanT::kCount;
+constexpr int kNumPlanInts = PlanI::kCount;
 
 // Validates shapes/dtypes and fills everything but the output/workspace pointers.
 inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k_cache,
@@ -75,28 +91,27 @@ inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::
   TORCH_CHECK(hk > 0 && hq % hk == 0, "k_cache: expected num_kv_heads dividing num_qo_heads = ", hq);
   check_i32(node_page_indptr, "node_page_indptr", dev);
   check_i32(node_page_indices, "node_page_indices", dev);
-  static const char* names[] = {"reader_row", "reader_limit", "item_node", "item_kv_start", "item_kv_len",
-                                "item_reader_start", "item_num_readers", "item_partial_start",
-                                "row_partial_indptr", "row_partial_indices", "merge_rows"};
-  for (int i = 0; i < kNumPlanTensors; ++i) check_i32(plan[i], names[i], dev);
-  TORCH_CHECK(plan[kRowPartialIndptr].numel() == q.size(0) + 1,
+  for (int i = 0; i < kNumPlanTensors; ++i) check_i32(plan[i], kPlanTensorNames[i], dev);
+  TORCH_CHECK(plan[PlanT::row_partial_indptr].numel() == q.size(0) + 1,
               "row_partial_indptr: expected total_q + 1 = ", q.size(0) + 1, " entries, got ",
-              plan[kRowPartialIndptr].numel());
+              plan[PlanT::row_partial_indptr].numel());
+  TORCH_CHECK(ints[PlanI::workspace_slots] >= ints[PlanI::num_partials] && ints[PlanI::num_partials] >= 0,
+              "plan_ints: expected workspace_slots >= num_partials >= 0");
   TreeAttentionParams p{};
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.node_page_indptr = i32(node_page_indptr);
   p.node_page_indices = i32(node_page_indices);
-  p.reader_row = i32(plan[kReaderRow]);
-  p.reader_limit = i32(plan[kReaderLimit]);
-  p.item_node = i32(plan[kItemNode]);
-  p.item_kv_start = i32(plan[kItemKvStart]);
-  p.item_kv_len = i32(plan[kItemKvLen]);
-  p.item_reader_start = i32(plan[kItemReaderStart]);
-  p.item_num_readers = i32(plan[kItemNumReaders]);
-  p.item_partial_start = i32(plan[kItemPartialStart]);
-  p.row_partial_indptr = i32(plan[kRowPartialIndptr]);
+  p.reader_row = i32(plan[PlanT::reader_row]);
+  p.reader_limit = i32(plan[PlanT::reader_limit]);
+  p.item_node = i32(plan[PlanT::item_node]);
+  p.item_kv_start = i32(plan[PlanT::item_kv_start]);
+  p.item_kv_len = i32(plan[PlanT::item_kv_len]);
+  p.item_reader_start = i32(plan[PlanT::item_reader_start]);
+  p.item_num_readers = i32(plan[PlanT::item_num_readers]);
+  p.item_partial_start = i32(plan[PlanT::item_partial_start]);
+  p.row_partial_indptr = i32(plan[PlanT::row_partial_indptr]);
   p.q_stride_row = q.stride(0);
   p.q_stride_head = q.stride(1);
   p.k_stride_page = k_cache.stride(0);
@@ -106,13 +121,13 @@ inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::
   p.v_stride_slot = v_cache.stride(1);
   p.v_stride_head = v_cache.stride(2);
   // Padded (capacity) plans: run every item buffer entry; padding items have 0 readers.
-  p.num_items = static_cast<int32_t>(plan[kItemNode].numel());
+  p.num_items = static_cast<int32_t>(plan[PlanT::item_node].numel());
   p.num_qo_heads = static_cast<int32_t>(hq);
   p.num_kv_heads = static_cast<int32_t>(hk);
   p.head_dim = static_cast<int32_t>(q.size(2));
   p.page_size = static_cast<int32_t>(k_cache.size(1));
-  p.max_chunk_tokens = static_cast<int32_t>(ints[kChunkTokens]);
-  p.max_readers = static_cast<int32_t>(ints[kRowsPerTile]);
+  p.max_chunk_tokens = static_cast<int32_t>(ints[PlanI::chunk_tokens]);
+  p.max_readers = static_cast<int32_t>(ints[PlanI::rows_per_tile]);
   p.sm_scale = static_cast<float>(sm_scale);
   p.dtype = to_dtype(q, "q");
   p.kv_bytes_loaded = nullptr;
@@ -127,10 +142,10 @@ struct AttentionBuffers {
 };
 
 inline AttentionBuffers alloc_attention_buffers(TreeAttentionParams& p, const at::Tensor& q,
-                                                at::TensorList plan,
+                                                at::IntArrayRef ints,
                                                 const std::optional<at::Tensor>& kv_bytes) {
   const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
-  const int64_t slots = plan[kRowPartialIndices].numel();
+  const int64_t slots = ints[PlanI::workspace_slots];
   const auto f32 = q.options().dtype(at::kFloat);
   AttentionBuffers b{at::empty({total_q, hq, d}, q.options()), at::empty({total_q, hq}, f32),
                      at::empty({slots, hq, d}, f32), at::empty({slots, hq}, f32)};
@@ -168,12 +183,12 @@ inline MergeParams make_plan_merge_params(const TreeAttentionParams& a, at::Tens
   MergeParams m{};
   m.partial_out = a.partial_out;
   m.partial_lse = a.partial_lse;
-  m.row_partial_indptr = i32(plan[kRowPartialIndptr]);
-  m.row_partial_indices = i32(plan[kRowPartialIndices]);
-  m.merge_rows = i32(plan[kMergeRows]);
+  m.row_partial_indptr = i32(plan[PlanT::row_partial_indptr]);
+  m.row_partial_indices = i32(plan[PlanT::row_partial_indices]);
+  m.merge_rows = i32(plan[PlanT::merge_rows]);
   m.out = out.data_ptr();
   m.lse = lse.data_ptr<float>();
-  m.num_rows = static_cast<int32_t>(plan[kMergeRows].numel());
+  m.num_rows = static_cast<int32_t>(plan[PlanT::merge_rows].numel());
   m.num_heads = a.num_qo_heads;
   m.head_dim = a.head_dim;
   m.v_dtype = DType::kFloat32;
@@ -259,7 +274,7 @@ inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v,
 inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> host_plan(
     const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
     const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
-    int64_t rows_per_tile, const at::Device& device) {
+    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers, const at::Device& device) {
   const auto cpu = at::Device(at::kCPU);
   const at::Tensor nl = node_len.to(cpu).contiguous(), qo = qo_indptr.to(cpu).contiguous();
   const at::Tensor vi = vis_indptr.to(cpu).contiguous(), vn = vis_nodes.to(cpu).contiguous();
@@ -279,21 +294,42 @@ inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> host_plan(
     hp = plan_tree_attention(nl.data_ptr<int32_t>(), static_cast<int32_t>(nl.numel()), qo.data_ptr<int32_t>(),
                              vi.data_ptr<int32_t>(), vn.data_ptr<int32_t>(), static_cast<int32_t>(groups),
                              of.defined() ? of.data_ptr<bool>() : nullptr, static_cast<int32_t>(chunk_tokens),
-                             static_cast<int32_t>(rows_per_tile));
+                             static_cast<int32_t>(rows_per_tile), static_cast<int32_t>(group),
+                             static_cast<int32_t>(num_kv_heads), static_cast<int32_t>(num_workers));
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }
-  std::vector<at::Tensor> ts;
-  for (const std::vector<int32_t>* v :
-       {&hp.reader_row, &hp.reader_limit, &hp.item_node, &hp.item_kv_start, &hp.item_kv_len, &hp.item_reader_start,
-        &hp.item_num_readers, &hp.item_partial_start, &hp.row_partial_indptr, &hp.row_partial_indices,
-        &hp.merge_rows}) {
-    auto t = at::empty({static_cast<int64_t>(v->size())}, at::TensorOptions().dtype(at::kInt));
-    std::copy(v->begin(), v->end(), t.data_ptr<int32_t>());
-    ts.push_back(device.is_cpu() ? t : t.to(device));
+  // One host buffer for all tensors (one allocation, one copy to the device), split into views.
+  const std::vector<int32_t>* fields[] = {
+#define MULTIVERSE_X(name) &hp.name,
+      MULTIVERSE_PLAN_TENSOR_FIELDS(MULTIVERSE_X)
+#undef MULTIVERSE_X
+  };
+  // Each tensor starts on a 64-byte boundary (the kernels' JIT specializes on pointer alignment).
+  constexpr int64_t kAlign = 16;
+  int64_t total = 0;
+  for (const auto* v : fields) total += (static_cast<int64_t>(v->size()) + kAlign - 1) / kAlign * kAlign;
+  at::Tensor buf = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kInt));
+  int32_t* base = buf.data_ptr<int32_t>();
+  int64_t off = 0;
+  for (const auto* v : fields) {
+    std::copy(v->begin(), v->end(), base + off);
+    off += (static_cast<int64_t>(v->size()) + kAlign - 1) / kAlign * kAlign;
   }
-  return {ts, {hp.num_readers, hp.num_items, hp.num_partials, hp.num_merge_rows, hp.max_item_readers,
-               hp.chunk_tokens, hp.rows_per_tile}};
+  if (!device.is_cpu()) buf = buf.to(device);
+  std::vector<at::Tensor> ts;
+  ts.reserve(kNumPlanTensors);
+  off = 0;
+  for (const auto* v : fields) {
+    const int64_t n = static_cast<int64_t>(v->size());
+    ts.push_back(buf.narrow(0, off, n));
+    off += (n + kAlign - 1) / kAlign * kAlign;
+  }
+  return {ts, {
+#define MULTIVERSE_X(name) hp.name,
+      MULTIVERSE_PLAN_INT_FIELDS(MULTIVERSE_X)
+#undef MULTIVERSE_X
+  }};
 }
 
 }  // namespace multiverse::bind

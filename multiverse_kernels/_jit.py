@@ -10,7 +10,8 @@ the cached library at once. A file lock makes concurrent first imports build onc
 Environment: ``MULTIVERSE_JIT=0`` never builds (the backend is then unavailable, with that reason);
 ``MULTIVERSE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/multiverse_kernels`` or
 ``~/.cache/multiverse_kernels``); ``MAX_JOBS`` (parallel compile jobs); ``TORCH_CUDA_ARCH_LIST`` for the
-CUDA part (default: the arch of the visible GPU).
+CUDA part (default: the arch of the visible GPU; the CUDA part is built at first use only when a GPU is
+visible).
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ def cache_root() -> Path:
 def _cuda_arch_list() -> str:
     import torch
 
+    if not torch.cuda.is_available():  # nothing would run it: never compile CUDA for nothing
+        raise RuntimeError("no CUDA device visible, so the CUDA kernels are not built at first use")
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if env:
         return env
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device to build for (set TORCH_CUDA_ARCH_LIST to build anyway)")
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         raise RuntimeError(f"the CUDA kernels need sm_80 or newer, the GPU is sm_{major}{minor}")

@@ -1,10 +1,16 @@
 """Main job: one decode step over branching forests, every method side by side in one run.
 
-    python -m multiverse_kernels.bench                 # default backend, both forests
+    python -m multiverse_kernels.bench                 # every backend, the three forests
     python -m multiverse_kernels.bench --forest multiverse --iters 20
+    python -m multiverse_kernels.bench --sweep all --json report.json --plot docs/img   # sweeps, JSON, PNG
 
 For each method it prints the time of one step, its ratio to the fastest peer, and the KV bytes it
-read from the cache next to the forest's unique KV bytes (the lower bound: every visible page once).
+read from the cache next to the forest's unique KV bytes (the lower bound: every visible page once),
+and its share of the machine's roofline, max(unique KV bytes / read bandwidth, step flops / fp32 GEMM
+rate), both rates measured in the same run (multiverse_kernels/roofline.py). On the CPU a header line
+names the CPU model, the ISA the C++ kernel dispatched to and the thread count, and each table is
+followed by the CPU kernel's time with 1 thread and with all threads. Forests: multiverse and
+sampling16 (decode), extend (speculative verification, q_len 16 per branch).
 
 Methods: every ``tree_attention`` backend available for the device (``auto`` first), and the peers a
 user would otherwise pick: dense-mask SDPA (K/V gathered once, an L x rows mask), FlexAttention
@@ -29,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import roofline
 from .backends import _IMPLS, available_backends, resolve
 from .dense_mask import dense_mask, key_slots
 from .forest import KVForest
@@ -106,6 +113,8 @@ def build_forest(name: str, page_size: int = 16) -> tuple[KVForest, list[tuple[i
     multiverse: prefix 4096, 8 paths x 512, a conclusion (32 tokens so far) joining them; the 8 paths
                 and the conclusion each decode one token (9 rows).
     sampling16: a 4096-token prompt and 16 samples x 256 tokens, each decoding one token (16 rows).
+    extend:     speculative verification: a 4096-token prompt and 8 branches of 16 draft tokens, each
+                branch verifying its 16 tokens at once (q_len 16, causal within the branch: 128 rows).
     """
     f = KVForest(4096, page_size)
     if name == "multiverse":
@@ -122,7 +131,13 @@ def build_forest(name: str, page_size: int = 16) -> tuple[KVForest, list[tuple[i
         for k in kids:
             f.append(k, 256)
         return f, [(k, 1) for k in kids]
-    raise ValueError(f"forest: expected 'multiverse' or 'sampling16', got {name!r}")
+    if name == "extend":
+        root = f.new_sequence(4096)
+        kids = f.fork(root, 8)
+        for k in kids:
+            f.append(k, 16)
+        return f, [(k, 16) for k in kids]
+    raise ValueError(f"forest: expected 'multiverse', 'sampling16' or 'extend', got {name!r}")
 
 
 def make_workload(name: str, device: str, dtype: torch.dtype, hq: int = 32, hk: int = 8, d: int = 128,
@@ -315,8 +330,13 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int,
     return w, rows, copy_bandwidth(dev)
 
 
-def format_table(w: Workload, rows: list[Row], bw: float) -> str:
+def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.MachineRates | None = None) -> str:
+    """The main table; with ``rates`` also each method's share of the roofline (multiverse_kernels/
+    roofline.py: max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate))."""
     uniq = w.unique_kv_bytes
+    roof = None
+    if rates is not None:
+        roof, flops = roofline.workload_roofline(w.meta, tuple(w.q.shape), w.k_cache.shape[2], uniq, rates)
     peer_times = [r.seconds for r in rows if r.seconds and not r.method.startswith("tree_attention")]
     best_peer = min(peer_times) if peer_times else None
     m = w.meta
@@ -326,9 +346,10 @@ def format_table(w: Workload, rows: list[Row], bw: float) -> str:
         f"head_dim {w.q.shape[2]}, {w.q.dtype}, page size {m.page_size}, device {w.q.device}",
         f"unique KV bytes (lower bound): {uniq / 1e6:.2f} MB; measured copy bandwidth "
         f"{bw / 1e9:.1f} GB/s",
+        *([roofline.describe_roofline(uniq, flops, rates)] if roof is not None else []),
         "",
         f"{'method':<34}{'time ms':>10}{'speedup vs best peer':>22}{'KV MB read':>12}{'x unique':>10}"
-        f"{'uniqKV GB/s':>13}{'% copy BW':>11}  note",
+        f"{'uniqKV GB/s':>13}{'% copy BW':>11}{'% roofline' if roof is not None else '':>12}  note",
     ]
     for r in rows:
         t = f"{r.seconds * 1e3:10.3f}" if r.seconds else f"{'-':>10}"
@@ -337,14 +358,16 @@ def format_table(w: Workload, rows: list[Row], bw: float) -> str:
             f"{'-':>12}{'-':>10}"
         gbs = f"{uniq / r.seconds / 1e9:13.2f}{100 * uniq / r.seconds / bw:10.1f}%" if r.seconds else \
             f"{'-':>13}{'-':>11}"
-        lines.append(f"{r.method:<34}{t}{sp}{kv}{gbs}  {r.note}")
+        rf = "" if roof is None else f"{100 * roof / r.seconds:11.1f}%" if r.seconds else f"{'-':>12}"
+        lines.append(f"{r.method:<34}{t}{sp}{kv}{gbs}{rf}  {r.note}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m multiverse_kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--forest", choices=["multiverse", "sampling16", "all"], default="all")
+    p.add_argument("--forest", choices=["multiverse", "sampling16", "extend", "all", "none"], default="all",
+                   help="main tables to print (none: only the sweeps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="default: float16 on CUDA, float32 on CPU")
@@ -352,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                    "available for the device)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-peers", action="store_true")
+    from . import bench_sweep  # sweeps, JSON and plots (multiverse_kernels/bench_sweep.py)
+
+    bench_sweep.add_arguments(p)
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if a.device.startswith("cuda")
                                                      else torch.float32)
@@ -359,11 +385,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"multiverse_kernels benchmark | torch {torch.__version__} | device {a.device} | "
           f"auto backend: {available_backends('tree_attention', torch.device(a.device))[0]} | "
           f"{torch.get_num_threads()} threads")
-    for forest in (["multiverse", "sampling16"] if a.forest == "all" else [a.forest]):
+    if a.device == "cpu":
+        print(roofline.describe_cpu())
+    tables = []
+    forests = {"all": ["multiverse", "sampling16", "extend"], "none": []}.get(a.forest, [a.forest])
+    for forest in forests:
         w, rows, bw = run_bench(forest, a.device, dtype, a.iters, a.backend, not a.no_peers)
         print()
-        print(format_table(w, rows, bw))
+        print(format_table(w, rows, bw, roofline.rates_for_run(a.device)))
+        if a.device == "cpu" and "cpu" in (a.backend or available_backends("tree_attention", "cpu")):
+            fn = lambda w=w: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend="cpu", validate=False)
+            print(roofline.thread_scaling(w.meta, tuple(w.q.shape), w.k_cache.shape[2], w.unique_kv_bytes,
+                                          {"tree_attention[cpu]": fn},
+                                          lambda f: time_fn(f, torch.device("cpu"), a.iters)))
         sys.stdout.flush()
+        tables.append(bench_sweep.table_record(w, rows, bw))
+    bench_sweep.main_hook(a, dtype, tables, sys.argv[1:] if argv is None else argv)
     return 0
 
 

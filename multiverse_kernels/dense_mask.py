@@ -27,7 +27,9 @@ def key_slots(meta: ForestMetadata) -> Tensor:
 
 
 def dense_mask(meta: ForestMetadata) -> Tensor:
-    """bool [total_q, T]: True where query row r may attend key t (keys as in :func:`key_slots`)."""
+    """bool [total_q, T]: True where query row r may attend key t (keys as in :func:`key_slots`).
+    Validates ``meta`` first (a checking tool must not build a mask from broken metadata)."""
+    meta.validate()
     lens = meta.node_len.tolist()
     off = [0]
     for n in lens:

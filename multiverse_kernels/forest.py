@@ -48,8 +48,10 @@ class KVForest:
     def __init__(self, num_pages: int, page_size: int, device: torch.device | str = "cpu",
                  page_order: list[int] | None = None) -> None:
         """``page_order``: the order pages are handed out (default 0, 1, 2, ...; tests shuffle it)."""
-        if num_pages < 1 or page_size < 1:
-            raise ValueError("num_pages and page_size must be positive")
+        if not isinstance(num_pages, int) or num_pages < 1:
+            raise ValueError(f"num_pages: expected a positive int, got {num_pages!r}")
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.device = torch.device(device)
@@ -199,6 +201,8 @@ class KVForest:
         full = None
         if own_full is not False:
             flags = [own_full] * len(groups) if isinstance(own_full, bool) else list(own_full)
+            if len(flags) != len(groups):
+                raise ValueError(f"own_full: expected {len(groups)} flags (one per group), got {len(flags)}")
             full = torch.tensor(flags, dtype=torch.bool, device=self.device)
         i32 = dict(dtype=torch.int32, device=self.device)
         return ForestMetadata(

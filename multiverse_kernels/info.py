@@ -52,8 +52,8 @@ def cpu_isa() -> dict[str, Any]:
     """The CPU, its ISA level and the variant the C++ kernel runs.
 
     ``kernel_isa`` comes from the extension when it reports it (``torch.ops.multiverse_C.cpu_isa``);
-    otherwise it is derived from the CPU flags, which is what the kernel's ``target_clones``
-    dispatch selects on (x86-64-v4 > v3 > baseline).
+    otherwise it is derived from the CPU flags, which is what the kernel's cpuid dispatch selects on
+    (avx512 ~ x86-64-v4 > avx2 ~ v3 > baseline).
     """
     flags = _cpu_flags()
     machine = platform.machine()
@@ -72,7 +72,12 @@ def cpu_isa() -> dict[str, Any]:
         out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         op = getattr(getattr(torch.ops, "multiverse_C", None), "cpu_isa", None)
         if op is not None:
-            out["kernel_isa"], out["kernel_isa_source"] = str(op()), "reported by the C++ kernel"
+            from .roofline import ISA_NAMES
+
+            sel, best = op()  # [dispatched (MULTIVERSE_CPU_ISA applied; -1 invalid), widest supported]
+            name = ISA_NAMES[sel] if sel >= 0 else "invalid MULTIVERSE_CPU_ISA"
+            out["kernel_isa"] = f"{name} (CPU supports {ISA_NAMES[best]})"
+            out["kernel_isa_source"] = "reported by the C++ kernel"
     except Exception:  # noqa: BLE001 - info must print whatever works
         pass
     if out["kernel_isa"] is None:
@@ -210,7 +215,8 @@ def _format(info: dict[str, Any]) -> str:
         if b["available"]:
             extra = f" [{b['note']}]" if "note" in b else ""
             lib = b.get("library")
-            src = f"; library {lib['path']}" if lib else ""
+            src = f"; library {lib['path']}" + (f" (built {lib['built']})" if lib.get("built") else "") \
+                if lib else ""
             lines.append(f"  {name:10s} available on {'/'.join(b['devices'])}{extra}{src}")
         else:
             lines.append(f"  {name:10s} missing: {b['reason']}")

@@ -1,13 +1,16 @@
 """Planning: turn forest metadata into a work list for the fast kernels (docs/design.md §4, docs/plan.md).
 
 A *reader* is one (query row, visible node) pair with a non-empty node. A *work item* is (a chunk of
-one node's tokens, a contiguous run of at most ``rows_per_tile`` of that node's readers); it runs for
-one KV head with the GQA heads of its readers packed into the row dimension, loads the chunk's K/V
-once and writes one partial state ``(out, lse)`` per reader. Each query row then merges its partials.
+one node's tokens, a contiguous run of at most ``rows_per_tile`` of the node's readers that see the
+chunk); it runs for one KV head with the GQA heads of its readers packed into the row dimension, loads
+the chunk's K/V once and writes one partial state ``(out, lse)`` per reader. Each query row then merges
+its partials; a row with exactly one partial is written straight to the output (no workspace slot).
 
-Everything is built with vectorized torch (repeat_interleave / cumsum / sort), no Python loops over
-tokens, rows or nodes, on the metadata's device. The exact format is documented in docs/plan.md; the
-Triton and the C++/CUDA backends both consume it.
+Two implementations build identical plans: the C++ host planner (csrc/plan.cpp, through
+``torch.ops.multiverse_C.plan_tree_attention``; the default when the extension is built) and
+vectorized torch (repeat_interleave / cumsum / sort, no Python loops over tokens, rows or nodes). The
+field lists are defined once in :mod:`multiverse_kernels.plan_format`; the exact format is documented
+in docs/plan.md; the Triton and the C++/CUDA backends all consume it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import torch
 from torch import Tensor
 
 from .metadata import ForestMetadata, MetadataError
+from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
 
-__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "DEFAULT_CHUNK_TOKENS",
-           "default_rows_per_tile"]
+__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "default_rows_per_tile",
+           "default_num_workers", "auto_chunk_tokens", "MIN_CHUNK_TOKENS"]
 
-DEFAULT_CHUNK_TOKENS = 512
-# Packed (reader x GQA head) rows per work item the kernels are compiled for, by head_dim.
-MAX_TILE_ROWS = {64: 64, 128: 64, 256: 32}
+# Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
+# (backends/triton/tree_attention.py TILES), so that a chunk is loaded once for all of them.
+MAX_TILE_ROWS = {64: 256, 128: 128, 256: 32}
 
 
 def default_rows_per_tile(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> int:
@@ -38,7 +42,8 @@ def default_rows_per_tile(num_qo_heads: int, num_kv_heads: int, head_dim: int = 
 class PlanCapacity:
     """Fixed sizes to pad a plan to, so buffers (and a CUDA graph over the run step) can be reused.
 
-    readers >= R, items >= W, partials >= P, merge_rows >= M of every plan built with this capacity.
+    readers >= R, items >= W, partials >= P (workspace slots), merge_rows >= M of every plan built with
+    this capacity. ``row_partial_indices`` is padded to ``partials + total_q`` entries.
     """
 
     readers: int
@@ -60,9 +65,11 @@ class TreePlan:
         item_kv_len         [W]   tokens in the chunk
         item_reader_start   [W]   first reader of the item (index into reader_*)
         item_num_readers    [W]   readers of the item (<= rows_per_tile; 0 for a padding item)
-        item_partial_start  [W]   reader j of the item writes partial slot item_partial_start + j
-        row_partial_indptr  [total_q + 1]  row r merges partial slots
-        row_partial_indices [P]            row_partial_indices[indptr[r]:indptr[r+1]]
+        item_partial_start  [W]   reader j of the item whose row is merged writes workspace slot
+                                  item_partial_start + j (an item's merged readers come first)
+        row_partial_indptr  [total_q + 1]  partials of row r: indptr[r + 1] - indptr[r]
+        row_partial_indices [E]   row_partial_indices[indptr[r]:indptr[r+1]]: workspace slots of
+                                  row r's partials; -1 for the only partial of a row with one
         merge_rows          [M]   rows with != 1 partials (-1 for padding); rows with exactly one
                                   partial are written straight to out by the attention kernel
     """
@@ -86,12 +93,11 @@ class TreePlan:
     max_item_readers: int
     chunk_tokens: int
     rows_per_tile: int
+    workspace_slots: int
+    num_workers: int
 
-    TENSOR_FIELDS = ("reader_row", "reader_limit", "item_node", "item_kv_start", "item_kv_len",
-                     "item_reader_start", "item_num_readers", "item_partial_start",
-                     "row_partial_indptr", "row_partial_indices", "merge_rows")
-    INT_FIELDS = ("num_readers", "num_items", "num_partials", "num_merge_rows", "max_item_readers",
-                  "chunk_tokens", "rows_per_tile")
+    TENSOR_FIELDS = TENSOR_FIELDS  # multiverse_kernels/plan_format.py
+    INT_FIELDS = INT_FIELDS
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +106,11 @@ class TreePlan:
     @property
     def partial_capacity(self) -> int:
         """Partial slots the workspace must hold (>= num_partials; the padded size)."""
-        return self.row_partial_indices.shape[0]
+        return self.workspace_slots
+
+    def workspace_bytes(self, num_qo_heads: int, head_dim: int) -> int:
+        """Bytes of the fp32 partial workspace (partial_out + partial_lse) a run of this plan uses."""
+        return self.workspace_slots * num_qo_heads * (head_dim + 1) * 4
 
     def tensors(self) -> list[Tensor]:
         """The tensor fields in :attr:`TENSOR_FIELDS` order (the op schema's ``plan_tensors``)."""
@@ -150,6 +160,10 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
     return out
 
 
+def _ceil_div(a: Tensor, b: Tensor | int) -> Tensor:
+    return torch.div(a + b - 1, b, rounding_mode="floor")
+
+
 def _pad(t: Tensor, size: int, value: int, name: str) -> Tensor:
     if t.numel() > size:
         raise MetadataError(f"capacity.{name}: plan needs {t.numel()}, capacity is {size}")
@@ -158,30 +172,130 @@ def _pad(t: Tensor, size: int, value: int, name: str) -> Tensor:
     return torch.cat([t, t.new_full((size - t.numel(),), value)])
 
 
+def default_num_workers(device: torch.device | str) -> int:
+    """Work units the device runs at once: 2 x the SM count of a CUDA device (two CTAs per SM), the
+    intra-op thread count (``torch.get_num_threads()``) on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, torch.get_num_threads())
+
+
+def auto_chunk_tokens(node_len: Tensor, n_readers: Tensor, rows_per_tile: int, group: int,
+                      num_kv_heads: int, num_workers: int) -> Tensor:
+    """Per-node chunk length (int64 [N]) chosen from the forest and the device's parallelism.
+
+    The K/V work of the step, ``sum_n tiles_n * len_n * num_kv_heads`` tokens (``tiles_n`` reader tiles
+    of node ``n``, each loading the node once), is spread over ``num_workers``: a chunk holds at most
+    ``ceil(work / num_workers)`` tokens rounded up to a multiple of 64, and at least
+    ``MIN_CHUNK_TOKENS``. A node is never split finer than its packed rows (``readers x group``, rounded
+    up to 64): the partial states a chunk writes (4 bytes x head_dim per packed row) then stay within
+    the chunk's K/V bytes. A chunk never exceeds its node. Prefill and long extends, whose row tiles
+    alone fill the device, are therefore not split at all (every row one partial: no workspace).
+    """
+    has = n_readers > 0
+    tiles = _ceil_div(n_readers, rows_per_tile)
+    work = int((tiles * node_len)[has].sum()) * num_kv_heads if node_len.numel() else 0
+    budget = -(-work // max(1, num_workers))
+    base = max(MIN_CHUNK_TOKENS, -(-budget // 64) * 64)
+    packed = _ceil_div(n_readers * group, 64) * 64
+    chunk = torch.clamp(packed, min=base)
+    return torch.minimum(chunk, torch.clamp(node_len, min=1))
+
+
+def _cpp_planner():
+    """torch.ops.multiverse_C.plan_tree_attention when the C++ extension is built, else None."""
+    global _CPP
+    if _CPP is None:
+        try:
+            from .backends.cpu._ext import load_extension
+            load_extension("_C")
+            _CPP = torch.ops.multiverse_C.plan_tree_attention
+        except (ModuleNotFoundError, ImportError, OSError, RuntimeError, AttributeError):
+            _CPP = False
+    return _CPP or None
+
+
+_CPP = None
+
+
 def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS, rows_per_tile: int | None = None,
-                        head_dim: int = 128, capacity: PlanCapacity | None = None) -> TreePlan:
+                        chunk_tokens: int | None = None, rows_per_tile: int | None = None,
+                        head_dim: int = 128, capacity: PlanCapacity | None = None,
+                        num_workers: int | None = None, impl: str | None = None) -> TreePlan:
     """Build the work list of one step for ``meta`` (see docs/plan.md for the exact format).
 
     Args:
         meta: the forest metadata (index tensors int32, any device; the plan lands on that device).
         num_qo_heads, num_kv_heads: head counts (GQA ratio = num_qo_heads // num_kv_heads).
-        chunk_tokens: max tokens of one node per work item (long nodes are split; split-KV).
-        rows_per_tile: max readers per work item; default fills the kernel's packed row tile
+        chunk_tokens: max tokens of one node per work item (split-KV) for every node; default
+            (None): chosen per node from the forest and ``num_workers`` (:func:`auto_chunk_tokens`).
+        rows_per_tile: max readers per work item; default fills the kernels' packed row tile
             (:func:`default_rows_per_tile` for ``head_dim``).
         capacity: pad every array to these sizes (CUDA-graph friendly buffers); error if too small.
+        num_workers: work units the device runs at once (default :func:`default_num_workers` of the
+            metadata's device); only used when ``chunk_tokens`` is None.
+        impl: ``"cpp"`` (the C++ host planner, csrc/plan.cpp, through ``torch.ops.multiverse_C``),
+            ``"torch"`` (vectorized torch, this module) or None: C++ when the extension is built.
+            Both build identical plans (tested).
     Returns:
-        a :class:`TreePlan`. Syncs with the device a few times (array sizes).
+        a :class:`TreePlan`. The C++ planner copies the metadata to the host and the plan back; the
+        torch planner syncs with the device a few times (array sizes).
     """
     if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
         raise MetadataError(f"num_kv_heads: expected a divisor of num_qo_heads={num_qo_heads}, "
                             f"got {num_kv_heads}")
     if rows_per_tile is None:
         rows_per_tile = default_rows_per_tile(num_qo_heads, num_kv_heads, head_dim)
-    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise MetadataError(f"chunk_tokens: expected a positive int, got {chunk_tokens!r}")
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise MetadataError(f"chunk_tokens: expected a positive int or None, got {chunk_tokens!r}")
     if not isinstance(rows_per_tile, int) or rows_per_tile < 1:
         raise MetadataError(f"rows_per_tile: expected a positive int, got {rows_per_tile!r}")
+    if num_workers is None:
+        num_workers = default_num_workers(meta.device)
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise MetadataError(f"num_workers: expected a positive int, got {num_workers!r}")
+    if impl not in (None, "cpp", "torch"):
+        raise MetadataError(f"impl: expected 'cpp', 'torch' or None, got {impl!r}")
+    group = num_qo_heads // num_kv_heads
+    cpp = _cpp_planner() if impl != "torch" else None
+    if impl == "cpp" and cpp is None:
+        raise MetadataError("impl: 'cpp' needs the C++ extension multiverse_kernels._C (docs/build.md)")
+    if cpp is not None:
+        ts, ints = cpp(meta.node_len, meta.qo_indptr, meta.vis_indptr, meta.vis_nodes, meta.own_full,
+                       chunk_tokens or 0, rows_per_tile, group, num_kv_heads, num_workers)
+        plan = TreePlan.from_lists(list(ts), ints.tolist())
+    else:
+        plan = _plan_torch(meta, group, num_kv_heads, chunk_tokens, rows_per_tile, num_workers)
+    return plan if capacity is None else _pad_plan(plan, capacity, meta.total_q)
+
+
+def _pad_plan(plan: TreePlan, capacity: PlanCapacity, total_q: int) -> TreePlan:
+    """Pad ``plan``'s arrays to ``capacity`` (fixed shapes for a captured CUDA graph)."""
+    pad = dict(reader_row=(capacity.readers, 0, "readers"),
+               reader_limit=(capacity.readers, 0, "readers"),
+               row_partial_indices=(capacity.partials + total_q, -1, "partials"),
+               merge_rows=(capacity.merge_rows, -1, "merge_rows"))
+    for f in ("item_node", "item_kv_start", "item_kv_len", "item_reader_start",
+              "item_num_readers", "item_partial_start"):
+        pad[f] = (capacity.items, 0, "items")
+    if plan.num_partials > capacity.partials:
+        raise MetadataError(f"capacity.partials: plan needs {plan.num_partials}, capacity is "
+                            f"{capacity.partials}")
+    arrays = {f: getattr(plan, f) for f in TENSOR_FIELDS}
+    for f, (size, value, name) in pad.items():
+        arrays[f] = _pad(arrays[f], size, value, name)
+    ints = dict(zip(INT_FIELDS, plan.ints(), strict=True))
+    # fixed buffers may be replayed with another step's plan (copy_into): size the kernels' row tile
+    # and the workspace for the worst case, not for this step
+    ints["max_item_readers"] = plan.rows_per_tile
+    ints["workspace_slots"] = capacity.partials
+    return TreePlan.from_lists([arrays[f] for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
+
+
+def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_tokens: int | None,
+                rows_per_tile: int, num_workers: int) -> TreePlan:
+    """The planner in vectorized torch (repeat_interleave / cumsum / sort), on the metadata's device."""
     dev = meta.device
     N, G = meta.num_nodes, meta.num_groups
     node_len = meta.node_len.long()
@@ -197,9 +311,9 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
     entry_group = torch.repeat_interleave(torch.arange(G, device=dev), vis_cnt, output_size=V)
     entry_is_own = torch.arange(V, device=dev) == (vi[1:] - 1)[entry_group]
     entry_rows = q_len[entry_group] * (node_len[vis] > 0)
-    R0 = int(entry_rows.sum()) if V else 0
-    e = torch.repeat_interleave(torch.arange(V, device=dev), entry_rows, output_size=R0)
-    local = torch.arange(R0, device=dev) - _exclusive_cumsum(entry_rows)[:-1][e]  # row index i in g
+    R = int(entry_rows.sum()) if V else 0
+    e = torch.repeat_interleave(torch.arange(V, device=dev), entry_rows, output_size=R)
+    local = torch.arange(R, device=dev) - _exclusive_cumsum(entry_rows)[:-1][e]  # row index i in g
     g = entry_group[e]
     row = qo[g] + local
     node = vis[e]
@@ -208,41 +322,71 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
     if meta.own_full is not None:
         full = full | meta.own_full[g]
     limit = torch.where(full, nl, nl - q_len[g] + local + 1)
-    # sort by (node, row); rows of one group are consecutive, so this is a total order.
-    order = torch.argsort(node * (total_q + 1) + row)
-    reader_node, reader_row, reader_limit = node[order], row[order], limit[order]
-    R = R0
 
-    # ---- items: per node, ceil(len / chunk) chunks x ceil(readers / tile) tiles (chunk-major).
-    n_readers = torch.bincount(reader_node, minlength=N)[:N]
+    # ---- chunk length of every node, chunks each reader sees, partials of every row.
+    n_readers = torch.bincount(node, minlength=N)[:N]
+    if chunk_tokens is None:
+        chunk_n = auto_chunk_tokens(node_len, n_readers, rows_per_tile, group, num_kv_heads,
+                                    num_workers)
+        has = n_readers > 0
+        plan_chunk = int(chunk_n[has].max()) if bool(has.any()) else 1
+    else:
+        chunk_n = torch.full((N,), chunk_tokens, dtype=torch.int64, device=dev)
+        plan_chunk = chunk_tokens
+    k = _ceil_div(limit, chunk_n[node])  # chunks 0 .. k-1 of the node are visible to the reader
+    row_cnt = torch.zeros(total_q, dtype=torch.int64, device=dev).index_add_(0, row, k)
+    direct = row_cnt[row] == 1  # the row's only partial: written to out, no workspace slot
+
+    # ---- reader order: (node, merged before direct, limit descending, row). The readers of chunk
+    # c >= 1 (limit > c * chunk; never direct) are then a prefix of the node's readers.
+    lmax = int(limit.max()) + 1 if R else 1
+    o1 = torch.argsort(row, stable=True)
+    key = (node * 2 + direct.long()) * lmax + (lmax - 1 - limit)
+    order = o1[torch.argsort(key[o1], stable=True)]
+    reader_row, reader_limit, reader_k = row[order], limit[order], k[order]
+    reader_node, reader_direct = node[order], direct[order]
     node_reader_start = _exclusive_cumsum(n_readers)
-    tiles = (n_readers + rows_per_tile - 1) // rows_per_tile
-    chunks = torch.where(n_readers > 0, (node_len + chunk_tokens - 1) // chunk_tokens, 0)
-    items_per_node = tiles * chunks
-    W = int(items_per_node.sum()) if N else 0
-    item_node = torch.repeat_interleave(torch.arange(N, device=dev), items_per_node, output_size=W)
-    t = torch.arange(W, device=dev) - _exclusive_cumsum(items_per_node)[:-1][item_node]
-    item_tiles = tiles[item_node]
-    chunk, tile = t // item_tiles, t % item_tiles
-    item_kv_start = chunk * chunk_tokens
-    item_kv_len = torch.minimum(node_len[item_node] - item_kv_start,
-                                torch.full_like(item_kv_start, chunk_tokens))
-    item_reader_start = node_reader_start[item_node] + tile * rows_per_tile
-    item_num_readers = torch.minimum(n_readers[item_node] - tile * rows_per_tile,
-                                     torch.full_like(tile, rows_per_tile))
-    item_partial_start = _exclusive_cumsum(item_num_readers)
+
+    # ---- (node, chunk) pairs with readers, and how many readers see each.
+    maxk = torch.zeros(N, dtype=torch.int64, device=dev).scatter_reduce_(0, reader_node, reader_k,
+                                                                          "amax")
+    pair_off = _exclusive_cumsum(maxk)
+    PC = int(pair_off[-1])
+    pair_node = torch.repeat_interleave(torch.arange(N, device=dev), maxk, output_size=PC)
+    pair_c = torch.arange(PC, device=dev) - pair_off[:-1][pair_node]
+    last = torch.bincount(pair_off[:-1][reader_node] + reader_k - 1, minlength=PC)[:PC]
+    cs = torch.cumsum(last, 0)
+    seg_end = cs[pair_off[1:][pair_node] - 1] if PC else cs
+    pair_readers = seg_end - cs + last  # readers with k > c
+
+    # ---- items: per pair, ceil(readers / rows_per_tile) tiles (node, chunk, tile order).
+    tiles = _ceil_div(pair_readers, rows_per_tile)
+    tile_off = _exclusive_cumsum(tiles)
+    W = int(tile_off[-1])
+    item_pair = torch.repeat_interleave(torch.arange(PC, device=dev), tiles, output_size=W)
+    t = torch.arange(W, device=dev) - tile_off[:-1][item_pair]
+    item_node = pair_node[item_pair]
+    ch = chunk_n[item_node]
+    item_kv_start = pair_c[item_pair] * ch
+    item_kv_len = torch.minimum(node_len[item_node] - item_kv_start, ch)
+    item_reader_start = node_reader_start[:-1][item_node] + t * rows_per_tile
+    item_num_readers = torch.clamp(pair_readers[item_pair] - t * rows_per_tile, max=rows_per_tile)
+
+    # ---- workspace slots: the merged readers of an item come first; reader j < merged_w of item w
+    # writes slot item_partial_start[w] + j.
+    mcs = _exclusive_cumsum((~reader_direct).long())
+    merged = mcs[item_reader_start + item_num_readers] - mcs[item_reader_start]
+    item_partial_start = _exclusive_cumsum(merged)
     P = int(item_partial_start[-1])
     item_partial_start = item_partial_start[:-1]
-
-    # ---- merge: partial slot p belongs to reader item_reader_start + j of its item.
-    p_item = torch.repeat_interleave(torch.arange(W, device=dev), item_num_readers, output_size=P)
+    p_item = torch.repeat_interleave(torch.arange(W, device=dev), merged, output_size=P)
     p_reader = item_reader_start[p_item] + torch.arange(P, device=dev) - item_partial_start[p_item]
-    p_row = reader_row[p_reader]
-    row_partial_indices = torch.argsort(p_row, stable=True)
-    row_counts = torch.bincount(p_row, minlength=total_q)[:total_q]
-    row_partial_indptr = _exclusive_cumsum(row_counts)
-    merge_rows = (row_counts != 1).nonzero().flatten()
-    M = merge_rows.numel()
+    d_rows = reader_row[reader_direct]
+    e_rows = torch.cat([reader_row[p_reader], d_rows])
+    e_vals = torch.cat([torch.arange(P, device=dev), torch.full_like(d_rows, -1)])
+    row_partial_indices = e_vals[torch.argsort(e_rows, stable=True)]
+    row_partial_indptr = _exclusive_cumsum(row_cnt)
+    merge_rows = (row_cnt != 1).nonzero().flatten()
     max_item_readers = int(item_num_readers.max()) if W else 0
 
     i32 = torch.int32
@@ -253,23 +397,10 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
         row_partial_indptr=row_partial_indptr, row_partial_indices=row_partial_indices,
         merge_rows=merge_rows,
     )
-    if capacity is not None:
-        # fixed buffers may be replayed with another step's plan (copy_into): size the kernels' row
-        # tile for the worst case, not for this step
-        max_item_readers = rows_per_tile
-        pad = dict(reader_row=(capacity.readers, 0, "readers"),
-                   reader_limit=(capacity.readers, 0, "readers"),
-                   row_partial_indices=(capacity.partials, 0, "partials"),
-                   merge_rows=(capacity.merge_rows, -1, "merge_rows"))
-        for f in ("item_node", "item_kv_start", "item_kv_len", "item_reader_start",
-                  "item_num_readers", "item_partial_start"):
-            pad[f] = (capacity.items, 0, "items")
-        for f, (size, value, name) in pad.items():
-            arrays[f] = _pad(arrays[f], size, value, name)
-    arrays = {k: v.to(i32) for k, v in arrays.items()}
-    return TreePlan(**arrays, num_readers=R, num_items=W, num_partials=P, num_merge_rows=M,
-                    max_item_readers=max_item_readers, chunk_tokens=chunk_tokens,
-                    rows_per_tile=rows_per_tile)
+    ints = dict(num_readers=R, num_items=W, num_partials=P, num_merge_rows=merge_rows.numel(),
+                max_item_readers=max_item_readers, chunk_tokens=plan_chunk, rows_per_tile=rows_per_tile,
+                workspace_slots=P, num_workers=num_workers if chunk_tokens is None else 0)
+    return TreePlan.from_lists([arrays[f].to(i32) for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
 
 
 _CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None, TreePlan]] = []
@@ -278,7 +409,8 @@ _CACHE_LOCK = threading.Lock()
 
 
 def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, rows_per_tile: int | None = None) -> TreePlan:
+                chunk_tokens: int | None = None, rows_per_tile: int | None = None,
+                num_workers: int | None = None) -> TreePlan:
     """:func:`plan_tree_attention`, memoised on the metadata's *tensors*, so that the per-layer calls of
     one step plan once even when no plan is passed and the metadata object is rebuilt from its tensors
     (as the custom op does). A small LRU of 8 entries, safe to call from several threads.
@@ -296,10 +428,11 @@ def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, h
     inference = any(t.is_inference() for t in ts)
     if inference and not on_cpu:
         return plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                                   rows_per_tile=rows_per_tile, head_dim=head_dim)
+                                   rows_per_tile=rows_per_tile, head_dim=head_dim,
+                                   num_workers=num_workers)
     key = (tuple(id(t) for t in ts), tuple(t.data_ptr() for t in ts),
            tuple(-1 if inference else t._version for t in ts), meta.page_size, num_qo_heads,
-           num_kv_heads, head_dim, chunk_tokens, rows_per_tile)
+           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers)
     with _CACHE_LOCK:
         for i, (k, held, copy, plan) in enumerate(_CACHE):
             if k == key and all(a is b for a, b in zip(held, ts, strict=True)) and (
@@ -307,7 +440,7 @@ def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, h
                 _CACHE.insert(0, _CACHE.pop(i))
                 return plan
     plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                               rows_per_tile=rows_per_tile, head_dim=head_dim)
+                               rows_per_tile=rows_per_tile, head_dim=head_dim, num_workers=num_workers)
     copy = tuple(t.clone() for t in ts) if on_cpu else None
     with _CACHE_LOCK:
         _CACHE.insert(0, (key, ts, copy, plan))

@@ -9,10 +9,11 @@ columns than the tile has (warps duplicating each other's work), an attention ti
 KV loop is not software-pipelined in the TTGIR (the next block's K/V loads issued before the block's
 dots), or any compile failure. CI runs it (.ci/run).
 
-Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128}
-(<= MAX_BLOCK_M[head_dim]) with the dispatcher's BLOCK_N / num_warps / prefetch; merge = head_dim x
-output dtype; append = head_dim x cache dtype x BLOCK_H {1, 2, 4, 8, 16} (num_kv_heads <= 16); backward
-= head_dim x {fp16, bf16} x {dK/dV kernel, dQ kernel} with the tiles of ``DKDV_TILES`` / ``DQ_TILES``. fp32 (a
+Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128, 256}
+(<= MAX_BLOCK_M[head_dim]: 256 / 128 / 32 for head_dim 64 / 128 / 256) with the dispatcher's BLOCK_N /
+num_warps / prefetch; merge = head_dim x output dtype; append = head_dim x cache dtype x BLOCK_H
+{1, 2, 4, 8, 16} (num_kv_heads <= 16); backward = head_dim x {fp16, bf16} x {dK/dV kernel, dQ kernel}
+with the tiles of ``DKDV_TILES`` / ``DQ_TILES``. fp32 (a
 test-only dtype) is not compiled. Pointer arguments and the row strides get the 16-divisibility hint the
 JIT gives them at run time for these shapes; page_size, the GQA group, num_kv_heads and the lse strides
 are runtime arguments the kernels tell the JIT not to specialize on, so each configuration is one

@@ -123,10 +123,12 @@ def test_cpp_planner_matches_planning_py(seed: int) -> None:
     meta = f.metadata(groups)
     if seed % 4 == 3:
         meta = meta.with_own_full(torch.arange(meta.num_groups) % 2 == 0)
-    chunk, tile = [(512, 16), (7, 3), (1, 1), (32, 100)][seed % 4]
-    ref = plan_tree_attention(meta, 8, 2, chunk_tokens=chunk, rows_per_tile=tile)
+    chunk, tile = [(512, 16), (7, 3), (1, 1), (32, 100), (None, 5)][seed % 5]
+    ref = plan_tree_attention(meta, 8, 2, chunk_tokens=chunk, rows_per_tile=tile, num_workers=7,
+                              impl="torch")
     ts, ints = torch.ops.multiverse_C.plan_tree_attention(meta.node_len, meta.qo_indptr, meta.vis_indptr,
-                                                          meta.vis_nodes, meta.own_full, chunk, tile)
+                                                          meta.vis_nodes, meta.own_full, chunk or 0, tile,
+                                                          4, 2, 7)
     assert ints.tolist() == ref.ints()
     for name, got, want in zip(ref.TENSOR_FIELDS, ts, ref.tensors(), strict=True):
         assert got.dtype == torch.int32, name

@@ -6,6 +6,7 @@ with the reference merge_states; it must equal the reference tree_attention (flo
 (row, visible token) pair must be covered by exactly one partial, and the documented invariants hold.
 """
 
+import os
 
 import pytest
 import torch
@@ -27,13 +28,18 @@ from multiverse_kernels.testing import (
 
 
 def execute_plan(plan: TreePlan, q, k_cache, v_cache, meta, sm_scale):
-    """Run the plan item by item with plain float64 math (the spec of what a kernel must do)."""
+    """Run the plan item by item with plain float64 math (the spec of what a kernel must do): a reader
+    whose row has exactly one partial writes out/lse directly, the others their workspace slot
+    ``item_partial_start + j``; then every merge row merges its slots."""
     total_q, hq, d = q.shape
     hk = k_cache.shape[2]
     grp = hq // hk
     P = plan.partial_capacity
     po = torch.full((P, hq, d), float("nan"), dtype=torch.float64)
     pl = torch.full((P, hq), float("nan"), dtype=torch.float64)
+    out = torch.full((total_q, hq, d), float("nan"), dtype=torch.float64)
+    lse = torch.full((total_q, hq), float("nan"), dtype=torch.float32)
+    ip = plan.row_partial_indptr.tolist()
     kf, vf = k_cache.reshape(-1, hk, d).double(), v_cache.reshape(-1, hk, d).double()
     for w in range(plan.num_items):
         n = int(plan.item_node[w])
@@ -48,14 +54,18 @@ def execute_plan(plan: TreePlan, q, k_cache, v_cache, meta, sm_scale):
         s = torch.einsum("rhd,thd->rht", q[rows].double(), k) * sm_scale
         vis = (s0 + torch.arange(ln))[None, :] < lim[:, None]  # [nr, ln]
         s = s.masked_fill(~vis[:, None, :], float("-inf"))
-        lse = torch.logsumexp(s, -1)  # -inf for a reader that sees nothing of the chunk
-        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
-        po[p0:p0 + nr] = torch.einsum("rht,thd->rhd", p, v)
-        pl[p0:p0 + nr] = lse
-    out = torch.empty(total_q, hq, d, dtype=torch.float64)
-    lse = torch.empty(total_q, hq, dtype=torch.float32)
-    ip = plan.row_partial_indptr.tolist()
+        ls = torch.logsumexp(s, -1)  # -inf for a reader that sees nothing of the chunk
+        p = torch.exp(s - torch.where(torch.isfinite(ls), ls, 0)[..., None])
+        o = torch.einsum("rht,thd->rhd", p, v)
+        for j in range(nr):
+            r = int(rows[j])
+            if ip[r + 1] - ip[r] == 1:
+                out[r], lse[r] = o[j], ls[j].float()
+            else:
+                po[p0 + j], pl[p0 + j] = o[j], ls[j]
     for r in range(total_q):
+        if ip[r + 1] - ip[r] == 1:
+            continue
         idx = plan.row_partial_indices[ip[r]:ip[r + 1]].long()
         o, s_ = ref_merge(po[idx][None], pl[idx][None])
         out[r], lse[r] = o[0], s_[0]
@@ -84,20 +94,36 @@ def check_invariants(plan: TreePlan, meta) -> None:
     rn = plan.item_num_readers[:W].long()
     assert (rn >= 1).all() and (rn <= plan.rows_per_tile).all()
     assert (plan.item_kv_len[:W] >= 1).all() and (plan.item_kv_len[:W] <= plan.chunk_tokens).all()
+    ip = plan.row_partial_indptr.long()
+    cnt = ip[1:] - ip[:-1]
+    rr = plan.reader_row[:R].long()
+    merged = torch.zeros(W, dtype=torch.long)
+    for w in range(W):  # an item's merged readers (rows with != 1 partials) come first
+        r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
+        m = cnt[rr[r0:r0 + nr]] != 1
+        merged[w] = int(m.sum())
+        assert bool(m[:merged[w]].all()) and not bool(m[merged[w]:].any())
     ps = plan.item_partial_start[:W].long()
-    assert torch.equal(ps, torch.cumsum(rn, 0) - rn), "partials are laid out item after item"
-    assert int(rn.sum()) == P
-    # readers sorted by node, then row; an item's readers are readers of its node
+    assert torch.equal(ps, torch.cumsum(merged, 0) - merged), "slots are laid out item after item"
+    assert int(merged.sum()) == P and plan.workspace_slots >= P
+    # readers sorted by node, then merged rows first, limit descending, row; an item's readers are
+    # readers of its node, and every one of them sees a token of the item's chunk (no masked work)
     node_of_reader = torch.empty(R, dtype=torch.long)
     for w in range(W):
         r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
         node_of_reader[r0:r0 + nr] = int(plan.item_node[w])
-    key = node_of_reader * (meta.total_q + 1) + plan.reader_row[:R].long()
-    assert (key[1:] > key[:-1]).all()
-    assert (plan.reader_limit[:R] >= 1).all()
-    ip = plan.row_partial_indptr.long()
-    assert ip[0] == 0 and ip[-1] == P
-    assert torch.equal(plan.row_partial_indices[:P].sort().values.long(), torch.arange(P))
+        assert bool((plan.reader_limit[r0:r0 + nr] > plan.item_kv_start[w]).all()), "masked reader"
+    lim = plan.reader_limit[:R].long()
+    direct = (cnt[rr] == 1).long()
+    key = torch.stack([node_of_reader, direct, -lim, rr], 1)
+    for i in range(1, R):
+        assert key[i - 1].tolist() < key[i].tolist(), (i, key[i - 1], key[i])
+    assert (lim >= 1).all()
+    assert ip[0] == 0
+    entries = plan.row_partial_indices[:int(ip[-1])].long()
+    assert torch.equal(entries[entries >= 0].sort().values, torch.arange(P)), "every slot once"
+    assert int((entries < 0).sum()) == int((cnt == 1).sum()), "-1 exactly for rows with one partial"
+    assert bool((entries[torch.repeat_interleave(cnt == 1, cnt)] < 0).all())
     single = (ip[1:] - ip[:-1]) == 1
     assert torch.equal(plan.merge_rows[:plan.num_merge_rows].long(), (~single).nonzero().flatten())
     if plan.max_item_readers and plan.item_node.numel() == W:  # unpadded
@@ -147,9 +173,10 @@ def test_worked_example():
     f, groups = design_example_forest()
     meta = f.metadata(groups)
     p = plan_tree_attention(meta, 2, 1, chunk_tokens=8, rows_per_tile=3)
-    # readers by node: trunk rows 0,1,2,3; A rows 0,2,3; B rows 1,2,3; C rows 2,3 (causal 1, 2)
-    assert p.reader_row.tolist() == [0, 1, 2, 3, 0, 2, 3, 1, 2, 3, 2, 3]
-    assert p.reader_limit.tolist() == [10, 10, 10, 10, 5, 5, 5, 3, 3, 3, 1, 2]
+    # readers by node: trunk rows 0,1,2,3; A rows 0,2,3; B rows 1,2,3; C rows 3,2 (causal 2, 1:
+    # limit descending, so that the readers of a later chunk are a prefix)
+    assert p.reader_row.tolist() == [0, 1, 2, 3, 0, 2, 3, 1, 2, 3, 3, 2]
+    assert p.reader_limit.tolist() == [10, 10, 10, 10, 5, 5, 5, 3, 3, 3, 2, 1]
     # trunk: 2 chunks (8 + 2 tokens) x 2 tiles (3 + 1 readers), chunk-major
     assert p.item_node.tolist() == [0, 0, 0, 0, 1, 2, 3]
     assert p.item_kv_start.tolist() == [0, 0, 8, 8, 0, 0, 0]
@@ -158,9 +185,58 @@ def test_worked_example():
     assert p.item_num_readers.tolist() == [3, 1, 3, 1, 3, 3, 2]
     assert p.item_partial_start.tolist() == [0, 3, 4, 7, 8, 11, 14]
     assert p.row_partial_indptr.tolist() == [0, 3, 6, 11, 16]
-    assert p.row_partial_indices.tolist() == [0, 4, 8, 1, 5, 11, 2, 6, 9, 12, 14, 3, 7, 10, 13, 15]
+    assert p.row_partial_indices.tolist() == [0, 4, 8, 1, 5, 11, 2, 6, 9, 12, 15, 3, 7, 10, 13, 14]
     assert p.merge_rows.tolist() == [0, 1, 2, 3]
-    assert (p.num_items, p.num_partials, p.num_readers) == (7, 16, 12)
+    assert (p.num_items, p.num_partials, p.num_readers, p.workspace_slots) == (7, 16, 12, 16)
+
+
+def test_causal_extend_skips_masked_chunks_and_writes_rows_directly():
+    """A causal 40-token extend of one node, chunk 8, 4 readers per tile: chunk c is seen by the
+    40 - 8c rows past it only, so 10 + 8 + 6 + 4 + 2 = 30 items (not 5 x 10 = 50); the first 8 rows
+    see one chunk and are written straight to out (no workspace slot)."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    meta = mk.ForestMetadata(i32([0, 3]), i32([0, 1, 2]), i32([40]), i32([0, 40]), i32([0, 1]),
+                             i32([0]), 16)
+    p = plan_tree_attention(meta, 2, 1, chunk_tokens=8, rows_per_tile=4)
+    check_invariants(p, meta)
+    assert torch.equal(covered(p, meta), dense_mask(meta).long())
+    assert p.num_items == 30
+    assert p.num_partials == sum(40 - 8 * c for c in range(5)) - 8 == 112
+    assert p.merge_rows.tolist() == list(range(8, 40))
+    # automatic split: the row tiles fill the workers, so the node is not split at all
+    auto = plan_tree_attention(meta, 2, 1, rows_per_tile=4, num_workers=8)
+    assert auto.chunk_tokens == 40 and auto.num_items == 10 and auto.workspace_slots == 0
+
+
+def _causal_prefill_meta(tokens: int) -> mk.ForestMetadata:
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    pages = -(-tokens // 16)
+    return mk.ForestMetadata(i32([0, pages]), torch.arange(pages, dtype=torch.int32), i32([tokens]),
+                             i32([0, tokens]), i32([0, 1]), i32([0]), 16)
+
+
+def _no_masked_items(p) -> bool:
+    """Every reader of every item sees a token of the item's chunk (vectorized over the plan)."""
+    W = p.num_items
+    nr = p.item_num_readers[:W].long()
+    item = torch.repeat_interleave(torch.arange(W), nr)
+    j = torch.arange(int(nr.sum())) - (torch.cumsum(nr, 0) - nr)[item]
+    rd = p.item_reader_start[:W].long()[item] + j
+    return bool((p.reader_limit.long()[rd] > p.item_kv_start.long()[item]).all())
+
+
+@pytest.mark.parametrize("tokens", [4096, 32768])
+@pytest.mark.parametrize("workers", [4, 264, 1024])
+def test_prefill_workspace_at_most_twice_the_output(tokens, workers):
+    """Causal prefill, 32 query / 8 KV heads, head_dim 128, fp16 output: the plan's partial workspace
+    (computed from the plan, no kernel run) is at most 2x the output's bytes, and no item holds a
+    (row, chunk) pair the row cannot see."""
+    meta = _causal_prefill_meta(tokens)
+    p = plan_tree_attention(meta, 32, 8, head_dim=128, num_workers=workers)
+    out_bytes = tokens * 32 * 128 * 2
+    assert p.workspace_bytes(32, 128) <= 2 * out_bytes, (p.workspace_bytes(32, 128), out_bytes)
+    assert _no_masked_items(p)
+    assert int(p.row_partial_indptr[-1]) >= tokens  # every row has a partial
 
 
 def test_capacity_padding_and_copy_into():
@@ -228,7 +304,31 @@ def test_plan_scales_to_1024_leaves():
             leaves.append(leaf)
     meta = f.decode_metadata(leaves)
     plan = plan_tree_attention(meta, 32, 8)
-    assert plan.num_partials >= 3 * 1024
+    assert int(plan.row_partial_indptr[-1]) >= 3 * 1024
+    assert plan.num_merge_rows == 1024
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpp_and_torch_planners_agree(seed):
+    """The C++ host planner (the default when the extension is built) builds the torch planner's plan
+    exactly, with fixed and automatic chunks."""
+    from multiverse_kernels.planning import _cpp_planner
+
+    if _cpp_planner() is None:
+        if os.environ.get("MULTIVERSE_REQUIRE_CPP") == "1":
+            raise AssertionError("multiverse_kernels._C is not built")
+        pytest.skip("C++ extension not built (docs/build.md): only the torch planner exists")
+    f, groups = random_forest(900 + seed, page_size=[1, 4, 16][seed % 3], max_len=[24, 90][seed % 2])
+    meta = f.metadata(groups)
+    if seed % 3 == 2:
+        meta = meta.with_own_full(torch.arange(meta.num_groups) % 2 == 0)
+    for kw in (dict(), dict(chunk_tokens=5, rows_per_tile=2), dict(num_workers=50, rows_per_tile=3),
+               dict(num_workers=1)):
+        a = plan_tree_attention(meta, 8, 2, impl="torch", **kw)
+        b = plan_tree_attention(meta, 8, 2, impl="cpp", **kw)
+        assert a.ints() == b.ints(), kw
+        for name, x, y in zip(TreePlan.TENSOR_FIELDS, a.tensors(), b.tensors(), strict=True):
+            assert torch.equal(x, y), (kw, name)
 
 
 def test_empty_groups_and_empty_nodes():
@@ -242,7 +342,7 @@ def test_empty_groups_and_empty_nodes():
     check_invariants(p, meta)
     assert torch.equal(covered(p, meta), dense_mask(meta).long())
     assert p.item_node.tolist() == [0, 0, 0, 0, 2, 2]  # node 1 (empty) has no items
-    assert p.reader_limit.tolist() == [3, 3, 1, 2]
+    assert p.reader_limit.tolist() == [3, 3, 2, 1]  # causal own node: limit descending
     none = mk.ForestMetadata(i32([0, 1]), i32([0]), i32([3]), i32([0, 0]), i32([0, 1]), i32([0]), 4)
     p0 = plan_tree_attention(none, 2, 1)
     assert (p0.num_items, p0.num_partials, p0.num_readers, p0.num_merge_rows) == (0, 0, 0, 0)

@@ -146,3 +146,35 @@ def test_logprobs_and_grpo_gradients_match_unpacked(kind, tree):
         torch.testing.assert_close(a.grad, b.grad, atol=5e-5, rtol=1e-4, msg=lambda m, nm=name: f"{nm}: {m}")
         n += 1
     assert n > 10
+
+
+def _example(*args: str):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(root / "examples" / "rl_packing.py"), *args],
+                          capture_output=True, text=True, cwd=root, timeout=600, env=env)
+
+
+def test_example_check_runs():
+    """examples/rl_packing.py --check: packed log-probs and gradients equal the unpacked batch's."""
+    out = _example("--check")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK: packed log-probs and gradients equal" in out.stdout
+
+
+@pytest.mark.slow
+def test_example_measurement_runs():
+    """A tiny measurement run of examples/rl_packing.py prints its table (fresh processes)."""
+    import re
+
+    out = _example("--prompt", "32", "--completion", "8", "--groups", "2", "--hidden", "64", "--layers", "1",
+                   "--vocab", "64", "--repeats", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^\s+2 unpacked\s+80\s+\d+", out.stdout, re.M), out.stdout
+    assert re.search(r"^\s+2 packed\s+48\s+\d+", out.stdout, re.M), out.stdout
+    assert "packed/unpacked:" in out.stdout

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from multiverse_kernels.integrations.transformers import (  # noqa: E402
     ForestContext,
     ForestKVCache,
+    cache_kwarg,
     forest_forward,
     kv_elements_read,
     packed_forward,
@@ -100,12 +101,12 @@ def test_generation_equals_dense_mask_and_paths_alone(page_size, backend, dtype)
     trunk_ids, trunk_pos = drv.node_tokens(root)
     for p in paths:
         p_ids, p_pos = drv.node_tokens(p)
-        cache = transformers.DynamicCache(config=ref.config)
+        kv = {cache_kwarg(ref): transformers.DynamicCache(config=ref.config)}  # no deprecated keyword
         with torch.no_grad():
-            ref(input_ids=torch.tensor([trunk_ids]), position_ids=torch.tensor([trunk_pos]),
-                past_key_values=cache, use_cache=True)
-            alone = [ref(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[q]]),
-                         past_key_values=cache, use_cache=True).logits[0, 0] for t, q in zip(p_ids, p_pos)]
+            ref(input_ids=torch.tensor([trunk_ids]), position_ids=torch.tensor([trunk_pos]), use_cache=True,
+                **kv)
+            alone = [ref(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[q]]), use_cache=True,
+                         **kv).logits[0, 0] for t, q in zip(p_ids, p_pos)]
         torch.testing.assert_close(torch.stack([rows[(p, j)] for j in range(len(p_ids))]),
                                    torch.stack(alone), **tol(dtype))
     # the join's conclusion differs from any single path's continuation: it really sees all paths

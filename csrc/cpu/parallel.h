@@ -59,4 +59,32 @@ void parallel_tasks(int64_t n, const F& body) {
 #endif
 }
 
+// Like parallel_tasks, but each worker holds one task ahead: body(task, next_task, state), where
+// next_task (-1 when none) is the task the same worker runs next, so the body can prefetch its data.
+template <class State, class F>
+void parallel_tasks_lookahead(int64_t n, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    thread_local State st;
+    int64_t cur = next.fetch_add(1, std::memory_order_relaxed);
+    while (cur < n) {
+      const int64_t nxt = next.fetch_add(1, std::memory_order_relaxed);
+      body(cur, nxt < n ? nxt : -1, st);
+      cur = nxt;
+    }
+  };
+#if defined(MULTIVERSE_WITH_ATEN)
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) worker();
+  });
+#elif defined(_OPENMP)
+#pragma omp parallel
+  worker();
+#else
+  worker();
+#endif
+}
+
 }  // namespace multiverse::cpu

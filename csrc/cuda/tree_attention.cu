@@ -1,7 +1,10 @@
 // CUDA tree attention over a plan (docs/plan.md). One CTA per (work item, KV head).
 //
-// Tensor-core path (fp16/bf16, head_dim 64/128/256): 4 warps, each owning 16 packed rows
-// (reader x GQA head) of a 64-row tile. The item's KV chunk is streamed through shared memory in
+// Tensor-core path (fp16/bf16, head_dim 64/128/256): WARPS warps, each owning 16 packed rows
+// (reader x GQA head) of a WARPS x 16-row tile: 4 warps (64 rows), or 8 warps (128 rows, head_dim
+// 64/128) when an item has more than 64 packed rows, so that a chunk read by up to 128 packed rows is
+// loaded from HBM once instead of once per 64-row pass. (16 warps / 256 rows would cap registers at
+// 128 per thread: 8-140 bytes of spills on sm_90a.) The item's KV chunk is streamed through shared memory in
 // blocks of BN tokens with cp.async (16-byte copies, double-buffered: block b+1 is in flight while
 // block b is computed), so every K/V byte of the chunk is fetched from HBM once for all rows of the
 // tile. S = Q K^T and O += P V use mma.sync.m16n8k16 (fp32 accumulate) with ldmatrix fragments;
@@ -19,9 +22,9 @@
 namespace multiverse::cuda {
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 4;               // SIMT path; the narrow tensor-core tile
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileRows = kWarps * 16;  // packed rows per CTA pass
+constexpr int kWideWarps = 8;           // the wide tensor-core tile (128 packed rows)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -85,7 +88,8 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Per-row bookkeeping of the CTA's current 64-row tile, in shared memory.
+// Per-row bookkeeping of the CTA's current row tile, in shared memory.
+template <int kTileRows>
 struct RowInfo {
   int32_t vis[kTileRows];   // visible tokens of the chunk (0: padding row or chunk past its limit)
   int64_t qoff[kTileRows];  // element offset of the row's q vector (row * stride + head * stride)
@@ -95,13 +99,15 @@ struct RowInfo {
   uint32_t kv_chunks;  // K+V 16-byte chunk pairs copied (only counted when p.kv_bytes_loaded is set)
 };
 
-template <class T, int D>
+template <class T, int D, int WARPS = 4>
 struct MmaCfg {
+  static constexpr int kTileRows = WARPS * 16;  // packed rows per CTA pass
+  static constexpr int kThreads = WARPS * 32;
   static constexpr int BN = D >= 256 ? 32 : 64;   // tokens per pipelined KV block
   static constexpr int LD = D + 8;                 // smem row stride (elements): conflict-free ldmatrix
   static constexpr int kQ = kTileRows * LD;
   static constexpr int kKV = BN * LD;
-  static constexpr size_t smem_bytes = (kQ + 4 * kKV) * sizeof(T) + sizeof(RowInfo);
+  static constexpr size_t smem_bytes = (kQ + 4 * kKV) * sizeof(T) + sizeof(RowInfo<kTileRows>);
 };
 
 // Adds each thread's count of K+V bytes it loaded to the optional counter (one atomic per warp). Every
@@ -112,9 +118,10 @@ __device__ __forceinline__ void add_loaded_bytes(void* counter, unsigned long lo
   if (threadIdx.x % 32 == 0 && mine != 0) atomicAdd(static_cast<unsigned long long*>(counter), mine);
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(const TreeAttentionParams p) {
-  using Cfg = MmaCfg<T, D>;
+template <class T, int D, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const TreeAttentionParams p) {
+  using Cfg = MmaCfg<T, D, WARPS>;
+  constexpr int kTileRows = Cfg::kTileRows, kThreads = Cfg::kThreads;
   constexpr int BN = Cfg::BN, LD = Cfg::LD;
   constexpr int NT = BN / 8;   // n-tiles of S per warp
   constexpr int DT = D / 8;    // n-tiles of O per warp
@@ -123,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(const Tree
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + Cfg::kQ;              // 2 stages
   T* sV = sK + 2 * Cfg::kKV;         // 2 stages
-  RowInfo* info = reinterpret_cast<RowInfo*>(sV + 2 * Cfg::kKV);
+  RowInfo<kTileRows>* info = reinterpret_cast<RowInfo<kTileRows>*>(sV + 2 * Cfg::kKV);
 
   const int item = blockIdx.x, kh = blockIdx.y;
   const int nr = p.item_num_readers[item];
@@ -416,23 +423,31 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   add_loaded_bytes(p.kv_bytes_loaded, loaded);
 }
 
-template <class T, int D>
+template <class T, int D, int WARPS>
 cudaError_t launch_mma(const TreeAttentionParams& p, cudaStream_t stream) {
-  const size_t smem = MmaCfg<T, D>::smem_bytes;
-  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D>,
+  const size_t smem = MmaCfg<T, D, WARPS>::smem_bytes;
+  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D, WARPS>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   dim3 grid(p.num_items, p.num_kv_heads);
-  tree_attention_mma_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+  tree_attention_mma_kernel<T, D, WARPS><<<grid, WARPS * 32, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The wide (128-row) tile when an item may hold more than 64 packed rows (the plan's rows_per_tile x
+// the GQA group), so that its chunk is loaded once for all of them; head_dim 256 keeps 64 rows.
+bool wide_tile(const TreeAttentionParams& p) {
+  return p.head_dim <= 128 &&
+         static_cast<int64_t>(p.max_readers) * gqa_group(p.num_qo_heads, p.num_kv_heads) > 4 * 16;
 }
 
 template <class T>
 cudaError_t launch_mma_d(const TreeAttentionParams& p, cudaStream_t stream) {
+  const bool wide = wide_tile(p);
   switch (p.head_dim) {
-    case 64: return launch_mma<T, 64>(p, stream);
-    case 128: return launch_mma<T, 128>(p, stream);
-    default: return launch_mma<T, 256>(p, stream);
+    case 64: return wide ? launch_mma<T, 64, kWideWarps>(p, stream) : launch_mma<T, 64, 4>(p, stream);
+    case 128: return wide ? launch_mma<T, 128, kWideWarps>(p, stream) : launch_mma<T, 128, 4>(p, stream);
+    default: return launch_mma<T, 256, 4>(p, stream);
   }
 }
 
@@ -459,9 +474,10 @@ bool tree_attention_uses_mma(const TreeAttentionParams& p) {
 size_t tree_attention_smem_bytes(DType dtype, int head_dim) {
   if (dtype == DType::kFloat32) return 0;
   switch (head_dim) {
-    case 64: return MmaCfg<__half, 64>::smem_bytes;
-    case 128: return MmaCfg<__half, 128>::smem_bytes;
-    case 256: return MmaCfg<__half, 256>::smem_bytes;
+    // the largest configuration (the wide 128-row tile for head_dim 64/128)
+    case 64: return MmaCfg<__half, 64, kWideWarps>::smem_bytes;
+    case 128: return MmaCfg<__half, 128, kWideWarps>::smem_bytes;
+    case 256: return MmaCfg<__half, 256, 4>::smem_bytes;
     default: return 0;
   }
 }

@@ -19,12 +19,18 @@ Two modes of :class:`ForestContext`:
   FlashAttention-style backward from the saved lse; memory bounded by its block sizes, see
   ``multiverse_kernels/backends/reference/tree_attention_backward.py``), whatever backend runs the forward.
 
-Use :func:`forest_forward` and :func:`packed_forward`, or pass ``multiverse=ForestContext(...)`` yourself.
+Use :func:`forest_forward` and :func:`packed_forward`, or pass ``multiverse=ForestContext(...)`` yourself
+inside ``with use_multiverse_attention(model):``. The switch is scoped: both functions and the context
+manager put the model's previous attention implementation back when they return, so a plain
+``model(input_ids)`` afterwards runs as before. A model switched by hand
+(``set_attn_implementation("multiverse")``) and called without a forest raises an error that says how to
+switch back. :func:`multiverse_kernels.integrations.generate.multiverse_generate` generates in one call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +43,8 @@ from ..ops import append_paged_kv, tree_attention
 __all__ = [
     "ATTN_NAME",
     "register",
+    "use_multiverse_attention",
+    "cache_kwarg",
     "ForestKVCache",
     "ForestContext",
     "multiverse_attention",
@@ -151,8 +159,14 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     """
     ctx = kwargs.get("multiverse")
     if not isinstance(ctx, ForestContext):
-        raise ValueError("multiverse: the 'multiverse' attention needs multiverse=ForestContext(...) passed "
-                         "to the model's forward (see multiverse_kernels.integrations.transformers)")
+        prev = _PREVIOUS.get(id(getattr(module, "config", None)))
+        back = f"model.set_attn_implementation({prev or 'sdpa'!r})"
+        raise ValueError(
+            "multiverse: this model is switched to the 'multiverse' attention, which needs "
+            "multiverse=ForestContext(...) in the model's forward (forest_forward / packed_forward pass it). "
+            f"For an ordinary forward switch back with {back}; to switch only for a block of code use "
+            "`with multiverse_kernels.integrations.transformers.use_multiverse_attention(model): ...`, "
+            "which restores the previous attention on exit")
     if query.shape[0] != 1:
         raise ValueError(f"query: expected batch size 1 (the forest flattens branches into one row of "
                          f"tokens), got {query.shape[0]}")
@@ -203,10 +217,59 @@ def register(name: str = ATTN_NAME) -> str:
     return name
 
 
-def _ensure(model: Any) -> None:
-    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
-        register()
-        model.set_attn_implementation(ATTN_NAME)
+# id(config) -> the attention implementation a model had before it was switched (for error messages).
+_PREVIOUS: dict[int, str] = {}
+
+
+@contextlib.contextmanager
+def use_multiverse_attention(model: Any) -> Iterator[Any]:
+    """Switch ``model`` to the "multiverse" attention for the ``with`` block; the previous
+    implementation (e.g. "sdpa") is restored on exit, also on an exception. Nested use and a model that
+    is already switched are fine (then nothing changes on exit). Inside, call the model with
+    ``multiverse=ForestContext(...)`` (or :func:`forest_forward` / :func:`packed_forward`, which then skip
+    their own switching). Training with gradient checkpointing needs the forward *and* the backward
+    inside the block (checkpointing re-runs the attention during backward)."""
+    prev = getattr(model.config, "_attn_implementation", None)
+    if prev == ATTN_NAME:
+        yield model
+        return
+    register()
+    model.set_attn_implementation(ATTN_NAME)
+    _PREVIOUS[id(model.config)] = prev or "sdpa"
+    for m in model.modules():  # attention modules may hold sub-configs (multimodal models)
+        cfg = getattr(m, "config", None)
+        if cfg is not None and cfg is not model.config:
+            _PREVIOUS.setdefault(id(cfg), prev or "sdpa")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(prev or "sdpa")
+
+
+def _scoped(model: Any) -> contextlib.AbstractContextManager:
+    if getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
+        return contextlib.nullcontext(model)
+    # transformers >= 5.24 renamed is_gradient_checkpointing (deprecated: a FutureWarning)
+    name = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
+    if getattr(model, name, False) and model.training and torch.is_grad_enabled():
+        raise ValueError(
+            "model: gradient checkpointing re-runs the attention during backward, after this call has "
+            "restored the model's previous attention; wrap forward and backward in "
+            "`with use_multiverse_attention(model): ...`")
+    return use_multiverse_attention(model)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of the KV-cache keyword of ``model``'s forward: ``"cache"`` where transformers has it
+    (``past_key_values`` is deprecated there, a FutureWarning), else ``"past_key_values"``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: ForestMetadata,
@@ -217,7 +280,8 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
     """One paged forward pass (prefill, extend or decode) over a forest.
 
     Args:
-        model: a transformers causal LM (switched to the "multiverse" attention if it is not yet).
+        model: a transformers causal LM (switched to the "multiverse" attention for this call and back
+            afterwards, unless it is switched already, e.g. inside :func:`use_multiverse_attention`).
         input_ids, position_ids: int64 [T], in the order of ``meta``'s query rows.
         meta: the step's metadata; group g's rows are the last q_len tokens of its own node, just
             allocated (e.g. by :meth:`KVForest.append`).
@@ -229,7 +293,6 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
     Returns:
         logits [T or len(logits_rows), vocab].
     """
-    _ensure(model)
     if ctx is None:
         ctx = ForestContext(meta)
     ctx.meta, ctx.cache, ctx.token_node, ctx.token_pos, ctx.packed = meta, cache, token_node, token_pos, False
@@ -239,22 +302,25 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
         raise ValueError(f"input_ids/position_ids: expected two [T] tensors, got {tuple(input_ids.shape)} "
                          f"and {tuple(position_ids.shape)}")
     keep = 0 if logits_rows is None else logits_rows  # transformers' logits_to_keep: 0 = all rows
-    return model(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
-                 logits_to_keep=keep, multiverse=ctx).logits[0]
+    with _scoped(model):
+        return model(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
+                     logits_to_keep=keep, multiverse=ctx).logits[0]
 
 
 def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validate: bool = True,
                    meta: ForestMetadata | None = None) -> Tensor:
     """Logits [L, vocab] of one packed Multiverse sequence (a :class:`MultiverseStructure`), with
     Multiverse positions and attention, no dense mask. Differentiable through ``tree_attention``'s
-    autograd (memory-bounded blocked backward, no L x L object; see module docstring)."""
-    _ensure(model)
+    autograd (memory-bounded blocked backward, no L x L object; see module docstring). The model's
+    attention is switched for this call only (see :func:`use_multiverse_attention`)."""
     ids = structure.token_ids.to(model.device)
     if meta is None:
         meta = structure.metadata(ids.device)
     ctx = ForestContext(meta, packed=True, backend=backend, validate=validate)
     pos = structure.position_ids.to(ids.device)
-    return model(input_ids=ids[None], position_ids=pos[None], use_cache=False, multiverse=ctx).logits[0]
+    with _scoped(model):
+        return model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                     multiverse=ctx).logits[0]
 
 
 def kv_bytes_hook(backend: str, device: torch.device | str) -> tuple[str, Callable[..., int] | None]:

@@ -194,6 +194,29 @@ class MultiverseDriver:
                 br.pending = tok
         return self._make_batch()
 
+    def banned_tokens(self, group: int) -> list[int]:
+        """Tag ids that group ``group`` of the last batch must not pick as its next token: feeding one
+        would raise :class:`DriverError`. ``<Path>`` and ``<Conclusion>`` (the driver forces them),
+        closers of nothing open, ``</Path>`` while a block inside the path is open, a second ``<Goal>``.
+        For samplers: mask these logits and every choice is structurally valid."""
+        if not 0 <= group < len(self._last):
+            raise ValueError(f"group: expected 0 <= group < {len(self._last)}, got {group}")
+        T = self.tags
+        br = self._last[group]
+        fr = br.frames[-1] if br.frames else None
+        banned = [T.path_start, T.conclusion_start]
+        if fr is None or fr.goal_open or fr.concl_open:
+            banned.append(T.parallel_end)
+        if fr is None or fr.goal_open or fr.goal_done:
+            banned.append(T.goal_start)
+        if fr is None or not fr.goal_open:
+            banned.append(T.goal_end)
+        if br.fork is None or fr is not None:
+            banned.append(T.path_end)
+        if fr is None or not fr.concl_open:
+            banned.append(T.conclusion_end)
+        return banned
+
     def branch_tokens(self, branch: int) -> list[int]:
         """Tokens of the path (or trunk) a branch decoded into its current node."""
         return list(self._node_tokens[self._branch(branch).node])

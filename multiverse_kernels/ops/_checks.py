@@ -80,6 +80,10 @@ def check_index_devices(q: Tensor, tensors: tuple, names: tuple[str, ...] = INDE
             raise MetadataError(f"own_full: expected a bool tensor, got {got}")
         if own_full.device != q.device:
             raise MetadataError(f"own_full: expected device {q.device} (like q), got {own_full.device}")
+        groups = tensors[3].shape[0] - 1 if len(tensors) > 3 else None  # qo_indptr: num_groups + 1
+        if groups is not None and tuple(own_full.shape) != (groups,):
+            raise MetadataError(f"own_full: expected a bool tensor of shape ({groups},) (num_groups), got "
+                                f"{tuple(own_full.shape)}")
 
 
 def check_sm_scale(sm_scale: float) -> None:

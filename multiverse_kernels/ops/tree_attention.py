@@ -92,8 +92,8 @@ def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_ind
 # ---------------------------------------------------------------- autograd (docs/design.md §3)
 # Differentiable in q, k_cache, v_cache, through both outputs (out and lse). The backward recomputes the
 # scores block by block from the saved lse (FlashAttention-style) in the op tree_attention_backward;
-# memory is bounded by its block sizes, never L x L. Only the reference backend implements it, so the
-# backward runs the reference math whatever backend ran the forward. The index tensors get no gradient.
+# memory is bounded by its block sizes, never L x L. It runs on the forward's backend when that backend
+# implements it (cpu: the fused C++ backward), else on backend="auto". The index tensors get no gradient.
 # Not twice differentiable (tree_attention_backward has no autograd formula).
 
 
@@ -109,7 +109,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse):
     q, k_cache, v_cache, *index, own_full, out, lse = ctx.saved_tensors
-    # the forward's backend if it implements the backward, else "auto" (today: the reference)
+    # the forward's backend if it implements the backward, else "auto" (cpu tensors: the C++ backward)
     bw = ctx.backend if ctx.backend in available_backends("tree_attention_backward", q.device) else "auto"
     if grad_out is None:
         grad_out = torch.zeros_like(out)
@@ -156,8 +156,11 @@ def tree_attention(
         out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
 
     Differentiable in ``q``, ``k_cache`` and ``v_cache`` (through out and lse) on every backend; the
-    backward is the blocked reference backward (memory bounded by its block sizes, no L x L mask).
+    backward recomputes blockwise from the saved lse (no L x L mask): the fused C++ kernel on CPU,
+    else the blocked reference backward (docs/training.md).
     """
+    if not isinstance(meta, ForestMetadata):
+        raise MetadataError(f"meta: expected a ForestMetadata, got {type(meta).__name__}")
     if not torch.compiler.is_compiling():
         # (under torch.compile the op's fake implementation runs the same checks: an exception raised
         # here would surface as dynamo's Unsupported instead of MetadataError)

@@ -4,8 +4,9 @@ packed tree attention with autograd).
 The op ``torch.ops.multiverse.tree_attention_backward`` (with a fake implementation, so a backward graph
 traces under ``torch.compile``) dispatches on its ``backend`` argument through
 :mod:`multiverse_kernels.backends` (op name ``"tree_attention_backward"``; implemented by the reference
-backend and the triton backend (fused dK/dV and dQ kernels, docs/training.md); ``backend="auto"`` picks
-the triton one on CUDA tensors). ``tree_attention``'s autograd
+backend, the cpu backend (a fused C++ kernel; ``backend="auto"`` picks it on CPU tensors) and the triton
+backend (fused dK/dV and dQ kernels; ``auto`` picks it on CUDA tensors); docs/training.md).
+``tree_attention``'s autograd
 formula (registered in :mod:`.tree_attention`) calls it; users rarely call it directly.
 """
 
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import ForestMetadata, MetadataError
-from ._checks import op_metadata
+from ._checks import check_attention_args, check_index_devices, op_metadata
 
 __all__ = ["tree_attention_backward"]
 
@@ -73,6 +74,10 @@ def _check_grads(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, out: Tens
 @_tree_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices, node_len,
       qo_indptr, vis_indptr, vis_nodes, own_full, sm_scale, backend, validate):
+    # no-data checks (index tensors on the meta device would otherwise land here and return garbage)
+    check_attention_args(q, k_cache, v_cache)
+    check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr, vis_nodes),
+                        own_full=own_full)
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
@@ -97,7 +102,8 @@ def tree_attention_backward(
         q, k_cache, v_cache, meta, sm_scale: the forward's arguments.
         out, lse: the forward's outputs (lse float32 [total_q, num_qo_heads]).
         grad_lse: [total_q, num_qo_heads], the gradient of ``lse`` (None: lse unused).
-        backend: "auto", "reference" or "triton" (CUDA tensors, or CPU tensors in the interpreter).
+        backend: "auto", "reference", "cpu" (the fused C++ backward, CPU tensors) or "triton" (CUDA
+            tensors, or CPU tensors in the interpreter).
 
     Returns:
         ``(dq, dk_cache, dv_cache)`` shaped and typed like ``q``, ``k_cache``, ``v_cache``; cache slots

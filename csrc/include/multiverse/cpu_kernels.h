@@ -5,8 +5,26 @@
 
 namespace multiverse::cpu {
 
+// Micro-kernel builds of tree_attention, by instruction set (x86-64; elsewhere only kBaseline).
+enum class CpuIsa : int32_t {
+  kBaseline = 0,  // the build's default target (SSE2 on x86-64), 4-float vectors
+  kAvx2 = 1,      // AVX2 + FMA + F16C, 8-float vectors, tiles for 16 ymm registers
+  kAvx512 = 2,    // AVX-512 F/VL/BW/DQ, 16-float vectors, tiles for 32 zmm registers
+};
+const char* cpu_isa_name(CpuIsa isa);  // "baseline", "avx2", "avx512"
+// The widest ISA this CPU (and OS) supports, by cpuid.
+CpuIsa cpu_isa_supported();
+// The ISA tree_attention dispatches to: cpu_isa_supported(), or the environment variable
+// MULTIVERSE_CPU_ISA=avx512|avx2|baseline (read per call) forcing a lower one. Throws
+// std::invalid_argument for an unknown name or an ISA this CPU cannot run.
+CpuIsa cpu_isa_selected();
+
 // Partial (out, lse) of every (work item, kv head) of the plan into p.partial_out / p.partial_lse.
 void tree_attention(const TreeAttentionParams& p);
+
+// Gradients dq, dk, dv (float32, accumulated into the zeroed p.dq / p.dk / p.dv) of tree_attention
+// over the forward's plan (see TreeAttentionBackwardParams).
+void tree_attention_backward(const TreeAttentionBackwardParams& p);
 
 // Log-sum-exp merge (see MergeParams).
 void merge_states(const MergeParams& p);

@@ -110,4 +110,54 @@ struct AppendParams {
   DType cache_dtype;
 };
 
+// Backward of tree attention over the same plan as the forward (docs/api.md "Autograd", the reference
+// multiverse_kernels/backends/reference/tree_attention_backward.py is the specification):
+//   delta[r, h] = sum_e grad_out[r, h, e] * out[r, h, e] - (grad_lse[r, h] if lse[r, h] is finite)
+//   P = exp(sm_scale * q k^T - lse)   (recomputed per work item, block by block)
+//   dv += P^T dO;  dS = P * (dO v^T - delta);  dk += sm_scale dS^T q;  dq += sm_scale dS k
+// One task per (work item, KV head): the item's chunk of K/V is loaded once for all its packed rows
+// (reader x GQA head); the item's dK/dV (and each row block's dQ) are accumulated locally and added to
+// the outputs under striped spin locks (several items can share a chunk, every row reads many chunks).
+// Rows whose lse is -inf (or NaN) see nothing and contribute nothing.
+struct TreeAttentionBackwardParams {
+  const void* q;         // [total_q, Hq, D]  strides q_stride_row / q_stride_head
+  const void* k_cache;   // [num_pages, page_size, Hk, D]
+  const void* v_cache;
+  const void* out;       // [total_q, Hq, D] q's dtype, strides out_stride_row / out_stride_head
+  const void* grad_out;  // [total_q, Hq, D] q's dtype, strides go_stride_row / go_stride_head
+  const float* lse;      // [total_q, Hq] contiguous
+  const float* grad_lse; // [total_q, Hq] contiguous, or nullptr (lse unused)
+  float* dq;             // [total_q, Hq, D] contiguous float32, zero on entry
+  float* dk;             // [num_pages, page_size, Hk, D] contiguous float32, zero on entry
+  float* dv;             // like dk
+  float* delta;          // [total_q, Hq] float32 workspace
+
+  // Forest page table.
+  const int32_t* node_page_indptr;
+  const int32_t* node_page_indices;
+  // Plan (the forward's: multiverse_kernels/planning.py).
+  const int32_t* reader_row;
+  const int32_t* reader_limit;
+  const int32_t* item_node;
+  const int32_t* item_kv_start;
+  const int32_t* item_kv_len;
+  const int32_t* item_reader_start;
+  const int32_t* item_num_readers;
+
+  int64_t q_stride_row, q_stride_head;
+  int64_t k_stride_page, k_stride_slot, k_stride_head;
+  int64_t v_stride_page, v_stride_slot, v_stride_head;
+  int64_t out_stride_row, out_stride_head;
+  int64_t go_stride_row, go_stride_head;
+
+  int32_t total_q;
+  int32_t num_items;
+  int32_t num_qo_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t page_size;
+  float sm_scale;
+  DType dtype;  // of q, the caches, out and grad_out
+};
+
 }  // namespace multiverse

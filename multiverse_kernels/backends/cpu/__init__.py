@@ -21,12 +21,13 @@ from .. import register
 from ..reference import append_paged_kv as _ref_append
 from ..reference import merge_states as _ref_merge
 from ..reference import tree_attention as _ref_attention
-from ._ext import load_extension, run_tree_attention
+from ..reference import tree_attention_backward as _ref_backward
+from ._ext import load_extension, run_tree_attention, run_tree_attention_backward
 
 load_extension("_C")
 
-__all__ = ["tree_attention", "merge_states", "append_paged_kv", "tree_attention_kv_bytes",
-           "CHUNK_TOKENS"]
+__all__ = ["tree_attention", "tree_attention_backward", "merge_states", "append_paged_kv",
+           "tree_attention_kv_bytes", "CHUNK_TOKENS"]
 
 # Tokens per work item: K+V of one chunk in fp32 (2 x 256 x 128 x 4 B = 256 KiB) stays in L2 while all
 # of the node's rows use it, and a 4K prefix still gives 16 chunks x Hk items to spread over threads.
@@ -61,6 +62,21 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
 tree_attention.supports_plan = True  # ops.tree_attention passes a caller's precomputed plan
 
 
+def tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k_cache: Tensor,
+                            v_cache: Tensor, out: Tensor, lse: Tensor, meta: ForestMetadata,
+                            sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq like q; dk, dv like the caches, 0 on slots no row sees) of tree_attention, by the
+    fused C++ backward (csrc/cpu/tree_attention_backward.cpp) over the forward's cached plan.
+
+    grad_out [total_q, Hq, D]; grad_lse [total_q, Hq] or None; out, lse (float32) the forward's
+    outputs. float64 inputs go to the reference backward.
+    """
+    if q.dtype not in _NATIVE:
+        return _ref_backward(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale)
+    return run_tree_attention_backward(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale,
+                                       _plan(q, k_cache, meta))
+
+
 def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
                             sm_scale: float) -> int:
     """K+V bytes the CPU kernel loads from the caches in one call, counted by the kernel itself."""
@@ -88,6 +104,7 @@ def append_paged_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page
 
 
 register("tree_attention", "cpu", ("cpu",))(tree_attention)
+register("tree_attention_backward", "cpu", ("cpu",))(tree_attention_backward)
 register("merge_states", "cpu", ("cpu",))(merge_states)
 register("append_paged_kv", "cpu", ("cpu",))(append_paged_kv)
 register("tree_attention_kv_bytes", "cpu", ("cpu",))(tree_attention_kv_bytes)

@@ -4,30 +4,20 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
 
 from ... import _jit
 from ...metadata import ForestMetadata
+from ...plan_format import FORMAT_STRING
 from ...planning import TreePlan
 
-__all__ = ["load_extension", "library_path", "run_tree_attention"]
+__all__ = ["load_extension", "library_path", "run_tree_attention", "run_tree_attention_backward"]
 
 _LOADED: set[str] = set()
 _SOURCES: dict[str, str] = {}
-
-# The C++ side (csrc/torch_utils.h, enums PlanT / PlanI) reads the plan lists in exactly this order.
-CPP_PLAN_TENSORS = ("reader_row", "reader_limit", "item_node", "item_kv_start", "item_kv_len",
-                    "item_reader_start", "item_num_readers", "item_partial_start", "row_partial_indptr",
-                    "row_partial_indices", "merge_rows")
-CPP_PLAN_INTS = ("num_readers", "num_items", "num_partials", "num_merge_rows", "max_item_readers",
-                 "chunk_tokens", "rows_per_tile")
-if tuple(TreePlan.TENSOR_FIELDS) != CPP_PLAN_TENSORS or tuple(TreePlan.INT_FIELDS) != CPP_PLAN_INTS:
-    raise ImportError(
-        "multiverse_kernels.planning.TreePlan fields changed; update csrc/torch_utils.h (PlanT/PlanI) "
-        f"and CPP_PLAN_TENSORS/CPP_PLAN_INTS: got {TreePlan.TENSOR_FIELDS} / {TreePlan.INT_FIELDS}")
-
 
 def load_extension(name: str = "_C") -> None:
     """Load ``multiverse_kernels.<name>`` (a torch op library, not a Python module).
@@ -44,7 +34,9 @@ def load_extension(name: str = "_C") -> None:
     spec = importlib.util.find_spec(f"multiverse_kernels.{name}")
     why = f"multiverse_kernels.{name} was not built at install time"
     loaded = False
-    if spec is not None and spec.origin is not None:
+    if os.environ.get("MULTIVERSE_PREBUILT") == "0":  # ignore the install-time build (tests the other path)
+        why = f"multiverse_kernels.{name} from the install ignored (MULTIVERSE_PREBUILT=0)"
+    elif spec is not None and spec.origin is not None:
         try:
             torch.ops.load_library(spec.origin)
             loaded = True
@@ -58,6 +50,12 @@ def load_extension(name: str = "_C") -> None:
             raise ModuleNotFoundError(f"{e} (see docs/build.md; python -m multiverse_kernels.info)") from e
     _LOADED.add(name)
     if name == "_C":
+        built = torch.ops.multiverse_C.plan_format()
+        if built != FORMAT_STRING:  # one definition: multiverse_kernels/plan_format.py
+            raise ImportError(
+                f"multiverse_kernels._C was built for the plan format {built!r}, but "
+                f"multiverse_kernels/plan_format.py defines {FORMAT_STRING!r}: rebuild the extension "
+                "(docs/build.md)")
         _register_fakes()
 
 
@@ -79,6 +77,11 @@ def _register_fakes() -> None:
           vis_nodes, own_full, sm_scale):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
+    @torch.library.register_fake(f"{lib}::tree_attention_backward_run")
+    def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices,
+          plan_tensors, plan_ints, sm_scale):
+        return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
     @torch.library.register_fake(f"{lib}::merge_states")
     def _(v, s):
         return v.new_empty(v.shape[0], v.shape[2], v.shape[3]), v.new_empty(
@@ -99,3 +102,14 @@ def run_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Forest
     return torch.ops.multiverse_C.tree_attention_run(
         q, k_cache, v_cache, meta.node_page_indptr, meta.node_page_indices, plan.tensors(), plan.ints(),
         float(sm_scale), kv_bytes)
+
+
+def run_tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k_cache: Tensor,
+                                v_cache: Tensor, out: Tensor, lse: Tensor, meta: ForestMetadata,
+                                sm_scale: float, plan: TreePlan) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.multiverse_C.tree_attention_backward_run`` on ``plan`` (the forward's): dq like q,
+    dk/dv like the caches, in q's dtype (float32 accumulation)."""
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    return torch.ops.multiverse_C.tree_attention_backward_run(
+        grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta.node_page_indptr, meta.node_page_indices,
+        plan.tensors(), plan.ints(), float(sm_scale))

@@ -1,8 +1,9 @@
 """CUDA backend: the kernels of ``multiverse_kernels._C_cuda`` (csrc/cuda/), compiled for sm_90a and
 sm_100a. fp16/bf16 with head_dim 64/128/256 run the tensor-core kernel (mma.sync m16n8k16, cp.async
 double-buffered 16-byte loads); fp32 and other head dims <= 256 a SIMT kernel; float64 goes to the
-reference. Uses the plan of :mod:`multiverse_kernels.planning` with its default tile (64 packed rows =
-the kernel's CTA tile), memoised on the metadata tensors (plan once per step). Registers
+reference. Uses the plan of :mod:`multiverse_kernels.planning` with its defaults (row tile
+``MAX_TILE_ROWS[head_dim]`` packed rows, chunks chosen for 2 items per SM), memoised on the metadata
+tensors (plan once per step); the kernel runs an item's rows in passes of 64 or 128 (its CTA tile). Registers
 ``tree_attention_kv_bytes`` too (bytes counted by the kernel with a device atomic at its loads).
 """
 
@@ -25,7 +26,7 @@ load_extension("_C_cuda")
 
 __all__ = ["tree_attention", "merge_states", "append_paged_kv", "tree_attention_kv_bytes"]
 
-CHUNK_TOKENS = 512
+CHUNK_TOKENS = None  # chosen per node from the forest and the SM count (planning.auto_chunk_tokens)
 _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -34,10 +34,13 @@ HEAD_DIMS = (64, 128, 256)
 # The third entry: the KV loop prefetches (software pipeline). Not for head_dim 256: a dup-free tile has
 # BLOCK_N >= 8 x num_warps columns, so the double-buffered K/V tiles alone take >= head_dim / 2 = 128
 # registers per thread, and they spill. 256-wide heads stop at 32 rows (64 rows spill on sm_90a).
+# The 256-row tile of head_dim 64 (main: one program loads a chunk once for up to 256 packed rows)
+# does not prefetch: not yet checked with the prefetching loop.
 TILES = {
     (64, 16): (64, 8, True), (64, 32): (64, 4, True), (64, 64): (64, 4, True), (64, 128): (64, 8, True),
     (128, 16): (64, 8, True), (128, 32): (64, 8, True), (128, 64): (16, 4, True), (128, 128): (16, 8, True),
     (256, 16): (32, 4, False), (256, 32): (32, 8, False),
+    (64, 256): (32, 8, False),
 }
 # Largest packed row tile per head_dim.
 MAX_BLOCK_M = {d: max(bm for dd, bm in TILES if dd == d) for d in HEAD_DIMS}

@@ -1,0 +1,518 @@
+// The CPU tree-attention micro-kernels, compiled once per ISA: tree_attention_{avx512,avx2,baseline}.cpp
+// include this after their target pragma with MV_LEVEL (2 AVX-512, 1 AVX2+FMA+F16C, 0 baseline) and
+// MV_TASK_FN (the exported task function's name) defined. Everything here has internal linkage and uses
+// no std containers (see tree_attention_kernels.h).
+//
+// One task = (work item, kv head) of the plan (docs/plan.md): M packed rows (reader x GQA head) over a
+// chunk of T tokens of one node. In GEMM terms, per block of up to kRowBlock rows:
+//   S^T[T x M] = K[T x D] Q^T[D x M]   rows m in vector lanes: a register tile of TB tokens x (NV vectors
+//                                      of rows) broadcasts TB key elements against NV query vectors per d
+//   P^T = exp(S^T - max_t) (masked)    vectorised across rows, exact zeros for invisible tokens
+//   O[M x D] = P[M x T] V[T x D]       d in vector lanes: a register tile of RB rows x (NV vectors of d)
+//                                      broadcasts RB probabilities against NV value vectors per token
+// Tile sizes fit the register file: AVX2 (16 ymm) uses 6 x 16 tiles (12 accumulators), AVX-512
+// (32 zmm) 12 x 32 (24 accumulators). The chunk's K/V rows are read from the paged cache exactly once,
+// in token blocks of kTokenBlock: converted (fp16 with F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit
+// shift) or copied to packed fp32 scratch, while the next block is prefetched; that is the only place
+// the caches are read, and the byte counter is incremented there.
+#pragma once
+
+#ifndef MV_LEVEL
+#error "define MV_LEVEL before including tree_attention_impl.h"
+#endif
+
+namespace multiverse::cpu {
+namespace {
+
+#define MV_INL inline __attribute__((always_inline))
+#define MV_STR_(x) #x
+#define MV_UNROLL(n) _Pragma(MV_STR_(GCC unroll n))
+
+#if MV_LEVEL == 2
+constexpr int W = 16;     // floats per native vector (zmm)
+constexpr int G = 8;      // row-lane granularity: rows are padded to a multiple of G (ymm remainders)
+constexpr int QK_TB = 12; // tokens per S^T register tile of 2 x W rows (24 accumulators)
+constexpr int PV_RB = 12; // rows per O register tile of 2 x W dims (24 accumulators)
+#elif MV_LEVEL == 1
+constexpr int W = 8;
+constexpr int G = 8;
+constexpr int QK_TB = 6;  // 6 tokens x 16 rows: 12 ymm accumulators + 2 query vectors + 1 broadcast
+constexpr int PV_RB = 6;  // 6 rows x 16 dims
+#else
+constexpr int W = 4;
+constexpr int G = 4;
+constexpr int QK_TB = 6;
+constexpr int PV_RB = 6;
+#endif
+constexpr int QK_TB_SMALL = 12;  // tokens per tile of one G-lane vector of rows (12 accumulators)
+static_assert(kTokenBlock % QK_TB == 0 && kTokenBlock % QK_TB_SMALL == 0, "token block vs tiles");
+static_assert(kRowBlock % (2 * W) == 0 && kDimPad % W == 0, "row block / dim pad vs vector width");
+
+template <int N> struct VT;
+template <> struct VT<4> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef float U __attribute__((vector_size(16), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  typedef int32_t IU __attribute__((vector_size(16), aligned(4)));
+};
+template <> struct VT<8> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef int32_t IU __attribute__((vector_size(32), aligned(4)));
+};
+template <> struct VT<16> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef float U __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef int32_t IU __attribute__((vector_size(64), aligned(4)));
+};
+
+template <int N> MV_INL typename VT<N>::V vld(const float* p) {
+  return *reinterpret_cast<const typename VT<N>::U*>(p);
+}
+template <int N> MV_INL void vst(float* p, typename VT<N>::V v) { *reinterpret_cast<typename VT<N>::U*>(p) = v; }
+
+// a * b + c, fused where the ISA has FMA (explicit: ISO C++ modes do not contract a * b + c).
+template <class V> MV_INL V vfma(V a, V b, V c) {
+#if MV_LEVEL >= 1
+  if constexpr (sizeof(V) == 64) {
+    return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  } else if constexpr (sizeof(V) == 32) {
+    return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  } else {
+    return (V)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
+// Broadcast (V{} + x would cost a scalar add: 0 + x is not x for x = -0).
+template <class V> MV_INL V vbcast(float x) {
+#if MV_LEVEL >= 1
+  if constexpr (sizeof(V) == 64) {
+    return (V)_mm512_set1_ps(x);
+  } else if constexpr (sizeof(V) == 32) {
+    return (V)_mm256_set1_ps(x);
+  } else {
+    return (V)_mm_set1_ps(x);
+  }
+#else
+  V v;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / 4); ++i) v[i] = x;
+  return v;
+#endif
+}
+
+MV_INL int imin(int a, int b) { return a < b ? a : b; }
+MV_INL int imax(int a, int b) { return a > b ? a : b; }
+
+// exp(x) for x <= 0 (scores minus their max), any vector width: 2^(x log2 e) split into 2^n * 2^f,
+// f in [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n added into the
+// exponent bits; x is clamped at -87 (callers select exact zeros for masked entries).
+template <class V, class I> MV_INL V vexp(V x) {
+  const V lo = V{} - 87.0f;
+  x = x < lo ? lo : x;
+  const V t = x * 1.44269504088896341f;
+  const V n = (t + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  const V f = (t - n) * 0.693147180559945309f;
+  V q = V{} + 1.0f / 720;
+  q = vfma(q, f, V{} + 1.0f / 120);
+  q = vfma(q, f, V{} + 1.0f / 24);
+  q = vfma(q, f, V{} + 1.0f / 6);
+  q = vfma(q, f, V{} + 0.5f);
+  q = vfma(q, f, V{} + 1.0f);
+  q = vfma(q, f, V{} + 1.0f);
+  const I ni = __builtin_convertvector(n, I);
+  return (V)((I)q + (ni << 23));
+}
+
+// ---------------------------------------------------------------------------------- K/V row packing
+// One cache row (D elements of E) -> dp floats (zeros past D).
+template <class E> MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst, int D, int dp) {
+  int d = 0;
+  if constexpr (std::is_same_v<E, F32>) {
+    for (; d + W <= D; d += W) vst<W>(dst + d, vld<W>(src + d));
+  }
+#if MV_LEVEL >= 1
+  if constexpr (std::is_same_v<E, F16>) {
+#if MV_LEVEL == 2
+    for (; d + 16 <= D; d += 16)
+      _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d))));
+#endif
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+  }
+  if constexpr (std::is_same_v<E, BF16>) {
+#if MV_LEVEL == 2
+    for (; d + 16 <= D; d += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)));
+      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+#endif
+    for (; d + 8 <= D; d += 8) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
+      _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+  }
+#endif
+  for (; d < D; ++d) dst[d] = E::load(src[d]);
+  for (; d < dp; ++d) dst[d] = 0.0f;
+}
+
+struct TaskCtx {
+  const TreeAttentionParams* p;
+  int32_t node, kv_start, kh;
+  int D, dp;
+  float* kb;  // [tp][dp]
+  float* vb;  // [tp][dp]
+};
+
+template <class E> MV_INL const typename E::T* k_row(const TaskCtx& c, int t) {
+  const TreeAttentionParams& p = *c.p;
+  return static_cast<const typename E::T*>(p.k_cache) +
+         cache_offset(p.node_page_indptr, p.node_page_indices, c.node, c.kv_start + t, p.page_size, c.kh,
+                      p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+}
+template <class E> MV_INL const typename E::T* v_row(const TaskCtx& c, int t) {
+  const TreeAttentionParams& p = *c.p;
+  return static_cast<const typename E::T*>(p.v_cache) +
+         cache_offset(p.node_page_indptr, p.node_page_indices, c.node, c.kv_start + t, p.page_size, c.kh,
+                      p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+}
+
+// Prefetches (into L2) of the next token block's K/V rows, spread over the current block's compute a
+// few rows at a time: rows of one head are a page/slot stride apart, which hardware prefetchers do not
+// follow across 4 KiB pages, and a burst of hundreds of prefetches would stall on the miss buffers.
+template <class E> struct Prefetcher {
+  const TaskCtx* c;
+  int next, end;
+  MV_INL void row(int t) const {
+    const int bytes = c->D * static_cast<int>(sizeof(typename E::T));
+    const char* kp = reinterpret_cast<const char*>(k_row<E>(*c, t));
+    const char* vp = reinterpret_cast<const char*>(v_row<E>(*c, t));
+    for (int o = 0; o < bytes; o += 64) {
+      __builtin_prefetch(kp + o, 0, 2);
+      __builtin_prefetch(vp + o, 0, 2);
+    }
+  }
+  MV_INL void step(int n) {
+    for (; n > 0 && next < end; --n) row(next++);
+  }
+  MV_INL void finish() { step(end - next); }
+};
+
+// This task's next-block prefetches first, then (when those are done) the next task's chunk, so that a
+// compute-bound task hides the loads of a memory-bound one (the dispatcher pairs them).
+template <class E> struct Prefetch2 {
+  Prefetcher<E> own, next;
+  MV_INL void step(int n) {
+    const int left = own.end - own.next;
+    own.step(n);
+    if (n > left) next.step(n - left);
+  }
+};
+
+// Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads.
+// Returns the bytes read.
+template <class E> inline int64_t pack_rows(const TaskCtx& c, int a, int b) {
+  for (int t = a; t < b; ++t) {
+    pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp);
+    pack_row<E>(v_row<E>(c, t), c.vb + static_cast<size_t>(t) * c.dp, c.D, c.dp);
+  }
+  return b > a ? 2 * static_cast<int64_t>(b - a) * c.D * static_cast<int64_t>(sizeof(typename E::T)) : 0;
+}
+
+// ---------------------------------------------------------------------------------- S^T = K Q^T
+// S^T[j][0 : NV*N] = sum_d K[j][d] * Qt[d][0 : NV*N] for j < TB (k: packed rows, stride dp).
+template <int N, int NV, int TB>
+MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q, int ldq, int D,
+                    float* __restrict s, int lds) {
+  using V = typename VT<N>::V;
+  V acc[TB][NV];
+  MV_UNROLL(24) for (int j = 0; j < TB; ++j)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+  for (int d = 0; d < D; ++d) {
+    V qv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) qv[v] = vld<N>(q + static_cast<size_t>(d) * ldq + v * N);
+    MV_UNROLL(24) for (int j = 0; j < TB; ++j) {
+      const V kv = vbcast<V>(k[static_cast<size_t>(j) * dp + d]);
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[j][v] = vfma(kv, qv[v], acc[j][v]);
+    }
+  }
+  MV_UNROLL(24) for (int j = 0; j < TB; ++j)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v]);
+}
+
+// ---------------------------------------------------------------------------------- online softmax
+// Columns c0 .. c0+N (rows of the row block), tokens [t0, t_end) of one token block, S^T rows stored
+// from t0 (st row 0 = token t0). Per row: new max over its visible tokens of the block, the rescale
+// alpha = exp(old max - new max) of its output and sum so far, P^T = exp(S^T - new max) for t < vis and
+// exactly 0 for vis <= t < t_end (so P V tiles can run every row to their tile's max).
+template <int N>
+MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0, int t_end, float* mx, float* sum,
+                         float* alpha, int32_t* bad) {
+  using V = typename VT<N>::V;
+  using I = typename VT<N>::I;
+  const V ninf = vbcast<V>(-__builtin_inff());
+  I visv;
+  int tmax = t0;
+  for (int i = 0; i < N; ++i) {
+    visv[i] = vis[c0 + i];
+    tmax = imax(tmax, imin(vis[c0 + i], t_end));
+  }
+  const V mold = vld<N>(mx + c0);
+  V mv = mold;
+  I badv = *reinterpret_cast<const typename VT<N>::IU*>(bad + c0);
+  for (int t = t0; t < tmax; ++t) {
+    const V x = vld<N>(st + static_cast<size_t>(t - t0) * lds + c0);
+    const I seen = (I{} + t) < visv;
+    const V xm = seen ? x : ninf;
+    mv = xm > mv ? xm : mv;
+    badv |= seen & ((x - x) != V{});  // NaN policy: x - x is NaN exactly when x is NaN or +-Inf
+  }
+  *reinterpret_cast<typename VT<N>::IU*>(bad + c0) = badv;
+  const V mref = mv == ninf ? V{} : mv;  // rows that saw nothing yet: any finite reference
+  V s = V{};
+  for (int t = t0; t < t_end; ++t) {
+    float* sp = st + static_cast<size_t>(t - t0) * lds + c0;
+    const V e = (I{} + t) < visv ? vexp<V, I>(vld<N>(sp) - mref) : V{};
+    vst<N>(sp, e);
+    s += e;
+  }
+  const V al = mold == ninf ? V{} : vexp<V, I>(mold - mref);
+  vst<N>(alpha + c0, al);
+  vst<N>(mx + c0, mv);
+  vst<N>(sum + c0, vld<N>(sum + c0) * al + s);
+}
+
+// ---------------------------------------------------------------------------------- O = P V
+// O[r][d0 : d0 + NV*W] = alpha[r] * O[r][...] + sum_{t0 <= t < t1} P^T[t - t0][r] V[t][...] for RB rows r
+// (block-local rb + r); o: [rows][dp] fp32 scratch.
+// Tokens [t0, tfull) every row of the tile sees; tokens [tfull, t1) only rows r with t < vis[r] (NaN
+// policy: a masked token is skipped, never multiplied by 0, so a NaN/Inf in V cannot cross the mask).
+template <int RB, int NV>
+MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __restrict pt, int lds, int t0,
+                    int tfull, int t1, const int32_t* __restrict vis, float* __restrict o,
+                    const float* __restrict alpha, int rb) {
+  using V = typename VT<W>::V;
+  V acc[RB][NV];
+  MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+    const V al = vbcast<V>(alpha[rb + r]);
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v)
+      acc[r][v] = vld<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W) * al;
+  }
+  const float* vp = vb + static_cast<size_t>(t0) * dp + d0;
+  const float* pp = pt + rb;
+  int t = t0;
+  for (; t < tfull; ++t, vp += dp, pp += lds) {
+    V vv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+      const V pb = vbcast<V>(pp[r]);
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
+    }
+  }
+  for (; t < t1; ++t, vp += dp, pp += lds) {
+    V vv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+      if (t < vis[rb + r]) {
+        const V pb = vbcast<V>(pp[r]);
+        MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
+      }
+    }
+  }
+  MV_UNROLL(12) for (int r = 0; r < RB; ++r)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W, acc[r][v]);
+}
+
+template <int RB>
+inline void pv_rows(const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1, const int32_t* vis,
+                    float* o, const float* alpha, int rb) {
+  int tfull = t1;
+  for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
+  int d0 = 0;
+  for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W)
+    pv_tile<RB, 2>(vb, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
+  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vb, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
+}
+
+// `rows` (1 .. RB) rows starting at block-local rb.
+template <int RB>
+inline void pv_dispatch(int rows, const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1,
+                        const int32_t* vis, float* o, const float* alpha, int rb) {
+  if constexpr (RB > 1) {
+    if (rows < RB) {
+      pv_dispatch<RB - 1>(rows, vb, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
+      return;
+    }
+  }
+  pv_rows<RB>(vb, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
+}
+
+// ---------------------------------------------------------------------------------- one task
+template <class E>
+int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
+                 const TaskScratch& sc) {
+  using T = typename E::T;
+  const int D = p.head_dim;
+  const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
+  const int32_t nr = p.item_num_readers[item];
+  const int M = nr * group;
+  if (M == 0) return 0;  // capacity padding item
+  const int32_t r0 = p.item_reader_start[item];
+  const int32_t slot0 = p.item_partial_start[item];
+  TaskCtx c{&p, p.item_node[item], p.item_kv_start[item], kh, D, static_cast<int>(round_up64(D, kDimPad)),
+            nullptr, nullptr};
+  const int dp = c.dp;
+  const int32_t len = p.item_kv_len[item];
+  c.kb = sc.kv;
+  c.vb = sc.kv + task_tokens_pad(len) * dp;
+
+  const int rp = static_cast<int>(task_rows_pad(M));
+  int32_t* vis = sc.rows;
+  int32_t* slot = vis + rp;
+  int32_t* head = slot + rp;
+  int32_t* orow = head + rp;
+  int32_t* bad = orow + rp;  // [kRowBlock] of the current row block: a visible score was NaN/Inf
+  int max_vis = 0;
+  for (int m = 0; m < M; ++m) {
+    const int32_t rd = r0 + packed_reader(m, group);
+    vis[m] = visible_in_chunk(p.reader_limit[rd], c.kv_start, len);
+    slot[m] = slot0 + packed_reader(m, group);
+    head[m] = packed_head(m, group, kh);
+    const int32_t qrow = p.reader_row[rd];
+    orow[m] = p.row_partial_indptr[qrow + 1] - p.row_partial_indptr[qrow] == 1 ? qrow : -1;
+    max_vis = imax(max_vis, vis[m]);
+  }
+  for (int m = M; m < rp; ++m) {
+    vis[m] = 0;
+    slot[m] = -1;
+    head[m] = kh * group;
+    orow[m] = -1;
+  }
+
+  int64_t bytes = 0;
+  const T* qp = static_cast<const T*>(p.q);
+  TaskCtx cn = c;  // the next task's chunk (prefetched during this one)
+  int next_len = 0;
+  if (next_item >= 0 && p.item_num_readers[next_item] > 0) {
+    cn.node = p.item_node[next_item];
+    cn.kv_start = p.item_kv_start[next_item];
+    cn.kh = next_kh;
+    next_len = p.item_kv_len[next_item];
+  }
+  Prefetch2<E> pf{{&c, 0, imin(kTokenBlock, max_vis)}, {&cn, 0, next_len}};
+  pf.own.finish();
+  for (int m0 = 0; m0 < M; m0 += kRowBlock) {
+    const int mb = imin(kRowBlock, M - m0);
+    const int mbp = static_cast<int>(round_up64(mb, G));
+    const int lds = mbp;  // S^T / Qt row stride
+    const int32_t* bvis = vis + m0;
+    int tmax = 0;
+    for (int i = 0; i < mb; ++i) tmax = imax(tmax, bvis[i]);
+    // Q^T of the block, pre-scaled by sm_scale (so scores and lse include it); pad columns 0.
+    float* qt = sc.qt;
+    for (int i = 0; i < mb; ++i) {
+      const int m = m0 + i;
+      const int32_t row = p.reader_row[r0 + packed_reader(m, group)];
+      const T* src = qp + row * p.q_stride_row + static_cast<int64_t>(head[m]) * p.q_stride_head;
+      for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = E::load(src[d]) * p.sm_scale;
+    }
+    for (int i = mb; i < mbp; ++i)
+      for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
+    for (int i = 0; i < mbp; ++i) {
+      sc.mx[i] = -__builtin_inff();
+      sc.sum[i] = 0.0f;
+      bad[i] = 0;
+    }
+    for (int64_t i = 0; i < static_cast<int64_t>(mbp) * dp; ++i) sc.o[i] = 0.0f;
+
+    // Token block by token block (online softmax). The first row block also loads each token block
+    // from the caches while the next one is being prefetched.
+    const int t_stop = m0 == 0 ? max_vis : tmax;
+    const int nbig = mbp / (2 * W);
+    for (int tb0 = 0; tb0 < t_stop; tb0 += kTokenBlock) {
+      if (m0 == 0) {
+        const int tb1 = imin(tb0 + kTokenBlock, max_vis);
+        pf.own.finish();  // the rest of this block's prefetches, if compute did not issue them all
+        bytes += pack_rows<E>(c, tb0, tb1);
+        pf.own = Prefetcher<E>{&c, tb1, imin(tb1 + kTokenBlock, max_vis)};
+        for (int t = tb1; t < tb0 + kTokenBlock; ++t)  // tiles past the chunk read zeros
+          for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
+      }
+      if (tb0 >= tmax) continue;
+      const int te = imin(tmax, tb0 + kTokenBlock);
+      // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
+      for (int col = 0; col < mbp;) {
+        const bool big = col < nbig * 2 * W;
+        const int width = big ? 2 * W : G;
+        int tt = 0;
+        for (int i = 0; i < width; ++i) tt = imax(tt, bvis[col + i]);
+        const int tend = imin(tt, te);
+        const float* kp = c.kb + static_cast<size_t>(tb0) * dp;
+        if (big) {
+          for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp) {
+            qk_tile<W, 2, QK_TB>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col, lds);
+            pf.step(4);
+          }
+        } else {
+          for (int t0 = tb0; t0 < tend; t0 += QK_TB_SMALL, kp += QK_TB_SMALL * dp) {
+            qk_tile<G, 1, QK_TB_SMALL>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col,
+                                       lds);
+            pf.step(4);
+          }
+        }
+        col += width;
+      }
+      for (int col = 0; col < mbp; col += G)
+        softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
+      // O = alpha O + P V in tiles of PV_RB rows (rows that see nothing of this block keep alpha = 1).
+      for (int rb = 0; rb < mb; rb += PV_RB) {
+        const int rows = imin(PV_RB, mb - rb);
+        int tb = 0;
+        for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
+        const int t1 = imin(tb, te);
+        if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, bvis, sc.o, sc.alpha, rb);
+        pf.step(4);
+      }
+    }
+    // Normalise and write: the row's only partial goes straight to out (q's dtype), else a partial.
+    for (int i = 0; i < mb; ++i) {
+      const int m = m0 + i;
+      const float l = sc.sum[i];
+      const bool seen = l > 0.0f;
+      float inv = seen ? 1.0f / l : 0.0f;
+      float lse = seen ? sc.mx[i] + __builtin_logf(l) : -__builtin_inff();
+      if (bad[i]) inv = lse = __builtin_nanf("");  // NaN policy (docs/errors.md): the whole row NaN
+      const float* orow_p = sc.o + static_cast<size_t>(i) * dp;
+      if (orow[m] >= 0) {
+        p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = lse;
+        T* dst = static_cast<T*>(p.out) + partial_out_offset(orow[m], head[m], p.num_qo_heads, D);
+        for (int d = 0; d < D; ++d) dst[d] = E::store(orow_p[d] * inv);
+      } else {
+        p.partial_lse[partial_lse_offset(slot[m], head[m], p.num_qo_heads)] = lse;
+        float* dst = p.partial_out + partial_out_offset(slot[m], head[m], p.num_qo_heads, D);
+        for (int d = 0; d < D; ++d) dst[d] = orow_p[d] * inv;
+      }
+    }
+  }
+  return bytes;
+}
+
+}  // namespace
+}  // namespace multiverse::cpu
+
+namespace multiverse::cpu {
+int64_t MV_TASK_FN(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
+                   const TaskScratch& s) {
+  switch (p.dtype) {
+    case DType::kFloat32: return run_task<F32>(p, item, kh, next_item, next_kh, s);
+    case DType::kFloat16: return run_task<F16>(p, item, kh, next_item, next_kh, s);
+    case DType::kBFloat16: return run_task<BF16>(p, item, kh, next_item, next_kh, s);
+  }
+  return 0;
+}
+}  // namespace multiverse::cpu

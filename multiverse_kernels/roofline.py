@@ -1,0 +1,170 @@
+"""The machine's roofline for one tree-attention step, measured in the same run as the kernels.
+
+    roofline time = max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate)
+
+* **step flops** = ``4 * sum over query rows of (visible tokens) * head_dim * num_qo_heads``: S = QK^T and
+  O = PV, 2 flops per multiply-add each. A row's visible tokens are the sum of its readers' limits in the
+  plan (docs/plan.md), i.e. every (row, token) pair the attention must score, causal masking included.
+* **read bandwidth**: ``torch.sum`` over a float32 buffer far larger than the last-level cache (bytes read
+  per second; the sum writes nothing), with the thread count of the kernels it is compared with.
+* **fp32 GEMM rate**: ``torch.mm`` of two n x n float32 matrices (2 n^3 flops), same thread count.
+
+Both rates are timed with ``torch.utils.benchmark.Timer.blocked_autorange`` and summarised by the median,
+the statistic of the bench's time column, so that a loaded machine slows both sides alike. The CPU
+kernel computes in fp32 whatever the cache dtype (fp16/bf16 are converted once per chunk), so the fp32
+GEMM rate is its compute roof for every dtype; the bandwidth side uses the dtype's own bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+from torch.utils import benchmark
+
+from .metadata import ForestMetadata
+from .planning import plan_tree_attention
+
+__all__ = ["MachineRates", "measure_rates", "rates_for_run", "step_flops", "roofline_seconds",
+           "workload_roofline", "describe_roofline", "thread_scaling", "cpu_model", "cpu_isa", "describe_cpu",
+           "ISA_NAMES"]
+
+ISA_NAMES = ("baseline", "avx2", "avx512")
+
+
+@dataclass
+class MachineRates:
+    """Rates measured on ``device`` with ``threads`` threads."""
+
+    threads: int
+    gemm_flops: float  # fp32 GEMM flop/s
+    read_bw: float  # bytes/s
+
+    def describe(self) -> str:
+        return (f"fp32 GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s (torch.mm), read bandwidth "
+                f"{self.read_bw / 1e9:.1f} GB/s (torch.sum), {self.threads} thread(s)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_bytes: int = 256 << 20,
+                  min_run_time: float = 0.5) -> MachineRates:
+    """Measure the fp32 GEMM rate and the read bandwidth with the current ``torch.get_num_threads()``.
+
+    ``bw_bytes`` should exceed the last-level cache many times (default 256 MiB).
+    """
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
+    b = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
+    env = dict(a=a, b=b, torch=torch, sync=_sync, dev=dev)
+    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env).blocked_autorange(
+        min_run_time=min_run_time).median
+    del a, b
+    x = torch.ones(bw_bytes // 4, dtype=torch.float32, device=dev)
+    x.sum()  # first touch
+    t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=_sync, dev=dev)
+                           ).blocked_autorange(min_run_time=min_run_time).median
+    return MachineRates(torch.get_num_threads(), 2 * gemm_n ** 3 / t_mm, x.numel() * 4 / t_rd)
+
+
+def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """4 * sum over query rows of visible tokens * head_dim * num_qo_heads (S = QK^T and O = PV)."""
+    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, head_dim=head_dim)
+    visible = int(plan.reader_limit[:plan.num_readers].long().sum())
+    return 4 * visible * head_dim * num_qo_heads
+
+
+def roofline_seconds(unique_kv_bytes: int, flops: int, rates: MachineRates) -> float:
+    """max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate)."""
+    return max(unique_kv_bytes / rates.read_bw, flops / rates.gemm_flops)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> tuple[str, str]:
+    """(ISA the C++ CPU kernel dispatches to now, widest ISA this CPU supports); ("-", "-") when the
+    extension is not built. MULTIVERSE_CPU_ISA=avx512|avx2|baseline forces a lower one."""
+    try:
+        from .backends import cpu  # noqa: F401  (loads multiverse_kernels._C)
+    except (ImportError, OSError, RuntimeError):
+        return "-", "-"
+    sel, best = torch.ops.multiverse_C.cpu_isa()
+    env = os.environ.get("MULTIVERSE_CPU_ISA")
+    name = ISA_NAMES[sel] if sel >= 0 else f"invalid MULTIVERSE_CPU_ISA={env}"
+    return name, ISA_NAMES[best]
+
+
+def describe_cpu() -> str:
+    """One line: CPU model, kernel ISA (and the widest supported), threads."""
+    sel, best = cpu_isa()
+    return (f"CPU {cpu_model()} | {os.cpu_count()} logical CPUs | cpu kernel ISA {sel} (CPU supports "
+            f"{best}) | torch threads {torch.get_num_threads()}")
+
+
+_RATES: dict[tuple[str, int], MachineRates] = {}
+
+
+def rates_for_run(device: str | torch.device = "cpu") -> MachineRates:
+    """measure_rates for the current thread count, measured once per (device, threads) per process."""
+    key = (str(torch.device(device)), torch.get_num_threads())
+    if key not in _RATES:
+        _RATES[key] = measure_rates(device)
+    return _RATES[key]
+
+
+def workload_roofline(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
+                      rates: MachineRates) -> tuple[float, int]:
+    """(roofline seconds, step flops) of one step of the forest ``meta`` with q of shape
+    [total_q, Hq, D]."""
+    flops = step_flops(meta, q_shape[1], num_kv_heads, q_shape[2])
+    return roofline_seconds(unique_kv_bytes, flops, rates), flops
+
+
+def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> str:
+    """The roofline line printed above a bench table (both terms, which one binds)."""
+    mem = unique_kv_bytes / rates.read_bw
+    comp = flops / rates.gemm_flops
+    return (f"roofline {max(mem, comp) * 1e3:.3f} ms = max({unique_kv_bytes / 1e6:.2f} MB unique KV / "
+            f"{rates.read_bw / 1e9:.1f} GB/s read, {flops / 1e9:.3f} GFLOP / {rates.gemm_flops / 1e9:.1f} "
+            f"GFLOP/s fp32 GEMM) ({'compute' if comp >= mem else 'memory'}-bound, {rates.threads} "
+            f"thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * num_qo_heads")
+
+
+def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
+                   methods: dict[str, object], time_fn, device: str | torch.device = "cpu",
+                   threads: tuple[int, ...] | None = None) -> str:
+    """Time each of ``methods`` (name -> zero-argument callable) with 1 thread and with all threads
+    (``time_fn(fn) -> seconds``); rates re-measured at each thread count. Returns the table."""
+    all_threads = torch.get_num_threads()
+    threads = threads or tuple(sorted({1, all_threads}))
+    lines = ["thread scaling (rates re-measured per thread count):",
+             f"{'method':<34}{'threads':>8}{'time ms':>10}{'% roofline':>12}{'vs 1 thread':>13}"]
+    try:
+        for name, fn in methods.items():
+            base = None
+            for nt in threads:
+                torch.set_num_threads(nt)
+                rates = rates_for_run(device)
+                roof, _ = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
+                t = time_fn(fn)
+                base = base or t
+                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * roof / t:11.1f}%{base / t:12.2f}x")
+    finally:
+        torch.set_num_threads(all_threads)
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Every micro-kernel build of the C++ CPU tree attention this machine can run, against the reference.
+
+The kernel is compiled for AVX-512, AVX2+FMA+F16C and the baseline target and dispatched by cpuid;
+MULTIVERSE_CPU_ISA forces a lower one (csrc/cpu/tree_attention.cpp). Each test runs once per ISA; an
+ISA this CPU cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as
+skipped, not passed). Shapes are chosen to cross every tiling boundary of the kernel: row blocks of
+128 packed rows, token blocks of 48, register tiles (16/32 rows x 6/12 tokens, 6/12 rows x 16/32 dims),
+head dims that are not multiples of the vector width, causal extends, many readers, tiny chunks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from multiverse_kernels.metadata import ForestMetadata
+from multiverse_kernels.ops import tree_attention
+from multiverse_kernels.planning import plan_kv_tokens, plan_tree_attention
+from multiverse_kernels.testing import (
+    make_inputs,
+    multiverse_forest,
+    random_forest,
+    sampling_forest,
+    tolerance,
+)
+
+try:
+    from multiverse_kernels.backends import cpu as cpu_backend  # noqa: F401
+except (ImportError, OSError, RuntimeError) as e:  # extension not built
+    if os.environ.get("MULTIVERSE_REQUIRE_CPP") == "1":
+        raise
+    pytest.skip(f"C++ CPU extension not built ({e}); see docs/build.md", allow_module_level=True)
+
+from multiverse_kernels.roofline import ISA_NAMES, cpu_isa
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _supported() -> int:
+    env = os.environ.pop("MULTIVERSE_CPU_ISA", None)
+    try:
+        return int(torch.ops.multiverse_C.cpu_isa()[1])
+    finally:
+        if env is not None:
+            os.environ["MULTIVERSE_CPU_ISA"] = env
+
+
+@pytest.fixture(params=ISA_NAMES)
+def isa(request, monkeypatch) -> str:
+    name = request.param
+    best = _supported()
+    if ISA_NAMES.index(name) > best:
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[best]}: the {name} kernel cannot run here")
+    monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
+    monkeypatch.setenv("MULTIVERSE_DEBUG_POISON", "1")  # unwritten outputs are NaN and fail
+    assert cpu_isa()[0] == name
+    return name
+
+
+def _check(meta: ForestMetadata, num_pages: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int,
+           plan=None) -> None:
+    q, k, v = make_inputs(meta, num_pages, hq, hk, d, dtype, seed=seed)
+    out, lse = tree_attention(q, k, v, meta, return_lse=True, backend="cpu", plan=plan)
+    ref_out, ref_lse = tree_attention(q, k, v, meta, return_lse=True, backend="reference")
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref_out.float(), **tolerance(dtype))
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_forests_every_isa(isa: str, seed: int, dtype: torch.dtype) -> None:
+    hq, hk, d = [(8, 2, 64), (6, 3, 80), (4, 4, 128), (8, 1, 40)][seed]
+    f, groups = random_forest(7000 + seed, page_size=[1, 4, 16, 16][seed], max_len=[24, 120, 60, 200][seed],
+                              max_q_len=[4, 30, 8, 3][seed])
+    _check(f.metadata(groups), f.num_pages, hq, hk, d, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_forests_every_isa(isa: str, dtype: torch.dtype) -> None:
+    """The benchmark's shapes, small: 36 / 64 / 4-8 packed rows, chunks over several token blocks."""
+    for f, groups in (multiverse_forest(prefix=300, paths=8, path_len=70, concl_len=5),
+                      sampling_forest(prompt=260, samples=16, gen_len=20)):
+        _check(f.metadata(groups), f.num_pages, 32 // 4, 2, 128, dtype, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extend_many_rows_every_isa(isa: str, dtype: torch.dtype) -> None:
+    """Speculative verification: 6 branches x 40 draft tokens over a 200-token prompt (GQA 4: 960
+    packed rows on the prompt -> several row blocks; causal triangles in the branches)."""
+    f, groups = sampling_forest(prompt=200, samples=6, gen_len=40, page_size=16)
+    groups = [(n, 40) for n, _ in groups]
+    _check(f.metadata(groups), f.num_pages, 8, 2, 64, dtype, 2)
+
+
+@pytest.mark.parametrize("d", [16, 24, 72, 256])
+def test_head_dims_every_isa(isa: str, d: int) -> None:
+    f, groups = multiverse_forest(prefix=100, paths=3, path_len=30, concl_len=3, page_size=4, concl_q=2)
+    _check(f.metadata(groups), f.num_pages, 4, 2, d, torch.float32, d)
+
+
+@pytest.mark.parametrize("chunk,tile", [(1, 1), (7, 2), (100, 3)])
+def test_user_plans_every_isa(isa: str, chunk: int, tile: int) -> None:
+    f, groups = random_forest(7100 + chunk, page_size=4, max_len=150, max_q_len=12)
+    meta = f.metadata(groups)
+    plan = plan_tree_attention(meta, 8, 2, chunk_tokens=chunk, rows_per_tile=tile, head_dim=64)
+    _check(meta, f.num_pages, 8, 2, 64, torch.bfloat16, chunk, plan=plan)
+
+
+def test_kv_bytes_counted_at_loads_every_isa(isa: str) -> None:
+    """The kernel's own load counter (incremented where it reads the caches) = unique visible KV."""
+    from multiverse_kernels.backends import resolve
+
+    hook = resolve("tree_attention_kv_bytes", "cpu", torch.device("cpu"))
+    for dtype in DTYPES:
+        f, groups = multiverse_forest(prefix=333, paths=4, path_len=50, concl_len=3)
+        meta = f.metadata(groups)
+        q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, dtype)
+        assert hook(q, k, v, meta, 0.125) == plan_kv_tokens(meta) * 2 * 2 * 64 * k.element_size()
+
+
+def test_forced_isa_errors_name_the_variable(monkeypatch) -> None:
+    f, groups = random_forest(3)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages)
+    monkeypatch.setenv("MULTIVERSE_CPU_ISA", "sse9")
+    with pytest.raises((RuntimeError, ValueError), match="MULTIVERSE_CPU_ISA"):
+        tree_attention(q, k, v, meta, backend="cpu")
+    best = _supported()
+    if best < len(ISA_NAMES) - 1:  # asking for more than the CPU has is an error, not a silent fallback
+        monkeypatch.setenv("MULTIVERSE_CPU_ISA", ISA_NAMES[best + 1])
+        with pytest.raises((RuntimeError, ValueError), match="at most"):
+            tree_attention(q, k, v, meta, backend="cpu")
+    monkeypatch.delenv("MULTIVERSE_CPU_ISA")
+    assert cpu_isa() == (ISA_NAMES[best], ISA_NAMES[best])

@@ -1,0 +1,38 @@
+"""The roofline of the main job (multiverse_kernels/roofline.py): the flop count and the formula."""
+
+from __future__ import annotations
+
+import torch
+
+import multiverse_kernels as mk
+from multiverse_kernels import bench, roofline
+from multiverse_kernels.testing import random_forest
+
+
+def test_step_flops_counts_every_visible_pair():
+    for seed in range(4):
+        f, groups = random_forest(900 + seed, page_size=4, max_q_len=6)
+        meta = f.metadata(groups).with_own_full(seed % 2 == 0)
+        visible = int(mk.dense_mask(meta).sum())  # (row, token) pairs the attention scores
+        assert roofline.step_flops(meta, 8, 2, 64) == 4 * visible * 64 * 8
+
+
+def test_roofline_is_the_larger_term():
+    r = roofline.MachineRates(threads=1, gemm_flops=100e9, read_bw=10e9)
+    assert roofline.roofline_seconds(10**9, 10**9, r) == 0.1  # memory-bound
+    assert roofline.roofline_seconds(10**6, 10**11, r) == 1.0  # compute-bound
+
+
+def test_bench_forests_flops_and_extend_shape():
+    f, groups = bench.build_forest("extend")
+    assert groups == [(g, 16) for g, _ in groups] and len(groups) == 8
+    w = bench.make_workload("multiverse", "cpu", torch.float32, hq=4, hk=1, d=8)
+    # 8 paths see 4096 + 512 tokens, the conclusion 4096 + 8 * 512 + 32
+    assert roofline.step_flops(w.meta, 4, 1, 8) == 4 * (8 * 4608 + 8224) * 8 * 4
+
+
+def test_measure_rates_and_header():
+    r = roofline.measure_rates("cpu", gemm_n=128, bw_bytes=8 << 20, min_run_time=0.01)
+    assert r.gemm_flops > 0 and r.read_bw > 0 and r.threads == torch.get_num_threads()
+    line = roofline.describe_cpu()
+    assert "ISA" in line and "threads" in line
