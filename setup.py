@@ -16,7 +16,9 @@ Environment variables:
 * ``MULTIVERSE_BUILD_CUDA=0|1`` force the CUDA part off / on (on: a missing toolchain is an error);
   unset = build it when possible.
 * ``MULTIVERSE_BUILD_STRICT=1`` a failing compile is an error (default: report one line, keep going).
-* ``TORCH_CUDA_ARCH_LIST`` (default ``9.0a;10.0a``), ``MAX_JOBS`` (parallel compile jobs), ``CUDA_HOME``.
+* ``TORCH_CUDA_ARCH_LIST`` (default ``9.0a;10.0a;8.0+PTX``: SASS for H100/H200 and B200, plus sm_80 SASS
+  and compute_80 PTX that the driver JIT-compiles on any other GPU from sm_80 on), ``MAX_JOBS``
+  (parallel compile jobs), ``CUDA_HOME``.
 
 A part that is skipped or fails is reported in ONE line starting with ``multiverse_kernels:``; the
 compiler's output goes to ``build/multiverse_<part>.log``.

@@ -22,7 +22,9 @@ CUDA_SOURCES = ("csrc/torch_bindings_cuda.cpp", "csrc/plan.cpp", "csrc/cuda/tree
                 "csrc/cuda/merge_states.cu", "csrc/cuda/append_paged_kv.cu")
 CUDA_CXX_FLAGS = ("-O3", "-std=c++20")
 CUDA_NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo")
-DEFAULT_CUDA_ARCHS = "9.0a;10.0a"
+# sm_90a / sm_100a SASS (H100/H200, B200), plus sm_80 SASS and compute_80 PTX that the driver
+# JIT-compiles on any other GPU from sm_80 on, so the extension loads there too
+DEFAULT_CUDA_ARCHS = "9.0a;10.0a;8.0+PTX"
 
 # Include directories (relative, like the sources).
 INCLUDE_DIRS = ("csrc/include", "csrc")

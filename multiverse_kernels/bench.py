@@ -255,7 +255,12 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
+    """Median seconds per call. On CUDA: CUDA-graph replays timed by CUDA events with the L2 flushed
+    before each (:mod:`multiverse_kernels.gpu_timing`); elsewhere host wall-clock around each call."""
+    if torch.device(device).type == "cuda":
+        from .gpu_timing import time_cuda
+
+        return time_cuda(fn, device, iters, warmup)
     for _ in range(warmup):
         fn()
     _sync(device)

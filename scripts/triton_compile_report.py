@@ -3,12 +3,15 @@ needed) and report registers, spills, shared memory and tensor-core instructions
 
     python scripts/triton_compile_report.py [--jobs N] [--targets 90,100]
 
-Exit status 1 on any spill (ptxas "bytes spill stores/loads" > 0) or shared memory over the target's
-per-block limit (227 KiB on sm_90 and sm_100), or any compile failure. CI runs it (.ci/run).
+Exit status 1 on any spill (ptxas "bytes spill stores/loads" > 0), shared memory over the target's
+per-block limit (227 KiB on sm_90 and sm_100), a tensor-core dot whose warp layout covers more rows or
+columns than the tile has (warps duplicating each other's work), an attention tile marked PREFETCH whose
+KV loop is not software-pipelined in the TTGIR (the next block's K/V loads issued before the block's
+dots), or any compile failure. CI runs it (.ci/run).
 
 Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128, 256}
 (<= MAX_BLOCK_M[head_dim]: 256 / 128 / 32 for head_dim 64 / 128 / 256) with the dispatcher's BLOCK_N /
-num_warps / num_stages; merge = head_dim x output dtype; append = head_dim x cache dtype x BLOCK_H
+num_warps / prefetch; merge = head_dim x output dtype; append = head_dim x cache dtype x BLOCK_H
 {1, 2, 4, 8, 16} (num_kv_heads <= 16); backward = head_dim x {fp16, bf16} x {dK/dV kernel, dQ kernel}
 with the tiles of ``DKDV_TILES`` / ``DQ_TILES``. fp32 (a
 test-only dtype) is not compiled. Pointer arguments and the row strides get the 16-divisibility hint the
@@ -22,12 +25,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import os
 import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import torch
+# Compiling needs the kernels as compiled JITFunctions: the interpreter must be off when the package is
+# imported (here and in the worker processes, which inherit the environment).
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
+
+import torch  # noqa: E402
 
 SMEM_LIMIT = {90: 232448, 100: 232448}  # bytes of shared memory per block (227 KiB)
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -55,9 +65,9 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
                      "stride_pp", "stride_ph", "stride_lp"):
             sig[name] = "i32"
         const = {k: getattr(cfg, k) for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
-                                              "IEEE_DOT")}
-        label = f"attn d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N} " \
-                f"warps={cfg.num_warps} stages={cfg.num_stages}"
+                                              "IEEE_DOT", "PREFETCH")}
+        label = f"attn d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N:<2} " \
+                f"warps={cfg.num_warps} prefetch={int(cfg.PREFETCH)}"
         out.append(("attn", label, sig, dict(const=const, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)))
     for d in HEAD_DIMS:
@@ -117,7 +127,6 @@ def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from multiverse_kernels.backends.triton._common import jit
     from multiverse_kernels.backends.triton.append_paged_kv import _append_kernel
     from multiverse_kernels.backends.triton.merge_states import _merge_kernel
     from multiverse_kernels.backends.triton.tree_attention import _tree_attn_kernel
@@ -132,7 +141,7 @@ def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
     names = list(signature)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if signature[n] != "constexpr" and n not in _NOT_DIV16}
-    src = ASTSource(fn=jit(fn), signature=signature, constexprs=opts["const"], attrs=attrs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=opts["const"], attrs=attrs)
     t0 = time.perf_counter()
     log = io.StringIO()
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: registers and spills
@@ -148,11 +157,57 @@ def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
     spill = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                                                      text)]
     ptx = k.asm["ptx"]
+    ttgir = k.asm["ttgir"]
     return dict(label=label, arch=arch, regs=int(regs[-1]) if regs else -1,
+                duplicated=duplicated_mma_work(ttgir),
+                prefetch=loop_prefetches(ttgir) if kind == "attn" else None,
+                want_prefetch=bool(opts["const"].get("PREFETCH", False)),
                 spills=max(spill) if spill else -1, shared=int(k.metadata.shared),
                 wgmma="wgmma.mma_async" in ptx, tcgen05="tcgen05.mma" in ptx,
                 mma_sync="mma.sync" in ptx, seconds=dt,
                 ptxas_ok=bool(regs and spill))
+
+
+_MMA = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+)[^}]*warpsPerCTA = \[(\d+), (\d+)\]"
+                  r"[^}]*instrShape = \[(\d+), (\d+)", re.M)
+_DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, (#mma\d*)>")
+
+
+def duplicated_mma_work(ttgir: str) -> list[str]:
+    """Dots whose tensor-core layout covers more rows or columns than the result has: warps (or warp
+    groups) that then compute the same tile twice. A warp owns 16 rows of a tensor-core tile (a Hopper
+    warp group of 4 warps: 64 rows); the columns per warp are the instruction's N (wgmma) or 8 (mma.sync).
+    Dots without an ``nvidia_mma`` layout (sm_100's tcgen05, issued by one thread) are not affected."""
+    layouts = {name: (int(ver), int(wm), int(wn), int(n)) for name, ver, wm, wn, _m, n in _MMA.findall(ttgir)}
+    out = []
+    for m, n, name in _DOT.findall(ttgir):
+        if name not in layouts:
+            continue
+        ver, wm, wn, inst_n = layouts[name]
+        cols = inst_n if ver == 3 else 8
+        if wm * 16 > int(m) or wn * cols > int(n):
+            out.append(f"{m}x{n} dot on warpsPerCTA [{wm}, {wn}] (v{ver}, {cols} cols/warp)")
+    return out
+
+
+def loop_prefetches(ttgir: str) -> bool:
+    """True when the attention kernel's KV loop is software-pipelined: the first block's K/V tiles are
+    loaded before the loop (besides Q: >= 3 two-dimensional ``tt.load`` there), and inside the loop the
+    next block's K/V tile loads are issued before the block's first dot, so they are in flight while the
+    dots run (a loop that loads its own block at the top has no 2-D loads before it but Q)."""
+    lines = ttgir.splitlines()
+    start = next((i for i, ln in enumerate(lines) if re.search(r"= scf\.(while|for) ", ln)), None)
+    if start is None:
+        return False
+    load2d = re.compile(r"= tt\.load .*tensor<\d+x\d+x!tt\.ptr")
+    before = sum(1 for ln in lines[:start] if load2d.search(ln))
+    body = lines[start:]
+    end = next((i for i, ln in enumerate(body) if "scf.yield" in ln), len(body))
+    body = body[:end]
+    dot = next((i for i, ln in enumerate(body) if re.search(r"tt\.dot |warp_group_dot |tc_gen5_mma ", ln)),
+               None)
+    load = next((i for i, ln in enumerate(body) if load2d.search(ln)), None)
+    return before >= 3 and dot is not None and load is not None and load < dot
 
 
 def problems(r: dict) -> str:
@@ -164,6 +219,12 @@ def problems(r: dict) -> str:
         why.append("SPILLS")
     if r["shared"] > SMEM_LIMIT[r["arch"]]:
         why.append("SHARED MEMORY OVER LIMIT")
+    if r.get("duplicated"):
+        why.append("DUPLICATED MMA WORK: " + "; ".join(r["duplicated"]))
+    if r.get("prefetch") is False and r.get("want_prefetch"):
+        why.append("KV LOOP NOT PIPELINED")
+    if r.get("prefetch") and not r.get("want_prefetch"):
+        why.append("PREFETCH FLAG OFF BUT THE LOOP PREFETCHES (report check broken?)")
     return ", ".join(why)
 
 
@@ -171,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2, help="parallel compile processes (default 2)")
     ap.add_argument("--targets", default="90,100", help="compute capabilities (default 90,100)")
+    ap.add_argument("--filter", default="", help="only configurations whose label matches this regex")
+    ap.add_argument("--maxnreg", type=int, default=0, help=argparse.SUPPRESS)  # the tests force spills
+    ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.targets.split(",")]
-    jobs = [(*c, arch) for arch in archs for c in _configs()]
+    extra = {"maxnreg": args.maxnreg} if args.maxnreg else {}
+    jobs = [(kind, label, sig, {**opts, **extra}, arch) for arch in archs
+            for kind, label, sig, opts in _configs() if re.search(args.filter, label)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         results = list(ex.map(_compile, jobs))
@@ -181,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         print(f"\n== sm_{arch}a (shared memory limit {SMEM_LIMIT[arch]} B per block)")
         print(f"{'kernel configuration':<58} {'regs':>5} {'spill B':>8} {'smem B':>8}  wgmma tcgen05 "
-              f"mma.sync")
+              f"mma.sync prefetch")
         for r in results:
             if r["arch"] != arch:
                 continue
@@ -191,13 +257,18 @@ def main(argv: list[str] | None = None) -> int:
                 flag = "  <-- " + flag
             print(f"{r['label']:<58} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
                   f"{'yes' if r['wgmma'] else 'no':<5} {'yes' if r['tcgen05'] else 'no':<7} "
-                  f"{'yes' if r['mma_sync'] else 'no':<8}{flag}")
+                  f"{'yes' if r['mma_sync'] else 'no':<8} "
+                  f"{'-' if r['prefetch'] is None else 'yes' if r['prefetch'] else 'NO':<8}{flag}")
     total = time.perf_counter() - t0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "problems": [list(b) for b in bad]}, f, indent=1)
     print(f"\n{len(jobs)} kernels compiled in {total:.1f} s ({args.jobs} processes)")
     if bad:
-        print(f"FAILED: {len(bad)} configuration(s) spill, exceed shared memory, or lack a ptxas report")
+        print(f"FAILED: {len(bad)} configuration(s) spill, exceed shared memory, lack a ptxas report, "
+              f"duplicate tensor-core work across warps, or do not prefetch in the KV loop")
         return 1
-    print("OK: no spills, shared memory within limits")
+    print("OK: no spills, shared memory within limits, no duplicated tensor-core work, KV loop prefetches")
     return 0
 
 

@@ -180,23 +180,6 @@ def test_random_forests_sweep(seed):
     _compare(meta, f.num_pages, hq, hk, d, dtype, seed=seed, plan=plan)
 
 
-def test_interpreter_leaves_triton_language_unpatched():
-    """Interpreted launches must not leave triton.language patched (later GPU compiles would break)."""
-    import triton.language as tl
-
-    def snapshot():
-        return {(name, k): id(v) for name, obj in (("tl", tl), ("core", tl.core), ("math", tl.math),
-                                                  ("tensor", tl.core.tensor))
-                for k, v in vars(obj).items()}
-
-    f, groups = sampling_forest(prompt=8, samples=2, gen_len=2)
-    _compare(f.metadata(groups), f.num_pages, 4, 2, 64, torch.float16)  # first-use lazy imports
-    before = snapshot()
-    _compare(f.metadata(groups), f.num_pages, 4, 2, 64, torch.float16)
-    assert snapshot() == before
-    assert tl.load is tl.core.load and "interpreter" not in getattr(tl.load, "__module__", "")
-
-
 def test_run_step_has_no_host_sync(monkeypatch):
     """With a precomputed plan and validate=False the run step reads no tensor value on the host (no
     .item() / int() / bool() / .tolist()): the precondition for capturing it in a CUDA graph."""

@@ -96,6 +96,7 @@ struct RowInfo {
   int32_t out_row[kTileRows];  // >= 0: write straight to out/lse (the row's only partial)
   int32_t slot[kTileRows];
   int32_t head[kTileRows];
+  uint32_t kv_chunks;  // K+V 16-byte chunk pairs copied (only counted when p.kv_bytes_loaded is set)
 };
 
 template <class T, int D, int WARPS = 4>
@@ -108,6 +109,14 @@ struct MmaCfg {
   static constexpr int kKV = BN * LD;
   static constexpr size_t smem_bytes = (kQ + 4 * kKV) * sizeof(T) + sizeof(RowInfo<kTileRows>);
 };
+
+// Adds each thread's count of K+V bytes it loaded to the optional counter (one atomic per warp). Every
+// lane of the warp must call it (no lane may have returned).
+__device__ __forceinline__ void add_loaded_bytes(void* counter, unsigned long long mine) {
+  if (counter == nullptr) return;
+  for (int off = 16; off > 0; off /= 2) mine += __shfl_xor_sync(0xffffffffu, mine, off);
+  if (threadIdx.x % 32 == 0 && mine != 0) atomicAdd(static_cast<unsigned long long*>(counter), mine);
+}
 
 template <class T, int D, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const TreeAttentionParams p) {
@@ -136,6 +145,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const float scale_log2 = p.sm_scale * kLog2e;
+  if (tid == 0) info->kv_chunks = 0;  // the KV byte counter, counted at the loads (no register cost)
 
   for (int m0 = 0; m0 < M; m0 += kTileRows) {
     __syncthreads();  // previous tile's readers of info/sQ are done
@@ -159,9 +169,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
     int max_vis = 0;
     for (int i = 0; i < kTileRows; ++i) max_vis = max(max_vis, info->vis[i]);
     const int nblocks = (max_vis + BN - 1) / BN;
-    if (p.kv_bytes_loaded != nullptr && tid == 0 && max_vis > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.kv_bytes_loaded),
-                static_cast<unsigned long long>(chunk_kv_bytes(max_vis, D, sizeof(T))));
 
     // Q tile (rows past M are zero-filled).
     for (int c = tid; c < kTileRows * CPR; c += kThreads) {
@@ -183,6 +190,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
                                         p.v_stride_page, p.v_stride_slot, p.v_stride_head);
         cp_async16(dk + r * LD + col, kc + ko + col, ok);
         cp_async16(dv + r * LD + col, vc + vo + col, ok);
+        if (p.kv_bytes_loaded != nullptr && ok) atomicAdd(&info->kv_chunks, 1u);  // 16 B of K + 16 of V
       }
     };
     if (nblocks > 0) load_kv(0, 0);
@@ -318,6 +326,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
       }
     }
   }
+  if (p.kv_bytes_loaded != nullptr) {
+    __syncthreads();
+    if (tid == 0 && info->kv_chunks != 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.kv_bytes_loaded), 32ull * info->kv_chunks);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ SIMT path
@@ -347,13 +360,10 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   const T* q = static_cast<const T*>(p.q);
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  if (p.kv_bytes_loaded != nullptr && threadIdx.x == 0) {
-    int max_vis = 0;
-    for (int j = 0; j < nr; ++j) max_vis = max(max_vis, visible_in_chunk(p.reader_limit[r0 + j], kv_start, len));
-    if (max_vis > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.kv_bytes_loaded),
-                static_cast<unsigned long long>(chunk_kv_bytes(max_vis, D, sizeof(T))));
-  }
+  // KV byte counter, at the loads: each lane loads its dims lane, lane + 32, ... (< D) of K and V per token
+  int my_dims = 0;
+  for (int i = 0; i < kSimtPer; ++i) my_dims += lane + 32 * i < D ? 1 : 0;
+  unsigned long long loaded = 0;
   for (int m = warp; m < M; m += kWarps) {
     const int rd = r0 + packed_reader(m, group);
     const int row = p.reader_row[rd];
@@ -390,6 +400,7 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
       }
       mx = mn;
     }
+    loaded += static_cast<unsigned long long>(vis > 0 ? vis : 0) * 2 * my_dims * sizeof(T);
     const bool seen = vis > 0;
     const float inv = seen ? 1.f / l : 0.f;
     const float lse = seen ? (mx + log2f(l)) * kLn2 : -INFINITY;
@@ -409,6 +420,7 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
       else p.partial_lse[partial_lse_offset(slot, head, p.num_qo_heads)] = lse;
     }
   }
+  add_loaded_bytes(p.kv_bytes_loaded, loaded);
 }
 
 template <class T, int D, int WARPS>

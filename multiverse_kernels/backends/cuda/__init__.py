@@ -9,12 +9,15 @@ tensors (plan once per step); the kernel runs an item's rows in passes of 64 or 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
 from ...planning import TreePlan, cached_plan
 from .. import register
+from .._cuda_align import misaligned
 from ..cpu import append_paged_kv, merge_states  # same torch.ops.multiverse_C ops, CUDA-key kernels
 from ..cpu._ext import load_extension, run_tree_attention
 from ..reference import tree_attention as _ref_attention
@@ -27,6 +30,20 @@ CHUNK_TOKENS = None  # chosen per node from the forest and the SM count (plannin
 _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_WARNED: set[str] = set()  # one warning per process (tests clear it)
+
+
+def _warn_if_misaligned(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
+    if "misaligned" in _WARNED:
+        return
+    why = misaligned(q, k_cache, v_cache)
+    if why is not None:
+        _WARNED.add("misaligned")
+        warnings.warn(f"tree_attention[cuda]: {why}, so this launch (and every such launch; warned "
+                      f"once) runs the scalar kernel, 10-100x slower than the tensor-core kernel; pass "
+                      f"contiguous tensors", UserWarning, stacklevel=3)
+
+
 def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
     return cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2], chunk_tokens=CHUNK_TOKENS)
 
@@ -36,6 +53,7 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
     """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32)."""
     if q.dtype not in _NATIVE or q.shape[-1] > 256:
         return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
+    _warn_if_misaligned(q, k_cache, v_cache)
     if plan is None:
         plan = _plan(q, k_cache, meta)
     return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)

@@ -1,123 +1,51 @@
-"""Shared plumbing of the Triton backend: compiled vs interpreted launch, and the KV-load tally.
+"""Shared plumbing of the Triton backend: launching a kernel under its tensors' device, and small helpers.
 
-Kernels are written as plain Python functions and wrapped here, not with ``@triton.jit``: ``triton.jit``
-decides between compiling and interpreting when the module is imported (``TRITON_INTERPRET``), which
-would make the backend depend on import order. We keep both wrappers and pick per call: CUDA tensors
-run the compiled kernel; CPU tensors run the Triton interpreter (only when ``TRITON_INTERPRET=1``, see
-``__init__.py``).
+Kernels are ordinary ``@triton.jit`` functions (public Triton API only). Whether they run compiled or in
+the Triton interpreter is decided the usual way, by ``TRITON_INTERPRET`` when this package is imported:
+with ``TRITON_INTERPRET=1`` ``triton.jit`` returns interpreted kernels, which run CPU tensors (how the
+tests run the kernels without a GPU; ``tests/conftest.py`` sets it on machines without CUDA). Otherwise
+the kernels are compiled and run CUDA tensors only.
+
+Every launch runs under ``torch.cuda.device(<the tensors' device>)``: Triton launches on the *current*
+device and on that device's current stream, so tensors on another GPU than the current one would
+otherwise be handed to a kernel on the wrong device. The current stream is the caller's (CUDA graphs,
+side streams).
+
+Anything that hooks Triton internals (counting loads in the interpreter, running the kernels interpreted
+in a process where they were compiled) lives in :mod:`._measure`, used only for measurement.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
-from triton.runtime.jit import JITFunction
-
-_JIT: dict[Callable, JITFunction] = {}
-_INTERP: dict[Callable, object] = {}
+import triton
 
 
-def interpreter_enabled() -> bool:
-    """True when CPU tensors may run through the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreted(kernel: Any) -> bool:
+    """True when ``kernel`` (a ``@triton.jit`` object) runs in the Triton interpreter."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
-def jit(fn: Callable) -> JITFunction:
-    """The compiled (GPU) kernel object of ``fn`` (also what the compile report compiles)."""
-    if fn not in _JIT:
-        _JIT[fn] = JITFunction(fn, do_not_specialize=list(getattr(fn, "do_not_specialize", ())))
-    return _JIT[fn]
+def launch(kernel: Any, grid: Sequence[int], device: torch.device, *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)`` for tensors on ``device``, under that device's guard.
 
-
-def kernel(fn: Callable, device: torch.device):
-    """``fn`` ready to launch (``kernel(fn, dev)[grid](...)``) for tensors on ``device``."""
+    CUDA tensors run the compiled kernel on ``device`` and its current stream; CPU tensors need the
+    interpreter (``TRITON_INTERPRET=1`` before import).
+    """
     if device.type == "cuda":
-        return jit(fn)
+        with torch.cuda.device(device):
+            kernel[tuple(grid)](*args, **kwargs)
+        return
     if device.type == "cpu":
-        if not interpreter_enabled():
+        if not interpreted(kernel):
             raise RuntimeError("backend: 'triton' runs CPU tensors only in the Triton interpreter; set "
-                               "TRITON_INTERPRET=1")
-        if fn not in _INTERP:
-            _INTERP[fn] = _Interpreted(fn)
-        return _INTERP[fn]
+                               "TRITON_INTERPRET=1 before importing multiverse_kernels")
+        kernel[tuple(grid)](*args, **kwargs)
+        return
     raise RuntimeError(f"backend: 'triton' supports cuda (and interpreted cpu) tensors, got {device.type}")
-
-
-class _Interpreted:
-    """``fn`` run by the Triton interpreter, whatever ``TRITON_INTERPRET`` was when triton was imported.
-
-    triton.language's own helpers (``tl.max``, ``tl.sum``, ``tl.zeros``, ...) are ``@triton.jit``
-    functions decorated when triton is imported: compiled ``JITFunction`` objects unless
-    ``TRITON_INTERPRET=1`` was set by then, and a ``JITFunction`` refuses to be called from Python. While
-    an interpreted kernel runs, we let such calls run through the interpreter too (restored after).
-    """
-
-    def __init__(self, fn: Callable) -> None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        self.fn = InterpretedFunction(fn)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            with _jit_calls_interpreted():
-                return self.fn[grid](*args, **kwargs)
-
-        return launch
-
-
-_HELPERS: dict[Callable, object] = {}
-
-
-@contextlib.contextmanager
-def _jit_calls_interpreted() -> Iterator[None]:
-    """Run device-function calls through the interpreter, and undo every triton.language patch after.
-
-    ``InterpretedFunction.__call__`` (a device-function call in the interpreter) patches
-    ``triton.language`` for the interpreter and never restores it; later *compilation* in the same
-    process (the compile report, a CUDA launch) would then fail. We record the first original of every
-    attribute the interpreter patches while the launch runs and put them all back at the end.
-    """
-    from triton.runtime import interpreter as ti
-
-    def call(self, *args, **kwargs):
-        if self.fn not in _HELPERS:
-            _HELPERS[self.fn] = ti.InterpretedFunction(self.fn)
-        return _HELPERS[self.fn](*args, **kwargs)
-
-    missing = object()
-    originals: dict[tuple[int, str], tuple[object, str, object]] = {}
-    scope_set_attr = ti._LangPatchScope.set_attr
-
-    def recording_set_attr(scope, obj, name, value):
-        key = (id(obj), name)
-        if key not in originals:
-            own = vars(obj).get(name, missing) if hasattr(obj, "__dict__") else getattr(obj, name, missing)
-            originals[key] = (obj, name, own)
-        return scope_set_attr(scope, obj, name, value)
-
-    had = "__call__" in vars(JITFunction)
-    original_call = vars(JITFunction).get("__call__")
-    JITFunction.__call__ = call
-    ti._LangPatchScope.set_attr = recording_set_attr
-    try:
-        yield
-    finally:
-        ti._LangPatchScope.set_attr = scope_set_attr
-        for obj, name, own in reversed(list(originals.values())):
-            if own is missing:
-                if hasattr(obj, "__dict__") and name in vars(obj):
-                    delattr(obj, name)
-            else:
-                setattr(obj, name, own)
-        if had:
-            JITFunction.__call__ = original_call
-        else:
-            del JITFunction.__call__
 
 
 def interpret_math_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -128,41 +56,3 @@ def interpret_math_fp32(dtype: torch.dtype, device: torch.device) -> bool:
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-@contextlib.contextmanager
-def count_loads(regions: dict[str, Tensor]) -> Iterator[dict[str, int]]:
-    """Tally the bytes the *interpreted* kernels load from each tensor's storage in ``regions``.
-
-    Wraps the interpreter builder's masked load: for every load, the masked-in element addresses
-    that fall inside a region's storage are counted (element size of the loaded type). Yields a dict
-    name -> bytes, filled while the context is open. Only kernels run in the interpreter are seen.
-    """
-    from triton.runtime.interpreter import interpreter_builder
-
-    spans = {}
-    for name, t in regions.items():
-        st = t.untyped_storage()
-        spans[name] = (st.data_ptr(), st.data_ptr() + st.nbytes())
-    tally = dict.fromkeys(regions, 0)
-    original = interpreter_builder.create_masked_load
-
-    def counting_load(ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
-        ret = original(ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
-        addr = np.asarray(ptrs.data).astype(np.uint64)
-        m = np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)
-        addr = addr[m]
-        item = np.dtype(ret.data.dtype).itemsize
-        for name, (lo, hi) in spans.items():
-            tally[name] += int(((addr >= lo) & (addr < hi)).sum()) * item
-        return ret
-
-    shadowed = "create_masked_load" in vars(interpreter_builder)
-    interpreter_builder.create_masked_load = counting_load
-    try:
-        yield tally
-    finally:
-        if shadowed:
-            interpreter_builder.create_masked_load = original
-        else:
-            del interpreter_builder.create_masked_load  # back to the class method

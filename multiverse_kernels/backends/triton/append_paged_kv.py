@@ -9,13 +9,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
 from ...metadata import MetadataError
-from ._common import kernel, next_pow2
+from ._common import launch, next_pow2
 
 
+# runtime ints the JIT must not specialize on (value 1 / divisibility): one compiled variant per
+# config, exactly the ones the compile report checks
+@triton.jit(do_not_specialize=["page_size", "num_heads"])
 def _append_kernel(
     Kn, Vn, KC, VC, PageIndptr, PageIndices, TokenNode, TokenPos,
     page_size, num_heads,
@@ -37,9 +41,6 @@ def _append_kernel(
              k.to(KC.dtype.element_ty), mask=hm)
     tl.store(VC + page * stride_dp + slot * stride_ds + offs_h[:, None] * stride_dh + offs_d[None, :],
              v.to(VC.dtype.element_ty), mask=hm)
-
-
-_append_kernel.do_not_specialize = ("page_size", "num_heads")  # see tree_attention.py
 
 
 class AppendConfig(NamedTuple):
@@ -68,7 +69,7 @@ def append_paged_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise MetadataError("k_cache: expected a unit stride in head_dim")
     cfg = append_config(hk, d)
-    kernel(_append_kernel, k.device)[(n,)](
+    launch(_append_kernel, (n,), k.device,
         k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos,
         k_cache.shape[1], hk,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),

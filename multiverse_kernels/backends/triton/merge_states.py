@@ -9,16 +9,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
 from ...metadata import MetadataError
-from ._common import kernel
+from ._common import launch
 
 # Tests set this: fill the outputs with NaN before each launch so unwritten elements fail.
 POISON = False
 
 
+# runtime ints the JIT must not specialize on (value 1 / divisibility): one compiled variant per
+# config, exactly the ones the compile report checks
+@triton.jit(do_not_specialize=["stride_lp", "stride_lt"])
 def _merge_kernel(
     PO, PL, Out, Lse, MergeRows, RowIndptr, RowIndices,
     stride_pp, stride_ph, stride_lp, stride_ot, stride_oh, stride_lt,
@@ -36,7 +40,9 @@ def _merge_kernel(
     den = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
     bad = tl.zeros([1], tl.int32)  # NaN policy (docs/errors.md): a NaN / +Inf lse makes the row NaN
-    for p in range(start, end):
+    # a `while` loop: Triton 3.6's interpreter cannot range() over bounds loaded at run time
+    p = start
+    while p < end:
         slot = tl.load(RowIndices + p).to(tl.int64)
         s = tl.load(PL + slot * stride_lp + h + tl.zeros([1], tl.int32))
         v = tl.load(PO + slot * stride_pp + h * stride_ph + offs_d).to(tl.float32)
@@ -50,6 +56,7 @@ def _merge_kernel(
         acc = acc * a + tl.where(s > float("-inf"), b * v, 0.0)  # an empty state's v is never read
         den = den * a + b
         m = m_new
+        p += 1
     seen = den > 0.0
     out = acc / tl.where(seen, den, 1.0)
     lse = tl.where(seen, m + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
@@ -58,9 +65,6 @@ def _merge_kernel(
     tl.store(Out + r * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=ok & (offs_d < HEAD_DIM))
     tl.store(Lse + r * stride_lt + h + tl.zeros([1], tl.int32), lse, mask=ok)
-
-
-_merge_kernel.do_not_specialize = ("stride_lp", "stride_lt")  # see tree_attention.py
 
 
 class MergeConfig(NamedTuple):
@@ -80,7 +84,7 @@ def launch_merge(po: Tensor, pl: Tensor, merge_rows: Tensor, row_indptr: Tensor,
     """
     d = po.shape[-1]
     cfg = merge_config(d)
-    kernel(_merge_kernel, out.device)[(merge_rows.shape[0], po.shape[1])](
+    launch(_merge_kernel, (merge_rows.shape[0], po.shape[1]), out.device,
         po, pl, out, lse, merge_rows, row_indptr, row_indices,
         po.stride(0), po.stride(1), pl.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         HEAD_DIM=cfg.HEAD_DIM, num_warps=cfg.num_warps,

@@ -13,28 +13,34 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
 from ...planning import TreePlan, cached_plan
-from ._common import interpret_math_fp32, kernel, next_pow2
+from ._common import interpret_math_fp32, launch, next_pow2
 from .merge_states import launch_merge
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128, 256)
 # (HEAD_DIM, BLOCK_M) -> (BLOCK_N, num_warps): every tile the dispatcher may pick. Chosen with the
-# compile report (scripts/triton_compile_report.py) so that no variant spills on sm_90a or sm_100a:
-# the fp32 accumulator BLOCK_M x HEAD_DIM plus the 64-bit gather pointers of a BLOCK_N x HEAD_DIM K/V
-# tile must fit in registers. The 256-row tile of head_dim 64 lets one program load a node's chunk once
-# for up to 256 packed rows (e.g. 64 samples at GQA 4) instead of once per 64-row tile (176 registers
-# on sm_90a, 205 on sm_100a, no spills). head_dim 128 stops at 128 rows (256 rows spill 688-840 bytes
-# with BLOCK_N 16 and 8 or 16 warps), 256-wide heads at 32 rows (64 rows spill on sm_90a with every
-# BLOCK_N / num_warps tried).
+# compile report (scripts/triton_compile_report.py) so that on sm_90a and sm_100a
+#  * no variant spills: the fp32 accumulator BLOCK_M x HEAD_DIM, the current and the prefetched
+#    BLOCK_N x HEAD_DIM K and V tiles (software pipeline, see the kernel) must fit in registers;
+#  * no warp duplicates another's tensor-core work: a warp owns 16 rows (a Hopper warp group of 4 warps
+#    64 rows) and 8 columns (mma.sync) of a dot, so 64-row tiles take 4 warps, and 8 warps need >= 64
+#    columns in the 16-row tiles and >= 32 in the 32-row tiles. The report fails otherwise.
+# The third entry: the KV loop prefetches (software pipeline). Not for head_dim 256: a dup-free tile has
+# BLOCK_N >= 8 x num_warps columns, so the double-buffered K/V tiles alone take >= head_dim / 2 = 128
+# registers per thread, and they spill. 256-wide heads stop at 32 rows (64 rows spill on sm_90a).
+# The 256-row tile of head_dim 64 (main: one program loads a chunk once for up to 256 packed rows)
+# does not prefetch: not yet checked with the prefetching loop.
 TILES = {
-    (64, 16): (64, 4), (64, 32): (64, 4), (64, 64): (64, 4), (64, 128): (64, 8), (64, 256): (32, 8),
-    (128, 16): (64, 4), (128, 32): (64, 4), (128, 64): (64, 8), (128, 128): (32, 8),
-    (256, 16): (32, 4), (256, 32): (32, 8),
+    (64, 16): (64, 8, True), (64, 32): (64, 4, True), (64, 64): (64, 4, True), (64, 128): (64, 8, True),
+    (128, 16): (64, 8, True), (128, 32): (64, 8, True), (128, 64): (16, 4, True), (128, 128): (16, 8, True),
+    (256, 16): (32, 4, False), (256, 32): (32, 8, False),
+    (64, 256): (32, 8, False),
 }
 # Largest packed row tile per head_dim.
 MAX_BLOCK_M = {d: max(bm for dd, bm in TILES if dd == d) for d in HEAD_DIMS}
@@ -42,6 +48,77 @@ MAX_BLOCK_M = {d: max(bm for dd, bm in TILES if dd == d) for d in HEAD_DIMS}
 POISON = False
 
 
+@triton.jit
+def _kv_block(q, K, V, NodePageIndices, page_base, h, hi, lim, qk_scale, page_size,
+              stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+              k, v, t, t1, page1, m_i, l_i, acc, bad, v_hit,
+              offs_d, BLOCK_N: tl.constexpr, MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+              PREFETCH: tl.constexpr):
+    """One KV block b (tokens t) of the attention loop; returns the carried state for block b+1.
+
+    Software pipeline (register double buffer, PREFETCH tiles): before block b's two dot products run,
+    the loads of block b+1's K/V tiles (t1; their page numbers page1 are already here) and of block
+    b+2's page numbers are issued, so they are in flight while block b computes; nothing waits on a load
+    right after issuing it. Loads past `hi` are masked off (the last block loads nothing). Tiles whose
+    double buffer does not fit in registers (head_dim 256) load block b's K and V here instead (V's
+    load then overlaps the QK^T dot and the softmax).
+    """
+    t_ok = t < hi
+    t2 = t1 + BLOCK_N
+    if PREFETCH:
+        # issue block b+1's K/V loads and block b+2's page-number loads
+        ok1 = t1 < hi
+        k_next = tl.load(K + (page1 * stride_kp + (t1 % page_size) * stride_ks + h * stride_kh)[:, None]
+                         + offs_d[None, :], mask=ok1[:, None], other=0.0)
+        v_next = tl.load(V + (page1 * stride_vp + (t1 % page_size) * stride_vs + h * stride_vh)[:, None]
+                         + offs_d[None, :], mask=ok1[:, None], other=0.0)
+        page2 = tl.load(NodePageIndices + page_base + t2 // page_size, mask=t2 < hi, other=0).to(tl.int64)
+        kb = k
+        vb = v
+    else:
+        page = tl.load(NodePageIndices + page_base + t // page_size, mask=t_ok, other=0).to(tl.int64)
+        kb = tl.load(K + (page * stride_kp + (t % page_size) * stride_ks + h * stride_kh)[:, None]
+                     + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        vb = tl.load(V + (page * stride_vp + (t % page_size) * stride_vs + h * stride_vh)[:, None]
+                     + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        k_next = k
+        v_next = v
+        page2 = page1
+    # block b
+    if MATH_FP32:
+        kb = kb.to(tl.float32)
+        vb = vb.to(tl.float32)
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(kb))
+    s = s * qk_scale
+    seen_t = (t[None, :] < lim[:, None]) & t_ok[None, :]
+    s_bad = seen_t & ((s - s) != 0.0)  # s - s is NaN exactly when s is NaN or +-Inf
+    bad = tl.maximum(bad, tl.max(s_bad.to(tl.int32), axis=1))
+    s = tl.where(seen_t & (s_bad == 0), s, float("-inf"))
+    v_bad = (vb - vb) != 0.0
+    if tl.max(tl.max(v_bad.to(tl.int32), axis=1), axis=0) > 0:  # rare: only with NaN/Inf in V
+        vb = tl.where(v_bad, 0.0, vb)
+        hits = tl.dot(seen_t.to(tl.float32), v_bad.to(tl.float32), input_precision="ieee")
+        v_hit = tl.maximum(v_hit, (hits > 0.0).to(tl.int32))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE_DOT:
+        pv = tl.dot(p, vb, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(vb.dtype), vb)
+    acc = acc * alpha[:, None] + pv
+    # the buffers rotate: block b+1 is next
+    return k_next, v_next, t1, t2, page2, m_new, l_i, acc, bad, v_hit
+
+
+# runtime ints the JIT must not specialize on (value 1 / divisibility): one compiled variant per
+# config, exactly the ones the compile report checks
+@triton.jit(do_not_specialize=["page_size", "group", "stride_lt", "stride_lp"])
 def _tree_attn_kernel(
     Q, K, V, Out, Lse, PO, PL,
     NodePageIndptr, NodePageIndices,
@@ -52,7 +129,7 @@ def _tree_attn_kernel(
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_pp, stride_ph, stride_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     w = tl.program_id(0)
     h = tl.program_id(1)  # KV head
@@ -85,43 +162,31 @@ def _tree_attn_kernel(
     # V value makes the dims of the rows that see its token NaN (v_hit), never those of other rows
     bad = tl.zeros([BLOCK_M], tl.int32)
     v_hit = tl.zeros([BLOCK_M, HEAD_DIM], tl.int32)
-    for start in range(kv0, hi, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)
+    # Software pipeline (register double buffer, PREFETCH tiles): see _kv_block. A `while` loop, not
+    # `for start in range(kv0, hi, BLOCK_N)`: in the Triton interpreter a bound loaded at run time is a
+    # 1-element array that Triton 3.6's range() cannot convert to an int (numpy >= 2.4).
+    t = kv0 + tl.arange(0, BLOCK_N)
+    t1 = t + BLOCK_N
+    if PREFETCH:
         t_ok = t < hi
         page = tl.load(NodePageIndices + page_base + t // page_size, mask=t_ok, other=0).to(tl.int64)
-        slot = t % page_size
-        k = tl.load(K + (page * stride_kp + slot * stride_ks + h * stride_kh)[:, None] + offs_d[None, :],
-                    mask=t_ok[:, None], other=0.0)
-        v = tl.load(V + (page * stride_vp + slot * stride_vs + h * stride_vh)[:, None] + offs_d[None, :],
-                    mask=t_ok[:, None], other=0.0)
-        if MATH_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        seen_t = (t[None, :] < lim[:, None]) & t_ok[None, :]
-        s_bad = seen_t & ((s - s) != 0.0)  # s - s is NaN exactly when s is NaN or +-Inf
-        bad = tl.maximum(bad, tl.max(s_bad.to(tl.int32), axis=1))
-        s = tl.where(seen_t & (s_bad == 0), s, float("-inf"))
-        v_bad = (v - v) != 0.0
-        if tl.max(tl.max(v_bad.to(tl.int32), axis=1), axis=0) > 0:  # rare: only with NaN/Inf in V
-            v = tl.where(v_bad, 0.0, v)
-            hits = tl.dot(seen_t.to(tl.float32), v_bad.to(tl.float32), input_precision="ieee")
-            v_hit = tl.maximum(v_hit, (hits > 0.0).to(tl.int32))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE_DOT:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        k = tl.load(K + (page * stride_kp + (t % page_size) * stride_ks + h * stride_kh)[:, None]
+                    + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        v = tl.load(V + (page * stride_vp + (t % page_size) * stride_vs + h * stride_vh)[:, None]
+                    + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        page1 = tl.load(NodePageIndices + page_base + t1 // page_size, mask=t1 < hi, other=0).to(tl.int64)
+    else:
+        k = 0.0
+        v = 0.0
+        page1 = 0
+    start = kv0
+    while start < hi:
+        k, v, t, t1, page1, m_i, l_i, acc, bad, v_hit = _kv_block(
+            q, K, V, NodePageIndices, page_base, h, hi, lim, qk_scale, page_size,
+            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+            k, v, t, t1, page1, m_i, l_i, acc, bad, v_hit,
+            offs_d, BLOCK_N, MATH_FP32, IEEE_DOT, PREFETCH)
+        start += BLOCK_N
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -143,11 +208,6 @@ def _tree_attn_kernel(
     tl.store(PL + slot_p * stride_lp + qh, lse, mask=to_ws)
 
 
-# runtime ints the JIT must not specialize on (value 1 / divisibility): one compiled variant per config,
-# exactly the ones the compile report checks
-_tree_attn_kernel.do_not_specialize = ("page_size", "group", "stride_lt", "stride_lp")
-
-
 class AttnConfig(NamedTuple):
     """Compile-time parameters of one attention kernel variant (what the dispatcher picks)."""
 
@@ -156,6 +216,7 @@ class AttnConfig(NamedTuple):
     BLOCK_N: int
     MATH_FP32: bool
     IEEE_DOT: bool
+    PREFETCH: bool
     num_warps: int
     num_stages: int
 
@@ -176,9 +237,9 @@ def attn_config(head_dim: int, dtype: torch.dtype, group: int, max_item_readers:
             f"exceeds the kernel's row tile {MAX_BLOCK_M[head_dim]} for head_dim {head_dim}; plan with "
             f"rows_per_tile <= {max(1, MAX_BLOCK_M[head_dim] // group)}"
         )
-    block_n, num_warps = TILES[(head_dim, block_m)]
+    block_n, num_warps, prefetch = TILES[(head_dim, block_m)]
     return AttnConfig(head_dim, block_m, block_n, interpret_math_fp32(dtype, device),
-                      dtype == torch.float32, num_warps, 2)
+                      dtype == torch.float32, prefetch, num_warps, 1)
 
 
 def gpu_attn_configs() -> list[tuple[torch.dtype, AttnConfig]]:
@@ -220,7 +281,7 @@ def run_plan(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata, 
             t.fill_(float("nan"))
     n_items = plan.item_node.shape[0]
     if n_items and total_q:
-        kernel(_tree_attn_kernel, q.device)[(n_items, hk)](
+        launch(_tree_attn_kernel, (n_items, hk), q.device,
             q, k_cache, v_cache, out, lse, po, pl,
             meta.node_page_indptr, meta.node_page_indices,
             plan.reader_row, plan.reader_limit,
@@ -231,7 +292,7 @@ def run_plan(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata, 
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), lse.stride(0), po.stride(0), po.stride(1), pl.stride(0),
             HEAD_DIM=cfg.HEAD_DIM, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            MATH_FP32=cfg.MATH_FP32, IEEE_DOT=cfg.IEEE_DOT, num_warps=cfg.num_warps,
+            MATH_FP32=cfg.MATH_FP32, IEEE_DOT=cfg.IEEE_DOT, PREFETCH=cfg.PREFETCH, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     if plan.merge_rows.shape[0] and total_q:

@@ -31,12 +31,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
 from ...planning import cached_plan
-from ._common import interpret_math_fp32, kernel
+from ._common import interpret_math_fp32, launch
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128, 256)
@@ -49,6 +50,8 @@ DQ_TILES = {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 16, 8, 2)}
 POISON = False
 
 
+# runtime ints the JIT must not specialize on (see tree_attention.py): one variant per config
+@triton.jit(do_not_specialize=["page_size", "group", "stride_lt"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
     NodePageIndptr, NodePageIndices, ReaderRow, ReaderLimit,
@@ -84,7 +87,9 @@ def _bwd_dkdv_kernel(
     rpb = BLOCK_M // group  # readers per tile
     jm = offs_m // group
     qh = h * group + offs_m % group
-    for r0 in range(rs, re, rpb):
+    # `while` loops over bounds loaded at run time: Triton 3.6's interpreter cannot range() over them
+    r0 = rs
+    while r0 < re:
         j = r0 + jm
         valid = (jm < rpb) & (j < re)
         lim = tl.load(ReaderLimit + j, mask=valid, other=0)  # row sees tokens [0, lim) of the node
@@ -117,12 +122,14 @@ def _bwd_dkdv_kernel(
                 dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
             else:
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        r0 += rpb
     dk = dk * sm_scale
     out_off = kv_off[:, None] + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=t_ok[:, None])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=t_ok[:, None])
 
 
+@triton.jit(do_not_specialize=["page_size", "group", "stride_lt"])
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
     NodePageIndptr, NodePageIndices, NodeLen, QoIndptr, VisIndptr, VisNodes, OwnFull,
@@ -161,7 +168,8 @@ def _bwd_dq_kernel(
     live = valid & (lse > float("-inf"))
     lse2 = tl.where(live, lse * 1.4426950408889634, 0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for e in range(v0, v1):
+    e = v0
+    while e < v1:  # a `while` loop: Triton 3.6's interpreter cannot range() over run-time bounds
         node = tl.load(VisNodes + e)
         nl = tl.load(NodeLen + node)
         sees_all = full | (e != v1 - 1)
@@ -169,7 +177,8 @@ def _bwd_dq_kernel(
         lim = tl.where(live, lim, 0)
         hi = tl.minimum(nl, tl.max(lim, axis=0))
         page_base = tl.load(NodePageIndptr + node)
-        for start in range(0, hi, BLOCK_N):
+        start = 0
+        while start < hi:
             t = start + tl.arange(0, BLOCK_N)
             t_ok = t < hi
             page = tl.load(NodePageIndices + page_base + t // page_size, mask=t_ok, other=0).to(tl.int64)
@@ -192,13 +201,10 @@ def _bwd_dq_kernel(
                 dq += tl.dot(ds, k, input_precision="ieee")
             else:
                 dq += tl.dot(ds.to(k.dtype), k)
+            start += BLOCK_N
+        e += 1
     dq = dq * sm_scale
     tl.store(DQ + q_off[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=valid[:, None])
-
-
-# runtime ints the JIT must not specialize on (see tree_attention.py): one variant per config
-_bwd_dkdv_kernel.do_not_specialize = ("page_size", "group", "stride_lt")
-_bwd_dq_kernel.do_not_specialize = ("page_size", "group", "stride_lt")
 
 
 class BwdConfig(NamedTuple):
@@ -326,7 +332,7 @@ def tree_attention_backward(
 
     chunks = _chunks(meta, hq, hk, d, cfg_kv.BLOCK_N)
     if chunks[2].numel():
-        kernel(_bwd_dkdv_kernel, dev)[(chunks[2].numel(), hk)](
+        launch(_bwd_dkdv_kernel, (chunks[2].numel(), hk), dev,
             q, k, v, do, lse, delta, dk, dv, meta.node_page_indptr, meta.node_page_indices, *chunks,
             qk_scale, *common,
             HEAD_DIM=d, BLOCK_M=cfg_kv.BLOCK_M, BLOCK_N=cfg_kv.BLOCK_N, MATH_FP32=cfg_kv.MATH_FP32,
@@ -336,7 +342,7 @@ def tree_attention_backward(
     own_full = (meta.own_full.to(torch.int32) if meta.own_full is not None
                 else torch.zeros(meta.num_groups, dtype=torch.int32, device=dev))
     if grp.numel():
-        kernel(_bwd_dq_kernel, dev)[(grp.numel(), hk)](
+        launch(_bwd_dq_kernel, (grp.numel(), hk), dev,
             q, k, v, do, lse, delta, dq, meta.node_page_indptr, meta.node_page_indices, meta.node_len,
             meta.qo_indptr, meta.vis_indptr, meta.vis_nodes, own_full, grp, row0,
             qk_scale, *common,

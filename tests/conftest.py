@@ -1,0 +1,17 @@
+"""Test-session setup: the Triton interpreter is switched on the usual way on machines without CUDA.
+
+``TRITON_INTERPRET=1`` must be in the environment before ``triton.jit`` decorates the kernels (at the
+first import of ``multiverse_kernels.backends.triton``); it is set here, before any test module imports
+the package, unless the caller set ``TRITON_INTERPRET`` already or a CUDA GPU is present (the GPU run,
+``python -m multiverse_kernels.gpu_run``, wants compiled kernels and runs the interpreter tests in a
+step of their own with ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
