@@ -29,7 +29,7 @@ __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "de
 
 # Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
 # (backends/triton/tree_attention.py TILES), so that a chunk is loaded once for all of them.
-MAX_TILE_ROWS = {64: 256, 128: 128, 256: 32}
+MAX_TILE_ROWS = {64: 256, 128: 128, 256: 16}
 
 
 def default_rows_per_tile(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> int:

@@ -35,11 +35,14 @@ HEAD_DIMS = (64, 128, 256)
 # BLOCK_N >= 8 x num_warps columns, so the double-buffered K/V tiles alone take >= head_dim / 2 = 128
 # registers per thread, and they spill. 256-wide heads stop at 32 rows (64 rows spill on sm_90a).
 # The 256-row tile of head_dim 64 (main: one program loads a chunk once for up to 256 packed rows)
-# does not prefetch: not yet checked with the prefetching loop.
+# does not prefetch: not yet checked with the prefetching loop. Since the NaN policy's flags
+# (docs/errors.md) some tiles gave up the prefetch or took narrower KV blocks to stay spill-free, and
+# head_dim 256 stops at 16 rows (its 32-row tile spills ~600 B); the 16-row tile spills <= 32 B on
+# sm_100a (allowed, and listed, in the report's KNOWN_SPILLS).
 TILES = {
-    (64, 16): (64, 8, True), (64, 32): (64, 4, True), (64, 64): (64, 4, True), (64, 128): (64, 8, True),
-    (128, 16): (64, 8, True), (128, 32): (64, 8, True), (128, 64): (16, 4, True), (128, 128): (16, 8, True),
-    (256, 16): (32, 4, False), (256, 32): (32, 8, False),
+    (64, 16): (32, 4, True), (64, 32): (64, 4, True), (64, 64): (32, 4, True), (64, 128): (32, 8, True),
+    (128, 16): (64, 8, True), (128, 32): (64, 8, False), (128, 64): (16, 4, False), (128, 128): (16, 8, True),
+    (256, 16): (64, 8, False),
     (64, 256): (32, 8, False),
 }
 # Largest packed row tile per head_dim.
@@ -51,7 +54,7 @@ POISON = False
 @triton.jit
 def _kv_block(q, K, V, NodePageIndices, page_base, h, hi, lim, qk_scale, page_size,
               stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-              k, v, t, t1, page1, m_i, l_i, acc, bad, v_hit,
+              k, v, t, t1, page1, m_i, l_i, acc, bad, v_any,
               offs_d, BLOCK_N: tl.constexpr, MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
               PREFETCH: tl.constexpr):
     """One KV block b (tokens t) of the attention loop; returns the carried state for block b+1.
@@ -97,23 +100,51 @@ def _kv_block(q, K, V, NodePageIndices, page_base, h, hi, lim, qk_scale, page_si
     s_bad = seen_t & ((s - s) != 0.0)  # s - s is NaN exactly when s is NaN or +-Inf
     bad = tl.maximum(bad, tl.max(s_bad.to(tl.int32), axis=1))
     s = tl.where(seen_t & (s_bad == 0), s, float("-inf"))
-    v_bad = (vb - vb) != 0.0
-    if tl.max(tl.max(v_bad.to(tl.int32), axis=1), axis=0) > 0:  # rare: only with NaN/Inf in V
-        vb = tl.where(v_bad, 0.0, vb)
-        hits = tl.dot(seen_t.to(tl.float32), v_bad.to(tl.float32), input_precision="ieee")
-        v_hit = tl.maximum(v_hit, (hits > 0.0).to(tl.int32))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    # Non-finite V: zero it so that 0 * NaN cannot leak into rows that do not see the token; the
+    # kernel remembers that it happened (v_any) and poisons the rows that see such a token after the
+    # loop (_poison_bad_v), so the common path carries no extra [rows, dims] state.
+    v_bad = (vb - vb) != 0.0
+    vb = tl.where(v_bad, 0.0, vb)
+    v_any = tl.maximum(v_any, tl.max(tl.max(v_bad.to(tl.int32), axis=1), axis=0))
     if IEEE_DOT:
         pv = tl.dot(p, vb, input_precision="ieee")
     else:
         pv = tl.dot(p.to(vb.dtype), vb)
     acc = acc * alpha[:, None] + pv
     # the buffers rotate: block b+1 is next
-    return k_next, v_next, t1, t2, page2, m_new, l_i, acc, bad, v_hit
+    return k_next, v_next, t1, t2, page2, m_new, l_i, acc, bad, v_any
+
+
+@triton.jit
+def _poison_bad_v(acc, V, NodePageIndices, page_base, h, kv0, hi, lim, page_size,
+                  stride_vp, stride_vs, stride_vh, offs_d, BLOCK_N: tl.constexpr,
+                  MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """NaN policy for V (docs/errors.md): the dims of a row that sees a token whose V is NaN/Inf become
+    NaN, those of other rows never do. hits[m, d] counts the visible tokens with a bad V[., d]."""
+    t = kv0 + tl.arange(0, BLOCK_N)
+    start = kv0
+    while start < hi:
+        t_ok = t < hi
+        page = tl.load(NodePageIndices + page_base + t // page_size, mask=t_ok, other=0).to(tl.int64)
+        vb = tl.load(V + (page * stride_vp + (t % page_size) * stride_vs + h * stride_vh)[:, None]
+                     + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        if MATH_FP32:
+            vb = vb.to(tl.float32)
+        v_bad = (vb - vb) != 0.0
+        seen_t = (t[None, :] < lim[:, None]) & t_ok[None, :]
+        if IEEE_DOT:
+            hits = tl.dot(seen_t.to(tl.float32), v_bad.to(tl.float32), input_precision="ieee")
+        else:
+            hits = tl.dot(seen_t.to(tl.float16), v_bad.to(tl.float16))
+        acc = tl.where(hits > 0.0, float("nan"), acc)
+        t += BLOCK_N
+        start += BLOCK_N
+    return acc
 
 
 # runtime ints the JIT must not specialize on (value 1 / divisibility): one compiled variant per
@@ -159,9 +190,9 @@ def _tree_attn_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # NaN policy (docs/errors.md): a non-finite score a row sees makes the row NaN (bad); a non-finite
-    # V value makes the dims of the rows that see its token NaN (v_hit), never those of other rows
+    # V value makes the dims of the rows that see its token NaN (acc poisoned), never those of other rows
     bad = tl.zeros([BLOCK_M], tl.int32)
-    v_hit = tl.zeros([BLOCK_M, HEAD_DIM], tl.int32)
+    v_any = tl.zeros([1], tl.int32).sum(axis=0)  # 0-d int32 loop-carried flag
     # Software pipeline (register double buffer, PREFETCH tiles): see _kv_block. A `while` loop, not
     # `for start in range(kv0, hi, BLOCK_N)`: in the Triton interpreter a bound loaded at run time is a
     # 1-element array that Triton 3.6's range() cannot convert to an int (numpy >= 2.4).
@@ -181,18 +212,22 @@ def _tree_attn_kernel(
         page1 = 0
     start = kv0
     while start < hi:
-        k, v, t, t1, page1, m_i, l_i, acc, bad, v_hit = _kv_block(
+        k, v, t, t1, page1, m_i, l_i, acc, bad, v_any = _kv_block(
             q, K, V, NodePageIndices, page_base, h, hi, lim, qk_scale, page_size,
             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-            k, v, t, t1, page1, m_i, l_i, acc, bad, v_hit,
+            k, v, t, t1, page1, m_i, l_i, acc, bad, v_any,
             offs_d, BLOCK_N, MATH_FP32, IEEE_DOT, PREFETCH)
         start += BLOCK_N
+
+    if v_any > 0:  # rare: NaN/Inf in V; a second pass over V only (no Q K^T), 16-token blocks
+        acc = _poison_bad_v(acc, V, NodePageIndices, page_base, h, kv0, hi, lim, page_size,
+                            stride_vp, stride_vs, stride_vh, offs_d, 16, MATH_FP32, IEEE_DOT)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    out = tl.where((bad[:, None] > 0) | (v_hit > 0), float("nan"), out)
+    out = tl.where(bad[:, None] > 0, float("nan"), out)
     lse = tl.where(bad > 0, float("nan"), lse)
     # rows with exactly one partial skip the workspace and the merge
     n_part = tl.load(RowPartialIndptr + row + 1, mask=valid, other=0) - tl.load(
