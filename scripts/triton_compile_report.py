@@ -215,11 +215,11 @@ def problems(r: dict) -> str:
     why = []
     if not r["ptxas_ok"]:
         why.append("no ptxas report")
-    elif r["spills"] > KNOWN_SPILLS.get((r["label"], r["arch"]), 0):
+    elif r["spills"] > KNOWN_SPILLS.get((r.get("label"), r["arch"]), 0):
         why.append("SPILLS")
     if r["shared"] > SMEM_LIMIT[r["arch"]]:
         why.append("SHARED MEMORY OVER LIMIT")
-    if r.get("duplicated") and (r["label"], r["arch"]) not in KNOWN_DUPLICATED:
+    if r.get("duplicated") and (r.get("label"), r["arch"]) not in KNOWN_DUPLICATED:
         why.append("DUPLICATED MMA WORK: " + "; ".join(r["duplicated"]))
     if r.get("prefetch") is False and r.get("want_prefetch"):
         why.append("KV LOOP NOT PIPELINED")

@@ -25,9 +25,19 @@ _PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "triton_compil
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("triton_compile_report", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    # The script sets TRITON_INTERPRET=0 for itself and its workers: import the package first (so this
+    # process keeps the interpreted kernels the other test modules use) and restore the variable after.
+    importlib.import_module("multiverse_kernels.backends.triton")
+    saved = os.environ.get("TRITON_INTERPRET")
+    try:
+        spec = importlib.util.spec_from_file_location("triton_compile_report", _PATH)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     return mod
 
 
@@ -92,7 +102,7 @@ def test_layout_and_pipeline_checks_catch_bad_ir(report):
 
 def test_every_dispatchable_config_is_listed(report):
     labels = [label for _, label, _, _ in report._configs()]
-    for d, bms in ((64, (16, 32, 64, 128, 256)), (128, (16, 32, 64, 128)), (256, (16, 32))):
+    for d, bms in ((64, (16, 32, 64, 128, 256)), (128, (16, 32, 64, 128)), (256, (16,))):
         for t in ("fp16", "bf16"):
             for bm in bms:
                 assert any(f"attn d={d:<3} {t} BLOCK_M={bm:<3}" in x for x in labels), (d, t, bm)
