@@ -192,7 +192,7 @@ def _tree_attn_kernel(
     # NaN policy (docs/errors.md): a non-finite score a row sees makes the row NaN (bad); a non-finite
     # V value makes the dims of the rows that see its token NaN (acc poisoned), never those of other rows
     bad = tl.zeros([BLOCK_M], tl.int32)
-    v_any = tl.zeros([1], tl.int32).sum(axis=0)  # 0-d int32 loop-carried flag
+    v_any = tl.sum(bad, axis=0)  # 0-d int32 loop-carried flag (0: bad is all zeros here)
     # Software pipeline (register double buffer, PREFETCH tiles): see _kv_block. A `while` loop, not
     # `for start in range(kv0, hi, BLOCK_N)`: in the Triton interpreter a bound loaded at run time is a
     # 1-element array that Triton 3.6's range() cannot convert to an int (numpy >= 2.4).
