@@ -33,58 +33,47 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
 #endif
 }
 
-// Dynamic schedule: every worker thread pulls task indices 0..n-1 from a shared counter and calls
-// body(task, state) with its own `State` (scratch buffers). Work items differ a lot in cost (a shared
-// prefix chunk has many readers, a leaf chunk one), so a static split would leave threads idle.
-template <class State, class F>
-void parallel_tasks(int64_t n, const F& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    thread_local State st;  // scratch survives across calls: no page faults per step
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
-         t = next.fetch_add(1, std::memory_order_relaxed))
-      body(t, st);
-  };
+// Runs worker() once on each of min(threads, n) threads (ATen's pool, OpenMP, or inline).
+template <class W>
+void run_workers(int64_t n, const W& worker) {
 #if defined(MULTIVERSE_WITH_ATEN)
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) worker();
   });
 #elif defined(_OPENMP)
+  (void)n;
 #pragma omp parallel
   worker();
 #else
+  (void)n;
   worker();
 #endif
 }
 
-// Like parallel_tasks, but each worker holds one task ahead: body(task, next_task, state), where
-// next_task (-1 when none) is the task the same worker runs next, so the body can prefetch its data.
+// Dynamic schedule: every worker thread pulls task indices 0..n-1 from a shared counter and calls
+// body(task, next_task, state), where next_task (-1 when none) is the task the same worker runs next, so
+// the body can prefetch its data; `State` is the worker's own scratch. Work items differ a lot in cost
+// (a shared prefix chunk has many readers, a leaf chunk one), so a static split would leave threads idle.
 template <class State, class F>
 void parallel_tasks_lookahead(int64_t n, const F& body) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    thread_local State st;
+  run_workers(n, [&]() {
+    thread_local State st;  // scratch survives across calls: no page faults per step
     int64_t cur = next.fetch_add(1, std::memory_order_relaxed);
     while (cur < n) {
       const int64_t nxt = next.fetch_add(1, std::memory_order_relaxed);
       body(cur, nxt < n ? nxt : -1, st);
       cur = nxt;
     }
-  };
-#if defined(MULTIVERSE_WITH_ATEN)
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) worker();
   });
-#elif defined(_OPENMP)
-#pragma omp parallel
-  worker();
-#else
-  worker();
-#endif
+}
+
+// The same schedule without the look-ahead: body(task, state).
+template <class State, class F>
+void parallel_tasks(int64_t n, const F& body) {
+  parallel_tasks_lookahead<State>(n, [&](int64_t t, int64_t, State& st) { body(t, st); });
 }
 
 }  // namespace multiverse::cpu
