@@ -167,3 +167,19 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
         torch.float16: dict(atol=2e-3, rtol=2e-3),
         torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
     }[dtype]
+
+
+def import_cpu_backend_or_skip():
+    """The ``cpu`` backend module for a test module, or a module-level pytest skip naming why it is
+    missing. With ``MULTIVERSE_REQUIRE_CPP=1`` (CI) a missing extension is an error, never a skip."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module("multiverse_kernels.backends.cpu")
+    except (ImportError, OSError, RuntimeError) as e:  # extension not built
+        if os.environ.get("MULTIVERSE_REQUIRE_CPP") == "1":
+            raise
+        pytest.skip(f"C++ CPU extension not built ({e}); see docs/build.md", allow_module_level=True)

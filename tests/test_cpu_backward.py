@@ -10,8 +10,6 @@ reason when the extension is not built, unless MULTIVERSE_REQUIRE_CPP=1 (CI: a m
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,15 +19,10 @@ from multiverse_kernels.backends.reference.tree_attention_backward import tree_a
 from multiverse_kernels.metadata import ForestMetadata
 from multiverse_kernels.ops import tree_attention_backward
 from multiverse_kernels.planning import plan_tree_attention
-from multiverse_kernels.testing import make_inputs, random_forest, tolerance
+from multiverse_kernels.testing import import_cpu_backend_or_skip, make_inputs, random_forest, tolerance
 
-try:
-    from multiverse_kernels.backends import cpu as cpu_backend
-    from multiverse_kernels.backends.cpu._ext import run_tree_attention_backward
-except (ImportError, OSError, RuntimeError) as e:  # extension not built
-    if os.environ.get("MULTIVERSE_REQUIRE_CPP") == "1":
-        raise
-    pytest.skip(f"C++ CPU extension not built ({e}); see docs/build.md", allow_module_level=True)
+cpu_backend = import_cpu_backend_or_skip()
+from multiverse_kernels.backends.cpu._ext import run_tree_attention_backward  # noqa: E402 (after the skip)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

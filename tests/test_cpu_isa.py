@@ -19,6 +19,7 @@ from multiverse_kernels.metadata import ForestMetadata
 from multiverse_kernels.ops import tree_attention
 from multiverse_kernels.planning import plan_kv_tokens, plan_tree_attention
 from multiverse_kernels.testing import (
+    import_cpu_backend_or_skip,
     make_inputs,
     multiverse_forest,
     random_forest,
@@ -26,14 +27,9 @@ from multiverse_kernels.testing import (
     tolerance,
 )
 
-try:
-    from multiverse_kernels.backends import cpu as cpu_backend  # noqa: F401
-except (ImportError, OSError, RuntimeError) as e:  # extension not built
-    if os.environ.get("MULTIVERSE_REQUIRE_CPP") == "1":
-        raise
-    pytest.skip(f"C++ CPU extension not built ({e}); see docs/build.md", allow_module_level=True)
+cpu_backend = import_cpu_backend_or_skip()
 
-from multiverse_kernels.roofline import ISA_NAMES, cpu_isa
+from multiverse_kernels.roofline import ISA_NAMES, cpu_isa  # noqa: E402 (after the skip)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

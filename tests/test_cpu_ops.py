@@ -7,8 +7,6 @@ extension is not built, unless MULTIVERSE_REQUIRE_CPP=1 (CI sets it: there a mis
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from multiverse_kernels.metadata import ForestMetadata
 from multiverse_kernels.ops import append_paged_kv, merge_states, tree_attention
 from multiverse_kernels.planning import plan_kv_tokens, plan_tree_attention
 from multiverse_kernels.testing import (
+    import_cpu_backend_or_skip,
     make_inputs,
     multiverse_forest,
     random_forest,
@@ -24,12 +23,7 @@ from multiverse_kernels.testing import (
     tolerance,
 )
 
-try:
-    from multiverse_kernels.backends import cpu as cpu_backend
-except (ImportError, OSError, RuntimeError) as e:  # extension not built
-    if os.environ.get("MULTIVERSE_REQUIRE_CPP") == "1":
-        raise
-    pytest.skip(f"C++ CPU extension not built ({e}); see docs/build.md", allow_module_level=True)
+cpu_backend = import_cpu_backend_or_skip()
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
