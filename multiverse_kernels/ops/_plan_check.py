@@ -33,6 +33,8 @@ def check_plan_matches(plan: TreePlan, meta: ForestMetadata, num_qo_heads: int, 
     auto = plan.num_workers > 0  # chunks chosen by the planner for num_workers
     want = cached_plan(meta, num_qo_heads, num_kv_heads, chunk_tokens=None if auto else plan.chunk_tokens,
                        rows_per_tile=plan.rows_per_tile, num_workers=plan.num_workers if auto else None)
+    if want is plan:  # the caller passed this metadata's cached plan itself
+        return
     hint = "; was the plan built for this step's metadata?"
     for f in ("num_readers", "num_items", "num_partials", "num_merge_rows"):
         if getattr(plan, f) != getattr(want, f):
