@@ -63,12 +63,14 @@ def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_byt
     a = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
     b = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
     env = dict(a=a, b=b, torch=torch, sync=_sync, dev=dev)
-    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env).blocked_autorange(
+    # Timer runs its statement with num_threads=1 unless told otherwise: pass the caller's count.
+    nt = torch.get_num_threads()
+    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env, num_threads=nt).blocked_autorange(
         min_run_time=min_run_time).median
     del a, b
     x = torch.ones(bw_bytes // 4, dtype=torch.float32, device=dev)
     x.sum()  # first touch
-    t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=_sync, dev=dev)
+    t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=_sync, dev=dev), num_threads=nt
                            ).blocked_autorange(min_run_time=min_run_time).median
     return MachineRates(torch.get_num_threads(), 2 * gemm_n ** 3 / t_mm, x.numel() * 4 / t_rd)
 

@@ -36,3 +36,23 @@ def test_measure_rates_and_header():
     assert r.gemm_flops > 0 and r.read_bw > 0 and r.threads == torch.get_num_threads()
     line = roofline.describe_cpu()
     assert "ISA" in line and "threads" in line
+
+
+def test_rates_are_timed_with_the_callers_thread_count(monkeypatch):
+    """torch.utils.benchmark.Timer runs with 1 thread unless told: the rates must use the caller's count
+    (a 1-thread GEMM rate made every multi-thread roofline share twice too high)."""
+    seen = []
+    real = roofline.benchmark.Timer
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_threads", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roofline.benchmark, "Timer", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        roofline.measure_rates("cpu", gemm_n=64, bw_bytes=1 << 20, min_run_time=0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 2]
