@@ -132,8 +132,9 @@ def test_plans_split_chunks_and_tiles(chunk: int, tile: int) -> None:
                          ids=str)
 def test_packed_training_forest(dtype: torch.dtype) -> None:
     """Packed training (every node its own group, q_len = node_len, page size 1): a 700-token trunk,
-    three 260-token paths and a 90-token conclusion joining them; nodes span several 256-token chunks
-    and the trunk's 1550 readers several tiles."""
+    three 260-token paths and a 90-token conclusion joining them; the CPU plan gives each node's rows
+    the whole node (no partial states), so the backward walks it in several 256-token sub-chunks, and
+    the trunk's 1570 readers are split into several tiles."""
     f = mk.KVForest(700 + 3 * 260 + 90, 1)
     trunk = f.new_sequence(700)
     kids = f.fork(trunk, 3)
