@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -153,26 +152,6 @@ def _child(a: argparse.Namespace) -> dict:
     return {"seconds": best, "peak_mib": (peak - base) / 1024, "note": note, "L": L}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _isa() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next(ln for ln in fh if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "?"
-    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4224,8448,16896,33792",
@@ -196,13 +175,15 @@ def main() -> None:
     import torch
 
     from multiverse_kernels.backends import available_backends
+    from multiverse_kernels.info import cpu_isa
 
     cpu_backends = available_backends("tree_attention", "cpu")
     lengths = [int(x) for x in a.lengths.split(",")]
     dtypes = a.dtypes.split(",")
     methods = a.methods.split(",")
-    print(f"machine: {_cpu_name()} ({_isa()}), {os.cpu_count()} cores, {a.threads} threads; torch "
-          f"{torch.__version__}")
+    cpu = cpu_isa()
+    print(f"machine: {cpu['model']} ({cpu['isa_level']}; cpu kernel {cpu['kernel_isa']}), {os.cpu_count()} "
+          f"cores, {a.threads} threads; torch {torch.__version__}")
     print("shape: packed Multiverse sample, trunk L/2, 4 paths of L/8, conclusion L/32; 8 q / 2 KV heads, "
           "head_dim 64; forward + backward")
     print(f"{'method':<28}{'dtype':<10}{'L':>7}{'seconds':>10}{'peak MiB':>10}{'MiB/1K tok':>12}"

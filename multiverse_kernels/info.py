@@ -19,7 +19,7 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["collect", "cpu_isa", "main"]
+__all__ = ["collect", "cpu_isa", "cpu_model", "main"]
 
 # x86-64 micro-architecture levels (the psABI's): the flags /proc/cpuinfo must show for each.
 _X86_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"}
@@ -37,7 +37,8 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else platform.processor() or the machine type)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -63,7 +64,7 @@ def cpu_isa() -> dict[str, Any]:
         level = machine
     simd = [f for f in ("avx512f", "avx512bf16", "avx512fp16", "amx_tile", "avx2", "fma", "f16c", "neon",
                         "asimd", "sve") if f in flags]
-    out: dict[str, Any] = {"model": _cpu_model(), "machine": machine, "isa_level": level, "simd": simd,
+    out: dict[str, Any] = {"model": cpu_model(), "machine": machine, "isa_level": level, "simd": simd,
                            "threads": None, "kernel_isa": None, "kernel_isa_source": None}
     try:
         import torch
@@ -72,11 +73,10 @@ def cpu_isa() -> dict[str, Any]:
         out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         op = getattr(getattr(torch.ops, "multiverse_C", None), "cpu_isa", None)
         if op is not None:
-            from .roofline import ISA_NAMES
+            from .roofline import cpu_isa as kernel_isa
 
-            sel, best = op()  # [dispatched (MULTIVERSE_CPU_ISA applied; -1 invalid), widest supported]
-            name = ISA_NAMES[sel] if sel >= 0 else "invalid MULTIVERSE_CPU_ISA"
-            out["kernel_isa"] = f"{name} (CPU supports {ISA_NAMES[best]})"
+            name, best = kernel_isa()  # dispatched (MULTIVERSE_CPU_ISA applied), widest supported
+            out["kernel_isa"] = f"{name} (CPU supports {best})"
             out["kernel_isa_source"] = "reported by the C++ kernel"
     except Exception:  # noqa: BLE001 - info must print whatever works
         pass

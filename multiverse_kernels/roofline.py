@@ -18,12 +18,12 @@ GEMM rate is its compute roof for every dtype; the bandwidth side uses the dtype
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
 from torch.utils import benchmark
 
+from .info import cpu_model
 from .metadata import ForestMetadata
 from .planning import plan_tree_attention
 
@@ -85,18 +85,6 @@ def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_
 def roofline_seconds(unique_kv_bytes: int, flops: int, rates: MachineRates) -> float:
     """max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate)."""
     return max(unique_kv_bytes / rates.read_bw, flops / rates.gemm_flops)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_isa() -> tuple[str, str]:
