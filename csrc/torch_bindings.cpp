@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "multiverse/cpu_kernels.h"
+#include <ATen/Parallel.h>
+
 #include "torch_utils.h"
 
 namespace multiverse::bind {
@@ -135,10 +137,11 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
     double sm_scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q: expected [total_q, Hq, D] and 4-D caches");
   const int64_t group = q.size(1) / std::max<int64_t>(k_cache.size(2), 1);
-  // Same choices as multiverse_kernels/backends/cpu: 256-token chunks, <= 1024 packed rows per item.
-  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 256,
+  // Same choices as multiverse_kernels/backends/cpu: chunks chosen per node from the thread count
+  // (chunk_tokens 0 = auto), <= 1024 packed rows per item.
+  auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, 0,
                               std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), std::max<int64_t>(group, 1),
-                              k_cache.size(2), 1, q.device());
+                              k_cache.size(2), std::max<int64_t>(1, at::get_num_threads()), q.device());
   return tree_attention_run_cpu(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
                                 std::nullopt);
 }

@@ -29,8 +29,8 @@ FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOW = settings(max_examples=1000, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-# The Triton interpreter runs ~1 s an example on 2 cores: 300 keep CI's slow run inside its budget
-# (1000 each for attention and append was measured at ~7 min apiece with the rest of CI around it).
+# The Triton interpreter runs ~0.4 s an example on its small forests: 1000 each for attention and append
+# take ~7 min apiece on 2 cores; 300 keep CI's slow run well inside its budget (docs/errors.md).
 SLOW_TRITON = settings(SLOW, max_examples=300)
 NUM_PAGES = 256
 

@@ -144,8 +144,10 @@ def test_packed_training_sequence(backend, page_size, dtype, d):
                  marks=[*p.marks, *([] if dt == torch.float32 else [_SLOW])])
     for p in backend_params(interp_slow=True) for dt in DTYPES])
 def test_packed_training_forest(backend, dtype):
-    """Packed training (page size 1): a 700-token trunk, three 260-token paths and a 90-token conclusion
-    joining them; nodes span several 256-token chunks and the trunk's 1550 readers several tiles."""
+    """Packed training (every node its own group, q_len = node_len, page size 1): a 700-token trunk,
+    three 260-token paths and a 90-token conclusion joining them; the CPU plan gives each node's rows
+    the whole node (no partial states), so the backward walks it in several 256-token sub-chunks, and
+    the trunk's 1570 readers are split into several tiles."""
     meta, pages = _packed(700, (260, 260, 260), 90, 1)
     check_tree_attention_backward(backend, meta, pages, 8, 2, 64, dtype, seed=3)
 

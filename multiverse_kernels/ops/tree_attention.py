@@ -115,9 +115,12 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _tree_attention_backward_op(grad_out, grad_lse, q, k_cache, v_cache, out, lse, *index,
                                              own_full, ctx.sm_scale, bw, False)
-    # the returned structure mirrors the inputs: a list of Nones for a plan_tensors list
+    # The returned structure mirrors the inputs as the dispatcher passed them: a list of Nones for a
+    # plan_tensors list, and nothing for trailing defaulted arguments that were not passed (torch 2.11
+    # hands the autograd function only the arguments given, 2.14 all of them: needs_input_grad has one
+    # entry per argument either way).
     plan = None if ctx.num_plan_tensors is None else [None] * ctx.num_plan_tensors
-    return (dq, dk, dv) + (None,) * 10 + (plan, None)
+    return ((dq, dk, dv) + (None,) * 10 + (plan, None))[:len(ctx.needs_input_grad)]
 
 
 _tree_attention_op.register_autograd(_backward, setup_context=_setup_context)

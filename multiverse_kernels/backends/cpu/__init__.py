@@ -29,9 +29,13 @@ load_extension("_C")
 __all__ = ["tree_attention", "tree_attention_backward", "merge_states", "append_paged_kv",
            "tree_attention_kv_bytes", "CHUNK_TOKENS"]
 
-# Tokens per work item: K+V of one chunk in fp32 (2 x 256 x 128 x 4 B = 256 KiB) stays in L2 while all
-# of the node's rows use it, and a 4K prefix still gives 16 chunks x Hk items to spread over threads.
-CHUNK_TOKENS = 256
+# Tokens per work item: None = chosen per node by the planner from the forest and the thread count
+# (planning.auto_chunk_tokens): a node is split only as far as the threads need work and never finer
+# than its packed rows, so packed training (every row reads a whole node) writes no partial states
+# and the workspace stays linear in L. (A fixed 256 gave each causal row one partial per 256 keys it
+# sees: 247 MB at L = 8K, 3.9 GB at 32K.) The kernels stream a chunk in 48-token blocks (forward) and
+# 256-token sub-chunks (backward), so long chunks keep their K/V working set in L2.
+CHUNK_TOKENS = None
 # Packed rows (readers x GQA heads) per work item: every reader of a node in one item (each chunk
 # loaded once) up to 1024 rows, e.g. 256 branches at GQA 4; beyond that (long extends) the node's
 # readers are split into tiles so the per-thread scratch stays ~1-2 MB.
