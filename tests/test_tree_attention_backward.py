@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import multiverse_kernels as mk
+from multiverse_kernels.ops import tree_attention_backward
 from multiverse_kernels.testing import (
     assert_close_to_reference,
     backend_device,
@@ -38,8 +39,9 @@ HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (1, 4, 16)
 BACKEND = backend_params()
 # random forests per backend: seeds < 12 small forests over the head-dim x dtype grid (the interpreter's
-# share), then 8 larger forests (max_len 40, extends up to 8) x 3 dtypes at head_dim 64
-SEEDS = {"reference": 36, "cpu": 36, "triton": 12, "cuda": 36}
+# share), then 8 larger forests (max_len 40, extends up to 8) x 3 dtypes at head_dim 64 (not for the
+# reference, whose float64 run is the truth: its low-precision runs are checked on the small grid)
+SEEDS = {"reference": 12, "cpu": 36, "triton": 12, "cuda": 36}
 _SLOW = pytest.mark.slow
 
 
@@ -142,12 +144,13 @@ def test_packed_training_sequence(backend, page_size, dtype, d):
 @pytest.mark.parametrize("backend,dtype", [
     pytest.param(p.values[0], dt, id=f"{p.id}-{dt}",
                  marks=[*p.marks, *([] if dt == torch.float32 else [_SLOW])])
-    for p in backend_params(interp_slow=True) for dt in DTYPES])
+    for p in backend_params(interp_slow=True, exclude=("reference",)) for dt in DTYPES])
 def test_packed_training_forest(backend, dtype):
     """Packed training (every node its own group, q_len = node_len, page size 1): a 700-token trunk,
     three 260-token paths and a 90-token conclusion joining them; the CPU plan gives each node's rows
     the whole node (no partial states), so the backward walks it in several 256-token sub-chunks, and
-    the trunk's 1570 readers are split into several tiles."""
+    the trunk's 1570 readers are split into several tiles. (Not the reference: it does not chunk, and
+    its float64 run is the truth.)"""
     meta, pages = _packed(700, (260, 260, 260), 90, 1)
     check_tree_attention_backward(backend, meta, pages, 8, 2, 64, dtype, seed=3)
 
@@ -185,7 +188,7 @@ def test_empty_nodes_and_groups(backend):
     q, k, v = make_inputs(no_rows, f.num_pages, 2, 2, 64, torch.float16, device=dev)
     out = torch.zeros(0, 2, 64, dtype=torch.float16, device=dev)
     lse = torch.zeros(0, 2, device=dev)
-    dq, dk, dv = mk.tree_attention_backward(out, q, k, v, out, lse, no_rows, backend=backend)
+    dq, dk, dv = tree_attention_backward(out, q, k, v, out, lse, no_rows, backend=backend)
     assert dq.shape == (0, 2, 64) and (dk == 0).all() and (dv == 0).all()
 
 
