@@ -27,18 +27,12 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_interpreter():
-    """Skip unless the kernels are interpreted; poison outputs with NaN for the module."""
+    """Skip unless the kernels are interpreted; poison every backend's outputs with NaN for the module."""
+    from multiverse_kernels.testing import poisoned_outputs
+
     tb = importlib.import_module("multiverse_kernels.backends.triton")
     if not tb.INTERPRETED:
         pytest.skip("the Triton kernels were compiled in this process (TRITON_INTERPRET was not 1 when "
                     "multiverse_kernels was imported); run with TRITON_INTERPRET=1 for the interpreter tests")
-    # the kernel modules (the package re-exports functions with the same names, so go through
-    # sys.modules rather than attribute imports)
-    tms = importlib.import_module("multiverse_kernels.backends.triton.merge_states")
-    tta = importlib.import_module("multiverse_kernels.backends.triton.tree_attention")
-    assert hasattr(tta, "POISON") and hasattr(tms, "POISON")
-    tta.POISON = tms.POISON = True
-    try:
+    with poisoned_outputs():
         yield
-    finally:
-        tta.POISON = tms.POISON = False

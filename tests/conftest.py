@@ -1,4 +1,6 @@
-"""Test-session setup: the Triton interpreter is switched on the usual way on machines without CUDA.
+"""Test-session setup: the Triton interpreter is switched on the usual way on machines without CUDA, and
+the ``poisoned`` fixture (every backend's outputs NaN-filled:
+``multiverse_kernels.testing.poisoned_outputs``).
 
 ``TRITON_INTERPRET=1`` must be in the environment before ``triton.jit`` decorates the kernels (at the
 first import of ``multiverse_kernels.backends.triton``); it is set here, before any test module imports
@@ -11,7 +13,17 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def poisoned():
+    """Every backend fills outputs and workspaces with NaN for the test (the one poisoning switch)."""
+    from multiverse_kernels.testing import poisoned_outputs
+
+    with poisoned_outputs():
+        yield

@@ -1,7 +1,8 @@
-"""Every variant the dispatcher can pick for ``backend="triton"`` and ``"cuda"`` on CUDA tensors, against
-the reference: tree attention (fp16, bf16, fp32; page sizes 1 and 16; GQA; head dims 64/128/256; every
-Triton row tile; random forests), merge, append, the backward, the device guard and current stream, and
-a CUDA-graph capture of the public op replayed with another step's plan copied in.
+"""What only the GPU paths have, for ``backend="triton"`` (compiled) and ``"cuda"`` on CUDA tensors: every
+Triton row tile of the dispatcher's table against the reference (fp16, bf16, fp32; page sizes 1 and 16;
+GQA), the device guard and current stream, a CUDA-graph capture of the public op replayed with another
+step's plan copied in, the CUDA misaligned-stride fallback. Their comparisons with the reference on random
+forests (tree attention, merge, append, backward) are the ``triton``/``cuda`` cases of tests/test_<op>.py.
 
 Needs a CUDA GPU, compiled Triton kernels (``TRITON_INTERPRET`` not 1) and, for ``cuda``, the built
 extension; elsewhere every test is SKIPPED with the reason. ``python -m multiverse_kernels.gpu_run``
@@ -15,9 +16,17 @@ import torch
 
 import multiverse_kernels as mk
 from multiverse_kernels.planning import PlanCapacity, plan_tree_attention
-from multiverse_kernels.testing import make_inputs, random_forest, sampling_forest, tolerance
+from multiverse_kernels.testing import (
+    assert_close_to_reference,
+    backend_device,
+    check_tree_attention,
+    make_inputs,
+    random_forest,
+    sampling_forest,
+    tolerance,
+)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned")]
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine (run: python -m multiverse_kernels.gpu_run, docs/gpu.md)",
@@ -27,53 +36,17 @@ DEV = "cuda"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _backend(name: str):
-    """Skip (with the reason) when ``name`` cannot run compiled kernels here."""
-    if name == "triton":
-        tb = pytest.importorskip("multiverse_kernels.backends.triton")
-        if tb.INTERPRETED:
-            pytest.skip("TRITON_INTERPRET=1: the Triton kernels are interpreted in this process; the GPU "
-                        "tests need them compiled (run with TRITON_INTERPRET=0)")
-    else:
-        try:
-            from multiverse_kernels.backends import cuda  # noqa: F401
-        except (ImportError, OSError, RuntimeError) as e:
-            pytest.skip(f"CUDA extension not built ({e}); python -m multiverse_kernels.gpu_run --step build")
+def _backend(name: str) -> str:
+    """Skip (with the reason) when ``name`` cannot run compiled kernels on CUDA tensors here."""
+    if backend_device(name) != DEV:  # triton with TRITON_INTERPRET=1
+        pytest.skip("TRITON_INTERPRET=1: the Triton kernels are interpreted in this process; the GPU "
+                    "tests need them compiled (run with TRITON_INTERPRET=0)")
     return name
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """NaN-filled outputs: an element a kernel does not write fails the comparison."""
-    monkeypatch.setenv("MULTIVERSE_DEBUG_POISON", "1")
-    try:
-        import multiverse_kernels.backends.triton.merge_states as tms
-        import multiverse_kernels.backends.triton.tree_attention as tta
-    except ImportError:
-        yield
-        return
-    monkeypatch.setattr(tta, "POISON", True)
-    monkeypatch.setattr(tms, "POISON", True)
-    yield
-
-
 def _reference(q, k, v, meta, sm_scale=None):
-    out, lse = mk.tree_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), meta.to("cpu"),
-                                 sm_scale=sm_scale, return_lse=True, backend="reference")
-    return out, lse
-
-
-def _compare(backend, meta, num_pages, hq, hk, d, dtype, seed=0, plan=None):
-    meta = meta.to(DEV)
-    q, k, v = make_inputs(meta, num_pages, hq, hk, d, dtype, device=DEV, seed=seed)
-    out, lse = mk.tree_attention(q, k, v, meta, return_lse=True, backend=backend, plan=plan)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = _reference(q, k, v, meta)
-    assert out.dtype == dtype and out.device.type == "cuda"
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (poisoned) outputs"
-    torch.testing.assert_close(out.cpu().double(), ref_out, **tolerance(dtype))
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
+    return mk.tree_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), meta.to("cpu"),
+                             sm_scale=sm_scale, return_lse=True, backend="reference")
 
 
 def _triton_tiles():
@@ -101,89 +74,13 @@ def test_triton_every_tile(dtype, d, block_m, page_size):
     plan = plan_tree_attention(meta.to(DEV), hq, hk, chunk_tokens=64, rows_per_tile=rpt, head_dim=d)
     cfg = attn_config(d, dtype, group, plan.max_item_readers, torch.device(DEV))
     assert cfg.BLOCK_M <= block_m
-    _compare("triton", meta, f.num_pages, hq, hk, d, dtype, seed=d + block_m, plan=plan)
+    check_tree_attention("triton", meta, f.num_pages, hq, hk, d, dtype, seed=d + block_m,
+                         plan=dict(chunk_tokens=64, rows_per_tile=rpt))
 
 
 def test_triton_tile_table_covered():
     assert sorted(_triton_tiles()) == sorted([(64, 16), (64, 32), (64, 64), (64, 128), (128, 16), (128, 32),
                                                (128, 64), (128, 128), (256, 16)])
-
-
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_random_forests(backend, seed, dtype):
-    _backend(backend)
-    d = (64, 128, 256)[seed % 3]
-    page_size = (1, 16)[seed % 2]
-    hq, hk = ((4, 4), (8, 2), (8, 1))[seed % 3]
-    f, groups = random_forest(7000 + seed, page_size=page_size, max_len=60, max_nodes=12)
-    meta = f.metadata(groups)
-    if seed % 3 == 2:
-        meta = meta.with_own_full(torch.arange(meta.num_groups) % 2 == 0)
-    _compare(backend, meta, f.num_pages, hq, hk, d, dtype, seed=seed)
-
-
-# ---- merge, append, backward ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_merge_states(backend, dtype, d):
-    _backend(backend)
-    v = torch.randn(200, 3, 4, d, device=DEV).to(dtype)
-    s = torch.randn(200, 3, 4, device=DEV) * 3
-    s[::4, 1] = float("-inf")
-    s[7] = float("-inf")
-    out, lse = mk.merge_states(v, s, backend=backend)
-    ref_out, ref_lse = mk.merge_states(v.cpu().double(), s.cpu().double(), backend="reference")
-    torch.testing.assert_close(out.cpu().double(), ref_out, **tolerance(dtype))
-    torch.testing.assert_close(lse.cpu().double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("page_size,hk,d", [(1, 1, 64), (16, 4, 128), (16, 2, 256)])
-def test_append_paged_kv(backend, dtype, page_size, hk, d):
-    _backend(backend)
-    f, _ = random_forest(31, page_size=page_size)
-    indptr, indices = (t.to(DEV) for t in f.page_table())
-    lens = [f.node_len(n) for n in range(f.num_nodes)]
-    token_node = torch.tensor([n for n, ln in enumerate(lens) for _ in range(ln)], dtype=torch.int32)
-    token_pos = torch.tensor([j for ln in lens for j in range(ln)], dtype=torch.int32)
-    n = token_node.numel()
-    k = torch.randn(n, hk, d, device=DEV)
-    v = torch.randn(n, hk, d, device=DEV)
-    shape = (f.num_pages, page_size, hk, d)
-    kc = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
-    vc = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
-    kr, vr = kc.cpu(), vc.cpu()
-    mk.append_paged_kv(k.to(dtype), v.to(dtype), kc, vc, indptr, indices, token_node.to(DEV),
-                       token_pos.to(DEV), backend=backend)
-    mk.append_paged_kv(k.cpu().to(dtype), v.cpu().to(dtype), kr, vr, indptr.cpu(), indices.cpu(),
-                       token_node, token_pos, backend="reference")
-    torch.testing.assert_close(kc.cpu(), kr, equal_nan=True, atol=0, rtol=0)
-    torch.testing.assert_close(vc.cpu(), vr, equal_nan=True, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward(backend, dtype):
-    """Gradients of q, k_cache, v_cache through the forward of ``backend`` on CUDA tensors."""
-    _backend(backend)
-    f, groups = random_forest(55, page_size=16, max_len=40, max_nodes=8)
-    meta = f.metadata(groups)
-    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 128, dtype, device=DEV, seed=3)
-    go = torch.randn_like(q)
-    grads = []
-    for b, dev, ty in ((backend, DEV, dtype), ("reference", "cpu", torch.float64)):
-        qq, kk, vv = (t.detach().to(dev, ty).requires_grad_() for t in (q, k, v))
-        out = mk.tree_attention(qq, kk, vv, meta.to(dev), backend=b)
-        out.backward(go.to(dev, ty))
-        grads.append([t.grad.cpu().double() for t in (qq, kk, vv)])
-    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
-    for g, r in zip(*grads):
-        torch.testing.assert_close(g, r, atol=tol, rtol=tol)
 
 
 # ---- device guard, current stream, CUDA graphs ---------------------------------------------------------
@@ -200,7 +97,7 @@ def test_other_device_than_current(backend):
         out = mk.tree_attention(q, k, v, meta, backend=backend)
     torch.cuda.synchronize(1)
     assert out.device == torch.device("cuda:1")
-    torch.testing.assert_close(out.cpu().double(), _reference(q, k, v, meta)[0], **tolerance(torch.float16))
+    assert_close_to_reference("out", out, _reference(q, k, v, meta)[0], **tolerance(torch.float16))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -217,7 +114,7 @@ def test_side_stream(backend):
         q2 = q * 1.0  # written on s: a launch on another stream could read it before it is ready
         out = mk.tree_attention(q2, k, v, meta, backend=backend)
     s.synchronize()
-    torch.testing.assert_close(out.cpu().double(), _reference(q, k, v, meta)[0], **tolerance(torch.float16))
+    assert_close_to_reference("out", out, _reference(q, k, v, meta)[0], **tolerance(torch.float16))
 
 
 def _decode_steps(hq, hk, d, dtype):
@@ -268,7 +165,7 @@ def test_cuda_graph_public_op_replay_with_next_plan(backend):
     ref_out, ref_lse = mk.tree_attention(q, k, v, m2, backend=backend, return_lse=True)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
-    torch.testing.assert_close(out.cpu().double(), _reference(q, k, v, m2)[0], **tolerance(dtype))
+    assert_close_to_reference("out", out, _reference(q, k, v, m2)[0], **tolerance(dtype))
 
 
 def test_misaligned_stride_warns_once():
@@ -285,4 +182,4 @@ def test_misaligned_stride_warns_once():
     cb._WARNED.clear()
     with pytest.warns(UserWarning, match="scalar"):
         out = mk.tree_attention(qq, k, v, meta, backend="cuda")
-    torch.testing.assert_close(out.cpu().double(), _reference(q, k, v, meta)[0], **tolerance(torch.float16))
+    assert_close_to_reference("out", out, _reference(q, k, v, meta)[0], **tolerance(torch.float16))

@@ -1,4 +1,11 @@
-"""merge_states algebra: merging the partials of any split equals the unsplit result; order is free."""
+"""merge_states on every backend against the float64 reference, and the algebra of the merge (on the
+default backend): merging the partials of any split equals the unsplit result; order is free.
+
+Every backend case runs on each backend of ``multiverse_kernels.testing.BACKENDS`` (skipped with the
+reason when one cannot run here; a missing C++ build FAILS with ``MULTIVERSE_REQUIRE_CPP=1``) through
+``testing.check_merge_states``: outputs poisoned (NaN), the float64 reference on the same rounded inputs,
+``testing.tolerance(dtype)``; rows whose states are all empty give 0 and lse -inf.
+"""
 
 import random
 
@@ -6,6 +13,29 @@ import pytest
 import torch
 
 import multiverse_kernels as mk
+from multiverse_kernels.metadata import MetadataError
+from multiverse_kernels.testing import backend_device, backend_params, check_merge_states
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (num_states, head_dim): 0 states (nothing to merge), one state, many; head dims the Triton kernel takes
+# (powers of two) and 80 (not triton: a named error, test_triton_rejects_bad_input)
+CASES = [(1, 64), (3, 128), (5, 256), (0, 64), (4, 128), (1, 80), (3, 80)]
+
+
+@pytest.mark.parametrize("backend,num_states,d", [
+    pytest.param(p.values[0], ns, d, id=f"{p.id}-{ns}-{d}", marks=p.marks)
+    for p in backend_params() for ns, d in CASES if not (p.values[0] == "triton" and d == 80)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_against_reference(backend, num_states, d, dtype):
+    n, h = (6, 3) if backend == "triton" else (37, 4)  # the interpreter runs one program per (row, head)
+    check_merge_states(backend, n, num_states, h, d, dtype, seed=num_states * 7 + d)
+
+
+def test_triton_rejects_bad_input():
+    backend_device("triton")
+    v = torch.zeros(2, 2, 1, 64, dtype=torch.float64)
+    with pytest.raises(MetadataError, match="v: backend 'triton'"):
+        mk.merge_states(v, torch.zeros(2, 2, 1, dtype=torch.float64), backend="triton")
 
 
 def _partials(seed, n=5, h=3, d=16, keys=23, splits=4):
