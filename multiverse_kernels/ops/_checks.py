@@ -60,6 +60,22 @@ def debug_checks() -> bool:
     return os.environ.get("MULTIVERSE_DEBUG_CHECKS", "0") not in ("", "0")
 
 
+def fake_checks(check, *args, **kwargs) -> None:
+    """Run an op's no-data ``check`` in its fake implementation.
+
+    Outside torch.compile (index tensors on the ``meta`` device are dispatched to the fake
+    implementation) the ``MetadataError`` is raised here. While torch.compile traces, it is left to the
+    op's real implementation, which runs the same checks when the compiled graph executes: the caller
+    then gets the ``MetadataError`` itself (dynamo would re-raise one raised at trace time as its own
+    ``TorchRuntimeError``), and the fake implementation returns outputs of the shapes the op would have.
+    """
+    try:
+        check(*args, **kwargs)
+    except MetadataError:
+        if not torch.compiler.is_compiling():
+            raise
+
+
 def check_index_devices(q: Tensor, tensors: tuple, names: tuple[str, ...] = INDEX_FIELDS,
                         own_full: Tensor | None = None) -> None:
     """Cheap checks (no device sync) run whatever ``validate`` says: every index tensor is an int32

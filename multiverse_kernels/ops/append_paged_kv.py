@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import MetadataError, _check_indptr
-from ._checks import FLOAT_DTYPES, check_tensor, debug_checks
+from ._checks import FLOAT_DTYPES, check_tensor, debug_checks, fake_checks
 
 __all__ = ["append_paged_kv"]
 
@@ -88,7 +88,8 @@ def _append_paged_kv_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, 
 
 @_append_paged_kv_op.register_fake
 def _(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos, backend, validate):
-    _cheap_checks(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
+    # under torch.compile the real op raises at run time
+    fake_checks(_cheap_checks, k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
     return None
 
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import MetadataError
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_tensor, fake_checks
 
 __all__ = ["merge_states"]
 
@@ -29,9 +29,9 @@ def _check(v: Tensor, s: Tensor) -> None:
 
 @_merge_states_op.register_fake
 def _(v, s, backend, validate):
-    _check(v, s)
-    return v.new_empty(v.shape[0], v.shape[2], v.shape[3]), s.new_empty(
-        v.shape[0], v.shape[2], dtype=torch.float32)
+    fake_checks(_check, v, s)  # under torch.compile the real op raises at run time
+    n, h, d = (v.shape[0], v.shape[2], v.shape[3]) if v.dim() == 4 else (1, 1, 1)
+    return v.new_empty(n, h, d), s.new_empty(n, h, dtype=torch.float32)
 
 
 def merge_states(v: Tensor, s: Tensor, *, backend: str = "auto",

@@ -14,7 +14,14 @@ from torch import Tensor
 from ..backends import available_backends, resolve
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
-from ._checks import check_attention_args, check_index_devices, check_sm_scale, debug_checks, op_metadata
+from ._checks import (
+    check_attention_args,
+    check_index_devices,
+    check_sm_scale,
+    debug_checks,
+    fake_checks,
+    op_metadata,
+)
 from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
@@ -78,14 +85,15 @@ def _check_plan(plan: TreePlan, q: Tensor) -> None:
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
       vis_nodes, own_full, sm_scale, backend, validate, plan_tensors=None, plan_ints=None):
-    # The argument checks that need no data (also under torch.compile, and for index tensors on the
-    # meta device, which the dispatcher sends here instead of to a kernel).
-    check_attention_args(q, k_cache, v_cache)
-    check_sm_scale(sm_scale)
-    check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
-                            vis_nodes), own_full=own_full)
-    out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-    lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+    # The argument checks that need no data (index tensors on the meta device are sent here instead of
+    # to a kernel); under torch.compile the real op raises them at run time (fake_checks).
+    fake_checks(check_attention_args, q, k_cache, v_cache)
+    fake_checks(check_sm_scale, sm_scale)
+    fake_checks(check_index_devices, q, (node_page_indptr, node_page_indices, node_len, qo_indptr,
+                                         vis_indptr, vis_nodes), own_full=own_full)
+    rows, heads = (q.shape[0], q.shape[1]) if q.dim() >= 2 else (q.numel(), 1)
+    out = q.new_empty(rows, heads, q.shape[-1] if q.dim() else 1)
+    lse = q.new_empty(rows, heads, dtype=torch.float32)
     return out, lse
 
 
@@ -165,8 +173,8 @@ def tree_attention(
     if not isinstance(meta, ForestMetadata):
         raise MetadataError(f"meta: expected a ForestMetadata, got {type(meta).__name__}")
     if not torch.compiler.is_compiling():
-        # (under torch.compile the op's fake implementation runs the same checks: an exception raised
-        # here would surface as dynamo's Unsupported instead of MetadataError)
+        # (under torch.compile the op itself raises these when the compiled graph runs: an exception
+        # raised here while tracing would surface as dynamo's Unsupported instead of MetadataError)
         check_attention_args(q, k_cache, v_cache)
         if meta.page_size != k_cache.shape[1]:
             raise MetadataError(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import ForestMetadata, MetadataError
-from ._checks import check_attention_args, check_index_devices, op_metadata
+from ._checks import check_attention_args, check_index_devices, fake_checks, op_metadata
 
 __all__ = ["tree_attention_backward"]
 
@@ -75,9 +75,10 @@ def _check_grads(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, out: Tens
 def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices, node_len,
       qo_indptr, vis_indptr, vis_nodes, own_full, sm_scale, backend, validate):
     # no-data checks (index tensors on the meta device would otherwise land here and return garbage)
-    check_attention_args(q, k_cache, v_cache)
-    check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr, vis_nodes),
-                        own_full=own_full)
+    # (under torch.compile the real op raises them at run time: fake_checks)
+    fake_checks(check_attention_args, q, k_cache, v_cache)
+    fake_checks(check_index_devices, q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
+                                         vis_nodes), own_full=own_full)
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
