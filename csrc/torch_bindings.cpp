@@ -202,6 +202,10 @@ TORCH_LIBRARY(multiverse_C, m) {
   m.def("merge_states(Tensor v, Tensor s) -> (Tensor, Tensor)");
   // [selected, supported] micro-kernel ISA of the CPU tree_attention (0 baseline, 1 avx2, 2 avx512).
   m.def("cpu_isa() -> int[]", &multiverse::bind::cpu_isa_op);
+  // FMA rate (flop/s) of the selected ISA on ATen's thread pool (at::get_num_threads() workers).
+  m.def("cpu_fma_peak(int iters) -> float", [](int64_t iters) {
+    return multiverse::cpu::cpu_fma_peak(iters, at::get_num_threads());
+  });
   m.def(
       "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor page_indptr, "
       "Tensor page_indices, Tensor token_node, Tensor token_pos) -> ()");

@@ -334,9 +334,11 @@ def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.Machin
     """The main table; with ``rates`` also each method's share of the roofline (multiverse_kernels/
     roofline.py: max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate))."""
     uniq = w.unique_kv_bytes
-    roof = None
+    roof = fma_roof = None
     if rates is not None:
         roof, flops = roofline.workload_roofline(w.meta, tuple(w.q.shape), w.k_cache.shape[2], uniq, rates)
+        if rates.fma_flops:  # the step's flops at the FMA peak (the hard compute ceiling)
+            fma_roof = flops / rates.fma_flops
     peer_times = [r.seconds for r in rows if r.seconds and not r.method.startswith("tree_attention")]
     best_peer = min(peer_times) if peer_times else None
     m = w.meta
@@ -349,7 +351,8 @@ def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.Machin
         *([roofline.describe_roofline(uniq, flops, rates)] if roof is not None else []),
         "",
         f"{'method':<34}{'time ms':>10}{'speedup vs best peer':>22}{'KV MB read':>12}{'x unique':>10}"
-        f"{'uniqKV GB/s':>13}{'% copy BW':>11}{'% roofline' if roof is not None else '':>12}  note",
+        f"{'uniqKV GB/s':>13}{'% copy BW':>11}{'% roofline' if roof is not None else '':>12}"
+        f"{'% FMA peak' if fma_roof is not None else '':>12}  note",
     ]
     for r in rows:
         t = f"{r.seconds * 1e3:10.3f}" if r.seconds else f"{'-':>10}"
@@ -359,7 +362,8 @@ def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.Machin
         gbs = f"{uniq / r.seconds / 1e9:13.2f}{100 * uniq / r.seconds / bw:10.1f}%" if r.seconds else \
             f"{'-':>13}{'-':>11}"
         rf = "" if roof is None else f"{100 * roof / r.seconds:11.1f}%" if r.seconds else f"{'-':>12}"
-        lines.append(f"{r.method:<34}{t}{sp}{kv}{gbs}{rf}  {r.note}")
+        fm = "" if fma_roof is None else f"{100 * fma_roof / r.seconds:11.1f}%" if r.seconds else f"{'-':>12}"
+        lines.append(f"{r.method:<34}{t}{sp}{kv}{gbs}{rf}{fm}  {r.note}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,12 @@
 * **read bandwidth**: ``torch.sum`` over a float32 buffer far larger than the last-level cache (bytes read
   per second; the sum writes nothing), with the thread count of the kernels it is compared with.
 * **fp32 GEMM rate**: ``torch.mm`` of two n x n float32 matrices (2 n^3 flops), same thread count.
+* **FMA peak** (CPU, when the C++ extension is built): ``torch.ops.multiverse_C.cpu_fma_peak``, chains of
+  fused multiply-adds held in registers on the ISA the CPU kernel dispatched to, one loop per thread.
+  It is the hard compute ceiling; torch's GEMM reaches only part of it (on AMD CPUs torch's BLAS may not
+  use AVX-512 at all), so a kernel can exceed 100% of the GEMM-based roofline (the long extend step
+  does) but never of the FMA peak. The bench prints both shares: "% roofline" (the GEMM-based roof
+  defined above) and "% FMA peak".
 
 Both rates are timed with ``torch.utils.benchmark.Timer.blocked_autorange`` and summarised by the median,
 the statistic of the bench's time column, so that a loaded machine slows both sides alike. The CPU
@@ -18,6 +24,7 @@ GEMM rate is its compute roof for every dtype; the bandwidth side uses the dtype
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +36,7 @@ from .planning import plan_tree_attention
 
 __all__ = ["MachineRates", "measure_rates", "rates_for_run", "step_flops", "roofline_seconds",
            "workload_roofline", "describe_roofline", "thread_scaling", "cpu_model", "cpu_isa", "describe_cpu",
-           "ISA_NAMES"]
+           "ISA_NAMES", "fma_peak"]
 
 ISA_NAMES = ("baseline", "avx2", "avx512")
 
@@ -41,10 +48,13 @@ class MachineRates:
     threads: int
     gemm_flops: float  # fp32 GEMM flop/s
     read_bw: float  # bytes/s
+    fma_flops: float | None = None  # fp32 FMA peak flop/s of the CPU kernel's ISA (None: not measured)
 
     def describe(self) -> str:
+        fma = "" if self.fma_flops is None else \
+            f", FMA peak {self.fma_flops / 1e9:.1f} GFLOP/s (cpu_fma_peak)"
         return (f"fp32 GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s (torch.mm), read bandwidth "
-                f"{self.read_bw / 1e9:.1f} GB/s (torch.sum), {self.threads} thread(s)")
+                f"{self.read_bw / 1e9:.1f} GB/s (torch.sum){fma}, {self.threads} thread(s)")
 
 
 def _sync(device: torch.device) -> None:
@@ -72,7 +82,27 @@ def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_byt
     x.sum()  # first touch
     t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=_sync, dev=dev), num_threads=nt
                            ).blocked_autorange(min_run_time=min_run_time).median
-    return MachineRates(torch.get_num_threads(), 2 * gemm_n ** 3 / t_mm, x.numel() * 4 / t_rd)
+    return MachineRates(torch.get_num_threads(), 2 * gemm_n ** 3 / t_mm, x.numel() * 4 / t_rd,
+                        fma_peak(min_run_time) if dev.type == "cpu" else None)
+
+
+def fma_peak(min_run_time: float = 0.5) -> float | None:
+    """FMA peak flop/s of the CPU kernel's ISA with ``torch.get_num_threads()`` threads (best of a few
+    runs of about ``min_run_time / 5`` s each: the ceiling, so the fastest run); None without the C++
+    extension."""
+    try:
+        from .backends import cpu  # noqa: F401  (loads multiverse_kernels._C)
+        op = torch.ops.multiverse_C.cpu_fma_peak
+    except (ImportError, OSError, RuntimeError, AttributeError):
+        return None
+    iters = 1 << 16
+    while True:  # size one run to ~min_run_time / 5
+        t0 = time.perf_counter()
+        op(iters)
+        if time.perf_counter() - t0 > min_run_time / 5 or iters > 1 << 34:
+            break
+        iters *= 4
+    return max(op(iters) for _ in range(5))
 
 
 def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int) -> int:
@@ -130,10 +160,13 @@ def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> 
     """The roofline line printed above a bench table (both terms, which one binds)."""
     mem = unique_kv_bytes / rates.read_bw
     comp = flops / rates.gemm_flops
+    fma = "" if rates.fma_flops is None else (
+        f"; FMA peak {rates.fma_flops / 1e9:.1f} GFLOP/s: {flops / rates.fma_flops * 1e3:.3f} ms of pure "
+        "FMAs")
     return (f"roofline {max(mem, comp) * 1e3:.3f} ms = max({unique_kv_bytes / 1e6:.2f} MB unique KV / "
             f"{rates.read_bw / 1e9:.1f} GB/s read, {flops / 1e9:.3f} GFLOP / {rates.gemm_flops / 1e9:.1f} "
             f"GFLOP/s fp32 GEMM) ({'compute' if comp >= mem else 'memory'}-bound, {rates.threads} "
-            f"thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * num_qo_heads")
+            f"thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * num_qo_heads{fma}")
 
 
 def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
@@ -144,17 +177,19 @@ def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads:
     all_threads = torch.get_num_threads()
     threads = threads or tuple(sorted({1, all_threads}))
     lines = ["thread scaling (rates re-measured per thread count):",
-             f"{'method':<34}{'threads':>8}{'time ms':>10}{'% roofline':>12}{'vs 1 thread':>13}"]
+             f"{'method':<34}{'threads':>8}{'time ms':>10}{'% roofline':>12}{'% FMA peak':>12}"
+             f"{'vs 1 thread':>13}"]
     try:
         for name, fn in methods.items():
             base = None
             for nt in threads:
                 torch.set_num_threads(nt)
                 rates = rates_for_run(device)
-                roof, _ = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
+                roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
                 t = time_fn(fn)
                 base = base or t
-                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * roof / t:11.1f}%{base / t:12.2f}x")
+                fma = f"{100 * flops / t / rates.fma_flops:11.1f}%" if rates.fma_flops else f"{'-':>12}"
+                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * roof / t:11.1f}%{fma}{base / t:12.2f}x")
     finally:
         torch.set_num_threads(all_threads)
     return "\n".join(lines)

@@ -56,3 +56,24 @@ def test_rates_are_timed_with_the_callers_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen == [2, 2]
+
+
+def test_fma_peak_is_a_ceiling_on_every_isa(monkeypatch):
+    """The FMA probe runs on the ISA the kernel dispatches to (every ISA this CPU runs), reports a rate,
+    and the bench table prints the share of it next to the GEMM-based roofline."""
+    from multiverse_kernels.testing import import_cpu_backend_or_skip
+
+    import_cpu_backend_or_skip()
+    sel, best = roofline.cpu_isa()
+    for isa in roofline.ISA_NAMES[:roofline.ISA_NAMES.index(best) + 1]:
+        monkeypatch.setenv("MULTIVERSE_CPU_ISA", isa)
+        peak = roofline.fma_peak(min_run_time=0.02)
+        assert peak is not None and peak > 1e8, (isa, peak)
+    r = roofline.MachineRates(threads=1, gemm_flops=100e9, read_bw=10e9, fma_flops=200e9)
+    assert "FMA peak 200.0 GFLOP/s" in r.describe()
+    assert "ms of pure FMAs" in roofline.describe_roofline(10**6, 10**9, r)
+    w = bench.make_workload("multiverse", "cpu", torch.float32, hq=4, hk=1, d=8)
+    rows = [bench.Row("tree_attention[cpu]", 0.01, w.unique_kv_bytes)]
+    table = bench.format_table(w, rows, 1e10, r)
+    flops = roofline.step_flops(w.meta, 4, 1, 8)
+    assert "% FMA peak" in table and f"{100 * flops / 200e9 / 0.01:.1f}%" in table

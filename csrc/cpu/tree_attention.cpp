@@ -4,6 +4,7 @@
 // tree_attention_impl.h, compiled once per ISA (tree_attention_{avx512,avx2,baseline}.cpp).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -55,6 +56,17 @@ TaskFn task_fn(CpuIsa isa) {
     case CpuIsa::kAvx2: return &tree_attention_task_avx2;
 #endif
     default: return &tree_attention_task_baseline;
+  }
+}
+
+using FmaLoop = float (*)(int64_t, int64_t*);
+FmaLoop fma_loop(CpuIsa isa) {
+  switch (isa) {
+#if defined(MULTIVERSE_X86_ISAS)
+    case CpuIsa::kAvx512: return &fma_loop_avx512;
+    case CpuIsa::kAvx2: return &fma_loop_avx2;
+#endif
+    default: return &fma_loop_baseline;
   }
 }
 
@@ -110,6 +122,21 @@ CpuIsa cpu_isa_selected() {
     throw std::invalid_argument("MULTIVERSE_CPU_ISA=" + v + ": this CPU (or build) runs at most " +
                                 cpu_isa_name(best));
   return want;
+}
+
+double cpu_fma_peak(int64_t iters, int64_t threads) {
+  const FmaLoop fn = fma_loop(cpu_isa_selected());
+  std::atomic<int64_t> flops{0};
+  std::atomic<int64_t> sink{0};
+  const auto t0 = std::chrono::steady_clock::now();
+  run_workers(threads, [&]() {  // one loop per worker (parallel_tasks would let a worker claim two)
+    int64_t f = 0;
+    const float s = fn(iters, &f);
+    flops += f;
+    sink += static_cast<int64_t>(s != s);  // keep the result alive
+  });
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return sec > 0 ? static_cast<double>(flops.load()) / sec : 0.0;
 }
 
 void tree_attention(const TreeAttentionParams& p) {

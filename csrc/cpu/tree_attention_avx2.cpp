@@ -12,6 +12,7 @@
 #endif
 #define MV_LEVEL 1
 #define MV_TASK_FN tree_attention_task_avx2
+#define MV_PEAK_FN fma_loop_avx2
 #include "tree_attention_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -14,6 +14,7 @@
 #endif
 #define MV_LEVEL 2
 #define MV_TASK_FN tree_attention_task_avx512
+#define MV_PEAK_FN fma_loop_avx512
 #include "tree_attention_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -4,4 +4,5 @@
 
 #define MV_LEVEL 0
 #define MV_TASK_FN tree_attention_task_baseline
+#define MV_PEAK_FN fma_loop_baseline
 #include "tree_attention_impl.h"

@@ -527,3 +527,25 @@ int64_t MV_TASK_FN(const TreeAttentionParams& p, int32_t item, int32_t kh, int32
   return 0;
 }
 }  // namespace multiverse::cpu
+
+// The FMA rate this ISA build can reach: kFmaChains independent chains of W-lane fused multiply-adds
+// held in registers (no memory traffic), `iters` rounds; *flops gets the flops done (2 per lane per
+// FMA). Returns a value that depends on every chain (so the compiler keeps them all). Timed on every
+// thread by cpu_fma_peak (tree_attention.cpp): the FMA roof of multiverse_kernels/roofline.py.
+namespace multiverse::cpu {
+float MV_PEAK_FN(int64_t iters, int64_t* flops) {
+  using V = VT<W>::V;
+  constexpr int kFmaChains = W == 16 ? 12 : 10;  // enough chains to cover FMA latency x pipes, in registers
+  V acc[kFmaChains];
+  const V b = vbcast<V>(0.999f), c = vbcast<V>(1e-3f);
+  for (int i = 0; i < kFmaChains; ++i) acc[i] = vbcast<V>(static_cast<float>(i));
+  for (int64_t k = 0; k < iters; ++k) {
+    MV_UNROLL(12) for (int i = 0; i < kFmaChains; ++i) acc[i] = vfma(acc[i], b, c);  // (not foldable:
+  }                                                                                    // fp rounding)
+  float s = 0.0f;
+  for (int i = 0; i < kFmaChains; ++i)
+    for (int l = 0; l < W; ++l) s += acc[i][l];
+  *flops = 2 * static_cast<int64_t>(W) * kFmaChains * iters;
+  return s;
+}
+}  // namespace multiverse::cpu

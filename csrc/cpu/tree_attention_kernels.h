@@ -51,9 +51,12 @@ using TaskFn = int64_t (*)(const TreeAttentionParams& p, int32_t item, int32_t k
 #define MULTIVERSE_X86_ISAS 1
 int64_t tree_attention_task_avx512(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item,
                                    int32_t next_kh, const TaskScratch& s);
+float fma_loop_avx512(int64_t iters, int64_t* flops);
+float fma_loop_avx2(int64_t iters, int64_t* flops);
 int64_t tree_attention_task_avx2(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item,
                                    int32_t next_kh, const TaskScratch& s);
 #endif
+float fma_loop_baseline(int64_t iters, int64_t* flops);
 int64_t tree_attention_task_baseline(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item,
                                    int32_t next_kh, const TaskScratch& s);
 

@@ -19,6 +19,11 @@ CpuIsa cpu_isa_supported();
 // std::invalid_argument for an unknown name or an ISA this CPU cannot run.
 CpuIsa cpu_isa_selected();
 
+// FMA rate (flop/s) of the selected ISA's micro-kernel build: min(threads, pool size) workers of the
+// kernels' pool each run `iters` rounds of register-resident FMA chains. The compute roof of
+// multiverse_kernels/roofline.py.
+double cpu_fma_peak(int64_t iters, int64_t threads);
+
 // Partial (out, lse) of every (work item, kv head) of the plan into p.partial_out / p.partial_lse.
 void tree_attention(const TreeAttentionParams& p);
 
