@@ -25,11 +25,19 @@ from .metadata import ForestMetadata, MetadataError
 from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
 
 __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "default_rows_per_tile",
-           "default_num_workers", "auto_chunk_tokens", "MIN_CHUNK_TOKENS"]
+           "default_num_workers", "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "invariant_plan",
+           "INVARIANT_CHUNK_TOKENS"]
 
 # Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
 # (backends/triton/tree_attention.py TILES), so that a chunk is loaded once for all of them.
 MAX_TILE_ROWS = {64: 256, 128: 128, 256: 16}
+
+# Default chunk of :func:`invariant_plan` (the branch- and thread-count-invariant mode): every node is
+# split at multiples of this many tokens, whatever the forest and the device (docs/errors.md,
+# "Determinism"). The auto planner's smallest chunk, so the invariant plan never splits a node more
+# coarsely than the auto plan would (at least its parallelism), at the price of more partial states
+# wherever the auto plan splits less (see invariant_plan).
+INVARIANT_CHUNK_TOKENS = MIN_CHUNK_TOKENS
 
 
 def default_rows_per_tile(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> int:
@@ -268,6 +276,64 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
     else:
         plan = _plan_torch(meta, group, num_kv_heads, chunk_tokens, rows_per_tile, num_workers)
     return plan if capacity is None else _pad_plan(plan, capacity, meta.total_q)
+
+
+def invariant_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
+                   chunk_tokens: int = INVARIANT_CHUNK_TOKENS, rows_per_tile: int | None = None,
+                   capacity: PlanCapacity | None = None, impl: str | None = None) -> TreePlan:
+    """The plan of the branch- and thread-count-invariant mode (docs/errors.md, "Determinism").
+
+    Pass it as ``tree_attention(q, k_cache, v_cache, meta, plan=plan)``; build it once per step (like
+    any plan) and reuse it in every layer. A query row's ``out`` and ``lse`` are then bitwise the same
+    whether its group is computed alone or together with other groups of the same forest and cache,
+    and whatever ``torch.get_num_threads()`` / the GPU's SM count was when the plan was built or run,
+    because nothing in the plan that decides a row's arithmetic depends on the rest of the forest or on
+    the device:
+
+    * every node is cut into chunks of ``chunk_tokens`` tokens (``[c * chunk_tokens, (c + 1) *
+      chunk_tokens)``), instead of the default plan's per-node chunk chosen from the whole forest's
+      work and ``num_workers`` (:func:`auto_chunk_tokens`); so the partial states of a row, and the
+      order in which it merges them (its nodes' ids, then chunk order), depend only on the row;
+    * ``max_item_readers`` is pinned to ``rows_per_tile`` (as a :class:`PlanCapacity` plan's is), so
+      the Triton kernel variant (row tile and KV block, picked from it) does not depend on how many
+      readers the busiest node of this step has.
+
+    Args:
+        meta: the step's forest metadata (index tensors int32, any device; the plan lands there).
+        num_qo_heads, num_kv_heads: head counts of the ``q`` and caches the plan will run with.
+        head_dim: ``q.shape[-1]`` (picks the default ``rows_per_tile``).
+        chunk_tokens: tokens per chunk, for every node (default :data:`INVARIANT_CHUNK_TOKENS`). Any
+            fixed value is invariant; a value at least as long as every node splits nothing (one
+            partial per (row, node): no split-KV parallelism within a node, fewest merges).
+        rows_per_tile: readers per work item, default :func:`default_rows_per_tile` (valid on every
+            backend; the cpu backend's own plans put up to ``backends.cpu.MAX_ITEM_ROWS`` packed rows
+            in one item, and a caller may pass that for it). It does not change the invariance.
+        capacity: pad the arrays to fixed sizes (CUDA graphs), as in :func:`plan_tree_attention`.
+        impl: ``"cpp"``, ``"torch"`` or None, as in :func:`plan_tree_attention` (identical plans).
+
+    Returns:
+        a :class:`TreePlan` (int32 tensors on ``meta.device``) with ``num_workers == 0`` (no chunk was
+        chosen for a device) and ``max_item_readers == rows_per_tile``.
+
+    Cost, against the default plan: wherever the default plan would not split a node (few threads, a
+    short node, a node with many readers) this one still cuts it every ``chunk_tokens`` tokens, so a
+    row writes one fp32 partial state (``head_dim + 1`` floats per query head) per chunk it sees and
+    is merged: more workspace and merge work; a long causal extend or prefill gets one partial per
+    ``chunk_tokens`` keys of each row (workspace quadratic in its length; use a larger
+    ``chunk_tokens`` there). On Triton the row tile is always the one of ``rows_per_tile`` readers,
+    even when the step's nodes have fewer.
+    """
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        # (None would be the default, forest- and device-dependent plan)
+        raise MetadataError(f"chunk_tokens: expected a positive int, got {chunk_tokens!r}")
+    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
+                               rows_per_tile=rows_per_tile, head_dim=head_dim, capacity=capacity,
+                               impl=impl)
+    if plan.max_item_readers == plan.rows_per_tile:
+        return plan
+    ints = dict(zip(INT_FIELDS, plan.ints(), strict=True))
+    ints["max_item_readers"] = plan.rows_per_tile
+    return TreePlan.from_lists(plan.tensors(), [ints[f] for f in INT_FIELDS])
 
 
 def _pad_plan(plan: TreePlan, capacity: PlanCapacity, total_q: int) -> TreePlan:
