@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     for forest in forests:
         w, rows, bw = run_bench(forest, a.device, dtype, a.iters, a.backend, not a.no_peers)
         print()
-        print(format_table(w, rows, bw, roofline.rates_for_run(a.device)))
+        print(format_table(w, rows, bw, roofline.rates_for_run(a.device, refresh=True)))
         if a.device == "cpu" and "cpu" in (a.backend or available_backends("tree_attention", "cpu")):
             fn = lambda w=w: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend="cpu", validate=False)
             print(roofline.thread_scaling(w.meta, tuple(w.q.shape), w.k_cache.shape[2], w.unique_kv_bytes,

@@ -16,7 +16,10 @@
   defined above) and "% FMA peak".
 
 Both rates are timed with ``torch.utils.benchmark.Timer.blocked_autorange`` and summarised by the median,
-the statistic of the bench's time column, so that a loaded machine slows both sides alike. The CPU
+the statistic of the bench's time column. The bench measures them again before every table and keeps,
+per rate, the best value of the run (:func:`rates_for_run` with ``refresh=True``): a roof is a ceiling,
+and another process taking a core during one measurement only lowers it (which would inflate every
+share printed after it). The CPU
 kernel computes in fp32 whatever the cache dtype (fp16/bf16 are converted once per chunk), so the fp32
 GEMM rate is its compute roof for every dtype; the bandwidth side uses the dtype's own bytes.
 """
@@ -140,11 +143,17 @@ def describe_cpu() -> str:
 _RATES: dict[tuple[str, int], MachineRates] = {}
 
 
-def rates_for_run(device: str | torch.device = "cpu") -> MachineRates:
-    """measure_rates for the current thread count, measured once per (device, threads) per process."""
+def rates_for_run(device: str | torch.device = "cpu", refresh: bool = False) -> MachineRates:
+    """measure_rates for the current thread count, once per (device, threads) per process; with
+    ``refresh`` measured again, each rate keeping the best value measured so far in this process."""
     key = (str(torch.device(device)), torch.get_num_threads())
-    if key not in _RATES:
-        _RATES[key] = measure_rates(device)
+    if key not in _RATES or refresh:
+        new, old = measure_rates(device), _RATES.get(key)
+        if old is not None:
+            best = lambda a, b: b if a is None else a if b is None else max(a, b)  # noqa: E731
+            new = MachineRates(new.threads, max(new.gemm_flops, old.gemm_flops),
+                               max(new.read_bw, old.read_bw), best(new.fma_flops, old.fma_flops))
+        _RATES[key] = new
     return _RATES[key]
 
 
@@ -184,7 +193,7 @@ def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads:
             base = None
             for nt in threads:
                 torch.set_num_threads(nt)
-                rates = rates_for_run(device)
+                rates = rates_for_run(device, refresh=True)
                 roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
                 t = time_fn(fn)
                 base = base or t

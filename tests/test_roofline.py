@@ -77,3 +77,17 @@ def test_fma_peak_is_a_ceiling_on_every_isa(monkeypatch):
     table = bench.format_table(w, rows, 1e10, r)
     flops = roofline.step_flops(w.meta, 4, 1, 8)
     assert "% FMA peak" in table and f"{100 * flops / 200e9 / 0.01:.1f}%" in table
+
+
+def test_rates_for_run_keeps_the_best_measurement(monkeypatch):
+    """A roof is a ceiling: a re-measurement disturbed by another process must not lower it."""
+    seq = iter([roofline.MachineRates(2, 100e9, 20e9, 200e9), roofline.MachineRates(2, 60e9, 30e9, None),
+                roofline.MachineRates(2, 120e9, 10e9, 150e9)])
+    monkeypatch.setattr(roofline, "measure_rates", lambda device="cpu": next(seq))
+    monkeypatch.setattr(roofline, "_RATES", {})
+    r1 = roofline.rates_for_run("cpu")
+    assert roofline.rates_for_run("cpu") is r1  # cached without refresh
+    r2 = roofline.rates_for_run("cpu", refresh=True)
+    assert (r2.gemm_flops, r2.read_bw, r2.fma_flops) == (100e9, 30e9, 200e9)
+    r3 = roofline.rates_for_run("cpu", refresh=True)
+    assert (r3.gemm_flops, r3.read_bw, r3.fma_flops) == (120e9, 30e9, 200e9)
