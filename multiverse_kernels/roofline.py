@@ -27,6 +27,7 @@ GEMM rate is its compute roof for every dtype; the bandwidth side uses the dtype
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -180,12 +181,16 @@ def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> 
 
 def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
                    methods: dict[str, object], time_fn, device: str | torch.device = "cpu",
-                   threads: tuple[int, ...] | None = None) -> str:
+                   threads: tuple[int, ...] | None = None, rounds: int = 5) -> str:
     """Time each of ``methods`` (name -> zero-argument callable) with 1 thread and with all threads
-    (``time_fn(fn) -> seconds``); rates re-measured at each thread count. Returns the table."""
+    (``time_fn(fn) -> seconds``), in ``rounds`` paired rounds: each round measures the GEMM, read and
+    FMA rates (short runs) and right after them times the method, so that both sides of a share see the
+    same machine (on a shared VM the rates drift by tens of percent within a minute). Prints the medians
+    over the rounds of the time and of each round's share. Returns the table."""
     all_threads = torch.get_num_threads()
     threads = threads or tuple(sorted({1, all_threads}))
-    lines = ["thread scaling (rates re-measured per thread count):",
+    lines = [f"thread scaling, paired rounds (median of {rounds}: each round measures the rates, then times "
+             "the method):",
              f"{'method':<34}{'threads':>8}{'time ms':>10}{'% roofline':>12}{'% FMA peak':>12}"
              f"{'vs 1 thread':>13}"]
     try:
@@ -193,12 +198,20 @@ def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads:
             base = None
             for nt in threads:
                 torch.set_num_threads(nt)
-                rates = rates_for_run(device, refresh=True)
-                roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
-                t = time_fn(fn)
+                times, shares, fma_shares = [], [], []
+                for _ in range(rounds):
+                    rates = measure_rates(device, min_run_time=0.1)
+                    roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
+                    t = time_fn(fn)
+                    times.append(t)
+                    shares.append(roof / t)
+                    if rates.fma_flops:
+                        fma_shares.append(flops / t / rates.fma_flops)
+                t = statistics.median(times)
                 base = base or t
-                fma = f"{100 * flops / t / rates.fma_flops:11.1f}%" if rates.fma_flops else f"{'-':>12}"
-                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * roof / t:11.1f}%{fma}{base / t:12.2f}x")
+                fma = f"{100 * statistics.median(fma_shares):11.1f}%" if fma_shares else f"{'-':>12}"
+                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * statistics.median(shares):11.1f}%{fma}"
+                             f"{base / t:12.2f}x")
     finally:
         torch.set_num_threads(all_threads)
     return "\n".join(lines)
