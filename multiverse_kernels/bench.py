@@ -293,17 +293,26 @@ class Row:
     seconds: float | None
     kv_bytes: int | None
     note: str = ""
+    roof_share: float | None = None  # median of the per-round roofline shares (run_bench's rounds)
+    fma_share: float | None = None  # same against the FMA peak
 
 
 def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int,
-              backends: list[str] | None, peers: bool = True) -> tuple[Workload, list[Row], float]:
+              backends: list[str] | None, peers: bool = True,
+              rounds: int = 5) -> tuple[Workload, list[Row], float]:
+    """Time every method on one forest in ``rounds`` interleaved rounds: each round measures the
+    machine's rates (roofline.measure_rates, short runs) and then times every method for
+    ``ceil(iters / rounds)`` calls. A method's time is the median over rounds and its roofline share the
+    median of its per-round shares, so that a method and its roof, and the methods among themselves, are
+    compared on the same machine state (a shared VM drifts by tens of percent within a minute)."""
     w = make_workload(forest, device, dtype)
     dev = w.q.device
-    rows: list[Row] = []
     scale = w.q.shape[-1] ** -0.5
     names = backends or available_backends("tree_attention", dev)
     if device == "cpu":  # the Triton interpreter is a correctness tool, not a CPU backend
         names = [b for b in names if b != "triton"]
+    timed: list[tuple[Row, Callable[[], object]]] = []
+    rows: list[Row] = []
     for b in names:
         fn = lambda b=b: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend=b, validate=False)
         hook = _IMPLS.get("tree_attention_kv_bytes", {}).get(b)
@@ -315,24 +324,46 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int,
             impl = resolve("tree_attention", b, dev)
             kv = _measure_bytes(lambda impl=impl: impl(w.q, w.k_cache, w.v_cache, w.meta, scale), w)
             note = "aten-level read tally"
-        rows.append(Row(f"tree_attention[{b}]", time_fn(fn, dev, iters), kv, note))
+        row = Row(f"tree_attention[{b}]", None, kv, note)
+        rows.append(row)
+        timed.append((row, fn))
     if peers:
         for name, make in (("dense-mask SDPA", dense_sdpa_peer), ("FlexAttention (compiled)", flex_peer),
                            ("per-branch paged decode", per_branch_peer)):
             try:
                 fn = make(w)
-                t = time_fn(fn, dev, iters)
+                time_fn(fn, dev, 1)  # compiles (Flex) and fails here if the peer cannot run
             except Exception as e:  # report a peer that cannot run here instead of dying
                 rows.append(Row(name, None, None, f"unavailable: {type(e).__name__}: {str(e)[:80]}"))
                 continue
-            kv = _measure_bytes(getattr(fn, "cache_reads", fn), w)
-            rows.append(Row(name, t, kv, "aten-level read tally"))
+            row = Row(name, None, _measure_bytes(getattr(fn, "cache_reads", fn), w), "aten-level read tally")
+            rows.append(row)
+            timed.append((row, fn))
+    per_round = max(1, -(-iters // max(1, rounds)))
+    times: dict[int, list[float]] = {id(r): [] for r, _ in timed}
+    shares: dict[int, list[tuple[float, float | None]]] = {id(r): [] for r, _ in timed}
+    for i in range(max(1, rounds)):
+        rates = roofline.measure_rates(dev, min_run_time=0.1)
+        roof, flops = roofline.workload_roofline(w.meta, tuple(w.q.shape), w.k_cache.shape[2],
+                                                 w.unique_kv_bytes, rates)
+        fma = flops / rates.fma_flops if rates.fma_flops else None
+        for row, fn in timed:
+            t = time_fn(fn, dev, per_round, warmup=2 if i == 0 else 0)
+            times[id(row)].append(t)
+            shares[id(row)].append((roof / t, None if fma is None else fma / t))
+    for row, _ in timed:
+        row.seconds = statistics.median(times[id(row)])
+        row.roof_share = statistics.median(s for s, _ in shares[id(row)])
+        fs = [f for _, f in shares[id(row)] if f is not None]
+        row.fma_share = statistics.median(fs) if fs else None
     return w, rows, copy_bandwidth(dev)
 
 
 def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.MachineRates | None = None) -> str:
     """The main table; with ``rates`` also each method's share of the roofline (multiverse_kernels/
-    roofline.py: max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate))."""
+    roofline.py: max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate)) and of the FMA peak:
+    the rows' per-round medians when run_bench measured them (``Row.roof_share``), else from ``rates``
+    (which then also give the header's roofline line)."""
     uniq = w.unique_kv_bytes
     roof = fma_roof = None
     if rates is not None:
@@ -349,6 +380,8 @@ def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.Machin
         f"unique KV bytes (lower bound): {uniq / 1e6:.2f} MB; measured copy bandwidth "
         f"{bw / 1e9:.1f} GB/s",
         *([roofline.describe_roofline(uniq, flops, rates)] if roof is not None else []),
+        *(["times: median over interleaved rounds; % roofline / % FMA peak: median of each round's share, "
+           "the rates measured at the start of that round"] if any(r.roof_share for r in rows) else []),
         "",
         f"{'method':<34}{'time ms':>10}{'speedup vs best peer':>22}{'KV MB read':>12}{'x unique':>10}"
         f"{'uniqKV GB/s':>13}{'% copy BW':>11}{'% roofline' if roof is not None else '':>12}"
@@ -361,8 +394,11 @@ def format_table(w: Workload, rows: list[Row], bw: float, rates: roofline.Machin
             f"{'-':>12}{'-':>10}"
         gbs = f"{uniq / r.seconds / 1e9:13.2f}{100 * uniq / r.seconds / bw:10.1f}%" if r.seconds else \
             f"{'-':>13}{'-':>11}"
-        rf = "" if roof is None else f"{100 * roof / r.seconds:11.1f}%" if r.seconds else f"{'-':>12}"
-        fm = "" if fma_roof is None else f"{100 * fma_roof / r.seconds:11.1f}%" if r.seconds else f"{'-':>12}"
+        rs = r.roof_share if r.roof_share is not None else roof / r.seconds if roof and r.seconds else None
+        fs = r.fma_share if r.fma_share is not None else \
+            fma_roof / r.seconds if fma_roof and r.seconds else None
+        rf = "" if roof is None else f"{100 * rs:11.1f}%" if rs else f"{'-':>12}"
+        fm = "" if fma_roof is None else f"{100 * fs:11.1f}%" if fs else f"{'-':>12}"
         lines.append(f"{r.method:<34}{t}{sp}{kv}{gbs}{rf}{fm}  {r.note}")
     return "\n".join(lines)
 

@@ -279,8 +279,9 @@ def table_record(w: Any, rows: list[Any], bw: float) -> dict[str, Any]:
         "tokens": int(m.node_len.sum()), "num_qo_heads": w.q.shape[1], "num_kv_heads": w.k_cache.shape[2],
         "head_dim": w.q.shape[2], "dtype": str(w.q.dtype).replace("torch.", ""), "page_size": m.page_size,
         "device": str(w.q.device), "unique_kv_bytes": w.unique_kv_bytes, "copy_bandwidth_bytes_per_s": bw,
-        "methods": [{"method": r.method, "seconds": r.seconds, "kv_bytes": r.kv_bytes, "note": r.note}
-                    for r in rows],
+        "methods": [{"method": r.method, "seconds": r.seconds, "kv_bytes": r.kv_bytes, "note": r.note,
+                     "roofline_share": getattr(r, "roof_share", None),
+                     "fma_peak_share": getattr(r, "fma_share", None)} for r in rows],
     }
 
 
