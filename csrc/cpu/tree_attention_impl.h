@@ -478,8 +478,16 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         }
         col += width;
       }
-      for (int col = 0; col < mbp; col += G)
-        softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
+      // full-width vectors over the big tiles' columns, G-lane ones over the remainder
+      for (int col = 0; col < mbp;) {
+        if (col + W <= nbig * 2 * W) {
+          softmax_cols<W>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
+          col += W;
+        } else {
+          softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
+          col += G;
+        }
+      }
       // O = alpha O + P V in tiles of PV_RB rows (rows that see nothing of this block keep alpha = 1).
       for (int rb = 0; rb < mb; rb += PV_RB) {
         const int rows = imin(PV_RB, mb - rb);
