@@ -49,24 +49,21 @@ CpuIsa detect_isa() {
 #endif
 }
 
-TaskFn task_fn(CpuIsa isa) {
-  switch (isa) {
-#if defined(MULTIVERSE_X86_ISAS)
-    case CpuIsa::kAvx512: return &tree_attention_task_avx512;
-    case CpuIsa::kAvx2: return &tree_attention_task_avx2;
-#endif
-    default: return &tree_attention_task_baseline;
-  }
-}
-
 using FmaLoop = float (*)(int64_t, int64_t*);
-FmaLoop fma_loop(CpuIsa isa) {
+
+// The functions one ISA build exports (tree_attention_{avx512,avx2,baseline}.cpp).
+struct IsaKernels {
+  TaskFn task;
+  FmaLoop fma_loop;
+};
+
+IsaKernels isa_kernels(CpuIsa isa) {
   switch (isa) {
 #if defined(MULTIVERSE_X86_ISAS)
-    case CpuIsa::kAvx512: return &fma_loop_avx512;
-    case CpuIsa::kAvx2: return &fma_loop_avx2;
+    case CpuIsa::kAvx512: return {&tree_attention_task_avx512, &fma_loop_avx512};
+    case CpuIsa::kAvx2: return {&tree_attention_task_avx2, &fma_loop_avx2};
 #endif
-    default: return &fma_loop_baseline;
+    default: return {&tree_attention_task_baseline, &fma_loop_baseline};
   }
 }
 
@@ -125,7 +122,7 @@ CpuIsa cpu_isa_selected() {
 }
 
 double cpu_fma_peak(int64_t iters, int64_t threads) {
-  const FmaLoop fn = fma_loop(cpu_isa_selected());
+  const FmaLoop fn = isa_kernels(cpu_isa_selected()).fma_loop;
   std::atomic<int64_t> flops{0};
   std::atomic<int64_t> sink{0};
   const auto t0 = std::chrono::steady_clock::now();
@@ -140,7 +137,7 @@ double cpu_fma_peak(int64_t iters, int64_t threads) {
 }
 
 void tree_attention(const TreeAttentionParams& p) {
-  const TaskFn fn = task_fn(cpu_isa_selected());
+  const TaskFn fn = isa_kernels(cpu_isa_selected()).task;
   const int32_t group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t hk = p.num_kv_heads;
   const int64_t tasks = static_cast<int64_t>(p.num_items) * hk;
