@@ -24,7 +24,8 @@ from torch import Tensor
 from .metadata import ForestMetadata, MetadataError
 from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
 
-__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "default_rows_per_tile",
+__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "cached_run_plan",
+           "default_rows_per_tile",
            "default_num_workers", "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "invariant_plan",
            "INVARIANT_CHUNK_TOKENS"]
 
@@ -469,7 +470,8 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
     return TreePlan.from_lists([arrays[f].to(i32) for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
 
 
-_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None, TreePlan]] = []
+_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None,
+                  tuple[ForestMetadata, TreePlan]]] = []
 _CACHE_SIZE = 8
 _CACHE_LOCK = threading.Lock()
 
@@ -489,29 +491,56 @@ def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, h
     identity, data pointer and version only: after changing GPU metadata behind torch's back, pass an
     explicit ``plan=``. Inference-mode GPU tensors (no version counter) are planned afresh every time.
     """
+    return _cached(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
+                   None)[1]
+
+
+def cached_run_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
+                    kv_elem_size: int = 2, chunk_tokens: int | None = None, rows_per_tile: int | None = None,
+                    num_workers: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+    """The forward's default step: ``run_meta = absorb_tiny_nodes(meta, ...)`` (docs/plan.md, "Tiny
+    nodes"; ``meta`` itself when nothing is absorbed) and its plan, memoised like :func:`cached_plan`.
+
+    The kernels must then read the caches through ``run_meta``'s page table (its node ids are the
+    plan's). Returns ``(run_meta, plan)``.
+    """
+    return _cached(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
+                   kv_elem_size)
+
+
+def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+            chunk_tokens: int | None, rows_per_tile: int | None, num_workers: int | None,
+            absorb_elem: int | None) -> tuple[ForestMetadata, TreePlan]:
+    def build() -> tuple[ForestMetadata, TreePlan]:
+        run = meta
+        if absorb_elem is not None:
+            from .absorption import absorb_tiny_nodes
+            run = absorb_tiny_nodes(meta, num_qo_heads, num_kv_heads, head_dim=head_dim,
+                                    kv_elem_size=absorb_elem)
+        return run, plan_tree_attention(run, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
+                                        rows_per_tile=rows_per_tile, head_dim=head_dim,
+                                        num_workers=num_workers)
+
     ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
     on_cpu = all(t.device.type == "cpu" for t in ts)
     inference = any(t.is_inference() for t in ts)
     if inference and not on_cpu:
-        return plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                                   rows_per_tile=rows_per_tile, head_dim=head_dim,
-                                   num_workers=num_workers)
+        return build()
     key = (tuple(id(t) for t in ts), tuple(t.data_ptr() for t in ts),
            tuple(-1 if inference else t._version for t in ts), meta.page_size, num_qo_heads,
-           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers)
+           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers, absorb_elem)
     with _CACHE_LOCK:
-        for i, (k, held, copy, plan) in enumerate(_CACHE):
+        for i, (k, held, copy, entry) in enumerate(_CACHE):
             if k == key and all(a is b for a, b in zip(held, ts, strict=True)) and (
                     copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts, strict=True))):
                 _CACHE.insert(0, _CACHE.pop(i))
-                return plan
-    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                               rows_per_tile=rows_per_tile, head_dim=head_dim, num_workers=num_workers)
+                return entry
+    entry = build()
     copy = tuple(t.clone() for t in ts) if on_cpu else None
     with _CACHE_LOCK:
-        _CACHE.insert(0, (key, ts, copy, plan))
+        _CACHE.insert(0, (key, ts, copy, entry))
         del _CACHE[_CACHE_SIZE:]
-    return plan
+    return entry
 
 
 def plan_kv_tokens(meta: ForestMetadata) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
-from ...planning import TreePlan, cached_plan
+from ...planning import TreePlan, cached_plan, cached_run_plan
 from .. import register
 from ..reference import append_paged_kv as _ref_append
 from ..reference import merge_states as _ref_merge
@@ -43,10 +43,19 @@ MAX_ITEM_ROWS = 1024
 _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata):
+def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
+    """The backward's plan (the metadata as given)."""
     group = q.shape[1] // k_cache.shape[2]
     return cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
                        chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group))
+
+
+def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
+    """The forward's default: tiny nodes absorbed (planning.cached_run_plan), then planned."""
+    group = q.shape[1] // k_cache.shape[2]
+    return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
+                           kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS,
+                           rows_per_tile=max(1, MAX_ITEM_ROWS // group))
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
@@ -54,12 +63,12 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
     """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32).
 
     ``plan``: a precomputed plan for ``meta`` (any chunk_tokens / rows_per_tile); default: the cached
-    CPU plan (every reader of a node in one item).
+    CPU plan (every reader of a node in one item) of ``meta`` with its tiny nodes absorbed.
     """
     if q.dtype not in _NATIVE:
         return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
     if plan is None:
-        plan = _plan(q, k_cache, meta)
+        meta, plan = _run_plan(q, k_cache, meta)
     return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)
 
 
@@ -87,7 +96,8 @@ def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: F
     if q.dtype not in _NATIVE:
         raise RuntimeError(f"q: the cpu kernel runs float32/float16/bfloat16, got {q.dtype}")
     counter = torch.zeros(1, dtype=torch.int64)
-    run_tree_attention(q, k_cache, v_cache, meta, sm_scale, _plan(q, k_cache, meta), counter)
+    run_meta, plan = _run_plan(q, k_cache, meta)
+    run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter)
     return int(counter.item())
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
-from ...planning import TreePlan, cached_plan
+from ...planning import TreePlan, cached_run_plan
 from .. import register
 from .._cuda_align import misaligned
 from ..cpu import append_paged_kv, merge_states  # same torch.ops.multiverse_C ops, CUDA-key kernels
@@ -44,8 +44,10 @@ def _warn_if_misaligned(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
                       f"contiguous tensors", UserWarning, stacklevel=3)
 
 
-def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
-    return cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2], chunk_tokens=CHUNK_TOKENS)
+def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
+    """The default: tiny nodes absorbed (planning.cached_run_plan), then planned."""
+    return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
+                           kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS)
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
@@ -55,7 +57,7 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
         return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
     _warn_if_misaligned(q, k_cache, v_cache)
     if plan is None:
-        plan = _plan(q, k_cache, meta)
+        meta, plan = _run_plan(q, k_cache, meta)
     return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)
 
 
@@ -66,7 +68,8 @@ def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: F
                             sm_scale: float) -> int:
     """K+V bytes the CUDA kernel loads from the caches in one call (device atomic counter)."""
     counter = torch.zeros(1, dtype=torch.int64, device=q.device)
-    run_tree_attention(q, k_cache, v_cache, meta, sm_scale, _plan(q, k_cache, meta), counter)
+    run_meta, plan = _run_plan(q, k_cache, meta)
+    run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter)
     return int(counter.item())
 
 

@@ -39,8 +39,8 @@ def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: F
     if q.device.type != "cpu":
         q, k_cache, v_cache, meta = q.cpu(), k_cache.cpu(), v_cache.cpu(), meta.to("cpu")
     with interpreted_kernels(), count_loads({"k": k_cache, "v": v_cache}) as tally:
-        _ta.run_plan(q, k_cache, v_cache, meta, sm_scale,
-                     _ta.cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[-1]))
+        run_meta, plan = _ta.default_plan(q, k_cache, meta)
+        _ta.run_plan(q, k_cache, v_cache, run_meta, sm_scale, plan)
     return tally["k"] + tally["v"]
 
 

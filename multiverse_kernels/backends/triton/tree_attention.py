@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
-from ...planning import TreePlan, cached_plan
+from ...planning import TreePlan, cached_run_plan
 from ._common import interpret_math_fp32, launch, next_pow2
 from .merge_states import launch_merge
 
@@ -341,14 +341,20 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
     """q [total_q, Hq, D] fp16/bf16/fp32; caches [num_pages, page_size, Hk, D]; D in 64/128/256.
 
     Plans the step unless ``plan`` (from :func:`plan_tree_attention` for the same metadata and head
-    counts) is given; such plans are memoised on the metadata tensors (:func:`cached_plan`), so the
-    layers of one step plan once. Returns out [total_q, Hq, D] in q.dtype and lse [total_q, Hq]
-    float32.
+    counts) is given: tiny nodes absorbed, then planned (:func:`cached_run_plan`), memoised on the
+    metadata tensors, so the layers of one step plan once. Returns out [total_q, Hq, D] in q.dtype
+    and lse [total_q, Hq] float32.
     """
     if plan is None:
-        _check(q, k_cache)
-        plan = cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[-1])
+        meta, plan = default_plan(q, k_cache, meta)
     return run_plan(q, k_cache, v_cache, meta, sm_scale, plan)
+
+
+def default_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
+    """The forward's default (run metadata, plan): :func:`cached_run_plan` with the kernel's row tile."""
+    _check(q, k_cache)
+    return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[-1],
+                           kv_elem_size=k_cache.element_size())
 
 
 tree_attention.supports_plan = True  # the op passes plan= to this backend
