@@ -12,6 +12,11 @@ the partial-state traffic (written once, read once by the merge) over the unique
 plan time (median and min of N, one CPU thread) of the C++ host planner (the default) and of the torch
 planner. The loads column is derived from the plan; scripts/triton_kv_traffic.py measures the Triton
 kernels' loads in the interpreter.
+
+Every figure is the forward's default path: tiny nodes absorbed first (absorption.absorb_tiny_nodes,
+docs/plan.md "Tiny nodes"), then planned; the plan time includes the absorption (C++ / torch). The
+"absorbed" column gives the virtual nodes made, and the partials and K+V + partial bytes (over the
+unique K+V) the plan would have without absorbing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import torch
 
 from multiverse_kernels import ForestMetadata, KVForest
+from multiverse_kernels.absorption import absorb_tiny_nodes
 from multiverse_kernels.planning import _cpp_planner, plan_kv_tokens, plan_tree_attention
 from multiverse_kernels.testing import beam_forest, multiverse_forest, sampling_forest
 
@@ -141,29 +147,36 @@ def main(argv: list[str] | None = None) -> None:
           f"(min) of {args.reps}, 1 CPU thread, torch {torch.__version__}"
           + ("" if have_cpp else "; C++ planner NOT BUILT"))
     print()
-    print("| forest | rows | nodes | items | partials | workspace MB | output MB | ws / out | "
-          "loaded / unique K+V (d 128) | (d 64) | partial traffic / unique K+V | C++ plan us | "
-          "torch plan us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| forest | rows | nodes | absorbed: virtual nodes (partials, bytes / unique without) | items | "
+          "partials | workspace MB | output MB | ws / out | loaded / unique K+V (d 128) | (d 64) | "
+          "partial traffic / unique K+V | C++ plan us | torch plan us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def step(meta: ForestMetadata, impl: str | None, d: int = D):
+        run = absorb_tiny_nodes(meta, HQ, HK, head_dim=d, kv_elem_size=ELEM, impl=impl)
+        return run, plan_tree_attention(run, HQ, HK, head_dim=d, num_workers=args.workers, impl=impl)
+
     for name, meta in forests().items():
-        plan = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=args.workers)
+        run, plan = step(meta, None)
         unique = plan_kv_tokens(meta) * kv_tok
         loaded = loaded_tokens(plan) * kv_tok
-        p64 = plan_tree_attention(meta, HQ, HK, head_dim=64, num_workers=args.workers)
-        loaded64 = loaded_tokens(p64) / plan_kv_tokens(meta)
+        loaded64 = loaded_tokens(step(meta, None, 64)[1]) / plan_kv_tokens(meta)
         ws = plan.workspace_bytes(HQ, D)
         out = meta.total_q * HQ * D * ELEM
+        bare = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=args.workers)
+        bare_bytes = loaded_tokens(bare) * kv_tok + 2 * bare.workspace_bytes(HQ, D)
+        absorbed = (f"{run.num_nodes - meta.num_nodes:,} ({bare.num_partials:,}, "
+                    f"{(loaded + 2 * ws) / unique:.2f} / {bare_bytes / unique:.2f})"
+                    if run is not meta else "-")
         cpp = "-"
         if have_cpp:
-            med, mn = _time(lambda m=meta: plan_tree_attention(
-                m, HQ, HK, head_dim=D, num_workers=args.workers, impl="cpp"), args.reps)
+            med, mn = _time(lambda m=meta: step(m, "cpp"), args.reps)
             cpp = f"{med * 1e6:,.0f} ({mn * 1e6:,.0f})"
         tor = "-"
         if not args.no_torch:
-            med, mn = _time(lambda m=meta: plan_tree_attention(
-                m, HQ, HK, head_dim=D, num_workers=args.workers, impl="torch"), max(5, args.reps // 5))
+            med, mn = _time(lambda m=meta: step(m, "torch"), max(5, args.reps // 5))
             tor = f"{med * 1e6:,.0f} ({mn * 1e6:,.0f})"
-        print(f"| {name} | {meta.total_q:,} | {meta.num_nodes:,} | {plan.num_items:,} | "
+        print(f"| {name} | {meta.total_q:,} | {meta.num_nodes:,} | {absorbed} | {plan.num_items:,} | "
               f"{plan.num_partials:,} | {ws / 2**20:,.2f} | {out / 2**20:,.2f} | {ws / out:.2f} | "
               f"{loaded / unique:.3f} | {loaded64:.3f} | {2 * ws / unique:.3f} | {cpp} | {tor} |")
 

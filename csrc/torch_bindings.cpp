@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "multiverse/absorb.h"
 #include "multiverse/cpu_kernels.h"
 #include <ATen/Parallel.h>
 
@@ -157,6 +158,57 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
   return {ts, it};
 }
 
+// Tiny-node absorption (csrc/absorb.cpp): [node_page_indptr, node_page_indices, node_len, vis_indptr,
+// vis_nodes] of the rewritten forest as int32 CPU tensors, or 5 empty ones when nothing is absorbed.
+std::vector<at::Tensor> absorb_tiny_nodes_op(const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices,
+                                             const at::Tensor& node_len, const at::Tensor& qo_indptr,
+                                             const at::Tensor& vis_indptr, const at::Tensor& vis_nodes,
+                                             int64_t page_size, int64_t group, int64_t head_dim,
+                                             int64_t kv_elem_size, int64_t max_absorbed_tokens) {
+  const auto cpu = at::Device(at::kCPU);
+  const at::Tensor pi = node_page_indptr.to(cpu).contiguous(), pg = node_page_indices.to(cpu).contiguous();
+  const at::Tensor nl = node_len.to(cpu).contiguous(), qo = qo_indptr.to(cpu).contiguous();
+  const at::Tensor vi = vis_indptr.to(cpu).contiguous(), vn = vis_nodes.to(cpu).contiguous();
+  check_i32(pi, "node_page_indptr", cpu);
+  check_i32(pg, "node_page_indices", cpu);
+  check_i32(nl, "node_len", cpu);
+  check_i32(qo, "qo_indptr", cpu);
+  check_i32(vi, "vis_indptr", cpu);
+  check_i32(vn, "vis_nodes", cpu);
+  TORCH_CHECK(pi.numel() == nl.numel() + 1, "node_page_indptr: expected the length of node_len + 1");
+  TORCH_CHECK(pi.data_ptr<int32_t>()[nl.numel()] == pg.numel(),
+              "node_page_indptr: expected its last entry == len(node_page_indices)");
+  TORCH_CHECK(vi.numel() == qo.numel() && qo.numel() >= 1, "vis_indptr: expected the length of qo_indptr");
+  TORCH_CHECK(vi.data_ptr<int32_t>()[vi.numel() - 1] == vn.numel(),
+              "vis_indptr: expected its last entry == len(vis_nodes)");
+  const auto as_i32 = [](int64_t v, const char* name) {
+    TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int32_t>::max(), name, ": expected a non-negative int32, got ", v);
+    return static_cast<int32_t>(v);
+  };
+  HostForest f;
+  bool any = false;
+  try {
+    any = absorb_tiny_nodes(pi.data_ptr<int32_t>(), pg.data_ptr<int32_t>(), nl.data_ptr<int32_t>(),
+                            static_cast<int32_t>(nl.numel()), qo.data_ptr<int32_t>(), vi.data_ptr<int32_t>(),
+                            vn.data_ptr<int32_t>(), static_cast<int32_t>(qo.numel() - 1),
+                            as_i32(page_size, "page_size"), as_i32(group, "group"), as_i32(head_dim, "head_dim"),
+                            as_i32(kv_elem_size, "kv_elem_size"),
+                            as_i32(max_absorbed_tokens, "max_absorbed_tokens"), &f);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  const auto opts = at::TensorOptions().dtype(at::kInt);
+  std::vector<at::Tensor> ts;
+  ts.reserve(5);
+  for (const std::vector<int32_t>* v : {&f.node_page_indptr, &f.node_page_indices, &f.node_len, &f.vis_indptr,
+                                        &f.vis_nodes}) {
+    at::Tensor t = at::empty({any ? static_cast<int64_t>(v->size()) : 0}, opts);
+    if (any) std::copy(v->begin(), v->end(), t.data_ptr<int32_t>());
+    ts.push_back(std::move(t));
+  }
+  return ts;
+}
+
 // [selected, supported] CPU micro-kernel ISA (multiverse::cpu::CpuIsa values): what tree_attention runs
 // now (MULTIVERSE_CPU_ISA applied) and the widest this CPU supports.
 std::vector<int64_t> cpu_isa_op() {
@@ -186,6 +238,13 @@ TORCH_LIBRARY(multiverse_C, m) {
       "plan_tree_attention(Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
       "Tensor? own_full, int chunk_tokens, int rows_per_tile, int group=1, int num_kv_heads=1, "
       "int num_workers=1) -> (Tensor[], Tensor)");
+  // Tiny-node absorption (csrc/absorb.cpp), identical to multiverse_kernels.absorption's torch code:
+  // the rewritten [node_page_indptr, node_page_indices, node_len, vis_indptr, vis_nodes] as int32 CPU
+  // tensors, or 5 empty tensors when nothing is absorbed. Eager only (data-dependent sizes).
+  m.def(
+      "absorb_tiny_nodes(Tensor node_page_indptr, Tensor node_page_indices, Tensor node_len, "
+      "Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, int page_size, int group, int head_dim, "
+      "int kv_elem_size, int max_absorbed_tokens=8) -> Tensor[]");
   // The plan field lists this library was built with (multiverse_kernels/plan_format.py FORMAT_STRING).
   m.def("plan_format() -> str");
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
@@ -213,6 +272,7 @@ TORCH_LIBRARY(multiverse_C, m) {
 
 TORCH_LIBRARY_IMPL(multiverse_C, CompositeExplicitAutograd, m) {
   m.impl("plan_tree_attention", &multiverse::bind::plan_tree_attention_op);
+  m.impl("absorb_tiny_nodes", &multiverse::bind::absorb_tiny_nodes_op);
   m.impl("plan_format", []() -> std::string { return MULTIVERSE_PLAN_FORMAT; });
 }
 

@@ -10,7 +10,7 @@ docs/build.md).
 from __future__ import annotations
 
 # multiverse_kernels._C: CPU kernels + the torch.ops.multiverse_C schemas.
-CPU_SOURCES = ("csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/cpu/tree_attention.cpp",
+CPU_SOURCES = ("csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/absorb.cpp", "csrc/cpu/tree_attention.cpp",
                "csrc/cpu/tree_attention_avx512.cpp", "csrc/cpu/tree_attention_avx2.cpp",
                "csrc/cpu/tree_attention_baseline.cpp", "csrc/cpu/tree_attention_backward.cpp",
                "csrc/cpu/merge_states.cpp", "csrc/cpu/append_paged_kv.cpp")

@@ -13,16 +13,16 @@ of tokens, grouped into fewer nodes (docs/plan.md, "Tiny nodes").
 Definitions (on the lists of groups with ``q_len > 0``; entries of a list in order):
 
 * ``pred(s)``: the set of nodes listed right before ``s`` in every list that holds ``s`` (a special
-  START when ``s`` is listed first). An edge ``n -> s`` is a *candidate* when ``pred(s) = {n}`` (every
-  row that reads ``s`` reads ``n`` just before it, as in a tree whose lists run root to leaf) and
-  ``n`` fills whole pages (``node_len[n] > 0`` and ``node_len[n] % page_size == 0``: page lists then
-  concatenate; always true at page size 1).
+  START when ``s`` is listed first). An edge ``n -> s`` is a *candidate* when ``s`` is not empty,
+  ``pred(s) = {n}`` (every row that reads ``s`` reads ``n`` just before it, as in a tree whose lists
+  run root to leaf) and ``n`` fills whole pages (``node_len[n] > 0`` and ``node_len[n] % page_size ==
+  0``: page lists then concatenate; always true at page size 1).
 * ``chain(n)``: ``n`` preceded by the chain of its predecessor when that edge was absorbed; its length
   ``chain_len(n)`` in tokens. A virtual node ``chain(s)`` replaces ``s`` where ``s`` ends a segment.
-* for a node ``n`` with ``k >= 1`` candidate successors, which ``rows`` rows read, and ``alone`` = 1
+* for a node ``n`` with ``k >= 1`` candidate successors, which ``rows`` rows read in all, and ``alone`` = 1
   when ``n`` still ends a segment somewhere (it is the last node of a list, or one of its successors
   is not a candidate), else 0: absorbing ``n`` loads ``(k + alone - 1) * chain_len(n)`` more tokens per
-  KV head and saves ``rows`` partial states per KV head. ``n`` is absorbed into its candidate
+  KV head and saves those ``rows`` rows one partial state each. ``n`` is absorbed into its candidate
   successors when
 
       (k + alone - 1) * chain_len(n) * 2 * head_dim * kv_elem_size
@@ -56,8 +56,9 @@ __all__ = ["absorb_tiny_nodes", "MAX_ABSORBED_TOKENS"]
 # trees, short chains of them). Absorbing trades K/V loads for partial-state traffic; capped this low,
 # the extra loads stay a few tokens per successor, so forests without token trees keep K+V loads at
 # the unique bytes (tests/test_triton_kv_traffic.py), and a virtual node's head stays far below the
-# planner's smallest chunk (absorbing never changes how a node is chunked; the rule counts what the
-# plan does).
+# planner's smallest chunk (256 tokens): the rule does not model chunks, and the one case it misses (a
+# successor ending less than 8 tokens below a chunk boundary gets one more chunk, whose partial gives
+# back the one saved) is rare and bounded.
 MAX_ABSORBED_TOKENS = 8
 
 
@@ -151,7 +152,7 @@ def _absorb_torch(meta: ForestMetadata, group: int, head_dim: int,
     pmax = torch.full((N,), -2, dtype=torch.long).scatter_reduce_(0, vn[live], pred_e[live], "amax")
     rows = torch.zeros(N, dtype=torch.long).index_add_(0, vn[live], q_len[eg[live]])
     p = pmin.clamp(max=N - 1).clamp(min=0)
-    cand = (rows > 0) & (pmin == pmax) & (pmin >= 0) & (L[p] > 0) & (L[p] % ps == 0)
+    cand = (rows > 0) & (L > 0) & (pmin == pmax) & (pmin >= 0) & (L[p] > 0) & (L[p] % ps == 0)
 
     # Per node n: k candidate successors, the rows that read them, and whether n still ends a segment.
     k = torch.zeros(N, dtype=torch.long).index_add_(0, p[cand], torch.ones_like(p[cand]))
