@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the torch-free C++ CPU library (csrc/plan.cpp, csrc/cpu/*.cpp) and the fuzz-corpus driver
+# Build the torch-free C++ CPU library (csrc/plan.cpp, csrc/absorb.cpp, csrc/cpu/*.cpp) and the fuzz-corpus driver
 # (csrc/tools/cpu_fuzz_driver.cpp) with AddressSanitizer + UndefinedBehaviorSanitizer and run the corpus:
 # random valid forests and their host plans through tree_attention + merge_states, append_paged_kv and
 # dense merge_states, each compared with a naive reference. Fails on any sanitizer report or mismatch.
@@ -13,7 +13,7 @@ CASES=${1:-600}
 CXX=${CXX:-g++}
 OUT=${SANITIZE_BUILD_DIR:-build/sanitize}
 mkdir -p "$OUT"
-SRCS="csrc/plan.cpp $(ls csrc/cpu/*.cpp | tr '\n' ' ')"  # every CPU kernel (all ISA files + backward)
+SRCS="csrc/plan.cpp csrc/absorb.cpp $(ls csrc/cpu/*.cpp | tr '\n' ' ')"  # every CPU kernel (all ISA files + backward)
 FLAGS="-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
        -fopenmp -Wall -Wno-psabi -Icsrc/include"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}

@@ -22,6 +22,7 @@
 #include "../cpu/convert.h"
 #include "multiverse/cpu_kernels.h"
 #include "multiverse/index_math.h"
+#include "multiverse/absorb.h"
 #include "multiverse/plan.h"
 
 using namespace multiverse;
@@ -95,6 +96,7 @@ template <class E> void fill(std::vector<typename E::T>& dst, std::vector<float>
 }
 
 int failures = 0;
+int absorbed_cases = 0;  // attention cases run on an absorbed forest (absorb_tiny_nodes changed it)
 void fail(const char* what, int seed, double err) {
   std::fprintf(stderr, "FAIL %s seed %d: error %g\n", what, seed, err);
   ++failures;
@@ -130,8 +132,26 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   // chunk_tokens 0: the planner picks chunks per node for num_workers (the auto split)
   const int chunk = g() % 4 == 0 ? 0 : 1 + (int)(g() % 64), rpt = 1 + (int)(g() % 16);
   const int workers = 1 + (int)(g() % 8);
-  HostPlan pl = plan_tree_attention(f.node_len.data(), N, f.qo_indptr.data(), f.vis_indptr.data(), f.vis_nodes.data(),
-                                    G, use_own && G <= 64 ? own_arr : nullptr, chunk, rpt, group, Hk, workers);
+  // One case in two reads the forest through absorb_tiny_nodes (virtual nodes sharing pages with the
+  // nodes they fold, as the Python default path does), with a random cap on the absorbed chain; the
+  // naive reference below keeps the original forest.
+  HostForest af;
+  const bool absorbed = g() % 2 == 0 &&
+      absorb_tiny_nodes(f.page_indptr.data(), f.page_indices.data(), f.node_len.data(), N, f.qo_indptr.data(),
+                        f.vis_indptr.data(), f.vis_nodes.data(), G, PS, group, D, (int)sizeof(T),
+                        1 + (int)(g() % 64), &af);
+  const Forest* run = &f;
+  Forest rf;
+  if (absorbed) {
+    rf = f;
+    rf.page_indptr = af.node_page_indptr; rf.page_indices = af.node_page_indices; rf.node_len = af.node_len;
+    rf.vis_indptr = af.vis_indptr; rf.vis_nodes = af.vis_nodes;
+    run = &rf;
+    ++absorbed_cases;
+  }
+  HostPlan pl = plan_tree_attention(run->node_len.data(), (int)run->node_len.size(), run->qo_indptr.data(),
+                                    run->vis_indptr.data(), run->vis_nodes.data(), G,
+                                    use_own && G <= 64 ? own_arr : nullptr, chunk, rpt, group, Hk, workers);
   int max_chunk = 1;
   for (int64_t w = 0; w < pl.num_items; ++w) max_chunk = std::max(max_chunk, (int)pl.item_kv_len[w]);
   const int64_t P = pl.num_partials;
@@ -141,7 +161,7 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   TreeAttentionParams p{};
   p.q = q.data(); p.k_cache = kc.data(); p.v_cache = vc.data();
   p.out = out.data(); p.lse = lse.data(); p.partial_out = pout.data(); p.partial_lse = plse.data();
-  p.node_page_indptr = f.page_indptr.data(); p.node_page_indices = f.page_indices.data();
+  p.node_page_indptr = run->page_indptr.data(); p.node_page_indices = run->page_indices.data();
   p.reader_row = pl.reader_row.data(); p.reader_limit = pl.reader_limit.data();
   p.item_node = pl.item_node.data(); p.item_kv_start = pl.item_kv_start.data(); p.item_kv_len = pl.item_kv_len.data();
   p.item_reader_start = pl.item_reader_start.data(); p.item_num_readers = pl.item_num_readers.data();
@@ -306,6 +326,7 @@ int main(int argc, char** argv) {
     append_case(f, seed, g);
     merge_case(seed, g);
   }
-  std::printf("cpu_fuzz_driver: %d cases from seed %d, %d failures\n", cases, first, failures);
+  std::printf("cpu_fuzz_driver: %d cases from seed %d (%d attention cases on an absorbed forest), %d failures\n",
+              cases, first, absorbed_cases, failures);
   return failures == 0 ? 0 : 1;
 }
