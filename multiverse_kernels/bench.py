@@ -300,8 +300,8 @@ class Row:
 def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int,
               backends: list[str] | None, peers: bool = True,
               rounds: int = 5) -> tuple[Workload, list[Row], float]:
-    """Time every method on one forest in ``rounds`` interleaved rounds: each round measures the
-    machine's rates (roofline.measure_rates, short runs) and then times every method for
+    """Time every method on one forest in ``rounds`` interleaved rounds (roofline.paired_rounds): each
+    round measures the machine's rates (short runs) and then times every method for
     ``ceil(iters / rounds)`` calls. A method's time is the median over rounds and its roofline share the
     median of its per-round shares, so that a method and its roof, and the methods among themselves, are
     compared on the same machine state (a shared VM drifts by tens of percent within a minute)."""
@@ -340,22 +340,11 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int,
             rows.append(row)
             timed.append((row, fn))
     per_round = max(1, -(-iters // max(1, rounds)))
-    times: dict[int, list[float]] = {id(r): [] for r, _ in timed}
-    shares: dict[int, list[tuple[float, float | None]]] = {id(r): [] for r, _ in timed}
-    for i in range(max(1, rounds)):
-        rates = roofline.measure_rates(dev, min_run_time=0.1)
-        roof, flops = roofline.workload_roofline(w.meta, tuple(w.q.shape), w.k_cache.shape[2],
-                                                 w.unique_kv_bytes, rates)
-        fma = flops / rates.fma_flops if rates.fma_flops else None
-        for row, fn in timed:
-            t = time_fn(fn, dev, per_round, warmup=2 if i == 0 else 0)
-            times[id(row)].append(t)
-            shares[id(row)].append((roof / t, None if fma is None else fma / t))
-    for row, _ in timed:
-        row.seconds = statistics.median(times[id(row)])
-        row.roof_share = statistics.median(s for s, _ in shares[id(row)])
-        fs = [f for _, f in shares[id(row)] if f is not None]
-        row.fma_share = statistics.median(fs) if fs else None
+    timers = [lambda i, fn=fn: time_fn(fn, dev, per_round, warmup=2 if i == 0 else 0) for _, fn in timed]
+    paired = roofline.paired_rounds(w.meta, tuple(w.q.shape), w.k_cache.shape[2], w.unique_kv_bytes, timers,
+                                    dev, rounds)
+    for (row, _), r in zip(timed, paired, strict=True):
+        row.seconds, row.roof_share, row.fma_share = r.seconds, r.roof_share, r.fma_share
     return w, rows, copy_bandwidth(dev)
 
 

@@ -39,8 +39,8 @@ from .metadata import ForestMetadata
 from .planning import plan_tree_attention
 
 __all__ = ["MachineRates", "measure_rates", "rates_for_run", "step_flops", "roofline_seconds",
-           "workload_roofline", "describe_roofline", "thread_scaling", "cpu_model", "cpu_isa", "describe_cpu",
-           "ISA_NAMES", "fma_peak"]
+           "workload_roofline", "describe_roofline", "PairedTiming", "paired_rounds", "thread_scaling",
+           "cpu_model", "cpu_isa", "describe_cpu", "ISA_NAMES", "fma_peak"]
 
 ISA_NAMES = ("baseline", "avx2", "avx512")
 
@@ -179,14 +179,48 @@ def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> 
             f"thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * num_qo_heads{fma}")
 
 
+@dataclass
+class PairedTiming:
+    """One method over :func:`paired_rounds`: medians over the rounds."""
+
+    seconds: float  # median time
+    roof_share: float  # median of each round's roofline seconds / time
+    fma_share: float | None  # median of each round's step flops / time / FMA peak (None: not measured)
+
+
+def paired_rounds(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
+                  timers: list, device: str | torch.device = "cpu", rounds: int = 5) -> list[PairedTiming]:
+    """Time methods against the machine's roofline on the same machine state.
+
+    Each of ``rounds`` rounds measures the GEMM, read and FMA rates (:func:`measure_rates`, short runs)
+    and right after them calls every timer, in order (``timer(round_index) -> seconds``), so that both
+    sides of a share, and the methods among themselves, see the same machine: on a shared VM the rates
+    drift by tens of percent within a minute. Returns one :class:`PairedTiming` per timer: the median
+    time and the medians of the per-round shares. Used by the main job's table (bench.run_bench) and
+    by :func:`thread_scaling`."""
+    times: list[list[float]] = [[] for _ in timers]
+    shares: list[list[float]] = [[] for _ in timers]
+    fma_shares: list[list[float]] = [[] for _ in timers]
+    for i in range(max(1, rounds)):
+        rates = measure_rates(device, min_run_time=0.1)
+        roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
+        for j, timer in enumerate(timers):
+            t = timer(i)
+            times[j].append(t)
+            shares[j].append(roof / t)
+            if rates.fma_flops:
+                fma_shares[j].append(flops / t / rates.fma_flops)
+    return [PairedTiming(statistics.median(t), statistics.median(s), statistics.median(f) if f else None)
+            for t, s, f in zip(times, shares, fma_shares, strict=True)]
+
+
 def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
                    methods: dict[str, object], time_fn, device: str | torch.device = "cpu",
                    threads: tuple[int, ...] | None = None, rounds: int = 5) -> str:
     """Time each of ``methods`` (name -> zero-argument callable) with 1 thread and with all threads
-    (``time_fn(fn) -> seconds``), in ``rounds`` paired rounds: each round measures the GEMM, read and
-    FMA rates (short runs) and right after them times the method, so that both sides of a share see the
-    same machine (on a shared VM the rates drift by tens of percent within a minute). Prints the medians
-    over the rounds of the time and of each round's share. Returns the table."""
+    (``time_fn(fn) -> seconds``) in :func:`paired_rounds` (each round measures the rates, then times the
+    method). Prints the medians over the rounds of the time and of each round's share. Returns the
+    table."""
     all_threads = torch.get_num_threads()
     threads = threads or tuple(sorted({1, all_threads}))
     lines = [f"thread scaling, paired rounds (median of {rounds}: each round measures the rates, then times "
@@ -198,20 +232,12 @@ def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads:
             base = None
             for nt in threads:
                 torch.set_num_threads(nt)
-                times, shares, fma_shares = [], [], []
-                for _ in range(rounds):
-                    rates = measure_rates(device, min_run_time=0.1)
-                    roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
-                    t = time_fn(fn)
-                    times.append(t)
-                    shares.append(roof / t)
-                    if rates.fma_flops:
-                        fma_shares.append(flops / t / rates.fma_flops)
-                t = statistics.median(times)
-                base = base or t
-                fma = f"{100 * statistics.median(fma_shares):11.1f}%" if fma_shares else f"{'-':>12}"
-                lines.append(f"{name:<34}{nt:>8}{t * 1e3:10.3f}{100 * statistics.median(shares):11.1f}%{fma}"
-                             f"{base / t:12.2f}x")
+                timer = lambda i, fn=fn: time_fn(fn)  # noqa: E731
+                r = paired_rounds(meta, q_shape, num_kv_heads, unique_kv_bytes, [timer], device, rounds)[0]
+                base = base or r.seconds
+                fma = f"{100 * r.fma_share:11.1f}%" if r.fma_share is not None else f"{'-':>12}"
+                lines.append(f"{name:<34}{nt:>8}{r.seconds * 1e3:10.3f}{100 * r.roof_share:11.1f}%{fma}"
+                             f"{base / r.seconds:12.2f}x")
     finally:
         torch.set_num_threads(all_threads)
     return "\n".join(lines)
