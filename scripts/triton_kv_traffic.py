@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from multiverse_kernels.backends import resolve
-from multiverse_kernels.planning import cached_plan, plan_kv_tokens
+from multiverse_kernels.planning import cached_run_plan, plan_kv_tokens
 from multiverse_kernels.testing import (
     beam_forest,
     eagle_tree_forest,
@@ -60,7 +60,8 @@ def measure(make):
     q, k, v = make_inputs(meta, f.num_pages, HQ, HK, D, DTYPE)
     measured = resolve("tree_attention_kv_bytes", "triton", q.device)(q, k, v, meta, D ** -0.5)
     per_token = 2 * HK * D * k.element_size()  # K and V, all KV heads
-    plan = cached_plan(meta, HQ, HK, head_dim=D)  # the plan the backend ran
+    # the plan the backend ran (its default path: tiny nodes absorbed, docs/plan.md "Tiny nodes")
+    _, plan = cached_run_plan(meta, HQ, HK, head_dim=D, kv_elem_size=k.element_size())
     partials = 2 * plan.workspace_bytes(HQ, D)
     return measured, plan_kv_tokens(meta) * per_token, per_branch_tokens(meta) * per_token, partials
 
