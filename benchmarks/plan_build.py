@@ -29,7 +29,7 @@ import torch
 
 from multiverse_kernels import ForestMetadata, KVForest
 from multiverse_kernels.absorption import absorb_tiny_nodes
-from multiverse_kernels.planning import _cpp_planner, plan_kv_tokens, plan_tree_attention
+from multiverse_kernels.planning import _cpp_planner, plan_kv_tokens, plan_loaded_tokens, plan_tree_attention
 from multiverse_kernels.testing import beam_forest, multiverse_forest, sampling_forest
 
 HQ, HK, D, ELEM = 32, 8, 128, 2  # fp16
@@ -110,20 +110,6 @@ def forests() -> dict[str, ForestMetadata]:
     }
 
 
-def loaded_tokens(plan) -> int:
-    """K/V tokens the kernels load for one KV head: per item, its chunk up to its readers' max limit."""
-    W = plan.num_items
-    if W == 0:
-        return 0
-    nr = plan.item_num_readers[:W].long()
-    item = torch.repeat_interleave(torch.arange(W), nr)
-    j = torch.arange(int(nr.sum())) - (torch.cumsum(nr, 0) - nr)[item]
-    lim = plan.reader_limit.long()[plan.item_reader_start[:W].long()[item] + j]
-    hi = torch.zeros(W, dtype=torch.long).scatter_reduce_(0, item, lim, "amax")
-    start, ln = plan.item_kv_start[:W].long(), plan.item_kv_len[:W].long()
-    return int(torch.clamp(torch.minimum(hi - start, ln), min=0).sum())
-
-
 def _time(fn, reps: int) -> tuple[float, float]:
     fn()
     ts = []
@@ -159,12 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, meta in forests().items():
         run, plan = step(meta, None)
         unique = plan_kv_tokens(meta) * kv_tok
-        loaded = loaded_tokens(plan) * kv_tok
-        loaded64 = loaded_tokens(step(meta, None, 64)[1]) / plan_kv_tokens(meta)
+        loaded = plan_loaded_tokens(plan) * kv_tok
+        loaded64 = plan_loaded_tokens(step(meta, None, 64)[1]) / plan_kv_tokens(meta)
         ws = plan.workspace_bytes(HQ, D)
         out = meta.total_q * HQ * D * ELEM
         bare = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=args.workers)
-        bare_bytes = loaded_tokens(bare) * kv_tok + 2 * bare.workspace_bytes(HQ, D)
+        bare_bytes = plan_loaded_tokens(bare) * kv_tok + 2 * bare.workspace_bytes(HQ, D)
         absorbed = (f"{run.num_nodes - meta.num_nodes:,} ({bare.num_partials:,}, "
                     f"{(loaded + 2 * ws) / unique:.2f} / {bare_bytes / unique:.2f})"
                     if run is not meta else "-")

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .metadata import ForestMetadata, MetadataError
+from .planning import _host_op
 
 __all__ = ["absorb_tiny_nodes", "MAX_ABSORBED_TOKENS"]
 
@@ -64,18 +65,7 @@ MAX_ABSORBED_TOKENS = 8
 
 def _cpp_absorber():
     """torch.ops.multiverse_C.absorb_tiny_nodes when the C++ extension is built, else None."""
-    global _CPP
-    if _CPP is None:
-        try:
-            from .backends.cpu._ext import load_extension
-            load_extension("_C")
-            _CPP = torch.ops.multiverse_C.absorb_tiny_nodes
-        except (ModuleNotFoundError, ImportError, OSError, RuntimeError, AttributeError):
-            _CPP = False
-    return _CPP or None
-
-
-_CPP = None
+    return _host_op("absorb_tiny_nodes")
 
 
 def absorb_tiny_nodes(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,

@@ -25,9 +25,8 @@ from .metadata import ForestMetadata, MetadataError
 from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
 
 __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "cached_run_plan",
-           "default_rows_per_tile",
-           "default_num_workers", "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "invariant_plan",
-           "INVARIANT_CHUNK_TOKENS"]
+           "plan_loaded_tokens", "plan_kv_tokens", "default_rows_per_tile", "default_num_workers",
+           "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "invariant_plan", "INVARIANT_CHUNK_TOKENS"]
 
 # Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
 # (backends/triton/tree_attention.py TILES), so that a chunk is loaded once for all of them.
@@ -212,20 +211,25 @@ def auto_chunk_tokens(node_len: Tensor, n_readers: Tensor, rows_per_tile: int, g
     return torch.minimum(chunk, torch.clamp(node_len, min=1))
 
 
-def _cpp_planner():
-    """torch.ops.multiverse_C.plan_tree_attention when the C++ extension is built, else None."""
-    global _CPP
-    if _CPP is None:
+def _host_op(name: str):
+    """``torch.ops.multiverse_C.<name>`` (a host op of the C++ extension: the planner, tiny-node
+    absorption) when the extension is built and loads, else None; looked up once per process."""
+    if name not in _HOST_OPS:
         try:
             from .backends.cpu._ext import load_extension
             load_extension("_C")
-            _CPP = torch.ops.multiverse_C.plan_tree_attention
+            _HOST_OPS[name] = getattr(torch.ops.multiverse_C, name)
         except (ModuleNotFoundError, ImportError, OSError, RuntimeError, AttributeError):
-            _CPP = False
-    return _CPP or None
+            _HOST_OPS[name] = None
+    return _HOST_OPS[name]
 
 
-_CPP = None
+_HOST_OPS: dict[str, object] = {}
+
+
+def _cpp_planner():
+    """torch.ops.multiverse_C.plan_tree_attention when the C++ extension is built, else None."""
+    return _host_op("plan_tree_attention")
 
 
 def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *,
@@ -541,6 +545,23 @@ def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim
         _CACHE.insert(0, (key, ts, copy, entry))
         del _CACHE[_CACHE_SIZE:]
     return entry
+
+
+def plan_loaded_tokens(plan: TreePlan) -> int:
+    """K/V tokens the kernels load for one KV head according to ``plan``: per item, its chunk up to the
+    largest limit of its readers (what the planning benchmark and the byte rule of tiny-node absorption
+    count; the kernels' own counters measure it at the loads)."""
+    W = plan.num_items
+    if W == 0:
+        return 0
+    dev = plan.item_num_readers.device
+    nr = plan.item_num_readers[:W].long()
+    item = torch.repeat_interleave(torch.arange(W, device=dev), nr)
+    j = torch.arange(item.numel(), device=dev) - (torch.cumsum(nr, 0) - nr)[item]
+    lim = plan.reader_limit.long()[plan.item_reader_start[:W].long()[item] + j]
+    hi = torch.zeros(W, dtype=torch.long, device=dev).scatter_reduce_(0, item, lim, "amax")
+    start, ln = plan.item_kv_start[:W].long(), plan.item_kv_len[:W].long()
+    return int(torch.clamp(torch.minimum(hi - start, ln), min=0).sum())
 
 
 def plan_kv_tokens(meta: ForestMetadata) -> int:
