@@ -165,16 +165,10 @@ std::vector<at::Tensor> absorb_tiny_nodes_op(const at::Tensor& node_page_indptr,
                                              const at::Tensor& vis_indptr, const at::Tensor& vis_nodes,
                                              int64_t page_size, int64_t group, int64_t head_dim,
                                              int64_t kv_elem_size, int64_t max_absorbed_tokens) {
-  const auto cpu = at::Device(at::kCPU);
-  const at::Tensor pi = node_page_indptr.to(cpu).contiguous(), pg = node_page_indices.to(cpu).contiguous();
-  const at::Tensor nl = node_len.to(cpu).contiguous(), qo = qo_indptr.to(cpu).contiguous();
-  const at::Tensor vi = vis_indptr.to(cpu).contiguous(), vn = vis_nodes.to(cpu).contiguous();
-  check_i32(pi, "node_page_indptr", cpu);
-  check_i32(pg, "node_page_indices", cpu);
-  check_i32(nl, "node_len", cpu);
-  check_i32(qo, "qo_indptr", cpu);
-  check_i32(vi, "vis_indptr", cpu);
-  check_i32(vn, "vis_nodes", cpu);
+  const at::Tensor pi = host_i32(node_page_indptr, "node_page_indptr");
+  const at::Tensor pg = host_i32(node_page_indices, "node_page_indices");
+  const at::Tensor nl = host_i32(node_len, "node_len"), qo = host_i32(qo_indptr, "qo_indptr");
+  const at::Tensor vi = host_i32(vis_indptr, "vis_indptr"), vn = host_i32(vis_nodes, "vis_nodes");
   TORCH_CHECK(pi.numel() == nl.numel() + 1, "node_page_indptr: expected the length of node_len + 1");
   TORCH_CHECK(pi.data_ptr<int32_t>()[nl.numel()] == pg.numel(),
               "node_page_indptr: expected its last entry == len(node_page_indices)");

@@ -42,6 +42,15 @@ inline void check_i32(const at::Tensor& t, const char* name, const at::Device& d
 
 inline const int32_t* i32(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
 
+// A 1-D int32 index tensor copied to the host (if it is not there) and checked: what the host planner
+// and tiny-node absorption read.
+inline at::Tensor host_i32(const at::Tensor& t, const char* name) {
+  const auto cpu = at::Device(at::kCPU);
+  at::Tensor h = t.to(cpu).contiguous();
+  check_i32(h, name, cpu);
+  return h;
+}
+
 // The plan fields in TreePlan.TENSOR_FIELDS / INT_FIELDS order (multiverse_kernels/plan_format.py, via
 // the generated multiverse/plan_fields.h): PlanT::reader_row, ..., PlanI::num_readers, ...
 namespace PlanT {
@@ -276,12 +285,8 @@ inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> host_plan(
     const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
     int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers, const at::Device& device) {
   const auto cpu = at::Device(at::kCPU);
-  const at::Tensor nl = node_len.to(cpu).contiguous(), qo = qo_indptr.to(cpu).contiguous();
-  const at::Tensor vi = vis_indptr.to(cpu).contiguous(), vn = vis_nodes.to(cpu).contiguous();
-  check_i32(nl, "node_len", cpu);
-  check_i32(qo, "qo_indptr", cpu);
-  check_i32(vi, "vis_indptr", cpu);
-  check_i32(vn, "vis_nodes", cpu);
+  const at::Tensor nl = host_i32(node_len, "node_len"), qo = host_i32(qo_indptr, "qo_indptr");
+  const at::Tensor vi = host_i32(vis_indptr, "vis_indptr"), vn = host_i32(vis_nodes, "vis_nodes");
   TORCH_CHECK(vi.numel() == qo.numel() && qo.numel() >= 1, "vis_indptr: expected the length of qo_indptr");
   const int64_t groups = qo.numel() - 1;
   at::Tensor of;
