@@ -440,6 +440,12 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     // from the caches while the next one is being prefetched.
     const int t_stop = m0 == 0 ? max_vis : tmax;
     const int nbig = mbp / (2 * W);
+    // Prefetch rows issued per register tile: spread a whole token block over the tiles of one block
+    // (a light task - few rows - has few tiles per block: 4 rows per tile would leave most of the next
+    // block to a burst right before it is packed, serialising its loads with the compute).
+    const int tiles = nbig * (kTokenBlock / QK_TB) + (mbp - nbig * 2 * W) / G * (kTokenBlock / QK_TB_SMALL) +
+                      (mb + PV_RB - 1) / PV_RB;
+    const int pf_rows = imax(4, (kTokenBlock + tiles - 1) / tiles);
     for (int tb0 = 0; tb0 < t_stop; tb0 += kTokenBlock) {
       if (m0 == 0) {
         const int tb1 = imin(tb0 + kTokenBlock, max_vis);
@@ -467,13 +473,13 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         if (big) {
           for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp) {
             qk_tile<W, 2, QK_TB>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col, lds);
-            pf.step(4);
+            pf.step(pf_rows);
           }
         } else {
           for (int t0 = tb0; t0 < tend; t0 += QK_TB_SMALL, kp += QK_TB_SMALL * dp) {
             qk_tile<G, 1, QK_TB_SMALL>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col,
                                        lds);
-            pf.step(4);
+            pf.step(pf_rows);
           }
         }
         col += width;
@@ -495,7 +501,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
         if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, bvis, sc.o, sc.alpha, rb);
-        pf.step(4);
+        pf.step(pf_rows);
       }
     }
     // Normalise and write: the row's only partial goes straight to out (q's dtype), else a partial.
