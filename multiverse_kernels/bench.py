@@ -39,6 +39,7 @@ from . import roofline
 from .backends import _IMPLS, available_backends, resolve
 from .dense_mask import dense_mask, key_slots
 from .forest import KVForest
+from .gpu_timing import flush_caches
 from .metadata import ForestMetadata
 from .ops.tree_attention import tree_attention
 
@@ -254,35 +255,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-_LLC_FLUSH: list[Tensor] = []
-
-
-def flush_cpu_caches(nbytes: int = 128 << 20) -> None:
-    """Evict the CPU caches: read a buffer of ``nbytes``, several times any last-level cache of the
-    machines this runs on (read, not written, so that the evicted lines are clean). A decode step's KV
-    was last touched by the same layer's previous step, and every other layer's weights and caches
-    streamed through the caches in between, so a method is timed from cold caches, as the GPU timer
-    flushes the L2 (:mod:`multiverse_kernels.gpu_timing`)."""
-    if not _LLC_FLUSH or _LLC_FLUSH[0].numel() * 4 != nbytes:
-        _LLC_FLUSH[:] = [torch.ones(nbytes // 4)]
-    _LLC_FLUSH[0].sum()
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
+def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2,
+            flush: bool = True) -> float:
     """Median seconds per call. On CUDA: CUDA-graph replays timed by CUDA events with the L2 flushed
     before each (:mod:`multiverse_kernels.gpu_timing`); elsewhere host wall-clock around each call, the
-    CPU caches flushed before each (:func:`flush_cpu_caches`)."""
+    caches flushed before each (:func:`multiverse_kernels.gpu_timing.flush_caches`; ``flush=False``: warm,
+    back-to-back calls, for comparison only)."""
     if torch.device(device).type == "cuda":
         from .gpu_timing import time_cuda
 
-        return time_cuda(fn, device, iters, warmup)
+        return time_cuda(fn, device, iters, warmup, flush_l2=flush)
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(iters):
-        if torch.device(device).type == "cpu":
-            flush_cpu_caches()
+        if flush:
+            flush_caches(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)

@@ -11,8 +11,8 @@
   each method's kernels, from Nsight Compute (``ncu``, when installed) profiling one call in a child
   process, next to the forest's unique KV bytes.
 
-Nothing here runs without a GPU; tests/test_gpu_timing.py checks the pure parts (ncu CSV parsing, the
-flush size) on the CPU and the timing itself on a GPU.
+Nothing here but :func:`flush_caches` (which :func:`multiverse_kernels.bench.time_fn` also uses on the
+CPU) runs without a GPU; tests/test_gpu_run.py checks the pure parts (ncu CSV parsing) on the CPU.
 """
 
 from __future__ import annotations
@@ -29,23 +29,35 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["time_cuda", "copy_bandwidth", "flush_bytes", "ncu_dram_bytes", "parse_ncu_csv", "last_method"]
+__all__ = ["time_cuda", "copy_bandwidth", "flush_bytes", "flush_caches", "ncu_dram_bytes", "parse_ncu_csv",
+           "last_method"]
 
 last_method = ""  # how the last time_cuda call timed: "cuda-graph" or "eager (...)"
-_FLUSH: dict[int, torch.Tensor] = {}
+_FLUSH: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def flush_bytes(device: torch.device) -> int:
-    """Size of the L2 flush buffer: twice the device's L2 (at least 64 MiB)."""
+    """Size of the cache flush buffer: twice the device's L2 (at least 64 MiB) on CUDA; 128 MiB on the
+    CPU (several times the last-level cache of the machines this runs on)."""
+    if torch.device(device).type != "cuda":
+        return 128 << 20
     props = torch.cuda.get_device_properties(device)
     return max(2 * int(getattr(props, "L2_cache_size", 0) or 0), 64 << 20)
 
 
-def _flush(device: torch.device) -> None:
-    idx = torch.device(device).index or 0
-    if idx not in _FLUSH:
-        _FLUSH[idx] = torch.empty(flush_bytes(device), dtype=torch.uint8, device=device)
-    _FLUSH[idx].zero_()
+def flush_caches(device: torch.device) -> None:
+    """Evict the device's caches before a timed call, so that the KV set comes from DRAM as in a real
+    decode step (a layer's KV was last touched a whole forward pass earlier): on CUDA a memset of
+    :func:`flush_bytes` (the L2); on the CPU a read of it (the last-level cache; read, not written, so
+    that the lines it evicts are clean and the timed call pays no write-backs)."""
+    device = torch.device(device)
+    key = (device.type, device.index or 0)
+    if key not in _FLUSH:
+        _FLUSH[key] = torch.ones(flush_bytes(device) // 4, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        _FLUSH[key].zero_()
+    else:
+        _FLUSH[key].sum()
 
 
 def time_cuda(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3,
@@ -77,7 +89,7 @@ def time_cuda(fn: Callable[[], object], device: torch.device, iters: int = 20, w
         times = []
         for _ in range(max(1, iters)):
             if flush_l2:
-                _flush(device)
+                flush_caches(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
