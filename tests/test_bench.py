@@ -84,3 +84,30 @@ def test_sweep_json_and_plots(tmp_path, capsys):
         png = tmp_path / f"sweep_{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sweep readers" in capsys.readouterr().out
+
+
+def test_cpu_timer_flushes_the_caches_before_each_call(monkeypatch):
+    from multiverse_kernels import gpu_timing
+
+    calls = []
+    monkeypatch.setattr(bench, "flush_caches", lambda dev: calls.append(("flush", torch.device(dev).type)))
+    bench.time_fn(lambda: calls.append("call"), torch.device("cpu"), iters=3, warmup=1)
+    assert calls == ["call"] + [("flush", "cpu"), "call"] * 3  # warmup unflushed, every timed call flushed
+    calls.clear()
+    bench.time_fn(lambda: calls.append("call"), torch.device("cpu"), iters=2, warmup=0, flush=False)
+    assert calls == ["call", "call"]
+    assert gpu_timing.flush_bytes(torch.device("cpu")) >= 128 << 20  # several times a last-level cache
+
+
+def test_cpu_step_parts_script_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("multiverse_kernels.backends.cpu", reason="the C++ CPU extension is not built")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cpu_step_parts.py"
+    out = subprocess.run([sys.executable, str(script), "--part", "paths", "--iters", "1"], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("paths")]
+    assert rows and rows[0][1] == "1"  # 1 thread first, then all threads (when more than 1)
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
