@@ -67,18 +67,22 @@ IsaKernels isa_kernels(CpuIsa isa) {
   }
 }
 
+constexpr int64_t kAlignFloats = 64 / sizeof(float);
+
 struct Scratch {
   std::vector<float> f;
   std::vector<int32_t> i;
   TaskScratch view(int64_t tokens, int32_t head_dim, int32_t rows) {
     const int64_t nf = task_scratch_floats(tokens, head_dim);
     const int64_t ni = task_row_ints(rows);
-    if (static_cast<int64_t>(f.size()) < nf) f.resize(nf);
+    if (static_cast<int64_t>(f.size()) < nf + kAlignFloats) f.resize(nf + kAlignFloats);
     if (static_cast<int64_t>(i.size()) < ni) i.resize(ni);
     const int64_t tp = task_tokens_pad(tokens);
     const int64_t dp = round_up64(head_dim, kDimPad);
     TaskScratch s;
-    s.kv = f.data();
+    // 64-byte aligned (a cache line): the packed rows' vector loads and stores never straddle two
+    // lines (std::vector only guarantees 16 bytes; misaligned scratch cost 2-5% on the dev machine).
+    s.kv = f.data() + (-(reinterpret_cast<uintptr_t>(f.data()) / sizeof(float)) & (kAlignFloats - 1));
     s.qt = s.kv + 2 * tp * dp;
     s.st = s.qt + static_cast<int64_t>(head_dim) * kRowBlock;
     s.o = s.st + static_cast<int64_t>(kTokenBlock) * kRowBlock;

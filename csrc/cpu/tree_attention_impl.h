@@ -45,7 +45,11 @@ constexpr int QK_TB = 6;
 constexpr int PV_RB = 6;
 #endif
 constexpr int QK_TB_SMALL = 12;  // tokens per tile of one G-lane vector of rows (12 accumulators)
+constexpr int kLightRows = 16;        // tasks with at most this many packed rows ...
+constexpr int kLightTokenBlock = 24;  // ... load this many tokens per block (see run_task)
 static_assert(kTokenBlock % QK_TB == 0 && kTokenBlock % QK_TB_SMALL == 0, "token block vs tiles");
+static_assert(kLightTokenBlock % QK_TB == 0 && kLightTokenBlock % QK_TB_SMALL == 0 &&
+              kLightTokenBlock <= kTokenBlock, "light token block vs tiles");
 static_assert(kRowBlock % (2 * W) == 0 && kDimPad % W == 0, "row block / dim pad vs vector width");
 
 template <int N> struct VT;
@@ -215,10 +219,17 @@ template <class E> struct Prefetch2 {
 };
 
 // Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads.
-// Returns the bytes read.
-template <class E> inline int64_t pack_rows(const TaskCtx& c, int a, int b) {
+// With v_direct (fp32) only K is copied, and vrows[t - a] points at token t's V row in the cache (read
+// there by P V). Returns the bytes read.
+template <class E> inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const float** vrows) {
   for (int t = a; t < b; ++t) {
     pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp);
+    if constexpr (std::is_same_v<E, F32>) {
+      if (v_direct) {
+        vrows[t - a] = v_row<E>(c, t);
+        continue;
+      }
+    }
     pack_row<E>(v_row<E>(c, t), c.vb + static_cast<size_t>(t) * c.dp, c.D, c.dp);
   }
   return b > a ? 2 * static_cast<int64_t>(b - a) * c.D * static_cast<int64_t>(sizeof(typename E::T)) : 0;
@@ -289,11 +300,12 @@ MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0,
 
 // ---------------------------------------------------------------------------------- O = P V
 // O[r][d0 : d0 + NV*W] = alpha[r] * O[r][...] + sum_{t0 <= t < t1} P^T[t - t0][r] V[t][...] for RB rows r
-// (block-local rb + r); o: [rows][dp] fp32 scratch.
+// (block-local rb + r); o: [rows][dp] fp32 scratch; vr[t - t0]: token t's V row (fp32: the packed
+// scratch row, or the fp32 cache row itself, see run_task).
 // Tokens [t0, tfull) every row of the tile sees; tokens [tfull, t1) only rows r with t < vis[r] (NaN
 // policy: a masked token is skipped, never multiplied by 0, so a NaN/Inf in V cannot cross the mask).
 template <int RB, int NV>
-MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __restrict pt, int lds, int t0,
+MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const float* __restrict pt, int lds, int t0,
                     int tfull, int t1, const int32_t* __restrict vis, float* __restrict o,
                     const float* __restrict alpha, int rb) {
   using V = typename VT<W>::V;
@@ -303,10 +315,10 @@ MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __r
     MV_UNROLL(2) for (int v = 0; v < NV; ++v)
       acc[r][v] = vld<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W) * al;
   }
-  const float* vp = vb + static_cast<size_t>(t0) * dp + d0;
   const float* pp = pt + rb;
   int t = t0;
-  for (; t < tfull; ++t, vp += dp, pp += lds) {
+  for (; t < tfull; ++t, pp += lds) {
+    const float* vp = vr[t - t0] + d0;
     V vv[NV];
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -314,7 +326,8 @@ MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __r
       MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
     }
   }
-  for (; t < t1; ++t, vp += dp, pp += lds) {
+  for (; t < t1; ++t, pp += lds) {
+    const float* vp = vr[t - t0] + d0;
     V vv[NV];
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -329,27 +342,27 @@ MV_INL void pv_tile(const float* __restrict vb, int dp, int d0, const float* __r
 }
 
 template <int RB>
-inline void pv_rows(const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1, const int32_t* vis,
+inline void pv_rows(const float* const* vr, int dp, int D, const float* pt, int lds, int t0, int t1, const int32_t* vis,
                     float* o, const float* alpha, int rb) {
   int tfull = t1;
   for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
   int d0 = 0;
   for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W)
-    pv_tile<RB, 2>(vb, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
-  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vb, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
+    pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
+  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
 }
 
 // `rows` (1 .. RB) rows starting at block-local rb.
 template <int RB>
-inline void pv_dispatch(int rows, const float* vb, int dp, int D, const float* pt, int lds, int t0, int t1,
+inline void pv_dispatch(int rows, const float* const* vr, int dp, int D, const float* pt, int lds, int t0, int t1,
                         const int32_t* vis, float* o, const float* alpha, int rb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<RB - 1>(rows, vb, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
+      pv_dispatch<RB - 1>(rows, vr, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
       return;
     }
   }
-  pv_rows<RB>(vb, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
+  pv_rows<RB>(vr, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
 }
 
 // ---------------------------------------------------------------------------------- one task
@@ -372,6 +385,17 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   // one-block window (48 rows, L1/L2) instead of the whole chunk, leaving L2 to the next task's
   // prefetched chunk. kb/vb are then re-based per token block so that row t sits at kb + t * dp.
   const bool window = M <= kRowBlock;
+  // fp32 V rows are read by P V straight from the cache (only K is packed): each tile streams them
+  // token by token, one line per row and vector, so the rows' 4 KiB stride costs nothing there (it
+  // does in S^T = K Q^T, which broadcasts 12 rows' elements per step: those alias in one L1 set), and
+  // the copy of V is saved. Needs D % W == 0 (the tiles then read exactly D floats of a row).
+  const bool v_direct = std::is_same_v<E, F32> && window && D % W == 0;
+  const float* vrows[kTokenBlock];  // the current token block's V rows (packed or cache)
+  // Tokens per block: a light task (one row tile: at most kLightRows rows) copies a block of
+  // kLightTokenBlock so that its K/V window (1 KiB per token at d = 128 fp32) stays in L1 while it is
+  // packed and read; a task with many rows amortises the per-block softmax and output rescale over the
+  // full kTokenBlock (its window lives in L2 anyway, next to Q^T and O).
+  const int tbk = window && M <= kLightRows ? kLightTokenBlock : kTokenBlock;
   float* const kbase = sc.kv;
   float* const vbase = sc.kv + task_tokens_pad(len) * dp;
   c.kb = kbase;
@@ -410,7 +434,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     cn.kh = next_kh;
     next_len = p.item_kv_len[next_item];
   }
-  Prefetch2<E> pf{{&c, 0, imin(kTokenBlock, max_vis)}, {&cn, 0, next_len}};
+  Prefetch2<E> pf{{&c, 0, imin(tbk, max_vis)}, {&cn, 0, next_len}};
   pf.own.finish();
   for (int m0 = 0; m0 < M; m0 += kRowBlock) {
     const int mb = imin(kRowBlock, M - m0);
@@ -443,25 +467,27 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     // Prefetch rows issued per register tile: spread a whole token block over the tiles of one block
     // (a light task - few rows - has few tiles per block: 4 rows per tile would leave most of the next
     // block to a burst right before it is packed, serialising its loads with the compute).
-    const int tiles = nbig * (kTokenBlock / QK_TB) + (mbp - nbig * 2 * W) / G * (kTokenBlock / QK_TB_SMALL) +
+    const int tiles = nbig * (tbk / QK_TB) + (mbp - nbig * 2 * W) / G * (tbk / QK_TB_SMALL) +
                       (mb + PV_RB - 1) / PV_RB;
-    const int pf_rows = imax(4, (kTokenBlock + tiles - 1) / tiles);
-    for (int tb0 = 0; tb0 < t_stop; tb0 += kTokenBlock) {
+    const int pf_rows = imax(4, (tbk + tiles - 1) / tiles);
+    for (int tb0 = 0; tb0 < t_stop; tb0 += tbk) {
       if (m0 == 0) {
-        const int tb1 = imin(tb0 + kTokenBlock, max_vis);
+        const int tb1 = imin(tb0 + tbk, max_vis);
         pf.own.finish();  // the rest of this block's prefetches, if compute did not issue them all
         if (window) {
           const ptrdiff_t shift = static_cast<ptrdiff_t>(tb0) * dp;
           c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
           c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
         }
-        bytes += pack_rows<E>(c, tb0, tb1);
-        pf.own = Prefetcher<E>{&c, tb1, imin(tb1 + kTokenBlock, max_vis)};
-        for (int t = tb1; t < tb0 + kTokenBlock; ++t)  // tiles past the chunk read zeros
+        bytes += pack_rows<E>(c, tb0, tb1, v_direct, vrows);
+        pf.own = Prefetcher<E>{&c, tb1, imin(tb1 + tbk, max_vis)};
+        for (int t = tb1; t < tb0 + tbk; ++t)  // tiles past the chunk read zeros
           for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
       }
+      if (!v_direct)
+        for (int t = tb0; t < tb0 + tbk; ++t) vrows[t - tb0] = c.vb + static_cast<size_t>(t) * dp;
       if (tb0 >= tmax) continue;
-      const int te = imin(tmax, tb0 + kTokenBlock);
+      const int te = imin(tmax, tb0 + tbk);
       // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
       for (int col = 0; col < mbp;) {
         const bool big = col < nbig * 2 * W;
@@ -500,7 +526,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         int tb = 0;
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
-        if (t1 > tb0) pv_dispatch<PV_RB>(rows, c.vb, dp, D, sc.st, lds, tb0, t1, bvis, sc.o, sc.alpha, rb);
+        if (t1 > tb0) pv_dispatch<PV_RB>(rows, vrows, dp, D, sc.st, lds, tb0, t1, bvis, sc.o, sc.alpha, rb);
         pf.step(pf_rows);
       }
     }
