@@ -346,7 +346,10 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int,
             rows.append(row)
             timed.append((row, fn))
     per_round = max(1, -(-iters // max(1, rounds)))
-    timers = [lambda i, fn=fn: time_fn(fn, dev, per_round, warmup=2 if i == 0 else 0) for _, fn in timed]
+    # A warm-up call in every round (two in the first): the round's rate measurement ran in between,
+    # and with two timed calls per round a method's first call after it (threads woken, the previous
+    # method's allocations returned) weighed half of that round's median.
+    timers = [lambda i, fn=fn: time_fn(fn, dev, per_round, warmup=2 if i == 0 else 1) for _, fn in timed]
     paired = roofline.paired_rounds(w.meta, tuple(w.q.shape), w.k_cache.shape[2], w.unique_kv_bytes, timers,
                                     dev, rounds)
     for (row, _), r in zip(timed, paired, strict=True):

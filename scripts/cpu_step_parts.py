@@ -9,11 +9,15 @@ Parts (32 q / 8 KV heads, head_dim 128, page size 16, fp32 unless --dtype):
               per KV head)
   prefix-l3   the same with a 512-token prefix (4 MiB of K+V fp32: resident in the last-level cache
               when warm)
+  prefix-l2   `prefix` with its page table cycling over 2 pages (256 KiB of K+V, read from L2 after
+              their first touch, cold or warm): the same flops and the same instructions with no
+              DRAM traffic, to see what loading the prefix costs (a timing device: the pages repeat)
   paths       its memory-bound part: a 16-token prefix, 8 paths x 512 and a 32-token conclusion
               joining them (every path chunk read by 2 rows: its path and the conclusion)
 For each part and thread count (1 and all): the median time of a call from cold caches (the bench's
 timer, multiverse_kernels.bench.time_fn) and of warm back-to-back calls, GFLOP/s per thread (step flops:
-multiverse_kernels.roofline.step_flops) and the unique K+V bytes per second.
+multiverse_kernels.roofline.step_flops) and the unique K+V bytes per second (prefix-l2: of the forest
+as if its pages did not repeat).
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ from multiverse_kernels.forest import KVForest
 from multiverse_kernels.roofline import step_flops
 
 HQ, HK, D, PAGE = 32, 8, 128, 16
-PARTS = ("multiverse", "prefix", "prefix-l3", "paths")
+PARTS = ("multiverse", "prefix", "prefix-l3", "prefix-l2", "paths")
 
 
 def part_forest(part: str) -> tuple[KVForest, list[tuple[int, int]]]:
     if part == "multiverse":
         return build_forest("multiverse", PAGE)
     f = KVForest(4096, PAGE)
-    if part in ("prefix", "prefix-l3"):
-        root = f.new_sequence(4096 if part == "prefix" else 512)
+    if part in ("prefix", "prefix-l3", "prefix-l2"):
+        root = f.new_sequence(512 if part == "prefix-l3" else 4096)
         kids = f.fork(root, 9)
         for k in kids:
             f.append(k, 1)
@@ -56,6 +60,10 @@ def part_forest(part: str) -> tuple[KVForest, list[tuple[int, int]]]:
 def workload(part: str, dtype: torch.dtype) -> Workload:
     f, groups = part_forest(part)
     meta = f.metadata(groups)
+    if part == "prefix-l2":  # the prefix's (node 0's) page list cycles over its first two pages
+        a, b = int(meta.node_page_indptr[0]), int(meta.node_page_indptr[1])
+        pages = meta.node_page_indices[a:b]
+        meta.node_page_indices[a:b] = pages[:2].repeat((b - a + 1) // 2)[: b - a]
     g = torch.Generator().manual_seed(0)
     used = f.num_pages - f.num_free_pages
     k = torch.randn(used, PAGE, HK, D, generator=g).to(dtype)

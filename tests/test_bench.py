@@ -111,3 +111,21 @@ def test_cpu_step_parts_script_runs():
     rows = [line.split() for line in out.splitlines() if line.startswith("paths")]
     assert rows and rows[0][1] == "1"  # 1 thread first, then all threads (when more than 1)
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_cpu_step_parts_prefix_l2_repeats_two_pages_with_the_same_flops():
+    import importlib.util
+    from pathlib import Path
+
+    from multiverse_kernels.roofline import step_flops
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cpu_step_parts.py"
+    spec = importlib.util.spec_from_file_location("cpu_step_parts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    hot, cold = mod.workload("prefix-l2", torch.float32), mod.workload("prefix", torch.float32)
+    a, b = int(hot.meta.node_page_indptr[0]), int(hot.meta.node_page_indptr[1])
+    assert b - a == 4096 // mod.PAGE
+    assert hot.meta.node_page_indices[a:b].unique().numel() == 2
+    assert torch.equal(hot.meta.node_len, cold.meta.node_len)
+    assert step_flops(hot.meta, mod.HQ, mod.HK, mod.D) == step_flops(cold.meta, mod.HQ, mod.HK, mod.D)
