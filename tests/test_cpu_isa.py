@@ -4,8 +4,9 @@ The kernel is compiled for AVX-512, AVX2+FMA+F16C and the baseline target and di
 MULTIVERSE_CPU_ISA forces a lower one (csrc/cpu/tree_attention.cpp). Each test runs once per ISA; an
 ISA this CPU cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as
 skipped, not passed). Shapes are chosen to cross every tiling boundary of the kernel: row blocks of
-128 packed rows, token blocks of 48, register tiles (16/32 rows x 6/12 tokens, 6/12 rows x 16/32 dims),
-head dims that are not multiples of the vector width, causal extends, many readers, tiny chunks.
+128 packed rows, token blocks of 48 (24 for tasks of at most 16 rows), register tiles (16/32 rows x
+6/12 tokens, 6/12 rows x 16/32 dims), head dims that are not multiples of the vector width (fp32 V is
+then packed, not read in place), causal extends, many readers, tiny chunks.
 """
 
 from __future__ import annotations
