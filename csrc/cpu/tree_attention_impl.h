@@ -12,9 +12,10 @@
 //                                      broadcasts RB probabilities against NV value vectors per token
 // Tile sizes fit the register file: AVX2 (16 ymm) uses 6 x 16 tiles (12 accumulators), AVX-512
 // (32 zmm) 12 x 32 (24 accumulators). The chunk's K/V rows are read from the paged cache exactly once,
-// in token blocks of kTokenBlock: converted (fp16 with F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit
-// shift) or copied to packed fp32 scratch, while the next block is prefetched; that is the only place
-// the caches are read, and the byte counter is incremented there.
+// in token blocks of kTokenBlock (kLightTokenBlock for tasks with few rows): converted (fp16 with
+// F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit shift) or copied to packed fp32 scratch while the next
+// block is prefetched, except fp32 V rows, which the P V tiles read in place (run_task); the byte
+// counter is incremented per block where its rows are taken.
 #pragma once
 
 #ifndef MV_LEVEL
