@@ -56,7 +56,7 @@ __all__ = ["absorb_tiny_nodes", "MAX_ABSORBED_TOKENS"]
 # Longest chain (tokens) absorbed into a successor: tiny nodes only (the one-token nodes of token
 # trees, short chains of them). Absorbing trades K/V loads for partial-state traffic; capped this low,
 # the extra loads stay a few tokens per successor, so forests without token trees keep K+V loads at
-# the unique bytes (tests/test_triton_kv_traffic.py), and a virtual node's head stays far below the
+# the unique bytes (tests/backends/test_triton_kv_traffic.py), and a virtual node's head stays far below the
 # planner's smallest chunk (256 tokens): the rule does not model chunks, and the one case it misses (a
 # successor ending less than 8 tokens below a chunk boundary gets one more chunk, whose partial gives
 # back the one saved) is rare and bounded.

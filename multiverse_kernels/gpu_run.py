@@ -15,10 +15,10 @@ each step does and how long it takes.
 Steps, in order:
   env        GPU, driver, torch / Triton / CUDA versions, nvcc, ncu, compute-sanitizer
   build      C++ + CUDA extension in place against THIS machine's torch (arch: this GPU's; strict)
-  triton     tests/test_gpu.py for backend triton (compiled kernels: every tile, dtypes, page sizes...) and
-             the triton cases of tests/test_<op>.py
-  cuda       tests/test_gpu.py for backend cuda, tests/test_cuda_ops.py and the cuda cases of
-             tests/test_<op>.py
+  triton     tests/backends/test_gpu.py for backend triton (compiled kernels: every tile, dtypes, page sizes...) and
+             the triton cases of tests/ops/test_<op>.py
+  cuda       tests/backends/test_gpu.py for backend cuda, tests/backends/test_cuda_ops.py and the cuda cases of
+             tests/ops/test_<op>.py
   graph      CUDA-graph capture of the public op, replayed with another step's plan copied in; device
              guard and current stream (part of the two steps above, run on their own for a clear line)
   memcheck   compute-sanitizer --tool memcheck over a small workload (both backends, fp16/bf16/fp32)
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 STEP_LIMIT_S = 470  # < 8 minutes per step
 # the per-op test files, parametrised over backends (their triton and cuda cases run in the GPU steps)
-OP_TESTS = ("tests/test_tree_attention.py", "tests/test_tree_attention_backward.py",
-            "tests/test_merge_states.py", "tests/test_append_paged_kv.py")
+OP_TESTS = ("tests/ops/test_tree_attention.py", "tests/ops/test_tree_attention_backward.py",
+            "tests/ops/test_merge_states.py", "tests/ops/test_append_paged_kv.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (tests/, setup.py)
 
 
@@ -93,13 +93,13 @@ def steps(sanitizer: str = "compute-sanitizer") -> list[Step]:
         ], env={"MULTIVERSE_BUILD_CUDA": "1", "MULTIVERSE_BUILD_STRICT": "1",
                 "MAX_JOBS": str(os.cpu_count() or 8), "TORCH_CUDA_ARCH_LIST": "<this GPU>"}),
         Step("triton", "compiled Triton kernels vs the reference on CUDA tensors",
-             [_pytest("-m", "gpu", "tests/test_gpu.py", "-k", "triton"),
+             [_pytest("-m", "gpu", "tests/backends/test_gpu.py", "-k", "triton"),
               _pytest("-m", "not slow", *OP_TESTS, "-k", "triton")], env=compiled),
         Step("cuda", "CUDA C++ kernels vs the reference on CUDA tensors",
-             [_pytest("-m", "gpu", "tests/test_gpu.py", "tests/test_cuda_ops.py", "-k", "not triton"),
+             [_pytest("-m", "gpu", "tests/backends/test_gpu.py", "tests/backends/test_cuda_ops.py", "-k", "not triton"),
               _pytest("-m", "gpu and not slow", *OP_TESTS, "-k", "cuda")], env=compiled),
         Step("graph", "CUDA graphs of the public op with a new plan copied in; device guard; stream",
-             [_pytest("-m", "gpu", "tests/test_gpu.py", "tests/test_cuda_ops.py", "-k",
+             [_pytest("-m", "gpu", "tests/backends/test_gpu.py", "tests/backends/test_cuda_ops.py", "-k",
                       "graph or device or stream")], env=compiled),
         Step("memcheck", "compute-sanitizer memcheck over a small workload",
              [[sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--target-processes", "all",

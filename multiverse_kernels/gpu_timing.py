@@ -12,7 +12,7 @@
   process, next to the forest's unique KV bytes.
 
 Nothing here but :func:`flush_caches` (which :func:`multiverse_kernels.bench.time_fn` also uses on the
-CPU) runs without a GPU; tests/test_gpu_run.py checks the pure parts (ncu CSV parsing) on the CPU.
+CPU) runs without a GPU; tests/tooling/test_gpu_run.py checks the pure parts (ncu CSV parsing) on the CPU.
 """
 
 from __future__ import annotations

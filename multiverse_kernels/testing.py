@@ -203,10 +203,10 @@ def import_cpu_backend_or_skip():
         pytest.skip(f"C++ CPU extension not built ({e}); see docs/build.md", allow_module_level=True)
 
 
-# ---- backends, poisoning and the one compare-to-reference helper (tests/test_<op>.py) ---------------
+# ---- backends, poisoning and the one compare-to-reference helper (tests/ops/test_<op>.py) ---------------
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-"""Every backend an op's tests are parametrised over (tests/test_<op>.py)."""
+"""Every backend an op's tests are parametrised over (tests/ops/test_<op>.py)."""
 
 _TRITON_POISONED = ("tree_attention", "merge_states", "tree_attention_backward")
 

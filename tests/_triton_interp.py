@@ -1,4 +1,4 @@
-"""Shared setup of the Triton interpreter tests (imported by tests/test_triton_*.py).
+"""Shared setup of the Triton interpreter tests (imported by tests/backends/test_triton_*.py).
 
 The Triton backend runs CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` was set
 before the package was imported (tests/conftest.py sets it on machines without CUDA). The fixture skips

@@ -12,9 +12,15 @@ step of their own with ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The tests live in folders by concern (ops, backends, contracts, integrations, tooling); their shared
+# helpers (_triton_interp.py, _multiverse_script.py) sit here and are imported by module name.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

@@ -10,7 +10,7 @@
   ``triton.language``.
 
 Both are tested on Triton 3.6 (torch 2.11, the GPU image) and Triton 3.8 (the pinned torch 2.14.1):
-tests/test_triton_measure.py, run by CI in both environments (.ci/run).
+tests/backends/test_triton_measure.py, run by CI in both environments (.ci/run).
 """
 
 from __future__ import annotations

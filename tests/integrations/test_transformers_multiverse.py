@@ -253,7 +253,7 @@ def test_example_runs():
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, str(root / "examples" / "multiverse_generate.py"), "--paths", "3",
                           "--path-len", "5", "--prefix", "10", "--concl-len", "3", "--check"],

@@ -1,6 +1,6 @@
 """CUDA backend (multiverse_kernels._C_cuda): what only it has (its kv-byte counter, a CUDA-graph capture
 of its run step). Its comparisons with the reference on random forests are the ``cuda`` cases of
-tests/test_<op>.py (test_tree_attention.py, test_tree_attention_backward.py, test_merge_states.py,
+tests/ops/test_<op>.py (test_tree_attention.py, test_tree_attention_backward.py, test_merge_states.py,
 test_append_paged_kv.py).
 
 Needs a CUDA GPU and the built CUDA extension; elsewhere every test is SKIPPED with the reason (never

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "triton_compile_report.py"
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "triton_compile_report.py"
 
 
 @pytest.fixture(scope="module")

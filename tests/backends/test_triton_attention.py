@@ -1,7 +1,7 @@
 """Triton tree attention in the Triton interpreter (CPU tensors): what only it has (its limits' named
 errors, the op schema's optional plan under opcheck and torch.compile, the auto order on CUDA, a run step
 without host syncs). Its comparisons with the reference on random forests are in
-tests/test_tree_attention.py.
+tests/ops/test_tree_attention.py.
 
 See tests/_triton_interp.py for what the interpreter does and does not cover (bf16 math runs in fp32
 on CPU). Outputs and the fp32 workspace are poisoned with NaN for the module.

@@ -7,7 +7,7 @@ rewrite included):
   see the token (lse stays finite);
 * nothing crosses the mask: rows that do not see the poisoned token are finite and equal to the clean
   result; a row that sees nothing keeps out = 0, lse = -inf;
-* a non-finite ``sm_scale`` is rejected (tests/test_errors.py).
+* a non-finite ``sm_scale`` is rejected (tests/contracts/test_errors.py).
 """
 
 from __future__ import annotations

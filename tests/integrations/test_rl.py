@@ -154,7 +154,7 @@ def _example(*args: str):
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(root / "examples" / "rl_packing.py"), *args],
                           capture_output=True, text=True, cwd=root, timeout=600, env=env)

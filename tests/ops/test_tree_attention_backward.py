@@ -8,8 +8,8 @@ one cannot run here; a missing C++ build FAILS with ``MULTIVERSE_REQUIRE_CPP=1``
 ``testing.check_tree_attention_backward`` poisons the outputs (NaN), runs the reference backward in float64
 on the same rounded inputs, compares within ``testing.grad_tolerance(dtype)`` and checks that cache slots
 no row sees get exactly 0. Backend-only tests (auto/autograd dispatch, opcheck of the C++ run op, named
-argument errors, the Triton kernels' limits) are in tests/test_cpu_backward.py and
-tests/test_triton_backward.py.
+argument errors, the Triton kernels' limits) are in tests/backends/test_cpu_backward.py and
+tests/backends/test_triton_backward.py.
 """
 
 from __future__ import annotations

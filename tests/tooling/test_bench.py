@@ -105,7 +105,7 @@ def test_cpu_step_parts_script_runs():
     from pathlib import Path
 
     pytest.importorskip("multiverse_kernels.backends.cpu", reason="the C++ CPU extension is not built")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "cpu_step_parts.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "cpu_step_parts.py"
     out = subprocess.run([sys.executable, str(script), "--part", "paths", "--iters", "1"], check=True,
                          capture_output=True, text=True, timeout=300).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("paths")]
@@ -119,7 +119,7 @@ def test_cpu_step_parts_prefix_l2_repeats_two_pages_with_the_same_flops():
 
     from multiverse_kernels.roofline import step_flops
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "cpu_step_parts.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "cpu_step_parts.py"
     spec = importlib.util.spec_from_file_location("cpu_step_parts", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

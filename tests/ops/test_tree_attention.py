@@ -6,8 +6,8 @@ with ``MULTIVERSE_REQUIRE_CPP=1``), ``triton`` (CPU tensors in the interpreter, 
 for what it covers; CUDA tensors when compiled) and ``cuda`` (skipped with the reason without a GPU).
 ``testing.check_tree_attention`` poisons the outputs (NaN), runs the float64 reference on the same rounded
 inputs and compares within ``testing.tolerance(dtype)``. Backend-only tests (ISA forcing, Triton launch
-configs and errors, kv-byte counters, the C++ planner, CUDA graphs) are in tests/test_cpu_ops.py,
-tests/test_cpu_isa.py, tests/test_triton_attention.py, tests/test_cuda_ops.py and tests/test_gpu.py.
+configs and errors, kv-byte counters, the C++ planner, CUDA graphs) are in tests/backends/test_cpu_ops.py,
+tests/backends/test_cpu_isa.py, tests/backends/test_triton_attention.py, tests/backends/test_cuda_ops.py and tests/backends/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GQA = ((2, 2), (4, 2), (4, 1), (8, 1))  # ratios 1, 2, 4, 8
 HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (1, 4, 16)
-# head dims the Triton kernels do not take (tests/test_triton_attention.py: a named error)
+# head dims the Triton kernels do not take (tests/backends/test_triton_attention.py: a named error)
 ODD_HEAD_DIMS = (48, 80)
 # random forests per backend: seeds < 24 are small forests with caller plans (the interpreter's share),
 # later ones default-sized forests, odd head dims (not triton), GQA up to 32/8, long extends

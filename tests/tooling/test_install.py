@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _py(code: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """C++ CPU backend (multiverse_kernels._C): what only it has (the C++ planner, its plan cache, kv-byte
 counter, fp16/bf16 conversions, the multiverse_C ops' schemas and argument errors, reader tiles split at
-MAX_ITEM_ROWS). Its comparisons with the reference on random forests are in tests/test_<op>.py
+MAX_ITEM_ROWS). Its comparisons with the reference on random forests are in tests/ops/test_<op>.py
 (test_tree_attention.py, test_tree_attention_backward.py, test_merge_states.py, test_append_paged_kv.py).
 
 Outputs are poisoned with NaN (the ``poisoned`` fixture), so an element a kernel forgets to write fails.

@@ -25,7 +25,7 @@ from multiverse_kernels.backends import resolve
 from multiverse_kernels.planning import plan_kv_tokens
 from multiverse_kernels.testing import make_inputs, sampling_forest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_count_loads_counts_and_unhooks():

@@ -4,7 +4,7 @@ K/V into NaN-filled paged caches, every new token written and nothing else.
 Every case runs on each backend of ``multiverse_kernels.testing.BACKENDS`` (skipped with the reason when
 one cannot run here; a missing C++ build FAILS with ``MULTIVERSE_REQUIRE_CPP=1``) through
 ``testing.check_append_paged_kv``. The C++ fp16/bf16 conversions' rounding is tested on its own in
-tests/test_cpu_ops.py.
+tests/backends/test_cpu_ops.py.
 """
 
 from __future__ import annotations

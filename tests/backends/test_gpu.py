@@ -2,7 +2,7 @@
 Triton row tile of the dispatcher's table against the reference (fp16, bf16, fp32; page sizes 1 and 16;
 GQA), the device guard and current stream, a CUDA-graph capture of the public op replayed with another
 step's plan copied in, the CUDA misaligned-stride fallback. Their comparisons with the reference on random
-forests (tree attention, merge, append, backward) are the ``triton``/``cuda`` cases of tests/test_<op>.py.
+forests (tree attention, merge, append, backward) are the ``triton``/``cuda`` cases of tests/ops/test_<op>.py.
 
 Needs a CUDA GPU, compiled Triton kernels (``TRITON_INTERPRET`` not 1) and, for ``cuda``, the built
 extension; elsewhere every test is SKIPPED with the reason. ``python -m multiverse_kernels.gpu_run``

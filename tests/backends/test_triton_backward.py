@@ -1,7 +1,7 @@
 """Triton tree-attention backward (dK/dV and dQ kernels) in the Triton interpreter: what only it has (the
 autograd of ``tree_attention(backend="triton")`` dispatching to it, auto on CUDA preferring it, its
 limits' named errors, a GRPO group through a tiny model). Its comparisons with the reference backward on
-random forests are in tests/test_tree_attention_backward.py.
+random forests are in tests/ops/test_tree_attention_backward.py.
 
 See tests/_triton_interp.py for what the interpreter covers (bf16 math runs in fp32 on CPU); outputs are
 poisoned with NaN for the module.

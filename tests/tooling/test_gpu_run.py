@@ -18,7 +18,7 @@ from multiverse_kernels import gpu_run
 from multiverse_kernels.backends._cuda_align import misaligned
 from multiverse_kernels.gpu_timing import parse_ncu_csv
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = ["env", "build", "triton", "cuda", "graph", "memcheck", "racecheck", "bench", "bench-bf16", "ncu"]
 
 
