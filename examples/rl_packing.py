@@ -4,7 +4,8 @@ A group of N sampled completions shares one prompt. **Packed** (multiverse_kerne
 and the N completions as sibling nodes of one sequence of ``prompt + N * completion`` tokens, attention
 over the forest (tree_attention, forward and backward), no mask. **Unpacked**: the usual recipe, a batch
 of N rows ``prompt + completion_i`` through the same model with SDPA causal attention. Both compute the
-same per-token log-probs and the same GRPO-style loss and gradients (tests/integrations/test_rl.py); this prints
+same per-token log-probs and the same GRPO-style loss and gradients (tests/integrations/test_rl.py);
+this prints
 trajectory tokens/s (N * (prompt + completion) tokens per forward + backward, the same work for both)
 and the peak memory of one step.
 

@@ -48,8 +48,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._native import host_op
 from .metadata import ForestMetadata, MetadataError
-from .planning import _host_op
 
 __all__ = ["absorb_tiny_nodes", "MAX_ABSORBED_TOKENS"]
 
@@ -65,7 +65,7 @@ MAX_ABSORBED_TOKENS = 8
 
 def _cpp_absorber():
     """torch.ops.multiverse_C.absorb_tiny_nodes when the C++ extension is built, else None."""
-    return _host_op("absorb_tiny_nodes")
+    return host_op("absorb_tiny_nodes")
 
 
 def absorb_tiny_nodes(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,

@@ -3,9 +3,10 @@
 Prints the version of the package, torch, Triton, Python and the compiler; every backend with
 "available" or the reason it is not (not built, build failed, no GPU, ...) and where its library
 came from (install-time build or the first-use cache, multiverse_kernels/_jit.py); the CPU's ISA
-level (what the C++ kernel's ``target_clones`` dispatch picks: x86-64-v4 = AVX-512, v3 = AVX2+FMA,
-baseline) and the CUDA architectures the CUDA library was built for. ``--json`` prints the same as
-JSON. Importing the cpu backend may build it first (one line on stderr; see docs/build.md).
+level and the ISA path the C++ kernels (forward and backward) dispatch to at run time (cpuid,
+capped by ``MULTIVERSE_CPU_ISA``) and the CUDA architectures the CUDA library was built for.
+``--json`` prints the same as JSON. Importing the cpu backend may build it first (one line on stderr;
+see docs/build.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["collect", "cpu_isa", "cpu_model", "main"]
+import torch
+
+from . import __version__
+from ._native import library_path, load_extension
+from .backends import _IMPLS, _LOAD_ERRORS, BACKENDS, _load, available_backends
+
+__all__ = ["collect", "cpu_isa", "cpu_model", "kernel_isa", "ISA_NAMES", "main"]
+
+ISA_NAMES = ("baseline", "avx2", "avx512")
+"""The C++ CPU kernel's ISA paths by the index ``torch.ops.multiverse_C.cpu_isa`` reports."""
 
 # x86-64 micro-architecture levels (the psABI's): the flags /proc/cpuinfo must show for each.
 _X86_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"}
@@ -67,14 +77,10 @@ def cpu_isa() -> dict[str, Any]:
     out: dict[str, Any] = {"model": cpu_model(), "machine": machine, "isa_level": level, "simd": simd,
                            "threads": None, "kernel_isa": None, "kernel_isa_source": None}
     try:
-        import torch
-
         out["threads"] = torch.get_num_threads()
         out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         op = getattr(getattr(torch.ops, "multiverse_C", None), "cpu_isa", None)
         if op is not None:
-            from .roofline import cpu_isa as kernel_isa
-
             name, best = kernel_isa()  # dispatched (MULTIVERSE_CPU_ISA applied), widest supported
             out["kernel_isa"] = f"{name} (CPU supports {best})"
             out["kernel_isa_source"] = "reported by the C++ kernel"
@@ -83,6 +89,19 @@ def cpu_isa() -> dict[str, Any]:
     if out["kernel_isa"] is None:
         out["kernel_isa"], out["kernel_isa_source"] = level, "derived from /proc/cpuinfo flags"
     return out
+
+
+def kernel_isa() -> tuple[str, str]:
+    """(ISA path the C++ CPU kernel dispatches to now, widest path this CPU supports); ("-", "-") when
+    the library is not built. ``MULTIVERSE_CPU_ISA=avx512|avx2|baseline`` forces a lower one."""
+    try:
+        load_extension("_C")
+    except (ImportError, OSError, RuntimeError):
+        return "-", "-"
+    sel, best = torch.ops.multiverse_C.cpu_isa()
+    env = os.environ.get("MULTIVERSE_CPU_ISA")
+    name = ISA_NAMES[sel] if sel >= 0 else f"invalid MULTIVERSE_CPU_ISA={env}"
+    return name, ISA_NAMES[best]
 
 
 def _compiler() -> str | None:
@@ -112,8 +131,6 @@ def _nvcc() -> str | None:
 
 
 def _library_info(name: str) -> dict[str, Any] | None:
-    from .backends.cpu._ext import library_path
-
     path = library_path(name)
     if path is None:
         return None
@@ -130,10 +147,6 @@ def _library_info(name: str) -> dict[str, Any] | None:
 
 def collect() -> dict[str, Any]:
     """Everything ``python -m multiverse_kernels.info`` prints, as a dict."""
-    import torch
-
-    from . import __version__
-    from .backends import _IMPLS, _LOAD_ERRORS, BACKENDS, _load
 
     _load()
     versions: dict[str, Any] = {
@@ -189,8 +202,6 @@ def collect() -> dict[str, Any]:
 
 
 def _auto(device: str) -> str | None:
-    from .backends import available_backends
-
     names = available_backends("tree_attention", device)
     return names[0] if names else None
 

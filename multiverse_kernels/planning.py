@@ -15,16 +15,16 @@ in docs/plan.md; the Triton and the C++/CUDA backends all consume it.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from ._native import host_op
 from .metadata import ForestMetadata, MetadataError
 from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
 
-__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention", "cached_plan", "cached_run_plan",
+__all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention",
            "plan_loaded_tokens", "plan_kv_tokens", "default_rows_per_tile", "default_num_workers",
            "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "invariant_plan", "INVARIANT_CHUNK_TOKENS"]
 
@@ -211,25 +211,9 @@ def auto_chunk_tokens(node_len: Tensor, n_readers: Tensor, rows_per_tile: int, g
     return torch.minimum(chunk, torch.clamp(node_len, min=1))
 
 
-def _host_op(name: str):
-    """``torch.ops.multiverse_C.<name>`` (a host op of the C++ extension: the planner, tiny-node
-    absorption) when the extension is built and loads, else None; looked up once per process."""
-    if name not in _HOST_OPS:
-        try:
-            from .backends.cpu._ext import load_extension
-            load_extension("_C")
-            _HOST_OPS[name] = getattr(torch.ops.multiverse_C, name)
-        except (ModuleNotFoundError, ImportError, OSError, RuntimeError, AttributeError):
-            _HOST_OPS[name] = None
-    return _HOST_OPS[name]
-
-
-_HOST_OPS: dict[str, object] = {}
-
-
 def _cpp_planner():
     """torch.ops.multiverse_C.plan_tree_attention when the C++ extension is built, else None."""
-    return _host_op("plan_tree_attention")
+    return host_op("plan_tree_attention")
 
 
 def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *,
@@ -472,79 +456,6 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
                 max_item_readers=max_item_readers, chunk_tokens=plan_chunk, rows_per_tile=rows_per_tile,
                 workspace_slots=P, num_workers=num_workers if chunk_tokens is None else 0)
     return TreePlan.from_lists([arrays[f].to(i32) for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
-
-
-_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None,
-                  tuple[ForestMetadata, TreePlan]]] = []
-_CACHE_SIZE = 8
-_CACHE_LOCK = threading.Lock()
-
-
-def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
-                chunk_tokens: int | None = None, rows_per_tile: int | None = None,
-                num_workers: int | None = None) -> TreePlan:
-    """:func:`plan_tree_attention`, memoised on the metadata's *tensors*, so that the per-layer calls of
-    one step plan once even when no plan is passed and the metadata object is rebuilt from its tensors
-    (as the custom op does). A small LRU of 8 entries, safe to call from several threads.
-
-    A hit needs the same tensor objects (identity, data pointer, version counter) AND, for CPU tensors,
-    the same contents: an entry keeps a copy of the index tensors and compares it on every hit (cheap:
-    O(nodes + groups + pages) int32), so metadata changed in place by a route that does not bump
-    torch's version counter (a ``.numpy()`` view, ``.data``, a shared buffer) is planned afresh instead
-    of reusing a stale plan. On other devices (a content compare would sync) entries are keyed by
-    identity, data pointer and version only: after changing GPU metadata behind torch's back, pass an
-    explicit ``plan=``. Inference-mode GPU tensors (no version counter) are planned afresh every time.
-    """
-    return _cached(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
-                   None)[1]
-
-
-def cached_run_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
-                    kv_elem_size: int = 2, chunk_tokens: int | None = None, rows_per_tile: int | None = None,
-                    num_workers: int | None = None) -> tuple[ForestMetadata, TreePlan]:
-    """The forward's default step: ``run_meta = absorb_tiny_nodes(meta, ...)`` (docs/plan.md, "Tiny
-    nodes"; ``meta`` itself when nothing is absorbed) and its plan, memoised like :func:`cached_plan`.
-
-    The kernels must then read the caches through ``run_meta``'s page table (its node ids are the
-    plan's). Returns ``(run_meta, plan)``.
-    """
-    return _cached(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
-                   kv_elem_size)
-
-
-def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-            chunk_tokens: int | None, rows_per_tile: int | None, num_workers: int | None,
-            absorb_elem: int | None) -> tuple[ForestMetadata, TreePlan]:
-    def build() -> tuple[ForestMetadata, TreePlan]:
-        run = meta
-        if absorb_elem is not None:
-            from .absorption import absorb_tiny_nodes
-            run = absorb_tiny_nodes(meta, num_qo_heads, num_kv_heads, head_dim=head_dim,
-                                    kv_elem_size=absorb_elem)
-        return run, plan_tree_attention(run, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                                        rows_per_tile=rows_per_tile, head_dim=head_dim,
-                                        num_workers=num_workers)
-
-    ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
-    on_cpu = all(t.device.type == "cpu" for t in ts)
-    inference = any(t.is_inference() for t in ts)
-    if inference and not on_cpu:
-        return build()
-    key = (tuple(id(t) for t in ts), tuple(t.data_ptr() for t in ts),
-           tuple(-1 if inference else t._version for t in ts), meta.page_size, num_qo_heads,
-           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers, absorb_elem)
-    with _CACHE_LOCK:
-        for i, (k, held, copy, entry) in enumerate(_CACHE):
-            if k == key and all(a is b for a, b in zip(held, ts, strict=True)) and (
-                    copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts, strict=True))):
-                _CACHE.insert(0, _CACHE.pop(i))
-                return entry
-    entry = build()
-    copy = tuple(t.clone() for t in ts) if on_cpu else None
-    with _CACHE_LOCK:
-        _CACHE.insert(0, (key, ts, copy, entry))
-        del _CACHE[_CACHE_SIZE:]
-    return entry
 
 
 def plan_loaded_tokens(plan: TreePlan) -> int:

@@ -16,7 +16,8 @@ page-size-1 cache), like the packed Multiverse sequences of :mod:`multiverse_ker
     per_completion = packed.per_sequence(lp, trainable_only=True)   # list of [len_i]
 
 The log-probs of completion ``i`` equal those of running ``prompt + completion_i`` alone, and a loss
-summed over completions has the gradient of the sum of the unpacked runs' losses (tests/integrations/test_rl.py).
+summed over completions has the gradient of the sum of the unpacked runs' losses
+(tests/integrations/test_rl.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Forest generators for tests and benchmarks: random forests and the shapes of real use.
+"""Forest generators for tests: random forests, and the shapes of real use (defined once in
+:mod:`multiverse_kernels.bench.workloads`, re-exported here).
 
 Every generator returns ``(forest, groups)``: a :class:`KVForest` and the query groups
 ``[(node, q_len), ...]`` of one step; ``forest.metadata(groups)`` gives the metadata. The K/V cache is
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .bench.workloads import beam_forest, eagle_tree_forest, extend_forest, multiverse_forest, sampling_forest
 from .forest import KVForest
 from .metadata import ForestMetadata
 
@@ -27,6 +29,7 @@ __all__ = [
     "sampling_forest",
     "beam_forest",
     "eagle_tree_forest",
+    "extend_forest",
     "make_inputs",
     "tolerance",
     "lse_tolerance",
@@ -101,70 +104,6 @@ def random_forest(seed: int, page_size: int = 4, max_len: int = 24, max_nodes: i
         q_len = 0 if ln == 0 else rng.choice([1, 1, rng.randint(0, min(ln, max_q_len))])
         groups.append((n, q_len))
     rng.shuffle(groups)
-    return f, groups
-
-
-def multiverse_forest(prefix: int = 64, paths: int = 4, path_len: int = 16, concl_len: int = 2,
-                      page_size: int = 16, concl_q: int = 1) -> tuple[KVForest, list[tuple[int, int]]]:
-    """Multiverse step: a prefix, ``paths`` paths decoding one token each, and a conclusion that joins
-    them (its last ``concl_q`` tokens extend)."""
-    per = lambda n: -(-n // page_size)
-    f = KVForest(per(prefix) + paths * per(path_len) + per(concl_len) + 1, page_size)
-    root = f.new_sequence(prefix)
-    kids = f.fork(root, paths)
-    for k in kids:
-        f.append(k, path_len)
-    c = f.join(kids)
-    f.append(c, concl_len)
-    return f, [(k, 1) for k in kids] + ([(c, concl_q)] if concl_q else [])
-
-
-def sampling_forest(prompt: int = 64, samples: int = 16, gen_len: int = 8, page_size: int = 16
-                    ) -> tuple[KVForest, list[tuple[int, int]]]:
-    """Parallel sampling: one prompt, ``samples`` children decoding one token each."""
-    per = lambda n: -(-n // page_size)
-    f = KVForest(per(prompt) + samples * per(gen_len) + 1, page_size)
-    root = f.new_sequence(prompt)
-    kids = f.fork(root, samples)
-    for k in kids:
-        f.append(k, gen_len)
-    return f, [(k, 1) for k in kids]
-
-
-def beam_forest(prompt: int = 32, depth: int = 4, width: int = 16, step_len: int = 4,
-                page_size: int = 16) -> tuple[KVForest, list[tuple[int, int]]]:
-    """Beam-like tree: a prompt, then ``depth`` levels; level d has min(2**d, width)... nodes, the last
-    level ``width`` leaves, each level ``step_len`` tokens."""
-    f = KVForest(4096, page_size)
-    root = f.new_sequence(prompt)
-    level = [root]
-    for d in range(depth):
-        target = width if d == depth - 1 else min(width, 2 ** (d + 1))
-        per_parent = -(-target // len(level))
-        nxt = []
-        for p in level:
-            for k in f.fork(p, per_parent):
-                f.append(k, step_len)
-                nxt.append(k)
-        level = nxt[:target] if len(nxt) > target else nxt
-    return f, [(n, 1) for n in level]
-
-
-def eagle_tree_forest(prefix: int = 48, page_size: int = 1) -> tuple[KVForest, list[tuple[int, int]]]:
-    """EAGLE/Medusa-style speculative token tree over a prefix: one draft token per node (top-3, then
-    top-2, then top-1 expansions); every draft token is a query row that sees its ancestors."""
-    f = KVForest(4096, page_size)
-    root = f.new_sequence(prefix)
-    groups = []
-    frontier = [root]
-    for width in (3, 2, 1):
-        nxt = []
-        for p in frontier:
-            for k in f.fork(p, width):
-                f.append(k, 1)
-                groups.append((k, 1))
-                nxt.append(k)
-        frontier = nxt
     return f, groups
 
 

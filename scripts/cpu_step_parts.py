@@ -4,7 +4,7 @@
     python scripts/cpu_step_parts.py --part prefix --seconds 20   # a loop to attach `perf record` to
 
 Parts (32 q / 8 KV heads, head_dim 128, page size 16, fp32 unless --dtype):
-  multiverse  the main job's forest (multiverse_kernels.bench.build_forest("multiverse"))
+  multiverse  the main job's forest (multiverse_kernels.bench.workloads.build_forest("multiverse"))
   prefix      its compute-bound part: a 4096-token prefix read by 9 one-token readers (36 packed rows
               per KV head)
   prefix-l3   the same with a 512-token prefix (4 MiB of K+V fp32: resident in the last-level cache
@@ -15,9 +15,9 @@ Parts (32 q / 8 KV heads, head_dim 128, page size 16, fp32 unless --dtype):
   paths       its memory-bound part: a 16-token prefix, 8 paths x 512 and a 32-token conclusion
               joining them (every path chunk read by 2 rows: its path and the conclusion)
 For each part and thread count (1 and all): the median time of a call from cold caches (the bench's
-timer, multiverse_kernels.bench.time_fn) and of warm back-to-back calls, GFLOP/s per thread (step flops:
-multiverse_kernels.roofline.step_flops) and the unique K+V bytes per second (prefix-l2: of the forest
-as if its pages did not repeat).
+timer, multiverse_kernels.bench.timing.time_fn) and of warm back-to-back calls, GFLOP/s per thread
+(step flops: multiverse_kernels.bench.roofline.step_flops) and the unique K+V bytes per second
+(prefix-l2: of the forest as if its pages did not repeat).
 """
 
 from __future__ import annotations
@@ -28,48 +28,42 @@ import time
 import torch
 
 from multiverse_kernels import tree_attention
-from multiverse_kernels.bench import Workload, build_forest, time_fn
+from multiverse_kernels.bench.roofline import step_flops
+from multiverse_kernels.bench.timing import time_fn
+from multiverse_kernels.bench.workloads import (
+    BENCH_HEADS,
+    build_forest,
+    multiverse_forest,
+    sampling_forest,
+    workload_from_forest,
+)
 from multiverse_kernels.forest import KVForest
-from multiverse_kernels.roofline import step_flops
 
-HQ, HK, D, PAGE = 32, 8, 128, 16
+HQ, HK, D = BENCH_HEADS
+PAGE = 16
 PARTS = ("multiverse", "prefix", "prefix-l3", "prefix-l2", "paths")
 
 
 def part_forest(part: str) -> tuple[KVForest, list[tuple[int, int]]]:
+    """The part's forest, built from the benchmark forests' builders."""
     if part == "multiverse":
         return build_forest("multiverse", PAGE)
-    f = KVForest(4096, PAGE)
-    if part in ("prefix", "prefix-l3", "prefix-l2"):
-        root = f.new_sequence(512 if part == "prefix-l3" else 4096)
-        kids = f.fork(root, 9)
-        for k in kids:
-            f.append(k, 1)
-        return f, [(k, 1) for k in kids]
+    if part in ("prefix", "prefix-l3", "prefix-l2"):  # 9 one-token readers of one prefix
+        return sampling_forest(512 if part == "prefix-l3" else 4096, 9, 1, page_size=PAGE)
     if part == "paths":
-        root = f.new_sequence(16)
-        paths = f.fork(root, 8)
-        for p in paths:
-            f.append(p, 512)
-        concl = f.join(paths)
-        f.append(concl, 32)
-        return f, [(p, 1) for p in paths] + [(concl, 1)]
+        return multiverse_forest(16, 8, 512, 32, page_size=PAGE, concl_q=1)
     raise ValueError(f"part: expected one of {PARTS}, got {part!r}")
 
 
-def workload(part: str, dtype: torch.dtype) -> Workload:
+def workload(part: str, dtype: torch.dtype):
+    """The part's :class:`~multiverse_kernels.bench.workloads.Workload` (prefix-l2: page list cycled)."""
     f, groups = part_forest(part)
     meta = f.metadata(groups)
     if part == "prefix-l2":  # the prefix's (node 0's) page list cycles over its first two pages
         a, b = int(meta.node_page_indptr[0]), int(meta.node_page_indptr[1])
         pages = meta.node_page_indices[a:b]
         meta.node_page_indices[a:b] = pages[:2].repeat((b - a + 1) // 2)[: b - a]
-    g = torch.Generator().manual_seed(0)
-    used = f.num_pages - f.num_free_pages
-    k = torch.randn(used, PAGE, HK, D, generator=g).to(dtype)
-    v = torch.randn(used, PAGE, HK, D, generator=g).to(dtype)
-    q = torch.randn(meta.total_q, HQ, D, generator=g).to(dtype)
-    return Workload(part, f, meta, q, k, v)
+    return workload_from_forest(part, f, groups, "cpu", dtype, meta=meta)
 
 
 def main() -> None:

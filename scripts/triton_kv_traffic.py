@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from multiverse_kernels.backends import resolve
-from multiverse_kernels.planning import cached_run_plan, plan_kv_tokens
+from multiverse_kernels.plan_cache import cached_run_plan
+from multiverse_kernels.planning import plan_kv_tokens
 from multiverse_kernels.testing import (
     beam_forest,
     eagle_tree_forest,

@@ -3,7 +3,7 @@
 A plan built for another step's metadata (other rows, other node lengths) would make the kernels read
 and write the wrong rows and tokens. With ``validate=True`` the op compares the passed plan with the
 plan of the same ``chunk_tokens`` / ``rows_per_tile`` / ``num_workers`` for the metadata it is called
-with (memoised by :func:`~multiverse_kernels.planning.cached_plan`, so the per-layer calls of one step
+with (memoised by :func:`~multiverse_kernels.plan_cache.cached_plan`, so the per-layer calls of one step
 plan once), entry by entry over the used prefix of every array, and the capacity padding. O(plan size)
 per call.
 """
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..metadata import ForestMetadata, MetadataError
-from ..planning import TreePlan, cached_plan
+from ..plan_cache import cached_plan
+from ..planning import TreePlan
 
 _USED = {  # field -> the int field that says how many of its entries are used
     "reader_row": "num_readers", "reader_limit": "num_readers",

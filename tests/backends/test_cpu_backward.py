@@ -1,7 +1,8 @@
 """The fused C++ backward of tree_attention (csrc/cpu/tree_attention_backward.cpp): what only it has
 (auto and autograd dispatch to it, opcheck of its run op, named argument errors). Its comparisons with the
 reference backward on random forests (dtypes, head dims, GQA, page sizes, joins, empty nodes, own_full,
-grad_lse, rows that see nothing, split plans, strided caches) are in tests/ops/test_tree_attention_backward.py.
+grad_lse, rows that see nothing, split plans, strided caches) are in
+tests/ops/test_tree_attention_backward.py.
 
 Workspaces are NaN-poisoned (the ``poisoned`` fixture). Skipped with a visible reason when the extension
 is not built, unless MULTIVERSE_REQUIRE_CPP=1 (CI: a missing build fails).

@@ -1,12 +1,15 @@
-"""Every micro-kernel build of the C++ CPU tree attention this machine can run, against the reference.
+"""Every micro-kernel build of the C++ CPU tree attention this machine can run, forward and backward,
+against the reference.
 
-The kernel is compiled for AVX-512, AVX2+FMA+F16C and the baseline target and dispatched by cpuid;
-MULTIVERSE_CPU_ISA forces a lower one (csrc/cpu/tree_attention.cpp). Each test runs once per ISA; an
-ISA this CPU cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as
-skipped, not passed). Shapes are chosen to cross every tiling boundary of the kernel: row blocks of
-128 packed rows, token blocks of 48 (24 for tasks of at most 16 rows), register tiles (16/32 rows x
-6/12 tokens, 6/12 rows x 16/32 dims), head dims that are not multiples of the vector width (fp32 V is
-then packed, not read in place), causal extends, many readers, tiny chunks.
+The forward and backward kernels are compiled for AVX-512, AVX2+FMA+F16C and the baseline target
+(csrc/cpu/kernels_{avx512,avx2,baseline}.cpp) and picked by one dispatch (csrc/cpu/isa_dispatch.cpp:
+cpuid, capped by MULTIVERSE_CPU_ISA) for both passes. Each test runs once per ISA; an ISA this CPU
+cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as skipped, not
+passed). Forward shapes are chosen to cross every tiling boundary of the kernel: row blocks of 128
+packed rows, token blocks of 48 (24 for tasks of at most 16 rows), register tiles (16/32 rows x 6/12
+tokens, 6/12 rows x 16/32 dims), head dims that are not multiples of the vector width (fp32 V is then
+packed, not read in place), causal extends, many readers, tiny chunks. Backward shapes cross its
+sub-chunks of 256 tokens, row blocks of 32 packed rows and head dims padded to 16.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from multiverse_kernels.ops import tree_attention
 from multiverse_kernels.planning import plan_kv_tokens
 from multiverse_kernels.testing import (
     check_tree_attention,
+    check_tree_attention_backward,
     import_cpu_backend_or_skip,
     make_inputs,
     multiverse_forest,
@@ -30,7 +34,8 @@ from multiverse_kernels.testing import (
 
 cpu_backend = import_cpu_backend_or_skip()
 
-from multiverse_kernels.roofline import ISA_NAMES, cpu_isa  # noqa: E402 (after the skip)
+from multiverse_kernels.info import ISA_NAMES  # noqa: E402 (after the skip)
+from multiverse_kernels.info import kernel_isa as cpu_isa  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -111,6 +116,73 @@ def test_kv_bytes_counted_at_loads_every_isa(isa: str) -> None:
         meta = f.metadata(groups)
         q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, dtype)
         assert hook(q, k, v, meta, 0.125) == plan_kv_tokens(meta) * 2 * 2 * 64 * k.element_size()
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_random_forests_every_isa(isa: str, seed: int, dtype: torch.dtype) -> None:
+    """dq, dk, dv of the forced ISA's backward kernels against the float64 reference backward."""
+    hq, hk, d = [(8, 2, 64), (6, 3, 40), (4, 1, 72)][seed]
+    f, groups = random_forest(7200 + seed, page_size=[1, 4, 16][seed], max_len=[60, 120, 40][seed],
+                              max_q_len=[4, 12, 8][seed])
+    check_tree_attention_backward("cpu", f.metadata(groups), f.num_pages, hq, hk, d, dtype, seed=seed,
+                                  with_lse=seed != 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_long_chunks_many_rows_every_isa(isa: str, dtype: torch.dtype) -> None:
+    """A 600-token prefix in one chunk (3 sub-chunks of 256 tokens) read by 9 readers x GQA 4 = 36 packed
+    rows (2 row blocks of 32), and causal branches of 40 rows each."""
+    f, groups = multiverse_forest(prefix=600, paths=8, path_len=70, concl_len=5)
+    check_tree_attention_backward("cpu", f.metadata(groups), f.num_pages, 8, 2, 128, dtype, seed=3,
+                                  plan=dict(chunk_tokens=1024))
+    f, groups = sampling_forest(prompt=200, samples=3, gen_len=40, page_size=16)
+    groups = [(n, 40) for n, _ in groups]
+    check_tree_attention_backward("cpu", f.metadata(groups), f.num_pages, 8, 2, 64, dtype, seed=4)
+
+
+def _backward_bits(seed: int = 5) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv of one fixed backward on one thread (the accumulation order is then fixed)."""
+    f, groups = multiverse_forest(prefix=100, paths=3, path_len=30, concl_len=3, page_size=4)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, torch.float32, seed=seed)
+    out, lse = tree_attention(q, k, v, meta, return_lse=True, backend="reference")
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    from multiverse_kernels.planning import plan_tree_attention
+
+    plan = plan_tree_attention(meta, 8, 2, head_dim=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return tuple(run_tree_attention_backward(go, None, q, k, v, out, lse, meta, 0.125, plan))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_forced_isa_caps_the_backward(monkeypatch) -> None:
+    """MULTIVERSE_CPU_ISA selects the backward's kernels too (one dispatch): an unknown name fails the
+    backward naming the variable, an ISA above the CPU's fails it with "at most", and the baseline
+    kernels (no FMA) give other float32 bits than the widest ISA's (FMA) on the same single-threaded
+    backward, while a repeat on the same ISA gives the same bits."""
+    _, best = cpu_isa()
+    widest = _backward_bits()
+    assert all(torch.equal(a, b) for a, b in zip(widest, _backward_bits(), strict=True))
+    monkeypatch.setenv("MULTIVERSE_CPU_ISA", "sse9")
+    with pytest.raises((RuntimeError, ValueError), match="MULTIVERSE_CPU_ISA"):
+        _backward_bits()
+    if ISA_NAMES.index(best) < len(ISA_NAMES) - 1:
+        monkeypatch.setenv("MULTIVERSE_CPU_ISA", ISA_NAMES[ISA_NAMES.index(best) + 1])
+        with pytest.raises((RuntimeError, ValueError), match="at most"):
+            _backward_bits()
+    if best != "baseline":
+        monkeypatch.setenv("MULTIVERSE_CPU_ISA", "baseline")
+        assert cpu_isa() == ("baseline", best)
+        base = _backward_bits()
+        assert not all(torch.equal(a, b) for a, b in zip(widest, base, strict=True)), \
+            "MULTIVERSE_CPU_ISA=baseline did not change the backward's kernels"
+        for a, b in zip(widest, base, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_forced_isa_errors_name_the_variable(monkeypatch) -> None:

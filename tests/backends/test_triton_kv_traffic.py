@@ -15,7 +15,8 @@ import torch
 from _triton_interp import triton_interpreter  # noqa: F401  (module fixture)
 
 from multiverse_kernels.backends import resolve
-from multiverse_kernels.planning import cached_run_plan, default_rows_per_tile, plan_kv_tokens
+from multiverse_kernels.plan_cache import cached_run_plan
+from multiverse_kernels.planning import default_rows_per_tile, plan_kv_tokens
 from multiverse_kernels.testing import beam_forest, make_inputs, multiverse_forest, sampling_forest
 
 HQ, HK, D = 8, 2, 64

@@ -15,17 +15,17 @@ import os
 
 import pytest
 import torch
+from _strategies import forests
 from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Triton runs CPU tensors)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fuzz import forests
 
 import multiverse_kernels as mk
 from multiverse_kernels.absorption import MAX_ABSORBED_TOKENS, _cpp_absorber, absorb_tiny_nodes
 from multiverse_kernels.forest import KVForest
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
+from multiverse_kernels.plan_cache import cached_run_plan
 from multiverse_kernels.planning import (
-    cached_run_plan,
     plan_kv_tokens,
     plan_loaded_tokens,
     plan_tree_attention,

@@ -350,7 +350,7 @@ def test_empty_groups_and_empty_nodes():
 
 
 def test_cached_plan_keys_on_tensors():
-    from multiverse_kernels.planning import cached_plan
+    from multiverse_kernels.plan_cache import cached_plan
 
     f, groups = random_forest(11, page_size=4)
     meta = f.metadata(groups)

@@ -1,14 +1,14 @@
 """tree_attention (forward) on every backend against the float64 reference, on fresh random forests.
 
 Every case runs on each backend of ``multiverse_kernels.testing.BACKENDS``: ``reference`` (also checked
-against dense SDPA), ``cpu`` (the C++ extension; skipped with the reason when it is not built, FAILS then
-with ``MULTIVERSE_REQUIRE_CPP=1``), ``triton`` (CPU tensors in the interpreter, see tests/_triton_interp.py
-for what it covers; CUDA tensors when compiled) and ``cuda`` (skipped with the reason without a GPU).
+against dense SDPA), ``cpu`` (the C++ extension; skipped with the reason when it is not built, FAILS then with
+``MULTIVERSE_REQUIRE_CPP=1``), ``triton`` (CPU tensors in the interpreter, see tests/_triton_interp.py for
+what it covers; CUDA tensors when compiled) and ``cuda`` (skipped with the reason without a GPU).
 ``testing.check_tree_attention`` poisons the outputs (NaN), runs the float64 reference on the same rounded
 inputs and compares within ``testing.tolerance(dtype)``. Backend-only tests (ISA forcing, Triton launch
 configs and errors, kv-byte counters, the C++ planner, CUDA graphs) are in tests/backends/test_cpu_ops.py,
-tests/backends/test_cpu_isa.py, tests/backends/test_triton_attention.py, tests/backends/test_cuda_ops.py and tests/backends/test_gpu.py.
-"""
+tests/backends/test_cpu_isa.py, tests/backends/test_triton_attention.py, tests/backends/test_cuda_ops.py and
+tests/backends/test_gpu.py."""
 
 from __future__ import annotations
 

@@ -1,17 +1,19 @@
-"""The main job runs, and its byte tally measures what the code reads."""
+"""The main job (python -m multiverse_kernels.bench) runs and reads as documented, and its byte tally
+measures what the code reads."""
 
 import pytest
 import torch
 
 import multiverse_kernels as mk
-from multiverse_kernels import bench
+from multiverse_kernels.bench import peers, report, timing
+from multiverse_kernels.bench.workloads import Workload
 from multiverse_kernels.testing import make_inputs, multiverse_forest, sampling_forest
 
 
 def test_cache_read_counter_counts_gathers_and_full_reads():
     k = torch.randn(10, 4, 2, 8)
     v = torch.randn(10, 4, 2, 8)
-    with bench.CacheReadCounter(k, v) as c:
+    with peers.CacheReadCounter(k, v) as c:
         k.view(-1, 2, 8)[torch.tensor([1, 2, 3])]  # 3 tokens x 2 heads x 8 x 4 bytes
         _ = v.reshape(40, 16)  # a view reads nothing
         v.sum()  # a full read
@@ -22,7 +24,7 @@ def _workload(shape=sampling_forest, **kw):
     f, groups = shape(**kw)
     m = f.metadata(groups)
     q, k, v = make_inputs(m, f.num_pages)
-    return bench.Workload("t", f, m, q, k, v)
+    return Workload("t", f, m, q, k, v)
 
 
 def test_reference_reads_per_branch_and_dense_reads_once():
@@ -31,27 +33,59 @@ def test_reference_reads_per_branch_and_dense_reads_once():
     per_tok = 2 * 2 * 64 * 4
     assert w.unique_kv_bytes == (32 + 4 * 4) * per_tok
     impl = mk.backends.resolve("tree_attention", "reference", q.device)
-    ref = bench._measure_bytes(lambda: impl(q, k, v, m, 0.125), w)
+    ref = peers.measure_bytes(lambda: impl(q, k, v, m, 0.125), w)
     assert ref == 4 * (32 + 4) * per_tok  # every sample re-reads the prompt
-    dense = bench.dense_sdpa_peer(w)
-    assert bench._measure_bytes(dense, w) == w.unique_kv_bytes
+    dense = peers.dense_sdpa_peer(w)
+    assert peers.measure_bytes(dense, w) == w.unique_kv_bytes
     expect = mk.tree_attention(q, k, v, m)
     torch.testing.assert_close(dense(), expect, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(bench.per_branch_peer(w)(), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(peers.per_branch_peer(w)(), expect, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_flex_peer_matches_reference():
     w = _workload(multiverse_forest, prefix=40, paths=3, path_len=7, concl_len=5, page_size=4, concl_q=3)
-    torch.testing.assert_close(bench.flex_peer(w)(), mk.tree_attention(w.q, w.k_cache, w.v_cache, w.meta),
+    torch.testing.assert_close(peers.flex_peer(w)(), mk.tree_attention(w.q, w.k_cache, w.v_cache, w.meta),
                                atol=1e-5, rtol=1e-5)
 
 
-def test_main_job_prints_table(capsys):
-    assert bench.main(["--forest", "multiverse", "--iters", "1", "--backend", "reference",
-                       "--no-peers"]) == 0
+@pytest.fixture
+def small_forests(monkeypatch):
+    """The main job on small forests and heads (the real ones take a minute)."""
+    from multiverse_kernels.bench import workloads
+
+    small = {"multiverse": ("small Multiverse", lambda ps: workloads.multiverse_forest(64, 3, 16, 4,
+                                                                                      page_size=ps)),
+             "sampling16": ("small sampling", lambda ps: workloads.sampling_forest(64, 4, 8, page_size=ps))}
+    monkeypatch.setattr(workloads, "BENCH_FORESTS", small)
+    monkeypatch.setattr(report, "BENCH_FORESTS", small)
+    monkeypatch.setattr(workloads, "BENCH_HEADS", (4, 2, 64))
+    monkeypatch.setattr(report, "make_workload", lambda name, dev, dt: workloads.make_workload(
+        name, dev, dt, hq=4, hk=2, d=64))
+
+
+def test_main_job_prints_tables_legend_and_headline(capsys, small_forests):
+    """A small main job: the detail table, the summary in the README's layout, the legend (every
+    column named in a table is explained), and the headline as the last line."""
+    argv = ["--iters", "2", "--rounds", "2", "--no-progress"]
+    assert report.main(argv) == 0
     out = capsys.readouterr().out
-    assert "tree_attention[reference]" in out and "unique KV bytes" in out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("tree_attention[") and "x on multiverse" in lines[-1]
+    assert "about" in lines[2] and "min" in lines[2]  # the duration, up front
+    assert "tree_attention[reference]" not in out  # the spec is timed only on request
+    header = next(ln for ln in lines if ln.startswith("| method |"))
+    for col in [c.strip() for c in header.strip("|").split("|")][1:-1]:
+        assert col in report.LEGEND, col
+    summary = next(ln for ln in lines if ln.startswith("| forest | dtype |"))
+    assert "vs best peer" in summary and "per-branch decode" in summary
+    assert sum(ln.startswith("| small ") for ln in lines) == 2
+
+
+def test_main_job_reference_on_request(capsys, small_forests):
+    assert report.main(["--forest", "multiverse", "--iters", "1", "--rounds", "1", "--backend", "reference",
+                        "--no-peers", "--no-progress"]) == 0
+    assert "| tree_attention[reference] |" in capsys.readouterr().out
 
 
 def test_sweep_json_and_plots(tmp_path, capsys):
@@ -62,7 +96,7 @@ def test_sweep_json_and_plots(tmp_path, capsys):
     argv = ["--forest", "none", "--sweep", "all", "--sweep-readers", "1,4", "--sweep-prompts", "32,64",
             "--sweep-fixed-prompt", "32", "--sweep-fixed-readers", "2", "--sweep-budget", "0.01",
             "--iters", "2", "--no-progress", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path)]
-    assert bench.main(argv) == 0
+    assert report.main(argv) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["machine"]["threads"] >= 1 and "--sweep" in rep["command"]
     kinds = {s["kind"]: s for s in rep["sweeps"]}
@@ -87,16 +121,14 @@ def test_sweep_json_and_plots(tmp_path, capsys):
 
 
 def test_cpu_timer_flushes_the_caches_before_each_call(monkeypatch):
-    from multiverse_kernels import gpu_timing
-
     calls = []
-    monkeypatch.setattr(bench, "flush_caches", lambda dev: calls.append(("flush", torch.device(dev).type)))
-    bench.time_fn(lambda: calls.append("call"), torch.device("cpu"), iters=3, warmup=1)
+    monkeypatch.setattr(timing, "flush_caches", lambda dev: calls.append(("flush", torch.device(dev).type)))
+    timing.time_fn(lambda: calls.append("call"), torch.device("cpu"), iters=3, warmup=1)
     assert calls == ["call"] + [("flush", "cpu"), "call"] * 3  # warmup unflushed, every timed call flushed
     calls.clear()
-    bench.time_fn(lambda: calls.append("call"), torch.device("cpu"), iters=2, warmup=0, flush=False)
+    timing.time_fn(lambda: calls.append("call"), torch.device("cpu"), iters=2, warmup=0, flush=False)
     assert calls == ["call", "call"]
-    assert gpu_timing.flush_bytes(torch.device("cpu")) >= 128 << 20  # several times a last-level cache
+    assert timing.flush_bytes(torch.device("cpu")) >= 128 << 20  # several times a last-level cache
 
 
 def test_cpu_step_parts_script_runs():
@@ -117,7 +149,7 @@ def test_cpu_step_parts_prefix_l2_repeats_two_pages_with_the_same_flops():
     import importlib.util
     from pathlib import Path
 
-    from multiverse_kernels.roofline import step_flops
+    from multiverse_kernels.bench.roofline import step_flops
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "cpu_step_parts.py"
     spec = importlib.util.spec_from_file_location("cpu_step_parts", path)

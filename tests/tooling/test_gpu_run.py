@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from multiverse_kernels import gpu_run
 from multiverse_kernels.backends._cuda_align import misaligned
-from multiverse_kernels.gpu_timing import parse_ncu_csv
+from multiverse_kernels.bench import gpu_run
+from multiverse_kernels.bench.ncu import parse_ncu_csv
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = ["env", "build", "triton", "cuda", "graph", "memcheck", "racecheck", "bench", "bench-bf16", "ncu"]

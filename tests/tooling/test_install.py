@@ -64,7 +64,7 @@ def test_first_use_build(tmp_path):
     code = (
         "import torch, multiverse_kernels as mk\n"
         "from multiverse_kernels.testing import design_example_forest, make_inputs\n"
-        "from multiverse_kernels.backends.cpu._ext import library_path\n"
+        "from multiverse_kernels._native import library_path\n"
         "f, g = design_example_forest(); m = f.metadata(g)\n"
         "q, k, v = make_inputs(m, f.num_pages)\n"
         "a = mk.tree_attention(q, k, v, m, backend='cpu')\n"

@@ -1,11 +1,13 @@
-"""The roofline of the main job (multiverse_kernels/roofline.py): the flop count and the formula."""
+"""The roofline of the main job (multiverse_kernels/bench/roofline.py): the flop count, the formula, the
+rates in the step's dtype."""
 
 from __future__ import annotations
 
 import torch
 
 import multiverse_kernels as mk
-from multiverse_kernels import bench, roofline
+from multiverse_kernels.bench import report, roofline, workloads
+from multiverse_kernels.info import ISA_NAMES, kernel_isa
 from multiverse_kernels.testing import random_forest
 
 
@@ -24,9 +26,9 @@ def test_roofline_is_the_larger_term():
 
 
 def test_bench_forests_flops_and_extend_shape():
-    f, groups = bench.build_forest("extend")
+    f, groups = workloads.build_forest("extend")
     assert groups == [(g, 16) for g, _ in groups] and len(groups) == 8
-    w = bench.make_workload("multiverse", "cpu", torch.float32, hq=4, hk=1, d=8)
+    w = workloads.make_workload("multiverse", "cpu", torch.float32, hq=4, hk=1, d=8)
     # 8 paths see 4096 + 512 tokens, the conclusion 4096 + 8 * 512 + 32
     assert roofline.step_flops(w.meta, 4, 1, 8) == 4 * (8 * 4608 + 8224) * 8 * 4
 
@@ -34,6 +36,10 @@ def test_bench_forests_flops_and_extend_shape():
 def test_measure_rates_and_header():
     r = roofline.measure_rates("cpu", gemm_n=128, bw_bytes=8 << 20, min_run_time=0.01)
     assert r.gemm_flops > 0 and r.read_bw > 0 and r.threads == torch.get_num_threads()
+    assert r.dtype == torch.float32 and "fp32 GEMM" in r.describe()
+    rb = roofline.measure_rates("cpu", gemm_n=128, bw_bytes=8 << 20, min_run_time=0.01, dtype=torch.bfloat16)
+    assert rb.dtype == torch.bfloat16 and rb.gemm_flops > 0 and "bf16 GEMM" in rb.describe()
+    assert "bf16 GEMM" in roofline.describe_roofline(10**6, 10**9, rb)
     line = roofline.describe_cpu()
     assert "ISA" in line and "threads" in line
 
@@ -64,30 +70,17 @@ def test_fma_peak_is_a_ceiling_on_every_isa(monkeypatch):
     from multiverse_kernels.testing import import_cpu_backend_or_skip
 
     import_cpu_backend_or_skip()
-    sel, best = roofline.cpu_isa()
-    for isa in roofline.ISA_NAMES[:roofline.ISA_NAMES.index(best) + 1]:
+    sel, best = kernel_isa()
+    for isa in ISA_NAMES[:ISA_NAMES.index(best) + 1]:
         monkeypatch.setenv("MULTIVERSE_CPU_ISA", isa)
         peak = roofline.fma_peak(min_run_time=0.02)
         assert peak is not None and peak > 1e8, (isa, peak)
     r = roofline.MachineRates(threads=1, gemm_flops=100e9, read_bw=10e9, fma_flops=200e9)
     assert "FMA peak 200.0 GFLOP/s" in r.describe()
     assert "ms of pure FMAs" in roofline.describe_roofline(10**6, 10**9, r)
-    w = bench.make_workload("multiverse", "cpu", torch.float32, hq=4, hk=1, d=8)
-    rows = [bench.Row("tree_attention[cpu]", 0.01, w.unique_kv_bytes)]
-    table = bench.format_table(w, rows, 1e10, r)
+    w = workloads.make_workload("multiverse", "cpu", torch.float32, hq=4, hk=1, d=8)
     flops = roofline.step_flops(w.meta, 4, 1, 8)
-    assert "% FMA peak" in table and f"{100 * flops / 200e9 / 0.01:.1f}%" in table
-
-
-def test_rates_for_run_keeps_the_best_measurement(monkeypatch):
-    """A roof is a ceiling: a re-measurement disturbed by another process must not lower it."""
-    seq = iter([roofline.MachineRates(2, 100e9, 20e9, 200e9), roofline.MachineRates(2, 60e9, 30e9, None),
-                roofline.MachineRates(2, 120e9, 10e9, 150e9)])
-    monkeypatch.setattr(roofline, "measure_rates", lambda device="cpu": next(seq))
-    monkeypatch.setattr(roofline, "_RATES", {})
-    r1 = roofline.rates_for_run("cpu")
-    assert roofline.rates_for_run("cpu") is r1  # cached without refresh
-    r2 = roofline.rates_for_run("cpu", refresh=True)
-    assert (r2.gemm_flops, r2.read_bw, r2.fma_flops) == (100e9, 30e9, 200e9)
-    r3 = roofline.rates_for_run("cpu", refresh=True)
-    assert (r3.gemm_flops, r3.read_bw, r3.fma_flops) == (120e9, 30e9, 200e9)
+    rows = [report.Row("tree_attention[cpu]", 0.01, w.unique_kv_bytes, roof_share=0.5,
+                       fma_share=flops / 200e9 / 0.01)]
+    table = report.format_table(w, rows, 1e10)
+    assert "% FMA peak" in table and f"{100 * flops / 200e9 / 0.01:.1f}%" in table and "50.0%" in table

@@ -5,7 +5,7 @@ the float64-capable specification).
 tree_attention plans the step with :func:`multiverse_kernels.planning.plan_tree_attention` putting
 all readers of a node in one work item (up to ``MAX_ITEM_ROWS`` packed rows), so every node's K/V chunk
 is loaded from the cache exactly once per KV head and shared by every row that sees it; the plan is
-memoised on the metadata tensors (:func:`~multiverse_kernels.planning.cached_plan`: plan once per
+memoised on the metadata tensors (:func:`~multiverse_kernels.plan_cache.cached_plan`: plan once per
 step, reuse in every layer). Also registers the measurement hook
 ``tree_attention_kv_bytes`` (bytes counted by the kernel at its loads).
 """
@@ -15,14 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._native import load_extension
 from ...metadata import ForestMetadata
-from ...planning import TreePlan, cached_plan, cached_run_plan
+from ...plan_cache import cached_plan, cached_run_plan
+from ...planning import TreePlan
 from .. import register
 from ..reference import append_paged_kv as _ref_append
 from ..reference import merge_states as _ref_merge
 from ..reference import tree_attention as _ref_attention
 from ..reference import tree_attention_backward as _ref_backward
-from ._ext import load_extension, run_tree_attention, run_tree_attention_backward
+from ._ext import run_tree_attention, run_tree_attention_backward
 
 load_extension("_C")
 
@@ -51,7 +53,7 @@ def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
 
 
 def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
-    """The forward's default: tiny nodes absorbed (planning.cached_run_plan), then planned."""
+    """The forward's default: tiny nodes absorbed (plan_cache.cached_run_plan), then planned."""
     group = q.shape[1] // k_cache.shape[2]
     return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
                            kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS,

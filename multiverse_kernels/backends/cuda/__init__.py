@@ -14,12 +14,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..._native import load_extension
 from ...metadata import ForestMetadata
-from ...planning import TreePlan, cached_run_plan
+from ...plan_cache import cached_run_plan
+from ...planning import TreePlan
 from .. import register
 from .._cuda_align import misaligned
 from ..cpu import append_paged_kv, merge_states  # same torch.ops.multiverse_C ops, CUDA-key kernels
-from ..cpu._ext import load_extension, run_tree_attention
+from ..cpu._ext import run_tree_attention
 from ..reference import tree_attention as _ref_attention
 
 load_extension("_C_cuda")
@@ -45,7 +47,7 @@ def _warn_if_misaligned(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
 
 
 def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
-    """The default: tiny nodes absorbed (planning.cached_run_plan), then planned."""
+    """The default: tiny nodes absorbed (plan_cache.cached_run_plan), then planned."""
     return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
                            kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS)
 

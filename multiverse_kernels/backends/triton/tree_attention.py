@@ -18,7 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
-from ...planning import TreePlan, cached_run_plan
+from ...plan_cache import cached_run_plan
+from ...planning import TreePlan
 from ._common import interpret_math_fp32, launch, next_pow2
 from .merge_states import launch_merge
 

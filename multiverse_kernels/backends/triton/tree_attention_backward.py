@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
-from ...planning import cached_plan
+from ...plan_cache import cached_plan
 from ._common import interpret_math_fp32, launch
 
 LOG2E = 1.4426950408889634

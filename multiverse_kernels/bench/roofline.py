@@ -1,13 +1,16 @@
 """The machine's roofline for one tree-attention step, measured in the same run as the kernels.
 
-    roofline time = max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate)
+    roofline time = max(unique KV bytes / read bandwidth, step flops / GEMM rate in the step's dtype)
 
 * **step flops** = ``4 * sum over query rows of (visible tokens) * head_dim * num_qo_heads``: S = QK^T and
   O = PV, 2 flops per multiply-add each. A row's visible tokens are the sum of its readers' limits in the
   plan (docs/plan.md), i.e. every (row, token) pair the attention must score, causal masking included.
 * **read bandwidth**: ``torch.sum`` over a float32 buffer far larger than the last-level cache (bytes read
   per second; the sum writes nothing), with the thread count of the kernels it is compared with.
-* **fp32 GEMM rate**: ``torch.mm`` of two n x n float32 matrices (2 n^3 flops), same thread count.
+* **GEMM rate in the step's dtype**: ``torch.mm`` of two n x n matrices of the step's dtype (2 n^3 flops),
+  same thread count: what torch's own GEMM reaches in that dtype on this machine (on CPUs with matrix
+  units, AMX or AVX512-BF16, the bf16 rate is far above the fp32 one; that is the honest compute roof
+  for a bf16 step whatever the kernel computes in).
 * **FMA peak** (CPU, when the C++ extension is built): ``torch.ops.multiverse_C.cpu_fma_peak``, chains of
   fused multiply-adds held in registers on the ISA the CPU kernel dispatched to, one loop per thread.
   It is the hard compute ceiling; torch's GEMM reaches only part of it (on AMD CPUs torch's BLAS may not
@@ -16,12 +19,10 @@
   defined above) and "% FMA peak".
 
 Both rates are timed with ``torch.utils.benchmark.Timer.blocked_autorange`` and summarised by the median,
-the statistic of the bench's time column. The bench measures them again before every table and keeps,
-per rate, the best value of the run (:func:`rates_for_run` with ``refresh=True``): a roof is a ceiling,
-and another process taking a core during one measurement only lowers it (which would inflate every
-share printed after it). The CPU
-kernel computes in fp32 whatever the cache dtype (fp16/bf16 are converted once per chunk), so the fp32
-GEMM rate is its compute roof for every dtype; the bandwidth side uses the dtype's own bytes.
+the statistic of the bench's time column. The bench measures them at the start of every round
+(:func:`paired_rounds`) and reports the median of the rounds' shares, so that a time and its roof are
+taken on the same machine state. The
+bandwidth side uses the dtype's own bytes.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils import benchmark
 
-from .info import cpu_model
-from .metadata import ForestMetadata
-from .planning import plan_tree_attention
+from ..backends import available_backends
+from ..info import cpu_model, kernel_isa
+from ..metadata import ForestMetadata
+from ..planning import plan_tree_attention
+from .timing import sync
 
-__all__ = ["MachineRates", "measure_rates", "rates_for_run", "step_flops", "roofline_seconds",
+__all__ = ["MachineRates", "measure_rates", "step_flops", "roofline_seconds",
            "workload_roofline", "describe_roofline", "PairedTiming", "paired_rounds", "thread_scaling",
-           "cpu_model", "cpu_isa", "describe_cpu", "ISA_NAMES", "fma_peak"]
-
-ISA_NAMES = ("baseline", "avx2", "avx512")
+           "describe_cpu", "fma_peak"]
 
 
 @dataclass
@@ -50,33 +51,35 @@ class MachineRates:
     """Rates measured on ``device`` with ``threads`` threads."""
 
     threads: int
-    gemm_flops: float  # fp32 GEMM flop/s
+    gemm_flops: float  # GEMM flop/s in ``dtype``
     read_bw: float  # bytes/s
     fma_flops: float | None = None  # fp32 FMA peak flop/s of the CPU kernel's ISA (None: not measured)
+    dtype: torch.dtype = torch.float32  # the GEMM's dtype (the step's)
 
     def describe(self) -> str:
         fma = "" if self.fma_flops is None else \
             f", FMA peak {self.fma_flops / 1e9:.1f} GFLOP/s (cpu_fma_peak)"
-        return (f"fp32 GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s (torch.mm), read bandwidth "
+        return (f"{_dt(self.dtype)} GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s (torch.mm), read bandwidth "
                 f"{self.read_bw / 1e9:.1f} GB/s (torch.sum){fma}, {self.threads} thread(s)")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _dt(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.float64: "fp64"}.get(dtype, str(dtype))
 
 
 def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_bytes: int = 256 << 20,
-                  min_run_time: float = 0.5) -> MachineRates:
-    """Measure the fp32 GEMM rate and the read bandwidth with the current ``torch.get_num_threads()``.
+                  min_run_time: float = 0.5, dtype: torch.dtype = torch.float32) -> MachineRates:
+    """Measure the GEMM rate in ``dtype`` and the read bandwidth with the current
+    ``torch.get_num_threads()`` (and on the CPU the FMA peak of the kernel's ISA).
 
     ``bw_bytes`` should exceed the last-level cache many times (default 256 MiB).
     """
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
-    b = torch.randn(gemm_n, gemm_n, generator=g).to(dev)
-    env = dict(a=a, b=b, torch=torch, sync=_sync, dev=dev)
+    a = torch.randn(gemm_n, gemm_n, generator=g).to(dev, dtype)
+    b = torch.randn(gemm_n, gemm_n, generator=g).to(dev, dtype)
+    env = dict(a=a, b=b, torch=torch, sync=sync, dev=dev)
     # Timer runs its statement with num_threads=1 unless told otherwise: pass the caller's count.
     nt = torch.get_num_threads()
     t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env, num_threads=nt).blocked_autorange(
@@ -84,21 +87,19 @@ def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_byt
     del a, b
     x = torch.ones(bw_bytes // 4, dtype=torch.float32, device=dev)
     x.sum()  # first touch
-    t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=_sync, dev=dev), num_threads=nt
+    t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=sync, dev=dev), num_threads=nt
                            ).blocked_autorange(min_run_time=min_run_time).median
     return MachineRates(torch.get_num_threads(), 2 * gemm_n ** 3 / t_mm, x.numel() * 4 / t_rd,
-                        fma_peak(min_run_time) if dev.type == "cpu" else None)
+                        fma_peak(min_run_time) if dev.type == "cpu" else None, dtype)
 
 
 def fma_peak(min_run_time: float = 0.5) -> float | None:
     """FMA peak flop/s of the CPU kernel's ISA with ``torch.get_num_threads()`` threads (best of a few
     runs of about ``min_run_time / 5`` s each: the ceiling, so the fastest run); None without the C++
     extension."""
-    try:
-        from .backends import cpu  # noqa: F401  (loads multiverse_kernels._C)
-        op = torch.ops.multiverse_C.cpu_fma_peak
-    except (ImportError, OSError, RuntimeError, AttributeError):
+    if "cpu" not in available_backends("tree_attention", "cpu"):  # loads multiverse_kernels._C
         return None
+    op = torch.ops.multiverse_C.cpu_fma_peak
     iters = 1 << 16
     while True:  # size one run to ~min_run_time / 5
         t0 = time.perf_counter()
@@ -117,45 +118,15 @@ def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_
 
 
 def roofline_seconds(unique_kv_bytes: int, flops: int, rates: MachineRates) -> float:
-    """max(unique KV bytes / read bandwidth, step flops / fp32 GEMM rate)."""
+    """max(unique KV bytes / read bandwidth, step flops / GEMM rate in the step's dtype)."""
     return max(unique_kv_bytes / rates.read_bw, flops / rates.gemm_flops)
-
-
-def cpu_isa() -> tuple[str, str]:
-    """(ISA the C++ CPU kernel dispatches to now, widest ISA this CPU supports); ("-", "-") when the
-    extension is not built. MULTIVERSE_CPU_ISA=avx512|avx2|baseline forces a lower one."""
-    try:
-        from .backends import cpu  # noqa: F401  (loads multiverse_kernels._C)
-    except (ImportError, OSError, RuntimeError):
-        return "-", "-"
-    sel, best = torch.ops.multiverse_C.cpu_isa()
-    env = os.environ.get("MULTIVERSE_CPU_ISA")
-    name = ISA_NAMES[sel] if sel >= 0 else f"invalid MULTIVERSE_CPU_ISA={env}"
-    return name, ISA_NAMES[best]
 
 
 def describe_cpu() -> str:
     """One line: CPU model, kernel ISA (and the widest supported), threads."""
-    sel, best = cpu_isa()
+    sel, best = kernel_isa()
     return (f"CPU {cpu_model()} | {os.cpu_count()} logical CPUs | cpu kernel ISA {sel} (CPU supports "
             f"{best}) | torch threads {torch.get_num_threads()}")
-
-
-_RATES: dict[tuple[str, int], MachineRates] = {}
-
-
-def rates_for_run(device: str | torch.device = "cpu", refresh: bool = False) -> MachineRates:
-    """measure_rates for the current thread count, once per (device, threads) per process; with
-    ``refresh`` measured again, each rate keeping the best value measured so far in this process."""
-    key = (str(torch.device(device)), torch.get_num_threads())
-    if key not in _RATES or refresh:
-        new, old = measure_rates(device), _RATES.get(key)
-        if old is not None:
-            best = lambda a, b: b if a is None else a if b is None else max(a, b)  # noqa: E731
-            new = MachineRates(new.threads, max(new.gemm_flops, old.gemm_flops),
-                               max(new.read_bw, old.read_bw), best(new.fma_flops, old.fma_flops))
-        _RATES[key] = new
-    return _RATES[key]
 
 
 def workload_roofline(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
@@ -175,8 +146,9 @@ def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> 
         "FMAs")
     return (f"roofline {max(mem, comp) * 1e3:.3f} ms = max({unique_kv_bytes / 1e6:.2f} MB unique KV / "
             f"{rates.read_bw / 1e9:.1f} GB/s read, {flops / 1e9:.3f} GFLOP / {rates.gemm_flops / 1e9:.1f} "
-            f"GFLOP/s fp32 GEMM) ({'compute' if comp >= mem else 'memory'}-bound, {rates.threads} "
-            f"thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * num_qo_heads{fma}")
+            f"GFLOP/s {_dt(rates.dtype)} GEMM) ({'compute' if comp >= mem else 'memory'}-bound, "
+            f"{rates.threads} thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * "
+            f"num_qo_heads{fma}")
 
 
 @dataclass
@@ -189,7 +161,8 @@ class PairedTiming:
 
 
 def paired_rounds(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
-                  timers: list, device: str | torch.device = "cpu", rounds: int = 5) -> list[PairedTiming]:
+                  timers: list, device: str | torch.device = "cpu", rounds: int = 5,
+                  dtype: torch.dtype = torch.float32, on_round=None) -> list[PairedTiming]:
     """Time methods against the machine's roofline on the same machine state.
 
     Each of ``rounds`` rounds measures the GEMM, read and FMA rates (:func:`measure_rates`, short runs)
@@ -202,7 +175,7 @@ def paired_rounds(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: 
     shares: list[list[float]] = [[] for _ in timers]
     fma_shares: list[list[float]] = [[] for _ in timers]
     for i in range(max(1, rounds)):
-        rates = measure_rates(device, min_run_time=0.1)
+        rates = measure_rates(device, min_run_time=0.1, dtype=dtype)
         roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
         for j, timer in enumerate(timers):
             t = timer(i)
@@ -210,13 +183,16 @@ def paired_rounds(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: 
             shares[j].append(roof / t)
             if rates.fma_flops:
                 fma_shares[j].append(flops / t / rates.fma_flops)
+        if on_round is not None:
+            on_round(i)
     return [PairedTiming(statistics.median(t), statistics.median(s), statistics.median(f) if f else None)
             for t, s, f in zip(times, shares, fma_shares, strict=True)]
 
 
 def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
                    methods: dict[str, object], time_fn, device: str | torch.device = "cpu",
-                   threads: tuple[int, ...] | None = None, rounds: int = 5) -> str:
+                   threads: tuple[int, ...] | None = None, rounds: int = 5,
+                   dtype: torch.dtype = torch.float32) -> str:
     """Time each of ``methods`` (name -> zero-argument callable) with 1 thread and with all threads
     (``time_fn(fn) -> seconds``) in :func:`paired_rounds` (each round measures the rates, then times the
     method). Prints the medians over the rounds of the time and of each round's share. Returns the
@@ -233,7 +209,8 @@ def thread_scaling(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads:
             for nt in threads:
                 torch.set_num_threads(nt)
                 timer = lambda i, fn=fn: time_fn(fn)  # noqa: E731
-                r = paired_rounds(meta, q_shape, num_kv_heads, unique_kv_bytes, [timer], device, rounds)[0]
+                r = paired_rounds(meta, q_shape, num_kv_heads, unique_kv_bytes, [timer], device, rounds,
+                                  dtype)[0]
                 base = base or r.seconds
                 fma = f"{100 * r.fma_share:11.1f}%" if r.fma_share is not None else f"{'-':>12}"
                 lines.append(f"{name:<34}{nt:>8}{r.seconds * 1e3:10.3f}{100 * r.roof_share:11.1f}%{fma}"

@@ -13,7 +13,7 @@ Every method of the main job is timed at every point (``tree_attention`` on each
 the reference, dense-mask SDPA and per-branch paged decode, i.e. plain decode of every branch on its
 own; compiled FlexAttention with ``--sweep-flex``, off by default because it compiles once per shape,
 about a minute per point on 2 CPU cores), with the KV bytes it read, measured the same way as the main
-tables (:mod:`multiverse_kernels.bench`). ``--json PATH`` writes every number (and the main tables);
+tables (:mod:`multiverse_kernels.bench.peers`). ``--json PATH`` writes every number (and the main tables);
 ``--plot DIR`` writes ``<DIR>/sweep_readers.png`` and ``<DIR>/sweep_prompt.png`` (matplotlib): time
 per step, speedup over per-branch decode, and KV bytes read against the unique KV bytes. A progress bar
 (tqdm) runs on stderr.
@@ -35,10 +35,13 @@ from typing import Any
 
 import torch
 
-from .backends import _IMPLS, available_backends, resolve
-from .forest import KVForest
+from .. import __version__
+from ..info import cpu_isa
+from .peers import PEERS, methods, tree_backends
+from .timing import sync, time_fn
+from .workloads import sweep_workload
 
-__all__ = ["add_arguments", "run_sweep", "sweep_workload", "plot_sweep", "write_report", "main_hook",
+__all__ = ["add_arguments", "run_sweep", "plot_sweep", "write_report", "main_hook",
            "DEFAULT_READERS", "DEFAULT_PROMPTS"]
 
 DEFAULT_READERS = (1, 4, 16, 64, 256)
@@ -49,36 +52,12 @@ BRANCH_LEN = 64
 PER_BRANCH = "per-branch paged decode"
 
 
-def sweep_workload(prompt: int, readers: int, branch_len: int, device: str, dtype: torch.dtype,
-                   hq: int = 32, hk: int = 8, d: int = 128, page_size: int = 16, seed: int = 0):
-    """A :class:`~multiverse_kernels.bench.Workload`: a ``prompt``-token root, ``readers`` children of
-    ``branch_len`` tokens, each decoding one token (``readers`` query rows)."""
-    from .bench import Workload
-
-    pages = -(-prompt // page_size) + readers * -(-branch_len // page_size)
-    f = KVForest(pages, page_size)
-    root = f.new_sequence(prompt)
-    kids = f.fork(root, readers)
-    for k in kids:
-        f.append(k, branch_len)
-    meta = f.metadata([(k, 1) for k in kids]).to(device)
-    g = torch.Generator().manual_seed(seed)
-    shape = (pages, page_size, hk, d)
-    k = torch.randn(shape, generator=g).to(device, dtype)
-    v = torch.randn(shape, generator=g).to(device, dtype)
-    q = torch.randn(meta.total_q, hq, d, generator=g).to(device, dtype)
-    return Workload(f"prompt {prompt}, {readers} x {branch_len}", f, meta, q, k, v)
-
-
 def _time(fn: Callable[[], object], device: torch.device, max_iters: int, budget_s: float) -> float:
     """Median seconds per call: one warm-up, then up to ``max_iters`` calls within ``budget_s`` (at
     least 2)."""
-    from .bench import time_fn
-
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     one = max(time.perf_counter() - t0, 1e-6)
     iters = max(2, min(max_iters, int(budget_s / one)))
     return time_fn(fn, device, iters, warmup=0)
@@ -86,36 +65,9 @@ def _time(fn: Callable[[], object], device: torch.device, max_iters: int, budget
 
 def _methods(w: Any, device: torch.device, backends: list[str] | None, peers: Iterable[str]
              ) -> list[tuple[str, Callable[[], object], Callable[[], int]]]:
-    """(name, timed callable, KV-bytes measurement) per method."""
-    from .bench import _measure_bytes, dense_sdpa_peer, flex_peer, per_branch_peer
-    from .ops.tree_attention import tree_attention
-
-    scale = w.q.shape[-1] ** -0.5
-    out = []
-    names = backends or [b for b in available_backends("tree_attention", device) if b != "reference"]
-    if device.type == "cpu":
-        names = [b for b in names if b != "triton"]  # the interpreter is a correctness tool
-    for b in names:
-        fn = lambda b=b: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend=b, validate=False)
-        hook = _IMPLS.get("tree_attention_kv_bytes", {}).get(b)
-        if hook is not None and device.type in hook[1]:
-            kv = lambda b=b: int(resolve("tree_attention_kv_bytes", b, device)(
-                w.q, w.k_cache, w.v_cache, w.meta, scale))
-        else:
-            impl = resolve("tree_attention", b, device)
-            kv = lambda impl=impl: _measure_bytes(lambda: impl(w.q, w.k_cache, w.v_cache, w.meta, scale), w)
-        out.append((f"tree_attention[{b}]", fn, kv))
-    makers = {"dense-mask SDPA": dense_sdpa_peer, "FlexAttention (compiled)": flex_peer,
-              PER_BRANCH: per_branch_peer}
-    for name in peers:
-        make = makers[name]
-
-        def lazy(make=make):  # build the peer (mask, compile) only when it is measured
-            fn = make(w)
-            return fn, (lambda: _measure_bytes(getattr(fn, "cache_reads", fn), w))
-
-        out.append((name, lazy, None))  # type: ignore[arg-type]
-    return out
+    """(name, build the timed callable, KV-bytes measurement of it) per method: the main job's
+    :func:`~multiverse_kernels.bench.peers.methods` (every fast backend unless ``backends`` names some)."""
+    return [(m.name, m.build, m.kv_bytes) for m in methods(w, tree_backends(device, backends), peers)]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -144,7 +96,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def run_sweep(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
               values: Iterable[int] | None = None, fixed: int | None = None, branch_len: int = BRANCH_LEN,
               backends: list[str] | None = None,
-              peers: Iterable[str] = ("dense-mask SDPA", "FlexAttention (compiled)", PER_BRANCH),
+              peers: Iterable[str] = tuple(PEERS),
               max_iters: int = 10, budget_s: float = 1.0, progress: bool = True) -> dict[str, Any]:
     """Run one sweep; returns its JSON-ready record.
 
@@ -170,13 +122,12 @@ def run_sweep(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32
         w = sweep_workload(prompt, readers, branch_len, device, dtype)
         point: dict[str, Any] = {"prompt": prompt, "readers": readers, "branch_len": branch_len,
                                  "unique_kv_bytes": w.unique_kv_bytes, "methods": {}}
-        for name, fn, kv in _methods(w, dev, backends, peers):
+        for name, build, kv in _methods(w, dev, backends, peers):
             bar.set_postfix_str(f"{kind}={x} {name}")
             try:
-                if kv is None:  # a peer: build it now
-                    fn, kv = fn()
+                fn = build()  # a peer builds its mask or compiles here
                 secs = _time(fn, dev, max_iters, budget_s)
-                point["methods"][name] = {"seconds": secs, "kv_bytes": int(kv())}
+                point["methods"][name] = {"seconds": secs, "kv_bytes": int(kv(fn))}
             except Exception as e:  # a peer that cannot run at this size: recorded, not fatal
                 point["methods"][name] = {"seconds": None, "kv_bytes": None,
                                           "error": f"{type(e).__name__}: {str(e)[:120]}"}
@@ -196,9 +147,6 @@ def run_sweep(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32
 
 def machine() -> dict[str, Any]:
     """The machine and software a report was measured on."""
-    from . import __version__
-    from .info import cpu_isa
-
     cpu = cpu_isa()
     out = {"cpu": cpu["model"], "isa": cpu["kernel_isa"], "threads": torch.get_num_threads(),
            "python": platform.python_version(), "torch": torch.__version__,
@@ -272,7 +220,7 @@ def write_report(path: str, tables: list[dict[str, Any]], sweeps: list[dict[str,
 
 
 def table_record(w: Any, rows: list[Any], bw: float) -> dict[str, Any]:
-    """One main-job table as JSON (rows of :func:`multiverse_kernels.bench.run_bench`)."""
+    """One main-job table as JSON (rows of :func:`multiverse_kernels.bench.report.run_bench`)."""
     m = w.meta
     return {
         "forest": w.name, "nodes": m.num_nodes, "groups": m.num_groups, "rows": m.total_q,
@@ -285,7 +233,7 @@ def table_record(w: Any, rows: list[Any], bw: float) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------- bench.py's hooks
+# ------------------------------------------------------------------------------- the main job's hooks
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The report flags of ``python -m multiverse_kernels.bench``."""
     g = p.add_argument_group("report (sweeps, JSON, plots)")
