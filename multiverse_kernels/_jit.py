@@ -17,6 +17,7 @@ visible).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -26,6 +27,21 @@ from pathlib import Path
 from . import _build_config as cfg
 
 __all__ = ["source_root", "cache_root", "build_and_load", "jit_enabled", "cached_library"]
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." record: torch.utils.cpp_extension logs
+    it at import on any machine without a GPU that has a CUDA toolkit (or CUDA_HOME set), and it is
+    imported by the first-use build, torch.utils.benchmark and torch.compile. On a CPU machine that is
+    expected, not a problem; every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_CPP_EXT_LOG = logging.getLogger("torch.utils.cpp_extension")
+if not any(isinstance(f, _NoCudaRuntimeNote) for f in _CPP_EXT_LOG.filters):
+    _CPP_EXT_LOG.addFilter(_NoCudaRuntimeNote())
 
 _PKG_DIR = Path(__file__).resolve().parent
 # name of the part -> (library name, sources, cxx flags, ldflags, nvcc flags)
@@ -154,13 +170,8 @@ def build_and_load(part: str, why: str) -> Path:
 
 def _compile(part: str, root: Path, build_dir: Path, arch: str, lib_name: str, sources, cxx, ld,
              nvcc) -> None:
-    import logging
-
     import torch
-
-    # torch warns "No CUDA runtime is found" when importing cpp_extension on a GPU-less machine.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # its "No CUDA runtime" note is filtered (above)
 
     what = "CUDA kernels (sm " + arch + ")" if part == "_C_cuda" else "C++ CPU kernels"
     print(f"multiverse_kernels: building the {what} for torch {torch.__version__} (first use only, "

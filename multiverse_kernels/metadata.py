@@ -27,7 +27,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-__all__ = ["ForestMetadata", "MetadataError"]
+__all__ = ["ForestMetadata", "MetadataError", "INDEX_FIELDS"]
+
+INDEX_FIELDS = ("node_page_indptr", "node_page_indices", "node_len", "qo_indptr", "vis_indptr", "vis_nodes")
+"""The six int32 index tensors of a forest, in op-schema order: the one list (the dataclass's fields, the
+ops' schemas and the checks follow it; tests/contracts/test_plan_format.py checks the schemas)."""
 
 
 class MetadataError(ValueError):
@@ -105,15 +109,8 @@ class ForestMetadata:
         return replace(self, own_full=own_full)
 
     def tensors(self) -> tuple[Tensor, ...]:
-        """The six index tensors, in op-schema order."""
-        return (
-            self.node_page_indptr,
-            self.node_page_indices,
-            self.node_len,
-            self.qo_indptr,
-            self.vis_indptr,
-            self.vis_nodes,
-        )
+        """The six index tensors, in op-schema order (:data:`INDEX_FIELDS`)."""
+        return tuple(getattr(self, f) for f in INDEX_FIELDS)
 
     # ------------------------------------------------------------ host views
     def q_lens(self) -> Tensor:
@@ -145,8 +142,7 @@ class ForestMetadata:
         device; call it once per step (ops do it unless ``validate=False``).
         """
         dev = self.node_len.device
-        for f in ("node_page_indptr", "node_page_indices", "node_len", "qo_indptr", "vis_indptr",
-                  "vis_nodes"):
+        for f in INDEX_FIELDS:
             _check_index_tensor(f, getattr(self, f), dev)
         if not isinstance(self.page_size, int) or self.page_size < 1:
             raise MetadataError(f"page_size: expected a positive int, got {self.page_size!r}")

@@ -23,14 +23,15 @@ from torch import Tensor
 from ._native import host_op
 from .metadata import ForestMetadata, MetadataError
 from .plan_format import INT_FIELDS, MIN_CHUNK_TOKENS, TENSOR_FIELDS
+from .tiles import MAX_TILE_ROWS
 
 __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention",
            "plan_loaded_tokens", "plan_kv_tokens", "default_rows_per_tile", "default_num_workers",
-           "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "invariant_plan", "INVARIANT_CHUNK_TOKENS"]
+           "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "MAX_TILE_ROWS", "invariant_plan",
+           "INVARIANT_CHUNK_TOKENS"]
 
 # Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
-# (backends/triton/tree_attention.py TILES), so that a chunk is loaded once for all of them.
-MAX_TILE_ROWS = {64: 256, 128: 128, 256: 16}
+# (multiverse_kernels/tiles.py), so that a chunk is loaded once for all of them.
 
 # Default chunk of :func:`invariant_plan` (the branch- and thread-count-invariant mode): every node is
 # split at multiples of this many tokens, whatever the forest and the device (docs/errors.md,

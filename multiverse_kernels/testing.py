@@ -35,6 +35,7 @@ __all__ = [
     "lse_tolerance",
     "grad_tolerance",
     "import_cpu_backend_or_skip",
+    "NO_GPU_REASON",
     "BACKENDS",
     "backend_params",
     "backend_device",
@@ -127,6 +128,11 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
         torch.float16: dict(atol=2e-3, rtol=2e-3),
         torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
     }[dtype]
+
+
+NO_GPU_REASON = ("no CUDA GPU on this machine (the GPU tests run on a GPU machine via "
+                 "python -m multiverse_kernels.gpu_run, docs/gpu.md)")
+"""The one skip reason of every GPU-only test: it names the one GPU entry point."""
 
 
 def import_cpu_backend_or_skip():
@@ -223,8 +229,7 @@ def backend_device(backend: str) -> str:
         return "cuda"
     if backend == "cuda":
         if not torch.cuda.is_available():
-            pytest.skip("no CUDA GPU on this machine (the CUDA tests run via python -m "
-                        "multiverse_kernels.gpu_run, docs/gpu.md)")
+            pytest.skip(NO_GPU_REASON)
         try:
             importlib.import_module("multiverse_kernels.backends.cuda")
         except (ImportError, OSError, RuntimeError) as e:

@@ -10,7 +10,7 @@ KV loop is not software-pipelined in the TTGIR (the next block's K/V loads issue
 dots), or any compile failure. CI runs it (.ci/run).
 
 Configurations: attention = head_dim {64, 128, 256} x {fp16, bf16} x row tile BLOCK_M {16, 32, 64, 128, 256}
-(<= MAX_BLOCK_M[head_dim]: 256 / 128 / 32 for head_dim 64 / 128 / 256) with the dispatcher's BLOCK_N /
+(<= MAX_BLOCK_M[head_dim], multiverse_kernels/tiles.py, the one tile table) with the dispatcher's BLOCK_N /
 num_warps / prefetch; merge = head_dim x output dtype; append = head_dim x cache dtype x BLOCK_H
 {1, 2, 4, 8, 16} (num_kv_heads <= 16); backward = head_dim x {fp16, bf16} x {dK/dV kernel, dQ kernel}
 with the tiles of ``DKDV_TILES`` / ``DQ_TILES``. fp32 (a

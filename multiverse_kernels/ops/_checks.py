@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..metadata import ForestMetadata, MetadataError
+from ..metadata import INDEX_FIELDS, ForestMetadata, MetadataError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,8 +50,6 @@ def check_attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
         )
 
 
-INDEX_FIELDS = ("node_page_indptr", "node_page_indices", "node_len", "qo_indptr", "vis_indptr",
-                "vis_nodes")
 
 
 def debug_checks() -> bool:

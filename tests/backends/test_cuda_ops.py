@@ -15,12 +15,12 @@ import torch
 
 from multiverse_kernels.ops import tree_attention
 from multiverse_kernels.planning import PlanCapacity, plan_kv_tokens, plan_tree_attention
-from multiverse_kernels.testing import make_inputs, sampling_forest
+from multiverse_kernels.testing import NO_GPU_REASON, make_inputs, sampling_forest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned")]
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU on this machine (CUDA kernel tests run via scripts/run_gpu_tests.sh)",
+    pytest.skip(NO_GPU_REASON,
                 allow_module_level=True)
 try:
     from multiverse_kernels.backends import cuda as cuda_backend  # noqa: F401

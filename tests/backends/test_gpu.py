@@ -17,6 +17,7 @@ import torch
 import multiverse_kernels as mk
 from multiverse_kernels.planning import PlanCapacity, plan_tree_attention
 from multiverse_kernels.testing import (
+    NO_GPU_REASON,
     assert_close_to_reference,
     backend_device,
     check_tree_attention,
@@ -29,7 +30,7 @@ from multiverse_kernels.testing import (
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned")]
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU on this machine (run: python -m multiverse_kernels.gpu_run, docs/gpu.md)",
+    pytest.skip(NO_GPU_REASON,
                 allow_module_level=True)
 
 DEV = "cuda"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
 from _triton_interp import triton_interpreter  # noqa: F401  (module fixture)
 
 from multiverse_kernels.backends import resolve

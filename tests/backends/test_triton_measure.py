@@ -19,6 +19,8 @@ import sys
 
 import pytest
 import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
 from _triton_interp import triton_interpreter  # noqa: F401  (module fixture)
 
 from multiverse_kernels.backends import resolve

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 from _strategies import forests
-from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Triton runs CPU tensors)
+from _triton_interp import TRITON, needs_triton, triton_interpreter  # noqa: F401  (module fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

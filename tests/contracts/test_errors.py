@@ -1,15 +1,18 @@
-"""Bad and edge input: a clear MetadataError / ValueError naming the argument, never a crash and never
-a quiet wrong answer (docs/errors.md). Every class of the hostile-input survey has a test here, on
-every backend it applies to (Triton in the interpreter)."""
+"""Every error class, in one file: bad and edge input gets a clear MetadataError / ValueError naming the
+argument, never a crash and never a quiet wrong answer (docs/errors.md). The first part goes through
+every class of the hostile-input survey on every backend it applies to (Triton in the interpreter); the
+second ("validation") walks the checks of ``ForestMetadata.validate`` and the ops' argument checks one
+field at a time on the design example."""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Triton runs CPU tensors)
+from _triton_interp import TRITON, needs_triton, triton_interpreter  # noqa: F401  (module fixture)
 
 import multiverse_kernels as mk
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
@@ -18,7 +21,7 @@ from multiverse_kernels.ops import tree_attention_backward
 from multiverse_kernels.planning import plan_tree_attention
 from multiverse_kernels.testing import design_example_forest, make_inputs, random_forest, tolerance
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", *TRITON)
 D = 64  # a head_dim every backend runs
 
 
@@ -72,7 +75,7 @@ def test_append_meta_device_index(backend):
 
 
 # ------------------------------------------------------------------------------ plan cache
-@pytest.mark.parametrize("backend", ("cpu", "triton"))
+@pytest.mark.parametrize("backend", ("cpu", *TRITON))
 @pytest.mark.parametrize("route", ("numpy", "data"))
 def test_plan_cache_sees_changes_that_skip_the_version_counter(backend, route):
     f = mk.KVForest(64, 4)
@@ -100,7 +103,7 @@ def test_plan_cache_sees_changes_that_skip_the_version_counter(backend, route):
         mk.tree_attention(q, kc, vc, meta, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ("cpu", "triton"))
+@pytest.mark.parametrize("backend", ("cpu", *TRITON))
 def test_plan_for_another_step_is_rejected(backend):
     f = mk.KVForest(64, 4)
     a = f.new_sequence(9)
@@ -362,3 +365,143 @@ def test_numpy_import_is_used():  # keep the numpy route above honest: torch sha
     v0 = t._version
     t.numpy()[0] = 5
     assert int(t[0]) == 5 and t._version == v0 and isinstance(t.numpy(), np.ndarray)
+
+
+# ------------------------------------------------------------------ validation, one field at a time
+i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
+
+
+@pytest.fixture
+def design_inputs():
+    f, groups = design_example_forest()
+    m = f.metadata(groups)
+    q, k, v = make_inputs(m, 16)
+    return m, q, k, v
+
+
+def _raises_meta(match, m, q, k, v, **kw):
+    with pytest.raises(MetadataError, match=match):
+        mk.tree_attention(q, k, v, m, **kw)
+
+
+def test_valid_passes(design_inputs):
+    m, q, k, v = design_inputs
+    m.validate(16)
+    mk.tree_attention(q, k, v, m)
+
+
+def test_index_dtype(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta("vis_nodes: expected dtype torch.int32", replace(m, vis_nodes=m.vis_nodes.long()), q, k, v)
+
+
+def test_page_index_out_of_range(design_inputs):
+    m, q, k, v = design_inputs
+    bad = m.node_page_indices.clone()
+    bad[2] = 16
+    _raises_meta(r"node_page_indices: expected page ids in \[0, 16\)", replace(m, node_page_indices=bad),
+            q, k, v)
+    bad[2] = -1
+    _raises_meta("node_page_indices", replace(m, node_page_indices=bad), q, k, v)
+
+
+def test_node_id_out_of_range(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta("vis_nodes: expected node ids", replace(m, vis_nodes=i32([0, 1, 0, 2, 0, 1, 2, 9])), q, k, v)
+
+
+def test_empty_visibility_list_with_rows(design_inputs):
+    m, q, k, v = design_inputs
+    m2 = replace(m, vis_indptr=i32([0, 2, 2, 6]), vis_nodes=i32([0, 1, 0, 1, 2, 3]))
+    _raises_meta("group 1 has 1 query rows but an empty visibility list", m2, q, k, v)
+
+
+def test_repeating_visibility_list(design_inputs):
+    m, q, k, v = design_inputs
+    m2 = replace(m, vis_nodes=i32([0, 1, 0, 2, 0, 1, 0, 3]))
+    _raises_meta("group 2 lists node 0 more than once", m2, q, k, v)
+
+
+def test_q_len_larger_than_own_node(design_inputs):
+    m, q, k, v = design_inputs
+    m2 = replace(m, qo_indptr=i32([0, 1, 2, 5]))
+    q2 = torch.randn(5, *q.shape[1:])
+    _raises_meta(r"group 2 has q_len 3 but its own \(last-listed\) node 3 has only 2 tokens", m2, q2, k, v)
+
+
+def test_too_few_pages_for_length(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta("node 0 has 3 pages but node_len", replace(m, node_len=i32([13, 5, 3, 2])), q, k, v)
+
+
+def test_indptr_shape_and_monotonic(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta("node_page_indptr: expected length", replace(m, node_page_indptr=i32([0, 3, 5, 7])), q, k, v)
+    _raises_meta("non-decreasing", replace(m, node_page_indptr=i32([0, 3, 2, 6, 7])), q, k, v)
+    _raises_meta(r"vis_indptr: expected vis_indptr\[-1\]", replace(m, vis_indptr=i32([0, 2, 4, 7])), q, k, v)
+    _raises_meta("negative", replace(m, node_len=i32([10, -1, 3, 2])), q, k, v)
+
+
+def test_q_rows_mismatch(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta(r"q: expected 4 rows \(qo_indptr\[-1\]\)", m, q[:3], k, v)
+
+
+def test_tensor_args(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta("q: expected dtype", m, q.int(), k, v)
+    _raises_meta("k_cache: expected dtype", m, q, k.half(), v)
+    _raises_meta("k_cache: expected a 4-D tensor", m, q, k[0], v)
+    _raises_meta("v_cache: expected the shape of k_cache", m, q, k, v[:, :, :1])
+    _raises_meta("k_cache: expected head_dim 64", m, q, k[..., :32], v[..., :32])
+    _raises_meta("num_kv_heads dividing num_qo_heads", m, q[:, :3], k, v)
+    _raises_meta("meta.page_size", replace(m, page_size=8), q, k, v)
+
+
+def test_own_full_shape(design_inputs):
+    m, q, k, v = design_inputs
+    _raises_meta("own_full: expected a bool tensor of shape",
+                 replace(m, own_full=torch.ones(2, dtype=torch.bool)), q, k, v)
+
+
+def test_validation_can_be_switched_off(design_inputs):
+    m, q, k, v = design_inputs
+    # A repeated node is not caught without validation (the hot path trusts its producer).
+    m2 = replace(m, vis_nodes=i32([0, 1, 0, 2, 0, 1, 0, 3]))
+    mk.tree_attention(q, k, v, m2, validate=False, backend="reference")
+
+
+def test_unknown_backend(design_inputs):
+    m, q, k, v = design_inputs
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        mk.tree_attention(q, k, v, m, backend="tpu")
+
+
+def test_merge_states_args():
+    with pytest.raises(MetadataError, match="s: expected shape"):
+        mk.merge_states(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5))
+    with pytest.raises(MetadataError, match="s: expected dtype"):
+        mk.merge_states(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4).half())
+    with pytest.raises(MetadataError, match="v: expected a 4-D tensor"):
+        mk.merge_states(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_append_args():
+    f = mk.KVForest(4, 4)
+    n = f.new_sequence(3)
+    node, pos = f.append(n, 2)  # positions 3, 4 -> needs 2 pages
+    ip, idx = f.page_table()
+    kc = torch.zeros(4, 4, 2, 8)
+    vc = torch.zeros_like(kc)
+    k = torch.randn(2, 2, 8)
+    mk.append_paged_kv(k, k, kc, vc, ip, idx, node, pos)
+    with pytest.raises(MetadataError, match="token_pos: token 0 writes position 8 of node 0"):
+        mk.append_paged_kv(k, k, kc, vc, ip, idx, node, pos + 5)
+    with pytest.raises(MetadataError, match="token_node: expected node ids"):
+        mk.append_paged_kv(k, k, kc, vc, ip, idx, node + 1, pos)
+    with pytest.raises(MetadataError, match="token_node/token_pos: expected 2 entries"):
+        mk.append_paged_kv(k, k, kc, vc, ip, idx, node[:1], pos[:1])
+    with pytest.raises(MetadataError, match="k: expected"):
+        mk.append_paged_kv(k[:, :1], k[:, :1], kc, vc, ip, idx, node, pos)
+    with pytest.raises(MetadataError, match="page_indices: expected page ids"):
+        mk.append_paged_kv(k, k, kc[:1], vc[:1], ip, idx, node, pos)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Triton runs CPU tensors)
+from _triton_interp import TRITON, needs_triton, triton_interpreter  # noqa: F401  (module fixture)
 
 import multiverse_kernels as mk
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
@@ -28,7 +28,7 @@ from multiverse_kernels.testing import (
     sampling_forest,
 )
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", *TRITON)
 D = 64
 
 
@@ -51,12 +51,14 @@ def _only_group(f, groups, g: int) -> ForestMetadata:
     return f.metadata([groups[g]])
 
 
-@pytest.mark.parametrize("backend", ("reference", "cpu", pytest.param("triton", marks=pytest.mark.slow)))
+@pytest.mark.parametrize("backend", ("reference", "cpu",
+                                     *(pytest.param(b, marks=pytest.mark.slow) for b in TRITON)))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_run_to_run_and_thread_count(backend, dtype):
     _run_to_run(backend, dtype, full=True)
 
 
+@needs_triton
 def test_run_to_run_triton():
     """The default run's Triton check (interpreter: one forest; the full matrix is -m slow)."""
     _run_to_run("triton", torch.float32, full=False)
@@ -263,6 +265,7 @@ def _triton_forest():
     return sampling_forest(prompt=300, samples=12, gen_len=40, page_size=8)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", (torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow)))
 def test_invariant_plan_branch_invariance_triton_interpreter(dtype):
     """invariant_plan on the Triton kernels IN THE INTERPRETER (numpy on the CPU; this says nothing

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _strategies import NUM_PAGES, forests
-from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Triton runs CPU tensors)
+from _triton_interp import TRITON, needs_triton, triton_interpreter  # noqa: F401  (module fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ import multiverse_kernels as mk
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
 from multiverse_kernels.testing import tolerance
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", *TRITON)
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOW = settings(max_examples=1000, deadline=None, database=None,
@@ -70,6 +70,7 @@ def test_fuzz_tree_attention(backend, meta, heads, d, dtype, seed):
     _check_attention(backend, meta, heads, d, dtype, seed)
 
 
+@needs_triton
 @FAST
 @given(**ATT_TRITON)
 def test_fuzz_tree_attention_triton(meta, heads, d, dtype, seed):
@@ -84,6 +85,7 @@ def test_fuzz_tree_attention_slow(backend, meta, heads, d, dtype, seed):
     _check_attention(backend, meta, heads, d, dtype, seed)
 
 
+@needs_triton
 @pytest.mark.slow
 @SLOW_TRITON
 @given(**ATT_TRITON)
@@ -161,7 +163,7 @@ def test_fuzz_append_paged_kv_slow(backend, meta, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@needs_triton
 @SLOW_TRITON
 @given(meta=forests(), seed=st.integers(0, 2**16))
 def test_fuzz_append_paged_kv_triton_slow(meta, seed):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_interp import triton_interpreter  # noqa: F401  (module fixture: Triton runs CPU tensors)
+from _triton_interp import TRITON, needs_triton, triton_interpreter  # noqa: F401  (module fixture)
 
 import multiverse_kernels as mk
 from multiverse_kernels.testing import design_example_forest, random_forest, tolerance
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", *TRITON)
 SLOW = pytest.mark.slow  # the full matrix (default run: the design example, NaN and +Inf)
 D, HQ, HK = 64, 4, 2
 
@@ -118,7 +118,7 @@ def _row_sees_slot(meta, r: int, slot: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("backend", ("cpu", "triton"))
+@pytest.mark.parametrize("backend", ("cpu", *TRITON))
 def test_nan_policy_fp16(backend):
     meta, q, kc, vc = _case(0)
     q, kc, vc = q.half(), kc.half(), vc.half()

@@ -20,34 +20,11 @@ from torch import Tensor
 from ...metadata import ForestMetadata, MetadataError
 from ...plan_cache import cached_run_plan
 from ...planning import TreePlan
+from ...tiles import HEAD_DIMS, MAX_BLOCK_M, TILES
 from ._common import interpret_math_fp32, launch, next_pow2
 from .merge_states import launch_merge
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128, 256)
-# (HEAD_DIM, BLOCK_M) -> (BLOCK_N, num_warps): every tile the dispatcher may pick. Chosen with the
-# compile report (scripts/triton_compile_report.py) so that on sm_90a and sm_100a
-#  * no variant spills: the fp32 accumulator BLOCK_M x HEAD_DIM, the current and the prefetched
-#    BLOCK_N x HEAD_DIM K and V tiles (software pipeline, see the kernel) must fit in registers;
-#  * no warp duplicates another's tensor-core work: a warp owns 16 rows (a Hopper warp group of 4 warps
-#    64 rows) and 8 columns (mma.sync) of a dot, so 64-row tiles take 4 warps, and 8 warps need >= 64
-#    columns in the 16-row tiles and >= 32 in the 32-row tiles. The report fails otherwise.
-# The third entry: the KV loop prefetches (software pipeline). Not for head_dim 256: a dup-free tile has
-# BLOCK_N >= 8 x num_warps columns, so the double-buffered K/V tiles alone take >= head_dim / 2 = 128
-# registers per thread, and they spill. 256-wide heads stop at 32 rows (64 rows spill on sm_90a).
-# The 256-row tile of head_dim 64 (main: one program loads a chunk once for up to 256 packed rows)
-# does not prefetch: not yet checked with the prefetching loop. Since the NaN policy's flags
-# (docs/errors.md) some tiles gave up the prefetch or took narrower KV blocks to stay spill-free, and
-# head_dim 256 stops at 16 rows (its 32-row tile spills ~600 B); the 16-row tile spills <= 32 B on
-# sm_100a (allowed, and listed, in the report's KNOWN_SPILLS).
-TILES = {
-    (64, 16): (32, 4, True), (64, 32): (64, 4, True), (64, 64): (32, 4, True), (64, 128): (32, 8, True),
-    (128, 16): (64, 8, True), (128, 32): (64, 8, False), (128, 64): (16, 4, False), (128, 128): (16, 8, True),
-    (256, 16): (64, 8, False),
-    (64, 256): (32, 8, False),
-}
-# Largest packed row tile per head_dim.
-MAX_BLOCK_M = {d: max(bm for dd, bm in TILES if dd == d) for d in HEAD_DIMS}
 # Tests set this: fill out/lse/workspace with NaN before each launch so unwritten elements fail.
 POISON = False
 

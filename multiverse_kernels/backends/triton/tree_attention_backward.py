@@ -37,15 +37,10 @@ from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
 from ...plan_cache import cached_plan
+from ...tiles import DKDV_TILES, DQ_TILES, HEAD_DIMS
 from ._common import interpret_math_fp32, launch
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128, 256)
-# head_dim -> (BLOCK_N, BLOCK_M, num_warps, num_stages) of each kernel; chosen with the compile report
-# (scripts/triton_compile_report.py) so that no variant spills on sm_90a or sm_100a (the dQ kernel
-# spills a few bytes on sm_100a with one stage; two stages do not).
-DKDV_TILES = {64: (64, 32, 4, 1), 128: (64, 32, 8, 1), 256: (32, 16, 8, 1)}
-DQ_TILES = {64: (32, 64, 4, 2), 128: (32, 64, 4, 2), 256: (64, 16, 8, 2)}
 # Tests set this: fill dq with NaN before the launch so unwritten rows fail.
 POISON = False
 
