@@ -90,3 +90,21 @@ def test_first_use_build(tmp_path):
     backends = off.stdout.split("]", 1)[0]  # the printed list (triton is there when interpreted)
     assert "MULTIVERSE_JIT=0" in off.stdout and "'reference'" in backends and "'cpu'" not in backends
     assert "C++ CPU kernels unavailable" in off.stderr  # auto's fallback is said once
+
+
+def test_no_cuda_runtime_note_on_cpu_use(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." at import on a machine
+    without a GPU; a CPU user of this package (first use, the bench's timer, a compile) must not see it."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: torch prints no such note")
+    code = ("import torch, multiverse_kernels as mk\n"
+            "from multiverse_kernels.testing import multiverse_forest, make_inputs\n"
+            "f, g = multiverse_forest(); m = f.metadata(g); q, k, v = make_inputs(m, f.num_pages)\n"
+            "mk.tree_attention(q, k, v, m)\n"
+            "import torch.utils.cpp_extension, torch.utils.benchmark\n"
+            "print('ran')\n")
+    env = dict(os.environ, CUDA_HOME=str(tmp_path))  # a CUDA_HOME that exists: torch would log the note
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "ran" in r.stdout, r.stderr[-2000:]
+    assert "No CUDA runtime" not in r.stderr, r.stderr[-2000:]
