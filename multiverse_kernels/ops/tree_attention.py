@@ -101,7 +101,8 @@ def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_ind
 # Differentiable in q, k_cache, v_cache, through both outputs (out and lse). The backward recomputes the
 # scores block by block from the saved lse (FlashAttention-style) in the op tree_attention_backward;
 # memory is bounded by its block sizes, never L x L. It runs on the forward's backend when that backend
-# implements it (cpu: the fused C++ backward), else on backend="auto". The index tensors get no gradient.
+# implements it (cpu: the fused C++ backward; triton: fused Triton kernels), else on backend="auto".
+# The index tensors get no gradient.
 # Not twice differentiable (tree_attention_backward has no autograd formula).
 
 
@@ -117,7 +118,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse):
     q, k_cache, v_cache, *index, own_full, out, lse = ctx.saved_tensors
-    # the forward's backend if it implements the backward, else "auto" (cpu tensors: the C++ backward)
+    # the forward's backend if it implements the backward, else "auto" (CPU: the C++ backward; CUDA: Triton)
     bw = ctx.backend if ctx.backend in available_backends("tree_attention_backward", q.device) else "auto"
     if grad_out is None:
         grad_out = torch.zeros_like(out)
@@ -161,14 +162,16 @@ def tree_attention(
             once the metadata producer is trusted.
         plan: a precomputed :class:`~multiverse_kernels.planning.TreePlan` for ``meta`` and these
             head counts (build once per step with ``plan_tree_attention``, reuse in every layer);
-            backends that plan (triton) then skip planning; others ignore it.
+            the cpu, triton and cuda backends run it instead of planning; the reference ignores it.
 
     Returns:
         out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
 
     Differentiable in ``q``, ``k_cache`` and ``v_cache`` (through out and lse) on every backend; the
-    backward recomputes blockwise from the saved lse (no L x L mask): the fused C++ kernel on CPU,
-    else the blocked reference backward (docs/training.md).
+    backward recomputes blockwise from the saved lse (no L x L mask) on the forward's backend when it
+    has one: the fused C++ kernel (cpu), fused dK/dV and dQ Triton kernels (triton), the blocked
+    reference (reference); the cuda backend has no backward yet and uses ``auto``'s (triton on CUDA
+    tensors). See docs/training.md.
     """
     if not isinstance(meta, ForestMetadata):
         raise MetadataError(f"meta: expected a ForestMetadata, got {type(meta).__name__}")
