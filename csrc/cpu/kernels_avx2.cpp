@@ -1,22 +1,13 @@
-// AVX2 + FMA + F16C instantiation of the CPU tree-attention micro-kernels (tree_attention_impl.h):
-// 8-float ymm vectors, register tiles sized for 16 ymm registers. Run only when the CPU has AVX2, FMA
-// and F16C (tree_attention.cpp dispatches by cpuid).
-#include "tree_attention_common.h"
+// KERNEL UNIT (AVX2): the forward and backward CPU kernels compiled for AVX2 + FMA + F16C: 8-float ymm
+// vectors, register tiles sized for 16 ymm registers. Exports kKernelsAvx2 (isa_kernels.h); run only
+// when the CPU has AVX2, FMA and F16C (isa_dispatch.cpp selects it by cpuid).
+#include "kernels_prelude.h"
 
 #if defined(MULTIVERSE_X86_ISAS)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+MV_TARGET_PUSH("avx2,fma,f16c")
 #define MV_LEVEL 1
-#define MV_TASK_FN tree_attention_task_avx2
-#define MV_PEAK_FN fma_loop_avx2
-#include "tree_attention_impl.h"
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#define MV_ISA CpuIsa::kAvx2
+#define MV_KERNELS kKernelsAvx2
+#include "kernels_isa_unit.h"
+MV_TARGET_POP()
 #endif

@@ -1,7 +1,8 @@
-// The CPU tree-attention micro-kernels, compiled once per ISA: tree_attention_{avx512,avx2,baseline}.cpp
-// include this after their target pragma with MV_LEVEL (2 AVX-512, 1 AVX2+FMA+F16C, 0 baseline) and
-// MV_TASK_FN (the exported task function's name) defined. Everything here has internal linkage and uses
-// no std containers (see tree_attention_kernels.h).
+// KERNEL (forward): the CPU tree-attention forward micro-kernels, compiled once per ISA. A per-ISA
+// kernel unit (kernels_{avx512,avx2,baseline}.cpp, through kernels_isa_unit.h) includes this after its
+// target pragma, with MV_LEVEL defined and simd.h (the shared SIMD helpers) included. The driver is
+// tree_attention.cpp (threads, scratch), which calls fwd_task through the ISA table (isa_dispatch.cpp).
+// Everything here has internal linkage and uses no std containers (see isa_kernels.h).
 //
 // One task = (work item, kv head) of the plan (docs/plan.md): M packed rows (reader x GQA head) over a
 // chunk of T tokens of one node. In GEMM terms, per block of up to kRowBlock rows:
@@ -19,28 +20,23 @@
 #pragma once
 
 #ifndef MV_LEVEL
-#error "define MV_LEVEL before including tree_attention_impl.h"
+#error "define MV_LEVEL before including tree_attention_fwd_impl.h (see kernels_isa_unit.h)"
 #endif
 
 namespace multiverse::cpu {
 namespace {
+namespace fwd {
 
-#define MV_INL inline __attribute__((always_inline))
-#define MV_STR_(x) #x
-#define MV_UNROLL(n) _Pragma(MV_STR_(GCC unroll n))
-
-#if MV_LEVEL == 2
-constexpr int W = 16;     // floats per native vector (zmm)
+// Register tiles by ISA (W: floats per native vector, simd.h).
+#if MV_LEVEL >= 2
 constexpr int G = 8;      // row-lane granularity: rows are padded to a multiple of G (ymm remainders)
 constexpr int QK_TB = 12; // tokens per S^T register tile of 2 x W rows (24 accumulators)
 constexpr int PV_RB = 12; // rows per O register tile of 2 x W dims (24 accumulators)
 #elif MV_LEVEL == 1
-constexpr int W = 8;
 constexpr int G = 8;
 constexpr int QK_TB = 6;  // 6 tokens x 16 rows: 12 ymm accumulators + 2 query vectors + 1 broadcast
 constexpr int PV_RB = 6;  // 6 rows x 16 dims
 #else
-constexpr int W = 4;
 constexpr int G = 4;
 constexpr int QK_TB = 6;
 constexpr int PV_RB = 6;
@@ -52,119 +48,6 @@ static_assert(kTokenBlock % QK_TB == 0 && kTokenBlock % QK_TB_SMALL == 0, "token
 static_assert(kLightTokenBlock % QK_TB == 0 && kLightTokenBlock % QK_TB_SMALL == 0 &&
               kLightTokenBlock <= kTokenBlock, "light token block vs tiles");
 static_assert(kRowBlock % (2 * W) == 0 && kDimPad % W == 0, "row block / dim pad vs vector width");
-
-template <int N> struct VT;
-template <> struct VT<4> {
-  typedef float V __attribute__((vector_size(16)));
-  typedef float U __attribute__((vector_size(16), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(16)));
-  typedef int32_t IU __attribute__((vector_size(16), aligned(4)));
-};
-template <> struct VT<8> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef float U __attribute__((vector_size(32), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  typedef int32_t IU __attribute__((vector_size(32), aligned(4)));
-};
-template <> struct VT<16> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  typedef int32_t IU __attribute__((vector_size(64), aligned(4)));
-};
-
-template <int N> MV_INL typename VT<N>::V vld(const float* p) {
-  return *reinterpret_cast<const typename VT<N>::U*>(p);
-}
-template <int N> MV_INL void vst(float* p, typename VT<N>::V v) { *reinterpret_cast<typename VT<N>::U*>(p) = v; }
-
-// a * b + c, fused where the ISA has FMA (explicit: ISO C++ modes do not contract a * b + c).
-template <class V> MV_INL V vfma(V a, V b, V c) {
-#if MV_LEVEL >= 1
-  if constexpr (sizeof(V) == 64) {
-    return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-  } else if constexpr (sizeof(V) == 32) {
-    return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-  } else {
-    return (V)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
-  }
-#else
-  return a * b + c;
-#endif
-}
-
-// Broadcast (V{} + x would cost a scalar add: 0 + x is not x for x = -0).
-template <class V> MV_INL V vbcast(float x) {
-#if MV_LEVEL >= 1
-  if constexpr (sizeof(V) == 64) {
-    return (V)_mm512_set1_ps(x);
-  } else if constexpr (sizeof(V) == 32) {
-    return (V)_mm256_set1_ps(x);
-  } else {
-    return (V)_mm_set1_ps(x);
-  }
-#else
-  V v;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / 4); ++i) v[i] = x;
-  return v;
-#endif
-}
-
-MV_INL int imin(int a, int b) { return a < b ? a : b; }
-MV_INL int imax(int a, int b) { return a > b ? a : b; }
-
-// exp(x) for x <= 0 (scores minus their max), any vector width: 2^(x log2 e) split into 2^n * 2^f,
-// f in [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n added into the
-// exponent bits; x is clamped at -87 (callers select exact zeros for masked entries).
-template <class V, class I> MV_INL V vexp(V x) {
-  const V lo = V{} - 87.0f;
-  x = x < lo ? lo : x;
-  const V t = x * 1.44269504088896341f;
-  const V n = (t + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
-  const V f = (t - n) * 0.693147180559945309f;
-  V q = V{} + 1.0f / 720;
-  q = vfma(q, f, V{} + 1.0f / 120);
-  q = vfma(q, f, V{} + 1.0f / 24);
-  q = vfma(q, f, V{} + 1.0f / 6);
-  q = vfma(q, f, V{} + 0.5f);
-  q = vfma(q, f, V{} + 1.0f);
-  q = vfma(q, f, V{} + 1.0f);
-  const I ni = __builtin_convertvector(n, I);
-  return (V)((I)q + (ni << 23));
-}
-
-// ---------------------------------------------------------------------------------- K/V row packing
-// One cache row (D elements of E) -> dp floats (zeros past D).
-template <class E> MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst, int D, int dp) {
-  int d = 0;
-  if constexpr (std::is_same_v<E, F32>) {
-    for (; d + W <= D; d += W) vst<W>(dst + d, vld<W>(src + d));
-  }
-#if MV_LEVEL >= 1
-  if constexpr (std::is_same_v<E, F16>) {
-#if MV_LEVEL == 2
-    for (; d + 16 <= D; d += 16)
-      _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d))));
-#endif
-    for (; d + 8 <= D; d += 8)
-      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
-  }
-  if constexpr (std::is_same_v<E, BF16>) {
-#if MV_LEVEL == 2
-    for (; d + 16 <= D; d += 16) {
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)));
-      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-    }
-#endif
-    for (; d + 8 <= D; d += 8) {
-      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
-      _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
-  }
-#endif
-  for (; d < D; ++d) dst[d] = E::load(src[d]);
-  for (; d < dp; ++d) dst[d] = 0.0f;
-}
 
 struct TaskCtx {
   const TreeAttentionParams* p;
@@ -554,12 +437,10 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   return bytes;
 }
 
-}  // namespace
-}  // namespace multiverse::cpu
-
-namespace multiverse::cpu {
-int64_t MV_TASK_FN(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
-                   const TaskScratch& s) {
+// ---------------------------------------------------------------------------------- entry points
+// One task of any dtype (isa_kernels.h FwdTaskFn).
+int64_t task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
+             const TaskScratch& s) {
   switch (p.dtype) {
     case DType::kFloat32: return run_task<F32>(p, item, kh, next_item, next_kh, s);
     case DType::kFloat16: return run_task<F16>(p, item, kh, next_item, next_kh, s);
@@ -567,14 +448,12 @@ int64_t MV_TASK_FN(const TreeAttentionParams& p, int32_t item, int32_t kh, int32
   }
   return 0;
 }
-}  // namespace multiverse::cpu
 
-// The FMA rate this ISA build can reach: kFmaChains independent chains of W-lane fused multiply-adds
-// held in registers (no memory traffic), `iters` rounds; *flops gets the flops done (2 per lane per
-// FMA). Returns a value that depends on every chain (so the compiler keeps them all). Timed on every
-// thread by cpu_fma_peak (tree_attention.cpp): the FMA roof of multiverse_kernels/roofline.py.
-namespace multiverse::cpu {
-float MV_PEAK_FN(int64_t iters, int64_t* flops) {
+// The FMA rate this ISA build can reach (isa_kernels.h FmaLoopFn): kFmaChains independent chains of
+// W-lane fused multiply-adds held in registers (no memory traffic), `iters` rounds; *flops gets the
+// flops done (2 per lane per FMA). Returns a value that depends on every chain (so the compiler keeps
+// them all). Timed on every thread by cpu_fma_peak (isa_dispatch.cpp): the FMA roof of the roofline.
+float fma_loop(int64_t iters, int64_t* flops) {
   using V = VT<W>::V;
   constexpr int kFmaChains = W == 16 ? 12 : 10;  // enough chains to cover FMA latency x pipes, in registers
   V acc[kFmaChains];
@@ -589,4 +468,7 @@ float MV_PEAK_FN(int64_t iters, int64_t* flops) {
   *flops = 2 * static_cast<int64_t>(W) * kFmaChains * iters;
   return s;
 }
+
+}  // namespace fwd
+}  // namespace
 }  // namespace multiverse::cpu

@@ -34,6 +34,7 @@ from multiverse_kernels.testing import (
 
 cpu_backend = import_cpu_backend_or_skip()
 
+from multiverse_kernels.backends.cpu._ext import run_tree_attention_backward  # noqa: E402
 from multiverse_kernels.info import ISA_NAMES  # noqa: E402 (after the skip)
 from multiverse_kernels.info import kernel_isa as cpu_isa  # noqa: E402
 

@@ -1,0 +1,28 @@
+// The body of one per-ISA kernel unit: kernels_{avx512,avx2,baseline}.cpp include kernels_prelude.h,
+// open their target pragma, define MV_LEVEL (the ISA's level, see below) and MV_KERNELS (the name of
+// the IsaKernels table to export, see isa_kernels.h), then include this. It compiles the shared SIMD
+// helpers (simd.h), the forward kernels (tree_attention_fwd_impl.h) and the backward kernels
+// (tree_attention_bwd_impl.h) for that target, all with internal linkage, and exports their entry
+// points as one table, which isa_dispatch.cpp selects.
+//
+// MV_LEVEL: 0 baseline (the build's default target: SSE2 on x86-64), 1 AVX2 + FMA + F16C,
+// 2 AVX-512 F/VL/BW/DQ. Code tests `MV_LEVEL >= n`, so a later level (an AMX or AVX512-BF16 unit)
+// inherits everything of the levels below it and specialises only what it adds.
+#ifndef MV_LEVEL
+#error "define MV_LEVEL before including kernels_isa_unit.h"
+#endif
+#ifndef MV_KERNELS
+#error "define MV_KERNELS (the exported IsaKernels table) before including kernels_isa_unit.h"
+#endif
+#ifndef MV_ISA
+#error "define MV_ISA (the CpuIsa of the table) before including kernels_isa_unit.h"
+#endif
+
+#include "simd.h"
+#include "tree_attention_fwd_impl.h"
+#include "tree_attention_bwd_impl.h"
+
+namespace multiverse::cpu {
+extern const IsaKernels MV_KERNELS;
+const IsaKernels MV_KERNELS = {MV_ISA, &fwd::task, &fwd::fma_loop, &bwd::delta_rows, &bwd::task};
+}  // namespace multiverse::cpu

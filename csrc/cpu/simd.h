@@ -1,0 +1,145 @@
+// Shared SIMD helpers of the CPU kernels (forward: tree_attention_fwd_impl.h, backward:
+// tree_attention_bwd_impl.h): vector types, loads/stores, FMA, broadcast, exp, and cache-row loads with
+// dtype conversion (fp32/fp16/bf16 -> fp32). The one definition of each; there is no other copy.
+//
+// Compiled once per ISA: a per-ISA kernel unit (kernels_{avx512,avx2,baseline}.cpp, through
+// kernels_isa_unit.h) includes this after its target pragma with MV_LEVEL defined (see isa_kernels.h
+// for the levels). Everything here has internal linkage (each ISA unit has its own copy, compiled for
+// its target) and uses no std containers (see isa_kernels.h).
+#pragma once
+
+#ifndef MV_LEVEL
+#error "define MV_LEVEL before including simd.h (a per-ISA kernel unit does, see kernels_isa_unit.h)"
+#endif
+
+namespace multiverse::cpu {
+namespace {
+
+#define MV_INL inline __attribute__((always_inline))
+#define MV_STR_(x) #x
+#define MV_UNROLL(n) _Pragma(MV_STR_(GCC unroll n))
+
+// Floats per native vector of this ISA build.
+#if MV_LEVEL >= 2
+constexpr int W = 16;  // zmm
+#elif MV_LEVEL == 1
+constexpr int W = 8;   // ymm
+#else
+constexpr int W = 4;   // xmm (SSE2 on x86-64; the portable vector extension elsewhere)
+#endif
+
+template <int N> struct VT;
+template <> struct VT<4> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef float U __attribute__((vector_size(16), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  typedef int32_t IU __attribute__((vector_size(16), aligned(4)));
+};
+template <> struct VT<8> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef int32_t IU __attribute__((vector_size(32), aligned(4)));
+};
+template <> struct VT<16> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef float U __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef int32_t IU __attribute__((vector_size(64), aligned(4)));
+};
+
+template <int N> MV_INL typename VT<N>::V vld(const float* p) {
+  return *reinterpret_cast<const typename VT<N>::U*>(p);
+}
+template <int N> MV_INL void vst(float* p, typename VT<N>::V v) { *reinterpret_cast<typename VT<N>::U*>(p) = v; }
+
+// a * b + c, fused where the ISA has FMA (explicit: ISO C++ modes do not contract a * b + c).
+template <class V> MV_INL V vfma(V a, V b, V c) {
+#if MV_LEVEL >= 1
+  if constexpr (sizeof(V) == 64) {
+    return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  } else if constexpr (sizeof(V) == 32) {
+    return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  } else {
+    return (V)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
+// Broadcast (V{} + x would cost a scalar add: 0 + x is not x for x = -0).
+template <class V> MV_INL V vbcast(float x) {
+#if MV_LEVEL >= 1
+  if constexpr (sizeof(V) == 64) {
+    return (V)_mm512_set1_ps(x);
+  } else if constexpr (sizeof(V) == 32) {
+    return (V)_mm256_set1_ps(x);
+  } else {
+    return (V)_mm_set1_ps(x);
+  }
+#else
+  V v;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / 4); ++i) v[i] = x;
+  return v;
+#endif
+}
+
+MV_INL int imin(int a, int b) { return a < b ? a : b; }
+MV_INL int imax(int a, int b) { return a > b ? a : b; }
+
+// exp(x) for x <= 0 (scores minus their max), any vector width: 2^(x log2 e) split into 2^n * 2^f,
+// f in [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n added into the
+// exponent bits; x is clamped at -87 (callers select exact zeros for masked entries).
+template <class V, class I> MV_INL V vexp(V x) {
+  const V lo = V{} - 87.0f;
+  x = x < lo ? lo : x;
+  const V t = x * 1.44269504088896341f;
+  const V n = (t + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  const V f = (t - n) * 0.693147180559945309f;
+  V q = V{} + 1.0f / 720;
+  q = vfma(q, f, V{} + 1.0f / 120);
+  q = vfma(q, f, V{} + 1.0f / 24);
+  q = vfma(q, f, V{} + 1.0f / 6);
+  q = vfma(q, f, V{} + 0.5f);
+  q = vfma(q, f, V{} + 1.0f);
+  q = vfma(q, f, V{} + 1.0f);
+  const I ni = __builtin_convertvector(n, I);
+  return (V)((I)q + (ni << 23));
+}
+
+// ---------------------------------------------------------------------------------- cache-row loads
+// One row of D elements of E (a K/V cache row, a q / grad_out row) -> dp floats, zeros past D.
+template <class E> MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst, int D, int dp) {
+  int d = 0;
+  if constexpr (std::is_same_v<E, F32>) {
+    for (; d + W <= D; d += W) vst<W>(dst + d, vld<W>(src + d));
+  }
+#if MV_LEVEL >= 1
+  if constexpr (std::is_same_v<E, F16>) {
+#if MV_LEVEL >= 2
+    for (; d + 16 <= D; d += 16)
+      _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d))));
+#endif
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+  }
+  if constexpr (std::is_same_v<E, BF16>) {
+#if MV_LEVEL >= 2
+    for (; d + 16 <= D; d += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)));
+      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+#endif
+    for (; d + 8 <= D; d += 8) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
+      _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+  }
+#endif
+  for (; d < D; ++d) dst[d] = E::load(src[d]);
+  for (; d < dp; ++d) dst[d] = 0.0f;
+}
+
+}  // namespace
+}  // namespace multiverse::cpu

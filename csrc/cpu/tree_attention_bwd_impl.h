@@ -1,0 +1,288 @@
+// KERNEL (backward): the CPU tree-attention backward kernels, compiled once per ISA. A per-ISA kernel
+// unit (kernels_{avx512,avx2,baseline}.cpp, through kernels_isa_unit.h) includes this after its target
+// pragma, with MV_LEVEL defined and simd.h (the shared SIMD helpers) included. The driver is
+// tree_attention_backward.cpp (delta pass, threads, scratch, locks), which calls delta_rows and task
+// through the ISA table (isa_dispatch.cpp). Everything here has internal linkage and uses no std
+// containers (see isa_kernels.h). The specification is
+// multiverse_kernels/backends/reference/tree_attention_backward.py (docs/api.md "Autograd").
+//
+// FlashAttention-2 style: nothing of size rows x keys is kept; the scores are recomputed from the saved
+// lse. One task per (work item, KV head) of the plan (readers of one chunk of one node's tokens), the
+// chunk walked in sub-chunks of kBwdSubChunk tokens (FlashAttention-2's KV blocks); per sub-chunk:
+//   1. its K/V rows that some reader sees are loaded once (fp16/bf16 converted to fp32) as
+//      K [t][d], K^T [d][t] and V^T [d][t];
+//   2. the packed rows (reader x GQA head) that see at least one token of the sub-chunk (and whose lse is
+//      finite) go in blocks of kBwdRowBlock rows: S = (sm_scale q) K^T, P = exp(S - lse) (0 past the
+//      row's visible tokens), dP = dO V^T, dS = P (dP - delta), then dV_sub += P^T dO,
+//      dK_sub += dS^T (sm_scale q), dQ_block = sm_scale dS K;
+//   3. dQ_block is added to dq row by row, and at the end dK/dV_sub to dk/dv token by token, each
+//      under a striped spin lock (a row reads many chunks; a long node's readers can be split over
+//      several items of the same chunk). The float32 accumulation order therefore depends on the
+//      thread schedule: results are not bitwise reproducible run to run (within float32 rounding).
+// delta = rowsum(dO * O) - grad_lse is computed once per (row, head) in a first parallel pass.
+//
+// All five products are one register-tiled kernel, C[i][j..j+kBwdPad) += sum_k A[i, k] * B[k][j..)
+// (A read through two strides, so A^T costs nothing; B rows contiguous): RT rows x kBwdPad columns of
+// accumulators (BV-float vectors), one B vector load per vector and RT broadcasts per k.
+#pragma once
+
+#ifndef MV_LEVEL
+#error "define MV_LEVEL before including tree_attention_bwd_impl.h (see kernels_isa_unit.h)"
+#endif
+
+namespace multiverse::cpu {
+namespace {
+namespace bwd {
+
+constexpr int VL = kBwdPad;      // columns per register tile (padding unit of tokens and head dims)
+constexpr int BV = 8;            // floats per tile vector: 1 ymm (AVX2 / AVX-512) or 2 xmm (baseline)
+constexpr int NV = VL / BV;      // vectors per tile row
+constexpr int MB = kBwdRowBlock; // packed rows per block (S/dS blocks are MB x sub-chunk tokens)
+constexpr int RPAD = 4;          // rows are padded to a multiple of this
+using V = VT<BV>::V;
+using I = VT<BV>::I;
+
+MV_INL int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// One register tile: C[i0 + r][j0 .. j0 + VL) (+)= sum_k A[i0 + r][k] * B[k][j0 .. j0 + VL), r < R; A
+// row-major with row stride lda (kTransA = false) or given transposed, A[i][k] = At[k * lda + i].
+template <int R, bool kTransA>
+MV_INL void tile(int K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                 float* __restrict C, int64_t ldc, bool accumulate) {
+  V c[R][NV];
+  MV_UNROLL(8) for (int r = 0; r < R; ++r)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) c[r][v] = V{};
+  for (int k = 0; k < K; ++k) {
+    V b[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) b[v] = vld<BV>(B + k * ldb + v * BV);
+    MV_UNROLL(8) for (int r = 0; r < R; ++r) {
+      const V a = vbcast<V>(kTransA ? A[k * lda + r] : A[r * lda + k]);
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) c[r][v] = vfma(a, b[v], c[r][v]);
+    }
+  }
+  MV_UNROLL(8) for (int r = 0; r < R; ++r) {
+    float* cr = C + r * ldc;
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) {
+      if (accumulate) c[r][v] += vld<BV>(cr + v * BV);
+      vst<BV>(cr + v * BV, c[r][v]);
+    }
+  }
+}
+
+// C[i][j] (+)= sum_{k < K} A[i][k] * B[k][j] for i < rows (a multiple of 2), j < cols (a multiple of
+// VL): 6-row tiles (12 accumulators: 2 FMA ports x 4 cycles latency, plus headroom), 4/2-row tails.
+template <bool kTransA>
+MV_INL void gemm(int rows, int cols, int K, const float* __restrict A, int64_t lda, const float* __restrict B,
+                 int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+  const int64_t ai = kTransA ? 1 : lda;  // step of A between rows
+  for (int j0 = 0; j0 < cols; j0 += VL) {
+    int i0 = 0;
+    for (; i0 + 6 <= rows; i0 += 6)
+      tile<6, kTransA>(K, A + i0 * ai, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 + 4 <= rows; i0 += 4)
+      tile<4, kTransA>(K, A + i0 * ai, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 + 2 <= rows; i0 += 2)
+      tile<2, kTransA>(K, A + i0 * ai, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, accumulate);
+  }
+}
+
+template <class E>
+void delta_rows_t(const TreeAttentionBackwardParams& p, int64_t b, int64_t e) {
+  using T = typename E::T;
+  const int H = p.num_qo_heads, D = p.head_dim;
+  for (int64_t r = b; r < e; ++r) {
+    for (int h = 0; h < H; ++h) {
+      const T* o = static_cast<const T*>(p.out) + r * p.out_stride_row + h * p.out_stride_head;
+      const T* g = static_cast<const T*>(p.grad_out) + r * p.go_stride_row + h * p.go_stride_head;
+      float acc = 0.0f;
+      for (int d = 0; d < D; ++d) acc += E::load(o[d]) * E::load(g[d]);
+      const int64_t i = r * H + h;
+      if (p.grad_lse != nullptr && __builtin_isfinite(p.lse[i])) acc -= p.grad_lse[i];
+      p.delta[i] = acc;
+    }
+  }
+}
+
+// One sub-chunk (tokens [tok0, tok0 + max svis) of `node`) for the A active rows sc.sub (visible tokens
+// in it: sc.svis): load K/V, then blocks of MB rows, then add dK/dV into the outputs.
+template <class E>
+void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t tok0, int32_t kh, int A,
+                  const BwdScratch& sc, const SpinLocks& row_locks, const SpinLocks& slot_locks) {
+  using T = typename E::T;
+  const int D = p.head_dim, H = p.num_qo_heads;
+  const int Dp = round_up(D, VL);
+  int32_t tmax = 0;
+  for (int a = 0; a < A; ++a) tmax = imax(tmax, sc.svis[a]);
+  const int Tp = round_up(tmax, VL);
+
+  // K [Tp][Dp], K^T [Dp][Tp], V^T [Dp][Tp] of the visible tokens, zero padded.
+  std::memset(sc.k, 0, sizeof(float) * Tp * Dp);
+  std::memset(sc.kt, 0, sizeof(float) * Tp * Dp);
+  std::memset(sc.vt, 0, sizeof(float) * Tp * Dp);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  for (int t = 0; t < tmax; ++t) {
+    const int32_t tok = tok0 + t;
+    const T* kp = kc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                    p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+    const T* vp = vc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
+                                    p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+    float* kr = sc.k + static_cast<size_t>(t) * Dp;
+    pack_row<E>(kp, kr, D, Dp);
+    pack_row<E>(vp, sc.vrow, D, Dp);
+    for (int d = 0; d < D; ++d) {
+      sc.kt[static_cast<size_t>(d) * Tp + t] = kr[d];
+      sc.vt[static_cast<size_t>(d) * Tp + t] = sc.vrow[d];
+    }
+  }
+  std::memset(sc.dk, 0, sizeof(float) * Tp * Dp);
+  std::memset(sc.dv, 0, sizeof(float) * Tp * Dp);
+  float* __restrict qb = sc.q;
+  float* __restrict ob = sc.dout;
+  float* __restrict sb = sc.s;
+  float* __restrict dsb = sc.ds;
+  float* __restrict dqb = sc.dq;
+  const T* qsrc = static_cast<const T*>(p.q);
+  const T* gsrc = static_cast<const T*>(p.grad_out);
+
+  for (int b0 = 0; b0 < A; b0 += MB) {
+    const int nb = imin(MB, A - b0);
+    const int nbp = round_up(nb, RPAD);
+    int32_t bvis = 0;
+    for (int i = 0; i < nb; ++i) bvis = imax(bvis, sc.svis[b0 + i]);
+    const int Tb = round_up(bvis, VL);
+    // sm_scale q and dO of the block's rows (pad rows 0: they see nothing below).
+    for (int i = 0; i < nbp; ++i) {
+      float* qd = qb + static_cast<size_t>(i) * Dp;
+      float* od = ob + static_cast<size_t>(i) * Dp;
+      if (i < nb) {
+        const int64_t row = sc.row[sc.sub[b0 + i]], head = sc.head[sc.sub[b0 + i]];
+        pack_row<E>(qsrc + row * p.q_stride_row + head * p.q_stride_head, qd, D, Dp);
+        pack_row<E>(gsrc + row * p.go_stride_row + head * p.go_stride_head, od, D, Dp);
+        for (int d = 0; d < D; ++d) qd[d] *= p.sm_scale;
+      } else {
+        std::memset(qd, 0, sizeof(float) * Dp);
+        std::memset(od, 0, sizeof(float) * Dp);
+      }
+    }
+    // S = (sm_scale q) K^T and dP = dO V^T, [nbp][Tb] with row stride Tp.
+    gemm<false>(nbp, Tb, D, qb, Dp, sc.kt, Tp, sb, Tp, false);
+    gemm<false>(nbp, Tb, D, ob, Dp, sc.vt, Tp, dsb, Tp, false);
+    // P = exp(S - lse) where visible (else 0); dS = P * (dP - delta).
+    I iota;
+    for (int j = 0; j < BV; ++j) iota[j] = j;
+    for (int i = 0; i < nbp; ++i) {
+      float* sr = sb + static_cast<size_t>(i) * Tp;
+      float* dr = dsb + static_cast<size_t>(i) * Tp;
+      const int32_t vis = i < nb ? sc.svis[b0 + i] : 0;
+      const float l = i < nb ? sc.lse[sc.sub[b0 + i]] : 0.0f;
+      const float dl = i < nb ? sc.delta[sc.sub[b0 + i]] : 0.0f;
+      for (int t0 = 0; t0 < Tb; t0 += BV) {
+        const V x = vld<BV>(sr + t0) - l;
+        const V pv = (iota + t0) < vis ? vexp<V, I>(x) : V{};
+        vst<BV>(sr + t0, pv);
+        vst<BV>(dr + t0, pv * (vld<BV>(dr + t0) - dl));
+      }
+    }
+    // dV[t] += sum_i P[i][t] dO[i];  dK[t] += sum_i dS[i][t] (sm_scale q)[i];  dQ[i] = sum_t dS[i][t] K[t].
+    gemm<true>(Tb, Dp, nbp, sb, Tp, ob, Dp, sc.dv, Dp, true);
+    gemm<true>(Tb, Dp, nbp, dsb, Tp, qb, Dp, sc.dk, Dp, true);
+    gemm<false>(nbp, Dp, Tb, dsb, Tp, sc.k, Dp, dqb, Dp, false);
+    for (int i = 0; i < nb; ++i) {
+      const int64_t row = sc.row[sc.sub[b0 + i]], head = sc.head[sc.sub[b0 + i]];
+      const uint64_t key = static_cast<uint64_t>(row) * p.num_kv_heads + kh;
+      float* dst = p.dq + (row * H + head) * D;
+      const float* src = dqb + static_cast<size_t>(i) * Dp;
+      row_locks.lock(key);
+      for (int d = 0; d < D; ++d) dst[d] += src[d] * p.sm_scale;
+      row_locks.unlock(key);
+    }
+  }
+  // dK/dV of the chunk into the (contiguous [num_pages, page_size, Hk, D]) float32 outputs.
+  const int64_t sslot = static_cast<int64_t>(p.num_kv_heads) * D;
+  const int64_t spage = sslot * p.page_size;
+  for (int t = 0; t < tmax; ++t) {
+    const int32_t tok = tok0 + t;
+    const int32_t page = token_page(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size);
+    const int64_t off = page * spage + (tok % p.page_size) * sslot + static_cast<int64_t>(kh) * D;
+    const uint64_t key = (static_cast<uint64_t>(page) * p.page_size + tok % p.page_size) * p.num_kv_heads + kh;
+    const float* ks = sc.dk + static_cast<size_t>(t) * Dp;
+    const float* vs = sc.dv + static_cast<size_t>(t) * Dp;
+    slot_locks.lock(key);
+    for (int d = 0; d < D; ++d) p.dk[off + d] += ks[d];
+    for (int d = 0; d < D; ++d) p.dv[off + d] += vs[d];
+    slot_locks.unlock(key);
+  }
+}
+
+template <class E>
+void run_task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, const BwdScratch& sc,
+              const SpinLocks& row_locks, const SpinLocks& slot_locks) {
+  const int H = p.num_qo_heads;
+  const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
+  const int32_t node = p.item_node[item];
+  const int32_t kv_start = p.item_kv_start[item];
+  const int32_t len = p.item_kv_len[item];
+  const int32_t nr = p.item_num_readers[item];
+  const int32_t rd0 = p.item_reader_start[item];
+  const int M = nr * group;
+  if (M == 0) return;  // capacity padding item
+
+  // Active packed rows: those that see part of the chunk and saw something at all (finite lse).
+  int A = 0;
+  int32_t tmax = 0;
+  for (int m = 0; m < M; ++m) {
+    const int32_t rd = rd0 + packed_reader(m, group);
+    const int32_t vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
+    if (vis == 0) continue;
+    const int32_t row = p.reader_row[rd];
+    const int32_t head = packed_head(m, group, kh);
+    const float l = p.lse[static_cast<int64_t>(row) * H + head];
+    if (!__builtin_isfinite(l)) continue;
+    sc.row[A] = row;
+    sc.head[A] = head;
+    sc.vis[A] = vis;
+    sc.lse[A] = l;
+    sc.delta[A] = p.delta[static_cast<int64_t>(row) * H + head];
+    ++A;
+    tmax = imax(tmax, vis);
+  }
+  if (A == 0) return;
+  // The chunk in sub-chunks of kBwdSubChunk tokens (FlashAttention-2's KV blocks): K, K^T, V^T, dK, dV
+  // and the S/dS blocks of one sub-chunk stay in L2 however long the plan's chunk is (the forward's plan
+  // may give a whole node to one item so that its rows write no partial states).
+  for (int s0 = 0; s0 < tmax; s0 += kBwdSubChunk) {
+    // Rows that see part of this sub-chunk, with their visible tokens in it.
+    int n = 0;
+    for (int a = 0; a < A; ++a) {
+      if (sc.vis[a] <= s0) continue;
+      sc.sub[n] = a;
+      sc.svis[n] = imin(sc.vis[a] - s0, kBwdSubChunk);
+      ++n;
+    }
+    run_subchunk<E>(p, node, kv_start + s0, kh, n, sc, row_locks, slot_locks);
+  }
+}
+
+// ---------------------------------------------------------------------------------- entry points
+// isa_kernels.h BwdDeltaFn / BwdTaskFn, any dtype.
+void delta_rows(const TreeAttentionBackwardParams& p, int64_t b, int64_t e) {
+  switch (p.dtype) {
+    case DType::kFloat32: delta_rows_t<F32>(p, b, e); break;
+    case DType::kFloat16: delta_rows_t<F16>(p, b, e); break;
+    case DType::kBFloat16: delta_rows_t<BF16>(p, b, e); break;
+  }
+}
+
+void task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, const BwdScratch& s,
+          const SpinLocks& row_locks, const SpinLocks& slot_locks) {
+  switch (p.dtype) {
+    case DType::kFloat32: run_task<F32>(p, item, kh, s, row_locks, slot_locks); break;
+    case DType::kFloat16: run_task<F16>(p, item, kh, s, row_locks, slot_locks); break;
+    case DType::kBFloat16: run_task<BF16>(p, item, kh, s, row_locks, slot_locks); break;
+  }
+}
+
+}  // namespace bwd
+}  // namespace
+}  // namespace multiverse::cpu
