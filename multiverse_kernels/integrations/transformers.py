@@ -113,6 +113,8 @@ class ForestContext:
     attn_meta: ForestMetadata | None = None
     kv_bytes_hook: Callable[..., int] | None = None
     kv_bytes: list[int] = field(default_factory=list)
+    group: Any = None  # packed: a torch.distributed group of size > 1 runs the attention context-parallel
+    token_ranges: list[tuple[int, int]] | None = None  # ... with this rank's tokens token_ranges[rank]
 
 
 def kv_elements_read(meta: ForestMetadata, per_group: bool) -> int:
@@ -191,6 +193,12 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         vc = v.view(T, 1, v.shape[1], v.shape[2])
         if ctx.kv_bytes_hook is not None:
             ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q.detach(), kc.detach(), vc.detach(), ameta, sm)))
+        if ctx.group is not None:  # context parallel: q, k, v are this rank's tokens of the packed sequence
+            from ..distributed import tree_attention as cp_tree_attention
+
+            out = cp_tree_attention(q, k, v, ameta, group=ctx.group, token_ranges=ctx.token_ranges,
+                                    sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
+            return out.unsqueeze(0), None
         # differentiable in q, k, v (tree_attention's autograd; the views pass gradients back to k, v)
         out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
         return out.unsqueeze(0), None
@@ -308,16 +316,34 @@ def forest_forward(model: Any, input_ids: Tensor, position_ids: Tensor, meta: Fo
 
 
 def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validate: bool = True,
-                   meta: ForestMetadata | None = None) -> Tensor:
+                   meta: ForestMetadata | None = None, group: Any = None,
+                   token_ranges: list[tuple[int, int]] | None = None) -> Tensor:
     """Logits [L, vocab] of one packed Multiverse sequence (a :class:`MultiverseStructure`), with
     Multiverse positions and attention, no dense mask. Differentiable through ``tree_attention``'s
     autograd (memory-bounded blocked backward, no L x L object; see module docstring). The model's
-    attention is switched for this call only (see :func:`use_multiverse_attention`)."""
+    attention is switched for this call only (see :func:`use_multiverse_attention`).
+
+    ``group``: a ``torch.distributed`` process group of size > 1 runs the model context-parallel: this
+    rank feeds only its tokens ``token_ranges[rank]`` (default: an even split) and gets their logits
+    ``[end - start, vocab]``; the attention is :func:`multiverse_kernels.distributed.tree_attention`."""
     ids = structure.token_ids.to(model.device)
     if meta is None:
         meta = structure.metadata(ids.device)
-    ctx = ForestContext(meta, packed=True, backend=backend, validate=validate)
     pos = structure.position_ids.to(ids.device)
+    if group is not None:
+        import torch.distributed as dist
+
+        from ..distributed import even_token_ranges
+
+        if dist.get_world_size(group) > 1:
+            if token_ranges is None:
+                token_ranges = even_token_ranges(ids.numel(), dist.get_world_size(group))
+            s, e = token_ranges[dist.get_rank(group)]
+            ids, pos = ids[s:e], pos[s:e]
+        else:
+            group = None
+    ctx = ForestContext(meta, packed=True, backend=backend, validate=validate, group=group,
+                        token_ranges=token_ranges)
     with _scoped(model):
         return model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
                      multiverse=ctx).logits[0]
