@@ -158,7 +158,7 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, meta: ForestMetadata, *, gro
     kf, vf = Attach.apply(k, v, recv, plan.send_idx, plan.send_splits, plan.recv_splits, group)
     nf = plan.num_fetched
     if n_r == 0:
-        out, lse = q.new_zeros(0, hq, d), torch.zeros(0, hq, dtype=torch.float32, device=q.device)
+        out, lse = q * 0, q.sum(-1).float() * 0  # empty, still connected to q (dq = [0, Hq, D])
     elif overlap:
         if plan.remote is not None:
             rows = plan.remote_rows

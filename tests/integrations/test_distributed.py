@@ -1,0 +1,295 @@
+"""multiverse_kernels.distributed: context-parallel tree attention over torch.distributed.
+
+Every multi-process test spawns its ranks (gloo on CPU, one thread each, a file:// rendezvous, a 60 s
+group timeout) and runs many cases in one spawn; the parent kills the ranks after a hard deadline, so no
+input can hang the suite. Each rank builds the same full q/k/v from a shared seed, runs the distributed
+op on its slice, and compares out, lse and dq/dk/dv of its tokens with the single-process
+``multiverse_kernels.tree_attention`` over the whole sequence (fp64 1e-10, fp32 1e-5). ``MK_DIST_BACKEND``
+=nccl runs the same cases on CUDA (one GPU per rank; the GPU entry point does it on >= 2 GPUs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import multiverse_kernels as mk
+from multiverse_kernels.distributed import (
+    balanced_token_ranges,
+    even_token_ranges,
+    exchange_stats,
+    reset_exchange_stats,
+    tree_attention,
+)
+from multiverse_kernels.distributed._plan import _row_costs, host_forest
+from multiverse_kernels.multiverse import parse
+from multiverse_kernels.multiverse.synthetic import random_sequence
+from multiverse_kernels.multiverse.tags import MultiverseTags
+from multiverse_kernels.rl import RolloutNode, pack_group, pack_rollouts
+from multiverse_kernels.testing import design_example_forest
+
+V = 32
+TAGS = MultiverseTags(*range(V, V + 10))
+BACKEND = os.environ.get("MK_DIST_BACKEND", "gloo")
+
+
+# ------------------------------------------------------------------------------------------ forests
+def _tree(rng: random.Random, depth: int = 0) -> RolloutNode:
+    kids = [_tree(rng, depth + 1) for _ in range(rng.randint(0, 3 if depth < 2 else 0))]
+    return RolloutNode([1] * rng.randint(1, 12), kids, trainable=bool(depth))
+
+
+def _two_sequences(a: int, b: int) -> mk.ForestMetadata:
+    """Two independent packed sequences: a rank holding exactly the second sees nothing remote."""
+    i32 = dict(dtype=torch.int32)
+    ip = torch.tensor([0, a, a + b], **i32)
+    return mk.ForestMetadata(ip, torch.arange(a + b, **i32), torch.tensor([a, b], **i32), ip.clone(),
+                             torch.tensor([0, 1, 2], **i32), torch.tensor([0, 1], **i32), page_size=1)
+
+
+def forests(seed: int) -> list[tuple[str, mk.ForestMetadata]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(2):
+        s = parse(random_sequence(seed * 10 + i, TAGS, vocab=V, max_depth=2, max_paths=3, max_text=8), TAGS)
+        out.append((f"multiverse[{seed * 10 + i}]", s.metadata()))
+    out.append(("grpo", pack_group(list(range(rng.randint(5, 40))),
+                                   [[1] * rng.randint(1, 20) for _ in range(rng.randint(2, 8))]).metadata()))
+    out.append(("multi-turn", pack_rollouts(_tree(rng)).metadata()))
+    m = out[0][1]
+    full = torch.rand(m.num_groups, generator=torch.Generator().manual_seed(seed)) < 0.5
+    out.append(("own_full", m.with_own_full(full)))
+    return out
+
+
+def _ranges(meta: mk.ForestMetadata, world: int, kind: str, seed: int) -> list[tuple[int, int]] | None:
+    L = meta.total_q
+    if kind == "even":
+        return None
+    if kind == "balanced":
+        return balanced_token_ranges(meta, world)
+    rng = random.Random(seed)  # uneven, an empty range sometimes
+    cuts = sorted(rng.randint(0, L) for _ in range(world - 1))
+    if world > 2 and rng.random() < 0.5:
+        cuts[0] = cuts[1]
+    return list(zip([0] + cuts, cuts + [L]))
+
+
+# ------------------------------------------------------------------------------------------- worker
+def _check_case(meta, ranges, dtype, *, overlap=None, lse_grad=False, seed=0, hq=4, hk=2, d=16, group=None):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dev = torch.device("cuda", torch.cuda.current_device()) if BACKEND == "nccl" else torch.device("cpu")
+    L = meta.total_q
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(L, h, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk))
+    w_out = torch.randn(L, hq, d, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(L, hq, generator=g, dtype=torch.float64) if lse_grad else None
+    q, k, v, w_out = (t.to(dtype).to(dev) for t in (q, k, v, w_out))
+    meta_d = meta.to(dev)
+    # single-process reference over the whole sequence
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = mk.tree_attention(qf, kf[:, None], vf[:, None], meta_d, return_lse=True)
+    loss = (out * w_out).sum() + ((lse * w_lse.to(lse)).sum() if lse_grad else 0)
+    loss.backward()
+    s, e = (ranges or even_token_ranges(L, world))[rank]
+    ql, kl, vl = (t[s:e].clone().requires_grad_() for t in (q, k, v))
+    o, ls = tree_attention(ql, kl, vl, meta_d, group=group, token_ranges=ranges, return_lse=True,
+                           overlap=overlap)
+    (((o * w_out[s:e]).sum() + ((ls * w_lse[s:e].to(ls)).sum() if lse_grad else 0)) * 1.0).backward()
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    ltol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o, out[s:e].detach(), **tol)
+    torch.testing.assert_close(ls, lse[s:e].detach(), **ltol)
+    for name, a, b in (("dq", ql, qf), ("dk", kl, kf), ("dv", vl, vf)):
+        torch.testing.assert_close(a.grad, b.grad[s:e], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _expect_error(fn, *, match: str) -> None:
+    try:
+        fn()
+    except mk.MetadataError as ex:
+        assert match in str(ex), f"expected {match!r} in {ex}"
+        return
+    raise AssertionError(f"no MetadataError raised (expected {match!r})")
+
+
+def _cases_exact(world: int, seeds: list[int]) -> None:
+    for seed in seeds:
+        for name, meta in forests(seed):
+            for kind in ("even", "uneven", "balanced"):
+                ranges = _ranges(meta, world, kind, seed)
+                for dtype, overlap in ((torch.float64, None), (torch.float32, None), (torch.float32, False)):
+                    try:
+                        _check_case(meta, ranges, dtype, overlap=overlap, lse_grad=(seed % 2 == 1), seed=seed)
+                    except Exception as ex:
+                        raise AssertionError(f"{name} ranges={kind}:{ranges} {dtype} overlap={overlap}: "
+                                             f"{ex}") from ex
+    # a rank whose rows see nothing remote: the last rank holds exactly the second sequence
+    meta = _two_sequences(30, 25 + 5 * world)
+    L = meta.total_q
+    cuts = sorted({*(int(30 * i / (world - 1)) for i in range(1, world - 1)), 30})
+    ranges = list(zip([0] + cuts, cuts + [L]))
+    for dtype in (torch.float64, torch.float32):
+        _check_case(meta, ranges, dtype)
+
+
+def _cases_bytes(world: int) -> None:
+    meta = pack_group(list(range(64)), [[1] * 16 for _ in range(8)]).metadata()
+    hk, d = 2, 16
+    reset_exchange_stats()
+    _check_case(meta, None, torch.float32, hk=hk, d=d)
+    st = exchange_stats()
+    L = meta.total_q
+    row = 2 * hk * d * 4  # K and V of one token, fp32
+    allgather = (world - 1) * (L // world) * row  # what every rank would send to all-gather its K/V
+    assert 0 < st["forward_bytes_sent"] or dist.get_rank() == world - 1
+    assert st["forward_bytes_sent"] < allgather, (st, allgather)
+    assert st["backward_bytes_sent"] <= (L - L // world) * row
+
+
+def _cases_errors(world: int) -> None:
+    rank = dist.get_rank()
+    meta = pack_group(list(range(20)), [[1] * 7 for _ in range(4)]).metadata()
+    L = meta.total_q
+    s, e = even_token_ranges(L, world)[rank]
+    q, k = torch.randn(L, 4, 8), torch.randn(L, 2, 8)
+    # a rank whose tensors do not match its range: every rank raises
+    bad = e - s - (1 if rank == world - 1 else 0)
+    _expect_error(lambda: tree_attention(q[s:s + bad], k[s:s + bad], k[s:s + bad], meta),
+                  match=f"rank {world - 1}: ")
+    # ranges that do not tile the sequence
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta,
+                                         token_ranges=[(0, 1)] * world), match="token_ranges")
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta,
+                                         token_ranges=even_token_ranges(L + 1, world)), match="token_ranges")
+    # metadata that differs between ranks (same length): the hash check
+    other = pack_group(list(range(20)), [[1] * 8, [1] * 6, [1] * 7, [1] * 7]).metadata()
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], other if rank == 0 else meta),
+                  match="differ between ranks")
+    # a forest that is not packed (page size 4)
+    f, groups = design_example_forest()
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], f.metadata(groups)), match="page_size")
+    # still usable after the errors
+    _check_case(meta, None, torch.float64)
+    # a group of size one falls back to the local op on the whole sequence
+    singles = [dist.new_group([r], backend=BACKEND) for r in range(world)]
+    _check_case(meta, None, torch.float64, group=singles[rank])
+    _expect_error(lambda: tree_attention(q[:-1], k[:-1], k[:-1], meta, group=singles[rank]),
+                  match="q: expected")
+
+
+def _cases_transformers(world: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    from multiverse_kernels.integrations.transformers import packed_forward
+
+    cfg = transformers.Qwen2Config(vocab_size=V + 10, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).double()
+    s = parse(random_sequence(7, TAGS, vocab=V, max_depth=2, max_paths=3, max_text=8), TAGS)
+    full = packed_forward(model, s)
+    w = torch.randn(full.shape, generator=torch.Generator().manual_seed(1), dtype=full.dtype)
+    (full * w).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ranges = balanced_token_ranges(s.metadata(), world)
+    a, b = ranges[dist.get_rank()]
+    part = packed_forward(model, s, group=dist.group.WORLD, token_ranges=ranges)
+    torch.testing.assert_close(part, full[a:b].detach(), atol=1e-10, rtol=1e-10)
+    (part * w[a:b]).sum().backward()
+    for p, g in zip(model.parameters(), want):
+        dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, g, atol=1e-9, rtol=1e-9)
+
+
+CASES = {"exact": _cases_exact, "bytes": _cases_bytes, "errors": _cases_errors,
+         "transformers": _cases_transformers}
+
+
+def _worker(rank: int, world: int, init: str, cases: list[tuple[str, tuple]]) -> None:
+    torch.set_num_threads(1)
+    if BACKEND == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(BACKEND, init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for name, args in cases:
+            CASES[name](world, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, cases: list[tuple[str, tuple]], tmp_path, timeout: float = 240.0) -> None:
+    """Spawn ``world`` ranks running ``cases``; fail (and kill them) after ``timeout`` seconds."""
+    if BACKEND == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"nccl: needs {world} GPUs, found {torch.cuda.device_count()}")
+    init = f"file://{tmp_path}/rendezvous"
+    ctx = mp.spawn(_worker, args=(world, init, cases), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{world} ranks did not finish in {timeout} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+# -------------------------------------------------------------------------------------------- tests
+def test_two_ranks_exact_bytes_and_errors(tmp_path):
+    run_ranks(2, [("exact", ([0, 1],)), ("bytes", ()), ("errors", ())], tmp_path)
+
+
+def test_three_ranks_exact(tmp_path):
+    run_ranks(3, [("exact", ([2],)), ("errors", ())], tmp_path)
+
+
+def test_two_ranks_transformers_packed_forward(tmp_path):
+    pytest.importorskip("transformers")
+    run_ranks(2, [("transformers", ())], tmp_path)
+
+
+@pytest.mark.slow
+def test_four_ranks_exact(tmp_path):
+    run_ranks(4, [("exact", ([3, 4, 5],)), ("bytes", ()), ("errors", ())], tmp_path, timeout=480)
+
+
+@pytest.mark.slow
+def test_three_ranks_more_forests(tmp_path):
+    run_ranks(3, [("exact", ([6, 7, 8, 9],)), ("transformers", ())], tmp_path, timeout=480)
+
+
+# ------------------------------------------------------------------------------- in-process checks
+def test_balanced_ranges_even_out_the_work():
+    meta = pack_group(list(range(400)), [[1] * 100 for _ in range(8)]).metadata()
+    cost = _row_costs(host_forest(meta))
+    for world in (2, 3, 4):
+        def worst(rs):
+            return max(int(cost[a:b].sum()) for a, b in rs)
+        bal = balanced_token_ranges(meta, world)
+        assert bal[0][0] == 0 and bal[-1][1] == meta.total_q
+        assert all(a[1] == b[0] for a, b in zip(bal, bal[1:]))
+        assert worst(bal) < worst(even_token_ranges(meta.total_q, world))
+        assert worst(bal) <= 1.05 * int(cost.sum()) / world + int(cost.max())
+
+
+def test_needs_distributed_initialisation():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    meta = pack_group([1, 2], [[3]]).metadata()
+    x = torch.randn(3, 1, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        tree_attention(x, x, x, meta)
