@@ -31,6 +31,8 @@ class _Node:
     length: int = 0
     children: int = 0
     live: bool = True  # not freed by the caller
+    start: int = 0  # position of the first token: a fork's child continues after its parent, a join
+    # after the longest joined node (Multiverse: the conclusion follows the longest path)
     holders: set[int] = field(default_factory=set)  # live nodes that list this one (itself included)
 
 
@@ -62,9 +64,9 @@ class KVForest:
         self._nodes: list[_Node] = []
 
     # ------------------------------------------------------------ structure
-    def _new_node(self, vis_before: list[int]) -> int:
+    def _new_node(self, vis_before: list[int], start: int = 0) -> int:
         nid = len(self._nodes)
-        node = _Node(vis=vis_before + [nid])
+        node = _Node(vis=vis_before + [nid], start=start)
         self._nodes.append(node)
         for m in node.vis:
             self._nodes[m].holders.add(nid)
@@ -97,14 +99,16 @@ class KVForest:
         parent = self._check_live(node)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive number of children, got {k!r}")
-        kids = [self._new_node(list(parent.vis)) for _ in range(k)]
+        kids = [self._new_node(list(parent.vis), parent.start + parent.length) for _ in range(k)]
         parent.children += k
         return kids
 
     def join(self, nodes: list[int]) -> int:
         """Create a node that sees every node in ``nodes`` and everything they see (no copy).
 
-        The joined nodes become frozen. The new node's list is the union of theirs (first-seen order).
+        The joined nodes become frozen. The new node's list is the union of theirs (first-seen order);
+        its first token's position follows the longest joined node (``node_pos``: Multiverse's
+        conclusion continues after the longest path).
         """
         if not nodes:
             raise ValueError("nodes: expected at least one node to join")
@@ -115,7 +119,7 @@ class KVForest:
                 if m not in seen:
                     seen.add(m)
                     vis.append(m)
-        nid = self._new_node(vis)
+        nid = self._new_node(vis, max(self._nodes[n].start + self._nodes[n].length for n in nodes))
         for n in nodes:
             self._nodes[n].children += 1
         return nid
@@ -214,6 +218,7 @@ class KVForest:
             vis_nodes=torch.tensor(vis, **i32),
             page_size=self.page_size,
             own_full=full,
+            node_pos=torch.tensor([n.start for n in self._nodes], **i32),
         )
 
     def decode_metadata(self, leaves: list[int]) -> ForestMetadata:

@@ -15,6 +15,8 @@ Fields (``N`` nodes, ``G`` groups)::
     page_size          int                 tokens per page
     own_full           bool  [G] or None   True: the group's own node is fully visible (bidirectional,
                                            diffusion-LM blocks); default causal
+    node_pos           int32 [N] or None   position of node n's first token (sliding windows measure in
+                                           positions); default: depth along the chain (default_node_pos)
 
 Row ``i`` of group ``g`` (``q_len`` rows, own node ``o``) sees every token of every other listed node and
 tokens ``0 .. node_len[o] - q_len + i`` of ``o`` (all of ``o`` when ``own_full[g]``).
@@ -27,11 +29,25 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-__all__ = ["ForestMetadata", "MetadataError", "INDEX_FIELDS"]
+__all__ = ["ForestMetadata", "MetadataError", "INDEX_FIELDS", "node_start_positions"]
 
 INDEX_FIELDS = ("node_page_indptr", "node_page_indices", "node_len", "qo_indptr", "vis_indptr", "vis_nodes")
 """The six int32 index tensors of a forest, in op-schema order: the one list (the dataclass's fields, the
 ops' schemas and the checks follow it; tests/contracts/test_plan_format.py checks the schemas)."""
+
+
+def node_start_positions(position_ids: Tensor, token_indptr: Tensor, node_len: Tensor) -> Tensor:
+    """int32 [N] ``node_pos`` of a packed sequence: the position of each node's first token
+    (``position_ids[token_indptr[n]]``, 0 for an empty node), for nodes whose tokens are
+    ``token_indptr[n]:token_indptr[n+1]`` with consecutive positions (as Multiverse parsing and the RL
+    packer lay them out)."""
+    lens = node_len.long().cpu()
+    starts = token_indptr.long().cpu()[:-1]
+    pos = position_ids.long().cpu()
+    out = torch.zeros(lens.numel(), dtype=torch.int32)
+    has = lens > 0
+    out[has] = pos[starts[has]].to(torch.int32)
+    return out
 
 
 class MetadataError(ValueError):
@@ -75,6 +91,10 @@ class ForestMetadata:
     vis_nodes: Tensor
     page_size: int
     own_full: Tensor | None = None
+    node_pos: Tensor | None = None
+    """int32 [num_nodes]: the position of each node's first token (token j of node n is at
+    ``node_pos[n] + j``); what a sliding window measures distances in (docs/design.md, "Attention
+    variants"). None: :meth:`default_node_pos`."""
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -111,6 +131,45 @@ class ForestMetadata:
     def tensors(self) -> tuple[Tensor, ...]:
         """The six index tensors, in op-schema order (:data:`INDEX_FIELDS`)."""
         return tuple(getattr(self, f) for f in INDEX_FIELDS)
+
+    def with_node_pos(self, node_pos: Tensor | None) -> ForestMetadata:
+        """Return a copy with per-node start positions (int32 [num_nodes]) or None (the default)."""
+        return replace(self, node_pos=node_pos)
+
+    def default_node_pos(self) -> Tensor:
+        """int32 [num_nodes]: positions when ``node_pos`` is None: each token's depth along its chain.
+
+        A node starts after the nodes listed before it in the first visibility list that names it
+        (lists in root-first order, as KVForest, the converters and the packers write them): on chains
+        and trees that is each token's depth; a node that joins several paths starts after all of
+        them (their concatenation). Multiverse positions (a conclusion continues after the *longest*
+        path) and any other convention come from ``node_pos``, which
+        :class:`~multiverse_kernels.KVForest`, ``multiverse.parse`` and ``rl`` fill. A node no list
+        names gets 0. O(visibility entries).
+        """
+        dev = self.device
+        N = self.num_nodes
+        out = torch.zeros(N, dtype=torch.int64, device=dev)
+        V = self.vis_nodes.numel()
+        if N == 0 or V == 0:
+            return out.to(torch.int32)
+        nodes = self.vis_nodes.long()
+        lens = self.node_len.long()[nodes]
+        incl = torch.cumsum(lens, 0)
+        cnt = (self.vis_indptr[1:] - self.vis_indptr[:-1]).long()
+        start = self.vis_indptr[:-1].long()
+        base = torch.repeat_interleave(torch.where(start > 0, incl[(start - 1).clamp(min=0)], 0), cnt,
+                                       output_size=V)
+        offset = incl - lens - base  # tokens listed before each entry in its own list
+        first = torch.full((N,), V, dtype=torch.int64, device=dev)
+        first.scatter_reduce_(0, nodes, torch.arange(V, device=dev), "amin")
+        named = first < V
+        out[named] = offset[first[named]]
+        return out.to(torch.int32)
+
+    def positions(self) -> Tensor:
+        """int32 [num_nodes]: ``node_pos`` if set, else :meth:`default_node_pos`."""
+        return self.node_pos if self.node_pos is not None else self.default_node_pos()
 
     # ------------------------------------------------------------ host views
     def q_lens(self) -> Tensor:
@@ -228,3 +287,10 @@ class ForestMetadata:
                 )
             if of.device != dev:
                 raise MetadataError(f"own_full: expected device {dev}, got {of.device}")
+        if self.node_pos is not None:
+            _check_index_tensor("node_pos", self.node_pos, dev)
+            if self.node_pos.numel() != N:
+                raise MetadataError(
+                    f"node_pos: expected one start position per node ({N}), got {self.node_pos.numel()}")
+            if N and int(self.node_pos.min()) < 0:
+                raise MetadataError("node_pos: expected non-negative positions")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .metadata import ForestMetadata
+from .metadata import ForestMetadata, node_start_positions
 
 __all__ = ["RolloutNode", "PackedRollouts", "group_tree", "pack_rollouts", "pack_group", "rollout_forward"]
 
@@ -112,7 +112,8 @@ class PackedRollouts:
         return ForestMetadata(
             node_page_indptr=indptr, node_page_indices=torch.arange(self.num_tokens, **i32),
             node_len=self.node_len.to(**i32), qo_indptr=indptr.clone(),
-            vis_indptr=self.vis_indptr.to(**i32), vis_nodes=self.vis_nodes.to(**i32), page_size=1)
+            vis_indptr=self.vis_indptr.to(**i32), vis_nodes=self.vis_nodes.to(**i32), page_size=1,
+            node_pos=node_start_positions(self.position_ids, indptr, self.node_len).to(**i32))
 
     def token_logprobs(self, logits: Tensor) -> Tensor:
         """log p(token_t | its branch's context) from packed ``logits [L, vocab]`` -> [L] float32 (or

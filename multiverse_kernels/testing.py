@@ -326,7 +326,7 @@ def compact_pages(meta: ForestMetadata, extra: int = 2) -> tuple[ForestMetadata,
     remap[used] = perm
     pages = remap[meta.node_page_indices.long()].to(torch.int32)
     return ForestMetadata(meta.node_page_indptr, pages, meta.node_len, meta.qo_indptr, meta.vis_indptr,
-                          meta.vis_nodes, meta.page_size, meta.own_full), n
+                          meta.vis_nodes, meta.page_size, meta.own_full, meta.node_pos), n
 
 
 def seen_slots(meta: ForestMetadata, num_slots: int) -> Tensor:

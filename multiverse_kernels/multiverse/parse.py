@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..metadata import ForestMetadata
+from ..metadata import ForestMetadata, node_start_positions
 from .tags import MultiverseTags
 
 __all__ = ["parse", "MultiverseStructure", "Block", "MultiverseParseError"]
@@ -119,6 +119,7 @@ class MultiverseStructure:
             vis_indptr=self.vis_indptr.to(**i32),
             vis_nodes=self.vis_nodes.to(**i32),
             page_size=1,
+            node_pos=node_start_positions(self.position_ids, indptr.cpu(), self.node_len).to(**i32),
         )
 
     def dense_mask(self) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..metadata import INDEX_FIELDS, ForestMetadata, MetadataError
+from ..variants import FP8_DTYPES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -27,10 +28,16 @@ def check_tensor(name: str, t: Tensor, *, dim: int | None = None,
 
 
 def check_attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
-    """q [total_q, Hq, D]; k_cache, v_cache [num_pages, page_size, Hk, D], same dtype/device as q."""
+    """q [total_q, Hq, D]; k_cache, v_cache [num_pages, page_size, Hk, D], same dtype/device as q (or an
+    fp8 cache with float16/bfloat16 q: its scales are checked by variants.check_variant)."""
     check_tensor("q", q, dim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, dim=4, dtypes=(q.dtype,), device=q.device)
-    check_tensor("v_cache", v_cache, dim=4, dtypes=(q.dtype,), device=q.device)
+    if isinstance(k_cache, Tensor) and k_cache.dtype in FP8_DTYPES and q.dtype not in (torch.float16,
+                                                                                         torch.bfloat16):
+        raise MetadataError(f"q: an fp8 KV cache ({k_cache.dtype}) takes float16 or bfloat16 queries, got "
+                            f"{q.dtype}")
+    cache_dtypes = (q.dtype, *FP8_DTYPES) if q.dtype in (torch.float16, torch.bfloat16) else (q.dtype,)
+    check_tensor("k_cache", k_cache, dim=4, dtypes=cache_dtypes, device=q.device)
+    check_tensor("v_cache", v_cache, dim=4, dtypes=(k_cache.dtype,), device=q.device)
     if k_cache.shape != v_cache.shape:
         raise MetadataError(
             f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
@@ -108,13 +115,16 @@ def check_sm_scale(sm_scale: float) -> None:
 
 def op_metadata(q: Tensor, k_cache: Tensor, v_cache: Tensor, node_page_indptr: Tensor,
                 node_page_indices: Tensor, node_len: Tensor, qo_indptr: Tensor, vis_indptr: Tensor,
-                vis_nodes: Tensor, own_full: Tensor | None, validate: bool) -> ForestMetadata:
+                vis_nodes: Tensor, own_full: Tensor | None, validate: bool,
+                node_pos: Tensor | None = None) -> ForestMetadata:
     """The forest of an attention op's flat arguments (page size from ``k_cache``), checked against
     q and the caches when ``validate``."""
     check_index_devices(q, (node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
                             vis_nodes), own_full=own_full)
+    if node_pos is not None and node_pos.device != q.device:
+        raise MetadataError(f"node_pos: expected device {q.device} (like q), got {node_pos.device}")
     meta = ForestMetadata(node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
-                          vis_nodes, k_cache.shape[1], own_full)
+                          vis_nodes, k_cache.shape[1], own_full, node_pos)
     check_attention_args(q, k_cache, v_cache)  # shapes/dtypes/devices only: no sync, always on
     if validate or debug_checks():
         meta.validate(num_pages=k_cache.shape[0])

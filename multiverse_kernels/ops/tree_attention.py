@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends import available_backends, resolve
+from ..backends import available_backends
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
+from ..variants import Variant, check_variant
 from ._checks import (
     check_attention_args,
     check_index_devices,
@@ -22,6 +23,7 @@ from ._checks import (
     fake_checks,
     op_metadata,
 )
+from ._dispatch import impl_for, op_variant
 from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
@@ -32,9 +34,14 @@ __all__ = ["tree_attention"]
 _SCHEMA = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, Tensor node_page_indices, "
     "Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, Tensor? own_full, "
-    "float sm_scale, str backend, bool validate, Tensor[]? plan_tensors=None, int[]? plan_ints=None) "
-    "-> (Tensor, Tensor)"
+    "float sm_scale, str backend, bool validate, Tensor[]? plan_tensors=None, int[]? plan_ints=None, "
+    "int window=0, float softcap=0.0, Tensor? sinks=None, Tensor? node_pos=None, Tensor? k_scale=None, "
+    "Tensor? v_scale=None) -> (Tensor, Tensor)"
 )
+_NUM_ARGS = 21  # the schema's arguments (the autograd formula returns one gradient slot per argument)
+_SINKS_ARG = 17
+
+
 
 
 @torch.library.custom_op("multiverse::tree_attention", mutates_args=(), schema=_SCHEMA)
@@ -54,11 +61,20 @@ def _tree_attention_op(
     validate: bool,
     plan_tensors: list[Tensor] | None = None,
     plan_ints: list[int] | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    node_pos: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     meta = op_metadata(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr,
-                       vis_indptr, vis_nodes, own_full, validate)
+                       vis_indptr, vis_nodes, own_full, validate, node_pos)
     check_sm_scale(sm_scale)
-    impl = resolve("tree_attention", backend, q.device)
+    variant = op_variant(window, softcap, sinks, k_scale, v_scale)
+    check_variant(variant, q, k_cache, v_cache)  # cheap (no sync): always
+    impl = impl_for("tree_attention", backend, q.device, variant)
+    extra = {"variant": variant} if variant else {}
     if plan_tensors is not None and getattr(impl, "supports_plan", False):
         # a precomputed plan (multiverse_kernels.planning, docs/plan.md); backends without a plan
         # argument ignore it (same math)
@@ -66,8 +82,8 @@ def _tree_attention_op(
         if validate or debug_checks():
             _check_plan(plan, q)
             check_plan_matches(plan, meta, q.shape[1], k_cache.shape[2])
-        return impl(q, k_cache, v_cache, meta, sm_scale, plan=plan)
-    return impl(q, k_cache, v_cache, meta, sm_scale)
+        return impl(q, k_cache, v_cache, meta, sm_scale, plan=plan, **extra)
+    return impl(q, k_cache, v_cache, meta, sm_scale, **extra)
 
 
 def _check_plan(plan: TreePlan, q: Tensor) -> None:
@@ -84,11 +100,13 @@ def _check_plan(plan: TreePlan, q: Tensor) -> None:
 
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr, vis_indptr,
-      vis_nodes, own_full, sm_scale, backend, validate, plan_tensors=None, plan_ints=None):
+      vis_nodes, own_full, sm_scale, backend, validate, plan_tensors=None, plan_ints=None, window=0,
+      softcap=0.0, sinks=None, node_pos=None, k_scale=None, v_scale=None):
     # The argument checks that need no data (index tensors on the meta device are sent here instead of
     # to a kernel); under torch.compile the real op raises them at run time (fake_checks).
     fake_checks(check_attention_args, q, k_cache, v_cache)
     fake_checks(check_sm_scale, sm_scale)
+    fake_checks(check_variant, op_variant(window, softcap, sinks, k_scale, v_scale), q, k_cache, v_cache)
     fake_checks(check_index_devices, q, (node_page_indptr, node_page_indices, node_len, qo_indptr,
                                          vis_indptr, vis_nodes), own_full=own_full)
     rows, heads = (q.shape[0], q.shape[1]) if q.dim() >= 2 else (q.numel(), 1)
@@ -108,28 +126,42 @@ def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_ind
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k_cache, v_cache, *index, own_full, sm_scale, backend, validate = inputs[:13]
+    rest = list(inputs[13:]) + [None] * (_NUM_ARGS - len(inputs))
+    plan_tensors, _, window, softcap, sinks, node_pos, k_scale, _ = rest
     out, lse = output
-    ctx.save_for_backward(q, k_cache, v_cache, *index, own_full, out, lse)
+    ctx.save_for_backward(q, k_cache, v_cache, *index, own_full, out, lse, sinks, node_pos)
     ctx.sm_scale = sm_scale
     ctx.backend = backend
-    plan_tensors = inputs[13] if len(inputs) > 13 else None
+    ctx.window, ctx.softcap, ctx.fp8 = window or 0, softcap or 0.0, k_scale is not None
     ctx.num_plan_tensors = None if plan_tensors is None else len(plan_tensors)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k_cache, v_cache, *index, own_full, out, lse = ctx.saved_tensors
+    q, k_cache, v_cache, *index, own_full, out, lse, sinks, node_pos = ctx.saved_tensors
+    if ctx.fp8:
+        raise NotImplementedError("tree_attention: an fp8 KV cache is forward only (no backward)")
     # the forward's backend if it implements the backward, else "auto" (CPU: the C++ backward; CUDA: Triton)
     bw = ctx.backend if ctx.backend in available_backends("tree_attention_backward", q.device) else "auto"
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _tree_attention_backward_op(grad_out, grad_lse, q, k_cache, v_cache, out, lse, *index,
-                                             own_full, ctx.sm_scale, bw, False)
+                                             own_full, ctx.sm_scale, bw, False, ctx.window, ctx.softcap,
+                                             sinks, node_pos)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[_SINKS_ARG]:
+        # d/d sink_h: exp(sink_h - lse) is the sink's softmax weight; it enters the denominator only, so
+        # dsink_h = -sum_r P_sink[r, h] * D[r, h] with D = rowsum(dO * O) - dlse (the backward's delta)
+        delta = (grad_out.float() * out.float()).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.float()
+        dsinks = -(torch.exp(sinks[None, :] - lse) * delta).sum(0)
     # The returned structure mirrors the inputs as the dispatcher passed them: a list of Nones for a
     # plan_tensors list, and nothing for trailing defaulted arguments that were not passed (torch 2.11
     # hands the autograd function only the arguments given, 2.14 all of them: needs_input_grad has one
     # entry per argument either way).
     plan = None if ctx.num_plan_tensors is None else [None] * ctx.num_plan_tensors
-    return ((dq, dk, dv) + (None,) * 10 + (plan, None))[:len(ctx.needs_input_grad)]
+    grads = (dq, dk, dv) + (None,) * 10 + (plan, None, None, None, dsinks, None, None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 _tree_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -146,6 +178,11 @@ def tree_attention(
     backend: str = "auto",
     validate: bool = True,
     plan: TreePlan | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of every query row over the nodes its group sees.
 
@@ -163,6 +200,16 @@ def tree_attention(
         plan: a precomputed :class:`~multiverse_kernels.planning.TreePlan` for ``meta`` and these
             head counts (build once per step with ``plan_tree_attention``, reuse in every layer);
             the cpu, triton and cuda backends run it instead of planning; the reference ignores it.
+        window: sliding window (Mistral, Gemma, GPT-OSS): a row sees a key only if
+            ``pos(row) - pos(key) < window``, positions from ``meta.node_pos`` (default: depth along
+            the chain, :meth:`ForestMetadata.default_node_pos`).
+        softcap: logit soft-cap (Gemma 2): ``s = softcap * tanh(s / softcap)`` on the scaled scores.
+        sinks: float32 [num_qo_heads] attention sinks (GPT-OSS): ``exp(sinks[h])`` joins every row's
+            softmax denominator; ``lse`` includes it; differentiable.
+        k_scale, v_scale: float32 [1] or [num_kv_heads] scales of an fp8 cache (``float8_e4m3fn`` /
+            ``float8_e5m2``, float16/bfloat16 q): a key is ``k_cache * k_scale`` (forward only).
+            Backends that do not implement a variant raise NotImplementedError naming it
+            (``auto`` picks one that does); docs/design.md, "Attention variants".
 
     Returns:
         out [total_q, num_qo_heads, head_dim] in ``q.dtype`` (and lse if ``return_lse``).
@@ -185,7 +232,16 @@ def tree_attention(
             )
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is rejected by the op
-    if plan is None:
+    variant = Variant(window, softcap, sinks, k_scale, v_scale)
+    if variant:
+        if not torch.compiler.is_compiling():
+            check_variant(variant, q, k_cache, v_cache)
+        node_pos = meta.positions() if window is not None else None
+        pt, pi = (plan.tensors(), plan.ints()) if plan is not None else (None, None)
+        out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
+                                      float(sm_scale), backend, validate, pt, pi, window or 0,
+                                      float(softcap or 0.0), sinks, node_pos, k_scale, v_scale)
+    elif plan is None:
         out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
                                       float(sm_scale), backend, validate)
     else:

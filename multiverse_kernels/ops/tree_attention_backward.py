@@ -15,17 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends import resolve
 from ..metadata import ForestMetadata, MetadataError
+from ..variants import Variant, check_variant
 from ._checks import check_attention_args, check_index_devices, fake_checks, op_metadata
+from ._dispatch import impl_for
 
 __all__ = ["tree_attention_backward"]
 
 _SCHEMA = (
     "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor out, "
     "Tensor lse, Tensor node_page_indptr, Tensor node_page_indices, Tensor node_len, Tensor qo_indptr, "
-    "Tensor vis_indptr, Tensor vis_nodes, Tensor? own_full, float sm_scale, str backend, bool validate) "
-    "-> (Tensor, Tensor, Tensor)"
+    "Tensor vis_indptr, Tensor vis_nodes, Tensor? own_full, float sm_scale, str backend, bool validate, "
+    "int window=0, float softcap=0.0, Tensor? sinks=None, Tensor? node_pos=None) -> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -48,13 +49,23 @@ def _tree_attention_backward_op(
     sm_scale: float,
     backend: str,
     validate: bool,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    node_pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     meta = op_metadata(q, k_cache, v_cache, node_page_indptr, node_page_indices, node_len, qo_indptr,
-                       vis_indptr, vis_nodes, own_full, validate)
+                       vis_indptr, vis_nodes, own_full, validate, node_pos)
     if validate:
         _check_grads(grad_out, grad_lse, q, out, lse)
-    impl = resolve("tree_attention_backward", backend, q.device)
-    return impl(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale)
+    variant = Variant(window=window or None, softcap=softcap or None, sinks=sinks)
+    check_variant(variant, q, k_cache, v_cache)
+    # sinks change nothing in the kernels' backward (lse holds the sink term): only window / softcap
+    # must be implemented by the backend
+    impl = impl_for("tree_attention_backward", backend, q.device,
+                    Variant(window=variant.window, softcap=variant.softcap))
+    extra = {"variant": variant} if variant else {}
+    return impl(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale, **extra)
 
 
 def _check_grads(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, out: Tensor, lse: Tensor) -> None:
@@ -73,7 +84,8 @@ def _check_grads(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, out: Tens
 
 @_tree_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices, node_len,
-      qo_indptr, vis_indptr, vis_nodes, own_full, sm_scale, backend, validate):
+      qo_indptr, vis_indptr, vis_nodes, own_full, sm_scale, backend, validate, window=0, softcap=0.0,
+      sinks=None, node_pos=None):
     # no-data checks (index tensors on the meta device would otherwise land here and return garbage)
     # (under torch.compile the real op raises them at run time: fake_checks)
     fake_checks(check_attention_args, q, k_cache, v_cache)

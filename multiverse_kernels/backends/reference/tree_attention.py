@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
+from ...variants import PLAIN, Variant
 
 
 def group_keys(meta: ForestMetadata, g: int, vis: list[int], q_len: int) -> tuple[Tensor, Tensor]:
@@ -43,23 +44,47 @@ def group_keys(meta: ForestMetadata, g: int, vis: list[int], q_len: int) -> tupl
     return torch.cat(slots), torch.cat(masks, dim=1)
 
 
+def load_kv(cache: Tensor, slots: Tensor, scale: Tensor | None, acc: torch.dtype) -> Tensor:
+    """The tokens ``slots`` of ``cache`` [pages, page_size, Hk, D] as [len(slots), Hk, D] in ``acc``; an
+    fp8 cache dequantized: times its scale ([1]: per tensor, [Hk]: per KV head)."""
+    hk = cache.shape[2]
+    x = cache.reshape(-1, hk, cache.shape[-1])[slots].to(acc)
+    return x if scale is None else x * scale.to(acc).reshape(-1, 1).expand(hk, 1)
+
+
+def key_positions(meta: ForestMetadata, nodes: list[int], pos: list[int]) -> Tensor:
+    """int64 [K]: the position of every token of ``nodes`` (in list order): node_pos[n] + j."""
+    lens = meta.node_len.tolist()
+    parts = [pos[n] + torch.arange(lens[n], device=meta.device) for n in nodes]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=meta.device)
+
+
+def row_positions(meta: ForestMetadata, own: int, q_len: int, pos: list[int]) -> Tensor:
+    """int64 [q_len]: a group's rows' positions (its own node's last q_len tokens)."""
+    n = int(meta.node_len[own])
+    return pos[own] + n - q_len + torch.arange(q_len, device=meta.device)
+
+
 def tree_attention(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
     meta: ForestMetadata,
     sm_scale: float,
+    variant: Variant = PLAIN,
 ) -> tuple[Tensor, Tensor]:
     """q [total_q, Hq, D]; k/v_cache [num_pages, page_size, Hk, D].
 
     Returns out [total_q, Hq, D] (q.dtype) and lse [total_q, Hq] float32 (natural log, sm_scale
-    included). Math runs in float64 for float64 inputs and float32 otherwise.
+    included; with sinks the log of the whole denominator, sink term included). Math runs in float64
+    for float64 inputs and float32 otherwise. ``variant``: window / softcap / sinks / fp8 caches
+    (multiverse_kernels/variants.py).
     """
     total_q, hq, d = q.shape
     hk = k_cache.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kf = k_cache.reshape(-1, hk, d)
-    vf = v_cache.reshape(-1, hk, v_cache.shape[-1])
+    pos = meta.positions().tolist() if variant.window is not None else []
+    sinks = variant.sinks.to(acc) if variant.sinks is not None else None
     out = torch.zeros(total_q, hq, v_cache.shape[-1], dtype=acc, device=q.device)
     lse = torch.full((total_q, hq), float("-inf"), dtype=acc, device=q.device)
     qo = meta.qo_indptr.tolist()
@@ -69,21 +94,34 @@ def tree_attention(
         q0, q1 = qo[g], qo[g + 1]
         if q1 == q0:
             continue
-        slots, mask = group_keys(meta, g, vis_all[vi[g]:vi[g + 1]], q1 - q0)
-        if slots.numel() == 0:
+        nodes = vis_all[vi[g]:vi[g + 1]]
+        slots, mask = group_keys(meta, g, nodes, q1 - q0)
+        if variant.window is not None:  # pos(row) - pos(key) < window
+            rpos = row_positions(meta, nodes[-1], q1 - q0, pos)
+            dist = rpos[:, None] - key_positions(meta, nodes, pos)[None]
+            mask = mask & (dist < variant.window)
+        if slots.numel() == 0 or not bool(mask.any()):
+            if sinks is not None:  # a row that sees no key: out 0, lse = its head's sink
+                lse[q0:q1] = sinks[None, :]
             continue
-        k = kf[slots].to(acc).repeat_interleave(hq // hk, dim=1)  # [K, Hq, D]
-        v = vf[slots].to(acc).repeat_interleave(hq // hk, dim=1)
+        k = load_kv(k_cache, slots, variant.k_scale, acc).repeat_interleave(hq // hk, dim=1)  # [K, Hq, D]
+        v = load_kv(v_cache, slots, variant.v_scale, acc).repeat_interleave(hq // hk, dim=1)
         s = torch.einsum("qhd,khd->hqk", q[q0:q1].to(acc), k) * sm_scale
         # NaN policy (docs/errors.md): a non-finite score the row sees (from a non-finite q row or K
         # token) makes the row NaN; what the row does not see never reaches it.
         bad = (~torch.isfinite(s) & mask[None]).any(-1, keepdim=True)  # [Hq, q, 1]
+        if variant.softcap is not None:  # Gemma 2: s = c * tanh(s / c), after the scale
+            s = variant.softcap * torch.tanh(s / variant.softcap)
         s = s.masked_fill(~mask[None] | ~torch.isfinite(s), float("-inf"))
         m = s.amax(-1, keepdim=True)
+        if sinks is not None:  # the sink logit joins the max and the denominator (never the numerator)
+            m = torch.maximum(m, sinks[:, None, None])
         seen = torch.isfinite(m)
         m = torch.where(seen, m, torch.zeros_like(m))
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
+        if sinks is not None:
+            den = den + torch.exp(sinks[:, None, None] - m)
         p = p / torch.where(seen, den, torch.ones_like(den))
         # non-finite V values reach exactly the (row, dim) pairs whose row sees their token (whatever
         # its weight); 0 * NaN must not leak them into rows that cannot see the token

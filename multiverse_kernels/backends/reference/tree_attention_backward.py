@@ -29,18 +29,21 @@ import torch
 from torch import Tensor
 
 from ...metadata import ForestMetadata
+from ...variants import PLAIN, Variant
 
 BLOCK_Q = 64
 BLOCK_K = 256
 
 
-def _row_blocks(meta: ForestMetadata, block_q: int, block_k: int
+def _row_blocks(meta: ForestMetadata, block_q: int, block_k: int, window: int | None = None
                 ) -> Iterator[tuple[int, int, list[tuple[Tensor, Tensor | None]]]]:
     """Yield ``(r0, r1, key_blocks)``: query rows ``r0:r1`` of one group and, for them, a list of
     ``(slots int64 [m], limit)`` key blocks; ``limit`` is None (every row sees the whole block) or an
     int64 ``[r1 - r0]`` tensor: row i sees the block's key j (its position in its node) iff
     ``j < limit[i]`` — returned as the block's first position subtracted, so the test is
-    ``arange(m) < limit``. Only blocks that some row of ``r0:r1`` sees are listed."""
+    ``arange(m) < limit``. Only blocks that some row of ``r0:r1`` sees are listed. With a ``window``,
+    ``limit`` is a bool ``[r1 - r0, m]`` mask instead (causality and ``pos(row) - pos(key) < window``)."""
+    pos = meta.positions().tolist() if window is not None else []
     qo = meta.qo_indptr.tolist()
     vi = meta.vis_indptr.tolist()
     vis_all = meta.vis_nodes.tolist()
@@ -70,14 +73,24 @@ def _row_blocks(meta: ForestMetadata, block_q: int, block_k: int
                     lim, kmax = None, lens[n]
                 for c0 in range(0, kmax, block_k):
                     c1 = min(c0 + block_k, kmax)
-                    blocks.append((slots[n][c0:c1], None if lim is None else lim - c0))
+                    if window is None:
+                        blocks.append((slots[n][c0:c1], None if lim is None else lim - c0))
+                        continue
+                    j = torch.arange(c0, c1, device=meta.device)
+                    msk = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=meta.device)
+                    if lim is not None:
+                        msk &= j[None, :] < lim[:, None]
+                    rpos = pos[own] + lens[own] - q_len + torch.arange(r0 - q0, r1 - q0, device=meta.device)
+                    msk &= (rpos[:, None] - (pos[n] + j)[None, :]) < window
+                    if bool(msk.any()):
+                        blocks.append((slots[n][c0:c1], msk))
             yield r0, r1, blocks
 
 
 def _mask(limit: Tensor | None, m: int, device: torch.device) -> Tensor | None:
-    """bool [n, m] visibility of a causal block (None: all visible)."""
-    if limit is None:
-        return None
+    """bool [n, m] visibility of a causal block (None: all visible; a bool limit is the mask)."""
+    if limit is None or limit.dtype == torch.bool:
+        return limit
     return torch.arange(m, device=device)[None, :] < limit[:, None]
 
 
@@ -91,11 +104,17 @@ def tree_attention_backward(
     lse: Tensor,
     meta: ForestMetadata,
     sm_scale: float,
+    variant: Variant = PLAIN,
     *,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``(out, lse) = tree_attention(q, k_cache, v_cache, meta, sm_scale)``.
+    """Gradients of ``(out, lse) = tree_attention(q, k_cache, v_cache, meta, sm_scale, variant)``.
+
+    Variants: a window masks like the forward; a soft-cap ``s = c tanh(s0 / c)`` multiplies dS by its
+    derivative ``1 - (s / c)^2`` before dQ and dK; sinks need nothing here (``lse`` holds the sink term,
+    so ``P`` is the forward's; their own gradient is the op's, from out and lse). fp8 caches have no
+    backward.
 
     Args:
         grad_out: [total_q, Hq, D] (any float dtype); grad_lse: [total_q, Hq] or None.
@@ -126,17 +145,30 @@ def tree_attention_backward(
     def heads_first(t: Tensor) -> Tensor:  # [n, Hq] -> [Hk, gs, n, 1]
         return t.reshape(t.shape[0], hk, gs).permute(1, 2, 0)[..., None]
 
-    for r0, r1, blocks in _row_blocks(meta, block_q, block_k):
+    cap = variant.softcap
+
+    def scores(qb: Tensor, kb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(scores after the soft-cap, its derivative ds/ds0 or None) [Hk, gs, n, m]."""
+        s = torch.einsum("nhgd,mhd->hgnm", qb, kb) * sm_scale
+        if cap is None:
+            return s, None
+        t = torch.tanh(s / cap)
+        return cap * t, 1 - t * t
+
+    sinks = variant.sinks.to(acc) if variant.sinks is not None else None
+    for r0, r1, blocks in _row_blocks(meta, block_q, block_k, variant.window):
         n = r1 - r0
         qb = q[r0:r1].to(acc).reshape(n, hk, gs, d)
         if refine:  # float64: the exact lse of these rows, blocked online log-sum-exp
             run = torch.full((hk, gs, n), float("-inf"), dtype=acc, device=dev)
             for sl, lim in blocks:
-                s = torch.einsum("nhgd,mhd->hgnm", qb, kf[sl].to(acc)) * sm_scale
+                s, _ = scores(qb, kf[sl].to(acc))
                 msk = _mask(lim, sl.numel(), dev)
                 if msk is not None:
                     s = s.masked_fill(~msk, float("-inf"))
                 run = torch.logaddexp(run, torch.logsumexp(s, -1))
+            if sinks is not None:
+                run = torch.logaddexp(run, sinks.reshape(hk, gs, 1))
             lse_b = run[..., None]
         else:
             lse_b = heads_first(lse_acc[r0:r1])
@@ -148,7 +180,7 @@ def tree_attention_backward(
         for sl, lim in blocks:
             kb = kf[sl].to(acc)  # [m, Hk, D]
             vb = vf[sl].to(acc)
-            s = torch.einsum("nhgd,mhd->hgnm", qb, kb) * sm_scale
+            s, dcap = scores(qb, kb)
             vis = live
             msk = _mask(lim, sl.numel(), dev)
             if msk is not None:
@@ -156,6 +188,8 @@ def tree_attention_backward(
             p = torch.where(vis, torch.exp(s - lse_b), 0)  # masked / empty rows: exactly 0, no inf
             dv.index_add_(0, sl, torch.einsum("hgnm,nhge->mhe", p, dob))
             ds = p * (torch.einsum("nhge,mhe->hgnm", dob, vb) - dl)
+            if dcap is not None:  # through the soft-cap: d(c tanh(s0 / c)) / ds0 = 1 - tanh^2
+                ds = ds * dcap
             dqb += torch.einsum("hgnm,mhd->nhgd", ds, kb)
             dk.index_add_(0, sl, torch.einsum("hgnm,nhgd->mhd", ds, qb))
         dq[r0:r1] = dqb.reshape(n, hq, d)
