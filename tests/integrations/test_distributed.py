@@ -29,7 +29,7 @@ from multiverse_kernels.distributed import (
     reset_exchange_stats,
     tree_attention,
 )
-from multiverse_kernels.distributed._plan import _row_costs, host_forest
+from multiverse_kernels.distributed._plan import _row_costs, host_forest, rank_plan
 from multiverse_kernels.multiverse import parse
 from multiverse_kernels.multiverse.synthetic import random_sequence
 from multiverse_kernels.multiverse.tags import MultiverseTags
@@ -150,9 +150,13 @@ def _cases_bytes(world: int) -> None:
     L = meta.total_q
     row = 2 * hk * d * 4  # K and V of one token, fp32
     allgather = (world - 1) * (L // world) * row  # what every rank would send to all-gather its K/V
-    assert 0 < st["forward_bytes_sent"] or dist.get_rank() == world - 1
+    plan = rank_plan(host_forest(meta), even_token_ranges(L, world), dist.get_rank(), torch.device("cpu"))
+    assert st["forward_bytes_sent"] == sum(plan.send_splits) * row  # exactly the slices others need
+    assert st["backward_bytes_sent"] == sum(plan.recv_splits) * row  # exactly the dK/dV of fetched ones
     assert st["forward_bytes_sent"] < allgather, (st, allgather)
-    assert st["backward_bytes_sent"] <= (L - L // world) * row
+    total = torch.tensor([st["forward_bytes_sent"]])
+    dist.all_reduce(total)
+    assert int(total) > 0
 
 
 def _cases_errors(world: int) -> None:
