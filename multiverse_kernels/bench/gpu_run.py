@@ -103,6 +103,10 @@ def steps(sanitizer: str = "compute-sanitizer") -> list[Step]:
         Step("graph", "CUDA graphs of the public op with a new plan copied in; device guard; stream",
              [_pytest("-m", "gpu", "tests/backends/test_gpu.py", "tests/backends/test_cuda_ops.py", "-k",
                       "graph or device or stream")], env=compiled),
+        Step("nccl", "context-parallel tree attention over NCCL, one GPU per rank (pytest skips it, with the "
+             "reason, on fewer than 2 GPUs: one GPU cannot hold two NCCL ranks)",
+             [_pytest("tests/integrations/test_distributed.py", "-k", "ranks", "-rs")],
+             env={**compiled, "MK_DIST_BACKEND": "nccl"}),
         Step("memcheck", "compute-sanitizer memcheck over a small workload",
              [[sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--target-processes", "all",
                *small]], env=compiled),
