@@ -172,8 +172,7 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     if query.shape[0] != 1:
         raise ValueError(f"query: expected batch size 1 (the forest flattens branches into one row of "
                          f"tokens), got {query.shape[0]}")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("sliding_window: not supported by the multiverse attention")
+    variant = attention_variant(kwargs, query)
     if dropout and module.training:
         raise NotImplementedError("dropout: attention dropout is not supported by the multiverse attention")
     if attention_mask is not None:
@@ -196,11 +195,15 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         if ctx.group is not None:  # context parallel: q, k, v are this rank's tokens of the packed sequence
             from ..distributed import tree_attention as cp_tree_attention
 
+            if variant:
+                raise NotImplementedError(f"{', '.join(sorted(variant))}: the context-parallel attention "
+                                          "(multiverse_kernels.distributed) does not implement it yet")
             out = cp_tree_attention(q, k, v, ameta, group=ctx.group, token_ranges=ctx.token_ranges,
                                     sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
             return out.unsqueeze(0), None
         # differentiable in q, k, v (tree_attention's autograd; the views pass gradients back to k, v)
-        out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
+        out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate,
+                             **variant)
         return out.unsqueeze(0), None
     if ctx.cache is None or ctx.token_node is None or ctx.token_pos is None:
         raise ValueError("multiverse: paged mode needs cache, token_node and token_pos in the ForestContext")
@@ -212,8 +215,41 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
                     ctx.token_pos, backend=ctx.append_backend, validate=ctx.validate)
     if ctx.kv_bytes_hook is not None:
         ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q, kc, vc, ameta, sm)))
-    out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
+    out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate,
+                         **variant)
     return out.unsqueeze(0), None
+
+
+# Keywords transformers' models pass to an attention function that need nothing from it here: the forest
+# gives the mask and the positions (RoPE is applied before the call), the paged cache is ours.
+_IGNORED_KWARGS = frozenset({"multiverse", "position_ids", "use_cache", "cache_position", "past_key_values",
+                             "past_key_value", "is_causal", "layer_idx", "output_attentions"})
+
+
+def attention_variant(kwargs: dict[str, Any], query: Tensor) -> dict[str, Any]:
+    """The ``tree_attention`` keywords for what a transformers model passes its attention function:
+    ``sliding_window`` -> ``window`` (transformers: a key is visible iff ``q_pos - k_pos < W``, the same
+    rule, here over the forest's positions), ``softcap`` -> ``softcap`` (Gemma 2), ``s_aux`` ->
+    ``sinks`` (GPT-OSS's per-head sink logits, differentiable). Any other keyword with a value (not None,
+    not False) raises NotImplementedError naming it: nothing a model passes is dropped silently."""
+    out: dict[str, Any] = {}
+    for key, val in kwargs.items():
+        if val is None or val is False or key in _IGNORED_KWARGS:
+            if key == "output_attentions" and val:
+                raise NotImplementedError("output_attentions: the multiverse attention returns no weights")
+            continue
+        if key == "sliding_window":
+            out["window"] = int(val)
+        elif key == "softcap":
+            out["softcap"] = float(val)
+        elif key == "s_aux":
+            sinks = val if isinstance(val, Tensor) else torch.as_tensor(val)
+            out["sinks"] = sinks.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+        else:
+            raise NotImplementedError(
+                f"{key}: the multiverse attention does not implement this keyword of the model's attention "
+                f"call (got {type(val).__name__}); it implements sliding_window, softcap and s_aux")
+    return out
 
 
 def register(name: str = ATTN_NAME) -> str:
