@@ -203,8 +203,8 @@ std::vector<at::Tensor> absorb_tiny_nodes_op(const at::Tensor& node_page_indptr,
   return ts;
 }
 
-// [selected, supported] CPU micro-kernel ISA (multiverse::cpu::CpuIsa values): what tree_attention runs
-// now (MULTIVERSE_CPU_ISA applied) and the widest this CPU supports.
+// [selected, supported] CPU micro-kernel ISA (multiverse::cpu::CpuIsa values): what tree_attention
+// and tree_attention_backward run now (MULTIVERSE_CPU_ISA applied) and the widest this CPU supports.
 std::vector<int64_t> cpu_isa_op() {
   const int64_t best = static_cast<int64_t>(multiverse::cpu::cpu_isa_supported());
   int64_t sel = -1;  // -1: MULTIVERSE_CPU_ISA names something this CPU cannot run

@@ -5,7 +5,8 @@
 
 namespace multiverse::cpu {
 
-// Micro-kernel builds of tree_attention, by instruction set (x86-64; elsewhere only kBaseline).
+// Kernel builds of tree_attention and tree_attention_backward, by instruction set (x86-64; elsewhere
+// only kBaseline): one table of entry points per ISA, picked by csrc/cpu/isa_dispatch.cpp.
 enum class CpuIsa : int32_t {
   kBaseline = 0,  // the build's default target (SSE2 on x86-64), 4-float vectors
   kAvx2 = 1,      // AVX2 + FMA + F16C, 8-float vectors, tiles for 16 ymm registers
@@ -14,7 +15,7 @@ enum class CpuIsa : int32_t {
 const char* cpu_isa_name(CpuIsa isa);  // "baseline", "avx2", "avx512"
 // The widest ISA this CPU (and OS) supports, by cpuid.
 CpuIsa cpu_isa_supported();
-// The ISA tree_attention dispatches to: cpu_isa_supported(), or the environment variable
+// The ISA tree_attention and tree_attention_backward dispatch to: cpu_isa_supported(), or the variable
 // MULTIVERSE_CPU_ISA=avx512|avx2|baseline (read per call) forcing a lower one. Throws
 // std::invalid_argument for an unknown name or an ISA this CPU cannot run.
 CpuIsa cpu_isa_selected();
