@@ -8,13 +8,15 @@ backward is the op ``torch.ops.multiverse.tree_attention_backward`` (docs/api.md
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from ..backends import available_backends
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import TreePlan
-from ..variants import Variant, check_variant
+from ..variants import Variant, check_variant, variant_names
 from ._checks import (
     check_attention_args,
     check_index_devices,
@@ -73,7 +75,32 @@ def _tree_attention_op(
     check_sm_scale(sm_scale)
     variant = op_variant(window, softcap, sinks, k_scale, v_scale)
     check_variant(variant, q, k_cache, v_cache)  # cheap (no sync): always
-    impl = impl_for("tree_attention", backend, q.device, variant)
+    # Sinks run on every backend: one whose kernels do not add exp(sink) to the denominator computes the
+    # attention without them, and the epilogue below adds the sink as one more log-sum-exp state with a
+    # zero value (exact: the sink is in the denominator only).
+    base = dataclasses.replace(variant, sinks=None)
+    impl = impl_for("tree_attention", backend, q.device, base)
+    kernel_variant = variant if "sinks" in variant_names(impl) else base
+    out, lse = _run(impl, q, k_cache, v_cache, meta, sm_scale, kernel_variant, plan_tensors, plan_ints,
+                    validate)
+    if kernel_variant.sinks is None and sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
+    return out, lse
+
+
+def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge the sink state (value 0, log-weight ``sinks[h]``) into attention states computed without it:
+    ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')`` (a row that saw nothing: ``out``
+    stays 0 and ``lse' = sink``; a NaN row stays NaN)."""
+    s = sinks.to(torch.float32 if lse.dtype != torch.float64 else lse.dtype)[None, :]
+    new = torch.logaddexp(lse, s)
+    scale = torch.exp(lse - new)
+    return (out.float() * scale[..., None]).to(out.dtype), new.to(lse.dtype)
+
+
+def _run(impl, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata, sm_scale: float,
+         variant: Variant, plan_tensors: list[Tensor] | None, plan_ints: list[int] | None,
+         validate: bool) -> tuple[Tensor, Tensor]:
     extra = {"variant": variant} if variant else {}
     if plan_tensors is not None and getattr(impl, "supports_plan", False):
         # a precomputed plan (multiverse_kernels.planning, docs/plan.md); backends without a plan
