@@ -149,7 +149,6 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, meta: ForestMetadata, *, gro
     recv, work = start_fetch(k, v, plan.send_idx, plan.send_splits, plan.recv_splits, group)
     if overlap is None:
         overlap = q.dtype != torch.float64
-    hq = q.shape[1]
     out = lse = None
     if overlap and n_r > 0:  # own keys while the exchange is in flight
         out, lse = _local_tree_attention(q, k.view(n_r, 1, hk, d), v.view(n_r, 1, hk, d), plan.local,
