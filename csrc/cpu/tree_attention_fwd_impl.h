@@ -231,7 +231,7 @@ inline void pv_rows(const float* const* vr, int dp, int D, const float* pt, int 
   int tfull = t1;
   for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
   int d0 = 0;
-  for (; d0 + 2 * W <= dp && d0 < D; d0 += 2 * W)
+  for (; d0 + 2 * W <= D; d0 += 2 * W)  // never past D: fp32 V rows may be the cache's own
     pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
   for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
 }
