@@ -19,8 +19,11 @@ import pytest
 import torch
 
 # The tests live in folders by concern (ops, backends, contracts, integrations, tooling); their shared
-# helpers (_triton_interp.py, _multiverse_script.py) sit here and are imported by module name.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# helpers (_triton_interp.py, _multiverse_script.py, _strategies.py) sit here and are imported by module
+# name, as are a few helpers of one folder's tests used by another's (test module names are unique).
+_HERE = Path(__file__).resolve().parent
+for _d in [_HERE, *sorted(p for p in _HERE.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))]:
+    sys.path.insert(0, str(_d))
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
