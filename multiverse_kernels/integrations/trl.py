@@ -48,7 +48,7 @@ from trl import GRPOTrainer
 from ..metadata import ForestMetadata, MetadataError
 from ..ops import tree_attention
 from ..rl import PackedRollouts, RolloutNode, pack_rollouts
-from .transformers import ForestContext, attention_variant, use_multiverse_attention
+from .transformers import attention_variant
 
 __all__ = [
     "TRL_TREE_ATTENTION",
@@ -252,8 +252,9 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     with RoPE applied; returns (out [1, T, Hq, D], None). ``sliding_window`` / ``softcap`` / ``s_aux``
     become ``window`` / ``softcap`` / ``sinks``; any other keyword with a value raises."""
     cfg = _config or _Config()
+    forest = kwargs.pop("multiverse_forest", None)  # MultiverseGRPOTrainer's packed forest, in place of TRL's
     missing = [k for k in TREE_KEYWORDS[:3] if kwargs.get(k) is None]
-    if missing:
+    if missing and forest is None:
         raise ValueError(f"{missing[0]}: the tree attention needs TRL's packed-tree keywords "
                          f"({', '.join(TREE_KEYWORDS)}) in the model's forward (TreeRow.pack() makes them)")
     tree = {k: kwargs.pop(k, None) for k in TREE_KEYWORDS}
@@ -274,11 +275,18 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
 
         world = dist.get_world_size(group) if dist.is_initialized() else 1
     num_tokens = None if world > 1 else T
-    meta = _CACHE.get(tree["tree_kv_index"], tree["tree_cu_seqlens_q"], tree["tree_cu_seqlens_k"],
-                      num_tokens, query.device, tree["tree_max_seqlen_q"], tree["tree_max_seqlen_k"])
-    q = query[0].transpose(0, 1)  # [T, Hq, D]
-    k = key[0].transpose(0, 1).to(q.dtype).contiguous()  # [T, Hk, D]
-    v = value[0].transpose(0, 1).to(q.dtype).contiguous()
+    if forest is not None:
+        meta = forest
+    else:
+        meta = _CACHE.get(tree["tree_kv_index"], tree["tree_cu_seqlens_q"], tree["tree_cu_seqlens_k"],
+                          num_tokens, query.device, tree["tree_max_seqlen_q"], tree["tree_max_seqlen_k"])
+    # under autocast the attention runs in the autocast dtype (as SDPA and TRL's FA3 call do)
+    dev = query.device.type
+    dtype = (torch.get_autocast_dtype(dev) if query.dtype == torch.float32 and torch.is_autocast_enabled(dev)
+             else query.dtype)
+    q = query[0].transpose(0, 1).to(dtype)  # [T, Hq, D]
+    k = key[0].transpose(0, 1).to(dtype).contiguous()  # [T, Hk, D]
+    v = value[0].transpose(0, 1).to(dtype).contiguous()
     sm = q.shape[-1] ** -0.5 if scaling is None else scaling
     if world > 1:
         import torch.distributed as dist
@@ -300,7 +308,8 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
         return out.unsqueeze(0), None
     kc = k.view(T, 1, k.shape[1], k.shape[2])  # the packed K/V as a page-size-1 cache: no copy, no gather
     vc = v.view(T, 1, v.shape[1], v.shape[2])
-    out = tree_attention(q.contiguous(), kc, vc, meta, sm_scale=sm, backend=cfg.backend, validate=False,
+    out = tree_attention(q.contiguous(), kc, vc, meta, sm_scale=sm, backend=cfg.backend,
+                         validate=forest is not None and cfg.validate,
                          **variant)
     return out.unsqueeze(0), None
 
@@ -367,6 +376,22 @@ def unregister(name: str = TRL_TREE_ATTENTION) -> None:
 
 
 # ------------------------------------------------------------------------------------------ GRPOTrainer
+GRPO_ATTENTION = "multiverse_trl_grpo"  # the name MultiverseGRPOTrainer switches its models to, per forward
+
+
+@contextlib.contextmanager
+def _switched(model: Any, name: str) -> Iterator[None]:
+    prev = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if prev == name:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(prev)
+
+
 def _concat(parts: list[PackedRollouts]) -> PackedRollouts:
     """Several packed trees as one forest (several roots): indices offset, order kept."""
     tok_off = node_off = 0
@@ -464,14 +489,15 @@ class MultiverseGRPOTrainer(GRPOTrainer):
             base = base.get_base_model()
         ckpt = any(getattr(base, n, False) for n in ("is_activation_checkpointing",
                                                     "is_gradient_checkpointing"))
+        name = register(GRPO_ATTENTION, backend=self.mk_backend, validate=self.mk_validate)
         if ckpt and torch.is_grad_enabled() and base.training:
             # checkpointing re-runs the attention in backward: stay switched until training_step ends
             if self._mk_stack is None:
                 self._mk_stack = contextlib.ExitStack()
-                self._mk_stack.enter_context(use_multiverse_attention(base))
+                self._mk_stack.enter_context(_switched(base, name))
             yield
         else:
-            with use_multiverse_attention(base):
+            with _switched(base, name):
                 yield
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
@@ -517,11 +543,10 @@ class MultiverseGRPOTrainer(GRPOTrainer):
             self.mk_stats["packed_tokens"] += packed.num_tokens
             self.mk_stats["unpacked_tokens"] += sum(len(prompts[b]) + len(comps[b]) for b in rows)
             meta = packed.metadata(dev)
-            ctx = ForestContext(meta, packed=True, backend=self.mk_backend, validate=self.mk_validate)
             with self._mk_switched(model), self.accelerator.autocast():
                 out = model(input_ids=packed.token_ids.to(dev)[None],
                             position_ids=packed.position_ids.to(dev)[None],
-                            shift_labels=labels.to(dev)[None], fused_lm_head=True, multiverse=ctx)
+                            shift_labels=labels.to(dev)[None], fused_lm_head=True, multiverse_forest=meta)
             idx = torch.full((len(rows), logits_to_keep), -1, dtype=torch.int64)
             for i, b in enumerate(rows):
                 idx[i, :nn[b]] = first[i] + torch.arange(nn[b])

@@ -330,7 +330,7 @@ def _grpo(cls, model, tmp_path, steps: int = 1, **cfg):
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=steps, learning_rate=1e-3, logging_steps=1,
                       report_to=[], use_cpu=True, save_strategy="no", seed=0, beta=0.04,
-                      temperature=1.0, **cfg)
+                      temperature=1.0, bf16=False, **cfg)
 
     def reward(completions, **kw):
         return [float(len(c)) / 10.0 for c in completions]
@@ -339,21 +339,29 @@ def _grpo(cls, model, tmp_path, steps: int = 1, **cfg):
                train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=_tokenizer())
 
 
-def _grpo_models():
+def _grpo_model_dir(tmp_path) -> str:
+    """A tiny Qwen2 and its word tokenizer saved to a directory (the trainers load the policy and the
+    reference model from it)."""
     cfg, cls = _config("qwen2")
-    cfg._attn_implementation = "sdpa"
     cfg.pad_token_id, cfg.eos_token_id = 0, 1
     torch.manual_seed(0)
     model = cls(cfg)
-    return model, copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(2.0)
+    path = tmp_path / "tiny-qwen2"
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return str(path)
 
 
 def test_grpo_trainer_loss_and_gradients_equal_stock(tmp_path):
     from trl import GRPOTrainer
 
-    m_stock, m_ours = _grpo_models()
-    stock = _grpo(GRPOTrainer, m_stock, tmp_path / "a")
-    ours = _grpo(mk_trl.MultiverseGRPOTrainer, m_ours, tmp_path / "b")
+    path = _grpo_model_dir(tmp_path)
+    stock = _grpo(GRPOTrainer, path, tmp_path / "a")
+    ours = _grpo(mk_trl.MultiverseGRPOTrainer, path, tmp_path / "b")
     # one generation batch from the stock trainer (its sampling), scored by both
     torch.manual_seed(1)
     raw = next(iter(stock.get_train_dataloader()))
@@ -383,12 +391,11 @@ def test_grpo_trainer_loss_and_gradients_equal_stock(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_trainer_trains_end_to_end(tmp_path):
-    m, _ = _grpo_models()
-    trainer = _grpo(mk_trl.MultiverseGRPOTrainer, m, tmp_path, steps=3)
-    before = [p.detach().clone() for p in m.parameters()]
+    trainer = _grpo(mk_trl.MultiverseGRPOTrainer, _grpo_model_dir(tmp_path), tmp_path / "out", steps=3)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     out = trainer.train()
     assert out.global_step == 3
-    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
     assert trainer.mk_stats["packed_tokens"] < trainer.mk_stats["unpacked_tokens"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
