@@ -1,6 +1,6 @@
 """Measured K/V bytes loaded by the Triton tree-attention kernels vs the forest's unique KV bytes.
 
-    python scripts/triton_kv_traffic.py          # prints the markdown table in README.md
+    python scripts/triton_kv_traffic.py          # prints the markdown table in docs/performance.md
     python scripts/triton_kv_traffic.py --large  # also the issue's sizes (1K-token prompts; minutes)
 
 The bytes are counted at the loads while the kernels run in the Triton interpreter (CPU tensors; the
