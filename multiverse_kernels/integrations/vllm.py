@@ -1,0 +1,290 @@
+"""A vLLM (v1) attention backend over ``tree_attention``: every shared prefix block read once per step.
+
+Turned on by vLLM's own switch, in every vLLM process, with no user code: the package's
+``vllm.general_plugins`` entry point (pyproject.toml) calls :func:`register`, which registers
+:class:`MultiverseAttentionBackend` as ``AttentionBackendEnum.CUSTOM`` and makes the CPU platform honour a
+``CUSTOM`` choice (vLLM 0.32's CPU platform otherwise hands out ``CPU_ATTN`` whatever is asked). So::
+
+    vllm serve MODEL --attention-backend CUSTOM              # or
+    LLM(model, attention_backend="CUSTOM")
+
+selects it on CPU (the C++ ``cpu`` backend) and on GPU (``cuda`` / ``triton``); without that choice
+vLLM's own backend stays the default. A configuration it cannot run (dtype, KV-cache dtype, head size,
+attention type, MLA, ...) is refused when the backend is selected, with the reasons.
+
+Each step the metadata builder turns the block tables into a forest (requests whose tables start with
+the same blocks share nodes, split where they diverge:
+:func:`~multiverse_kernels.integrations.vllm_sharing.forest_from_block_table`, vectorised), once, and
+every layer runs ``tree_attention`` on that one ``ForestMetadata`` (the backends plan once per step and
+reuse the plan across layers: ``plan_cache``). Environment: ``MULTIVERSE_VLLM_SHARE=0`` reads every
+request's blocks itself (no sharing, for comparisons); ``MULTIVERSE_VLLM_KERNEL`` picks the
+tree_attention backend (default ``auto``: ``cpu`` on CPU tensors, ``cuda`` / ``triton`` on GPU).
+
+KV cache: vLLM's per-layer tensor (logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
+K then V in the last dim) is read in place as ``k_cache = kv.transpose(1, 2)[..., :D]`` and
+``v_cache = kv.transpose(1, 2)[..., D:]`` (``[num_blocks, block_size, Hk, D]`` with strides; the
+kernels need only ``head_dim`` contiguous). Preferred layout: blocks, then tokens, then heads (LBNHC).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from ..metadata import ForestMetadata
+from ..ops import tree_attention
+from .vllm_sharing import SharingStats, forest_from_block_table
+
+__all__ = [
+    "register",
+    "MultiverseAttentionBackend",
+    "MultiverseAttentionMetadata",
+    "MultiverseAttentionMetadataBuilder",
+    "MultiverseAttentionImpl",
+    "BACKEND_PATH",
+    "HEAD_SIZES",
+    "STATS",
+]
+
+log = logging.getLogger(__name__)
+
+STATS = {"steps": 0, "listed_blocks": 0, "unique_blocks": 0, "shared_nodes": 0, "fallbacks": 0}
+"""Totals over the metadata builds of this process (what sharing the block tables had): block-table
+entries listed, unique blocks among them (the blocks one step reads), shared nodes, steps whose tables
+failed the sharing check (run unshared)."""
+
+BACKEND_PATH = "multiverse_kernels.integrations.vllm.MultiverseAttentionBackend"
+HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
+"""Head sizes declared to vLLM (what the tests and the kernels cover)."""
+
+
+def _flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    if v is None or v.strip() == "":
+        return default
+    return v.strip().lower() not in ("0", "off", "false", "no")
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point (runs in every vLLM process, maybe more than once):
+    register the backend as ``CUSTOM`` (unless something else already claimed it) and let the CPU
+    platform honour ``CUSTOM``."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if not custom.is_overridden():
+        register_backend(custom, BACKEND_PATH)
+    elif custom.get_path() != BACKEND_PATH:
+        log.info("multiverse_kernels: AttentionBackendEnum.CUSTOM is already %s; not registering",
+                 custom.get_path())
+    _patch_cpu_platform()
+
+
+def _patch_cpu_platform() -> None:
+    """vLLM 0.32's ``CpuPlatform.get_attn_backend_cls`` returns CPU_ATTN for any non-MLA choice. Wrap it so
+    that a ``CUSTOM`` choice returns the registered class after the same configuration check the CUDA
+    platform does (a refusal names the reasons); every other choice goes to the original."""
+    from vllm.platforms import cpu as cpu_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    plat = cpu_platform.CpuPlatform
+    orig = plat.__dict__["get_attn_backend_cls"]
+    if getattr(orig, "_multiverse_wrapped", False):
+        return
+    orig_fn = orig.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend == AttentionBackendEnum.CUSTOM and not attn_selector_config.use_mla:
+            path = AttentionBackendEnum.CUSTOM.get_path()
+            backend_cls = AttentionBackendEnum.CUSTOM.get_class()
+            reasons = backend_cls.validate_configuration(device_capability=None,
+                                                         **attn_selector_config._asdict())
+            if reasons:
+                raise ValueError(f"Selected backend {selected_backend} ({path}) is not valid for this "
+                                 f"configuration. Reason: {reasons}")
+            log.info("Using %s backend (%s).", selected_backend, path)
+            return path
+        return orig_fn(cls, selected_backend, attn_selector_config, num_heads)
+
+    get_attn_backend_cls._multiverse_wrapped = True  # type: ignore[attr-defined]
+    plat.get_attn_backend_cls = classmethod(get_attn_backend_cls)  # type: ignore[method-assign]
+
+
+class MultiverseAttentionBackend(AttentionBackend):
+    """Decoder self-attention over vLLM's paged KV cache with ``tree_attention``."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]  # any page size
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM maps the name back to its enum member
+
+    @staticmethod
+    def get_impl_cls() -> type[MultiverseAttentionImpl]:
+        return MultiverseAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MultiverseAttentionMetadataBuilder]:
+        return MultiverseAttentionMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(HEAD_SIZES)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return True
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
+                             use_sparse, use_mm_prefix, device_capability) -> str | None:
+        if kv_cache_dtype not in (None, "auto") and (
+                (kv_cache_dtype == "float16") != (dtype == torch.float16)
+                or (kv_cache_dtype == "bfloat16") != (dtype == torch.bfloat16)):
+            return f"kv_cache_dtype {kv_cache_dtype} differs from the model dtype {dtype}"
+        return None
+
+
+@dataclass
+class MultiverseAttentionMetadata:
+    """One step's metadata, shared by every layer of the KV-cache group."""
+
+    num_actual_tokens: int
+    forest: ForestMetadata
+    sharing: SharingStats | None = None
+
+
+class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAttentionMetadata]):
+    """Block tables -> one forest per step (shared prefix blocks become shared nodes)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        self.share = _flag("MULTIVERSE_VLLM_SHARE", True)
+        self.last_stats: SharingStats | None = None
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MultiverseAttentionMetadata:
+        cm = common_attn_metadata
+        if isinstance(cm.causal, torch.Tensor) or not cm.causal:
+            raise NotImplementedError("multiverse_kernels' vLLM backend runs causal decoder attention only")
+        R = cm.num_reqs
+        qsl = cm.query_start_loc[: R + 1]
+        forest, stats = forest_from_block_table(cm.block_table_tensor, cm.seq_lens[:R], qsl,
+                                                self.block_size, share=self.share, stats=True)
+        self.last_stats = stats
+        STATS["steps"] += 1
+        STATS["listed_blocks"] += stats.listed_blocks
+        STATS["unique_blocks"] += stats.unique_blocks
+        STATS["shared_nodes"] += stats.shared_nodes
+        STATS["fallbacks"] += int(stats.fallback)
+        return MultiverseAttentionMetadata(num_actual_tokens=cm.num_actual_tokens, forest=forest,
+                                           sharing=stats)
+
+
+class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None,
+                 **unused: Any) -> None:
+        if alibi_slopes is not None:
+            raise NotImplementedError("multiverse_kernels' vLLM backend: ALiBi is not supported")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"multiverse_kernels' vLLM backend: attention type {attn_type} is "
+                                      "not supported (decoder self-attention only)")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.window = int(sliding_window) if sliding_window else None
+        self.softcap = float(logits_soft_cap) if logits_soft_cap else None
+        self.sinks = sinks
+        self.attn_type = attn_type
+        self.kernel = os.environ.get("MULTIVERSE_VLLM_KERNEL", "auto").strip() or "auto"
+
+    def _caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]
+        D = self.head_size
+        return kv[..., :D], kv[..., D:]
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        if kv_cache.numel() == 0:
+            return
+        k_cache, v_cache = self._caches(kv_cache)
+        n = slot_mapping.shape[0]
+        if kv_cache.is_cuda:
+            torch.ops._C_cache_ops.reshape_and_cache_flash(
+                key[:n], value[:n], k_cache, v_cache, slot_mapping, self.kv_cache_dtype,
+                layer._k_scale, layer._v_scale)
+            return
+        slots = slot_mapping.long()
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
+        else:
+            key, value = key[:n], value[:n]
+        bs = k_cache.shape[1]
+        blk, off = slots // bs, slots % bs
+        k_cache[blk, off] = key.to(k_cache.dtype)
+        v_cache[blk, off] = value.to(v_cache.dtype)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: MultiverseAttentionMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("multiverse_kernels' vLLM backend: fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        n = attn_metadata.num_actual_tokens
+        k_cache, v_cache = self._caches(kv_cache)
+        sinks = self.sinks
+        if sinks is not None and sinks.dtype != torch.float32:
+            sinks = self.sinks = sinks.float()
+        out = tree_attention(query[:n], k_cache, v_cache, attn_metadata.forest, sm_scale=self.scale,
+                             backend=self.kernel, validate=False, window=self.window,
+                             softcap=self.softcap, sinks=sinks)
+        output[:n].copy_(out.view_as(output[:n]))
+        return output

@@ -1,0 +1,165 @@
+"""vLLM block tables -> a KV forest, each step, vectorised (no vLLM import: testable anywhere).
+
+vLLM gives every running request a block table (its KV blocks in token order). Requests that share a
+prompt (parallel sampling, a common system prompt, prefix-cache hits) share its *full* blocks: the
+same physical block at the same logical position. :func:`forest_from_block_table` turns the step's
+tables into :class:`~multiverse_kernels.ForestMetadata`: a node per maximal run of blocks that the same
+set of requests shares (read once per step for all of them), and one own node per request (its private
+blocks, holding its query tokens). Work is O(requests x blocks) elementwise tensor ops plus a sort of
+the shared segments; nothing per token, no Python loop over requests or blocks.
+
+How: only a request's full blocks before its first query token may be shared. ``count[b]`` = how many
+requests list block ``b`` there; along a request's table a new node starts where the count changes (with
+prefix-cached blocks the readers of a block are a subset of the readers of the block before it, so a
+run of equal count is a run read by the same requests). A node is named by its first block; then the
+result is *checked* (every reader of a node has the node's blocks at the node's positions, and has a
+run of the same length) so that any table — even one that breaks the prefix property — gives exact
+attention: when the check fails the step falls back to no sharing (each request one node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..metadata import ForestMetadata
+
+__all__ = ["forest_from_block_table", "SharingStats"]
+
+
+@dataclass(frozen=True)
+class SharingStats:
+    """What one step's conversion found: blocks listed by all requests' tables (up to their length), the
+    unique blocks among them, shared nodes and whether the sharing check failed (then nothing is shared)."""
+
+    listed_blocks: int
+    unique_blocks: int
+    shared_nodes: int
+    fallback: bool = False
+
+
+def _unshared(tab: Tensor, nblk: Tensor, seq: Tensor, qo: Tensor, page_size: int,
+              valid: Tensor) -> ForestMetadata:
+    R = seq.numel()
+    dev = tab.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    indptr = torch.zeros(R + 1, dtype=torch.int64, device=dev)
+    indptr[1:] = torch.cumsum(nblk, 0)
+    ar = torch.arange(R, device=dev)
+    return ForestMetadata(
+        node_page_indptr=indptr.to(torch.int32),
+        node_page_indices=tab[valid].to(torch.int32),
+        node_len=seq.to(torch.int32),
+        qo_indptr=qo.to(torch.int32),
+        vis_indptr=torch.arange(R + 1, **i32),
+        vis_nodes=ar.to(torch.int32),
+        page_size=page_size,
+        node_pos=torch.zeros(R, **i32),
+    )
+
+
+def forest_from_block_table(block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+                            block_size: int, *, share: bool = True,
+                            stats: bool = False) -> ForestMetadata | tuple[ForestMetadata, SharingStats]:
+    """The step's forest from vLLM's per-request tables.
+
+    Args:
+        block_table: int [R', M'] (R' >= R rows; only the first R, and per row the first
+            ``ceil(seq_lens[r] / block_size)`` entries, are read).
+        seq_lens: int [R] tokens of each request after this step's tokens are written.
+        query_start_loc: int [R + 1] the step's query rows of each request (its last tokens).
+        block_size: tokens per block (the cache's page size).
+        share: False builds one node per request (what a per-request kernel reads).
+        stats: also return :class:`SharingStats`.
+    Returns metadata with one group per request in batch order (group ``r``'s rows are
+    ``query_start_loc[r]:query_start_loc[r+1]``); every index tensor on ``block_table``'s device.
+    """
+    dev = block_table.device
+    seq = seq_lens.to(dev, torch.int64)
+    R = seq.numel()
+    qo = query_start_loc[: R + 1].to(dev, torch.int64)
+    qlen = qo[1:] - qo[:-1]
+    nblk = (seq + block_size - 1) // block_size
+    M = int(nblk.max()) if R else 0
+    tab = block_table[:R, :M].to(torch.int64)
+    col = torch.arange(M, device=dev)
+    valid = col[None, :] < nblk[:, None]
+    listed = int(nblk.sum())
+
+    def done(meta: ForestMetadata, unique: int, nodes: int, fallback: bool = False):
+        return (meta, SharingStats(listed, unique, nodes, fallback)) if stats else meta
+
+    # Only full blocks before the first query token can be shared (their K/V is final).
+    nshare = torch.clamp((seq - qlen) // block_size, min=0)
+    shareable = col[None, :] < nshare[:, None]
+    cand = tab[shareable]
+    if not share or cand.numel() < 2:
+        return done(_unshared(tab, nblk, seq, qo, block_size, valid), listed, 0)
+    count = torch.bincount(cand)
+    cnt = torch.where(shareable, count[tab.clamp(min=0) * shareable], 0)
+    lead = (cnt >= 2).long().cumprod(1).sum(1)  # shared leading blocks of each request
+    if int(lead.max()) == 0:
+        return done(_unshared(tab, nblk, seq, qo, block_size, valid), listed, 0)
+    in_shared = col[None, :] < lead[:, None]
+    prev = torch.cat([torch.full((R, 1), -1, dtype=cnt.dtype, device=dev), cnt[:, :-1]], 1)
+    starts = in_shared & (cnt != prev)
+    # Segments (runs of one node in one request), in row-major order.
+    seg_r, seg_j0 = starts.nonzero(as_tuple=True)
+    S = seg_r.numel()
+    seg_id = torch.cumsum(starts.reshape(-1).long(), 0).reshape(R, M) - 1  # segment of each position
+    seg_end = torch.zeros(S, dtype=torch.int64, device=dev)
+    seg_end.scatter_reduce_(0, seg_id[in_shared], col.expand(R, M)[in_shared] + 1, "amax")
+    seg_len = seg_end - seg_j0
+    keys = tab[seg_r, seg_j0]
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    first = torch.full((uniq.numel(),), S, dtype=torch.int64, device=dev)
+    first.scatter_reduce_(0, inv, torch.arange(S, device=dev), "amin")
+    rep_seg = first[inv]  # the representative (first) segment of each segment's node
+    is_rep = rep_seg == torch.arange(S, device=dev)
+    node_rank = torch.cumsum(is_rep.long(), 0) - 1  # node ids in order of first appearance
+    seg_node = node_rank[rep_seg]
+    Ns = int(is_rep.sum())
+    # The check: same start, same length and the same blocks as the node's representative.
+    ok = bool(((seg_j0 == seg_j0[rep_seg]) & (seg_len == seg_len[rep_seg])).all())
+    if ok:
+        pos_seg = seg_id[in_shared]
+        pos_j = col.expand(R, M)[in_shared]
+        rs = rep_seg[pos_seg]
+        ok = bool((tab[in_shared] == tab[seg_r[rs], pos_j]).all())
+    if not ok:
+        return done(_unshared(tab, nblk, seq, qo, block_size, valid), listed, 0, fallback=True)
+
+    # Pages: shared nodes (the representatives' runs, row-major = node order), then own nodes.
+    rep_pos = in_shared & is_rep[seg_id.clamp(min=0)]
+    own_mask = valid & ~in_shared
+    shared_pages = tab[rep_pos]
+    own_pages = tab[own_mask]
+    n_own_blk = nblk - lead
+    node_blocks = torch.cat([seg_len[is_rep], n_own_blk])
+    indptr = torch.zeros(Ns + R + 1, dtype=torch.int64, device=dev)
+    indptr[1:] = torch.cumsum(node_blocks, 0)
+    node_len = torch.cat([seg_len[is_rep] * block_size, seq - lead * block_size])
+    node_pos = torch.cat([seg_j0[is_rep] * block_size, lead * block_size])
+    # Visibility: each request's segments' nodes in order, then its own node.
+    nseg = torch.bincount(seg_r, minlength=R)
+    vis_indptr = torch.zeros(R + 1, dtype=torch.int64, device=dev)
+    vis_indptr[1:] = torch.cumsum(nseg + 1, 0)
+    vis = torch.empty(int(vis_indptr[-1]), dtype=torch.int64, device=dev)
+    seg_first = vis_indptr[:-1] - torch.arange(R, device=dev)  # = cumsum of nseg before r
+    local = torch.arange(S, device=dev) - seg_first[seg_r]
+    vis[vis_indptr[:-1][seg_r] + local] = seg_node
+    vis[vis_indptr[1:] - 1] = Ns + torch.arange(R, device=dev)
+    i32 = torch.int32
+    meta = ForestMetadata(
+        node_page_indptr=indptr.to(i32),
+        node_page_indices=torch.cat([shared_pages, own_pages]).to(i32),
+        node_len=node_len.to(i32),
+        qo_indptr=qo.to(i32),
+        vis_indptr=vis_indptr.to(i32),
+        vis_nodes=vis.to(i32),
+        page_size=block_size,
+        node_pos=node_pos.to(i32),
+    )
+    return done(meta, int(torch.unique(tab[valid]).numel()), Ns)

@@ -1,0 +1,304 @@
+"""The vLLM backend (multiverse_kernels.integrations.vllm): block tables -> forest, plugin selection and
+refusals, and whole generations against vLLM's own CPU backend (CPU_ATTN) on tiny random models.
+
+The first group (block tables -> forest) needs no vLLM. The rest needs vLLM's CPU build (pinned in CI's
+third environment, .ci/run) and skip with the reason elsewhere. Engines are tiny (2 layers, random
+weights saved to a temp dir, enforce_eager, skip_tokenizer_init, block size 32) and run in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), except the plugin-in-a-spawned-engine test.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import multiverse_kernels as mk
+from multiverse_kernels.integrations.vllm_sharing import forest_from_block_table
+
+# ----------------------------------------------------------------- block tables -> forest (no vLLM)
+
+
+def _tables(seed: int, bs: int = 4):
+    """Random requests over prefix-shared block lists: a few prompts, each with several continuations,
+    some of which share more blocks, plus unrelated requests; random query lengths."""
+    g = torch.Generator().manual_seed(seed)
+    nxt = [0]
+
+    def new(n):
+        r = torch.arange(nxt[0], nxt[0] + n)
+        nxt[0] += n
+        return r
+
+    rows, seqs, qls = [], [], []
+    for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+        prompt = new(int(torch.randint(0, 6, (1,), generator=g)))
+        mid = new(int(torch.randint(0, 3, (1,), generator=g)))
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            base = torch.cat([prompt, mid]) if bool(torch.rand(1, generator=g) < 0.5) else prompt
+            own = int(torch.randint(1, 4, (1,), generator=g))
+            rows.append(torch.cat([base, new(own)]))
+            last = int(torch.randint(1, bs + 1, (1,), generator=g))
+            seqs.append((len(rows[-1]) - 1) * bs + last)
+            qls.append(int(torch.randint(1, min(seqs[-1] - len(base) * bs, 2 * bs) + 1, (1,), generator=g)))
+    perm = torch.randperm(len(rows), generator=g).tolist()
+    rows, seqs, qls = [rows[i] for i in perm], [seqs[i] for i in perm], [qls[i] for i in perm]
+    width = max(len(r) for r in rows) + 3
+    tab = torch.full((len(rows) + 2, width), 7, dtype=torch.int32)  # padding rows/columns hold junk
+    for i, r in enumerate(rows):
+        tab[i, : len(r)] = r.to(torch.int32)
+    qo = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    qo[1:] = torch.cumsum(torch.tensor(qls), 0)
+    return tab, torch.tensor(seqs, dtype=torch.int32), qo, nxt[0] + 8
+
+
+def _attend(meta, qo, num_pages, bs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(int(qo[-1]), 4, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(num_pages, bs, 2, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(num_pages, bs, 2, 16, generator=g, dtype=torch.float64)
+    return mk.tree_attention(q, k, v, meta, backend="reference")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_tables_share_prefixes_exactly(seed):
+    bs = 4
+    tab, seq, qo, num_pages = _tables(seed, bs)
+    shared, st = forest_from_block_table(tab, seq, qo, bs, stats=True)
+    alone = forest_from_block_table(tab, seq, qo, bs, share=False)
+    shared.validate(num_pages)
+    alone.validate(num_pages)
+    assert not st.fallback
+    torch.testing.assert_close(_attend(shared, qo, num_pages, bs), _attend(alone, qo, num_pages, bs),
+                               rtol=0, atol=1e-12)
+    # every block is read once: the forest's pages are the unique blocks of the tables
+    need = -(-shared.node_len.long() // bs)
+    assert int(need.sum()) == st.unique_blocks == int(torch.unique(alone.node_page_indices).numel())
+    assert shared.node_page_indices.numel() == st.unique_blocks
+    torch.testing.assert_close(shared.positions(), shared.default_node_pos())
+
+
+def test_block_tables_known_split():
+    bs = 4
+    # three requests on a 2-block prompt; two of them share one more block; one unrelated request
+    tab = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 5, 0], [6, 7, 0, 0]], dtype=torch.int32)
+    seq = torch.tensor([14, 13, 10, 5], dtype=torch.int32)
+    qo = torch.tensor([0, 1, 2, 3, 8], dtype=torch.int32)
+    m, st = forest_from_block_table(tab, seq, qo, bs, stats=True)
+    assert m.node_len.tolist() == [8, 4, 2, 1, 2, 5]
+    assert m.node_page_indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert m.vis_nodes.tolist() == [0, 1, 2, 0, 1, 3, 0, 4, 5]
+    assert (st.listed_blocks, st.unique_blocks, st.shared_nodes) == (13, 8, 2)
+
+
+def test_block_tables_query_rows_are_never_shared():
+    # the same 2 blocks, but request 1's query reaches into block 1: only block 0 is shared
+    tab = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32)
+    seq = torch.tensor([9, 12], dtype=torch.int32)
+    qo = torch.tensor([0, 1, 6], dtype=torch.int32)
+    m = forest_from_block_table(tab, seq, qo, 4)
+    assert m.node_len.tolist() == [4, 5, 8] and m.vis_nodes.tolist() == [0, 1, 0, 2]
+    m.validate(4)
+
+
+def test_block_tables_break_the_prefix_property_fall_back():
+    # block 9 at different positions, and block 3 starting runs of different lengths: not a prefix tree
+    cases = (([[9, 1, 2], [3, 9, 4], [9, 1, 5]], False), ([[9, 1, 2], [3, 9, 4], [3, 7, 5]], True))
+    for rows, fallback in cases:
+        tab = torch.tensor(rows, dtype=torch.int32)
+        seq = torch.tensor([12, 12, 12], dtype=torch.int32)
+        qo = torch.arange(4, dtype=torch.int32)
+        m, st = forest_from_block_table(tab, seq, qo, 4, stats=True)
+        alone = forest_from_block_table(tab, seq, qo, 4, share=False)
+        assert st.fallback == fallback
+        m.validate(10)
+        torch.testing.assert_close(_attend(m, qo, 10, 4), _attend(alone, qo, 10, 4), rtol=0, atol=1e-12)
+
+
+def test_block_tables_nothing_shared_is_one_node_per_request():
+    tab = torch.tensor([[0, 1], [2, 3], [4, 0]], dtype=torch.int32)
+    seq = torch.tensor([5, 8, 0], dtype=torch.int32)
+    qo = torch.tensor([0, 1, 9, 9], dtype=torch.int32)
+    m, st = forest_from_block_table(tab, seq, qo, 4, stats=True)
+    assert m.num_nodes == 3 and m.vis_nodes.tolist() == [0, 1, 2] and st.shared_nodes == 0
+    assert m.node_page_indices.tolist() == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------ vLLM engines
+
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def vllm_mod():
+    for k, v in VLLM_ENV.items():
+        os.environ.setdefault(k, v)
+    return pytest.importorskip("vllm", reason="vLLM is not installed (CI's third environment has it)")
+
+
+def _save_tiny(tmp_path, arch: str = "qwen2", dtype=torch.float32, **over) -> str:
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=True)
+    common.update(over)
+    cfg_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }[arch]
+    model = model_cls(cfg_cls(**common)).to(dtype)
+    path = str(tmp_path / arch)
+    model.save_pretrained(path)
+    return path
+
+
+def _run_engine(path: str, backend: str | None, jobs, *, dtype="float32", **kw):
+    """Run every job ((prompts, SamplingParams) pairs) on one engine; per job, per request, per sample:
+    (token ids, log-probs of the chosen tokens)."""
+    from vllm import LLM
+
+    args = dict(dtype=dtype, enforce_eager=True, skip_tokenizer_init=True, max_model_len=1024,
+                block_size=32, max_num_seqs=64, seed=0, enable_prefix_caching=True)
+    args.update(kw)
+    if backend:
+        args["attention_backend"] = backend
+    llm = LLM(path, **args)
+    try:
+        out = []
+        for prompts, sp in jobs:
+            res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            out.append([[(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+                         for c in r.outputs] for r in res])
+        return out
+    finally:
+        del llm
+        gc.collect()
+
+
+def _compare(ours, theirs, atol):
+    for job_a, job_b in zip(ours, theirs, strict=True):
+        for req_a, req_b in zip(job_a, job_b, strict=True):
+            for (ta, la), (tb, lb) in zip(req_a, req_b, strict=True):
+                assert ta == tb
+                assert max((abs(x - y) for x, y in zip(la, lb)), default=0.0) <= atol, (la, lb)
+
+
+def _prompts(n_tokens: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_plugin_registers_custom_and_cpu_honours_it(vllm_mod):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from multiverse_kernels.integrations import vllm as mv
+
+    load_general_plugins()  # the entry point (pyproject) runs register()
+    assert AttentionBackendEnum.CUSTOM.get_path() == mv.BACKEND_PATH
+    ok = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=32)
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, ok) == mv.BACKEND_PATH
+    assert CpuPlatform.get_attn_backend_cls(None, ok).endswith("CPUAttentionBackend")  # default kept
+    for bad, reason in ((ok._replace(head_size=40), "head_size"), (ok._replace(kv_cache_dtype="fp8"),
+                        "kv_cache_dtype"), (ok._replace(attn_type="encoder_only"), "attention type"),
+                        (ok._replace(use_sparse=True), "sparse")):
+        with pytest.raises((ValueError, NotImplementedError), match=reason):
+            CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, bad)
+    mv.register()  # idempotent
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, ok) == mv.BACKEND_PATH
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(vllm_mod, tmp_path_factory):
+    """One pair of engines (CPU_ATTN, then ours) over every fp32 case."""
+    from vllm import SamplingParams
+
+    from multiverse_kernels.integrations import vllm as mv
+
+    path = _save_tiny(tmp_path_factory.mktemp("m"))
+    system = _prompts(100, 1)
+    greedy = SamplingParams(temperature=0, max_tokens=10, logprobs=1, detokenize=False)
+    jobs = [
+        # n=1 greedy, and 4 requests on one prompt (they share its full blocks), beside others
+        ([system], greedy),
+        ([system] * 4 + [system[:40], _prompts(70, 2)], greedy),
+        # many requests on a shared system prompt, each with its own question
+        ([system + _prompts(5 + i, 10 + i) for i in range(8)], greedy),
+        # seeded sampling, n = 4 and 16 on one prompt
+        ([system + [3, 4, 5]], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, logprobs=1,
+                                              detokenize=False)),
+        ([system[:70]], SamplingParams(n=16, temperature=0.8, top_p=0.9, seed=11, max_tokens=6, logprobs=1,
+                                       detokenize=False)),
+    ]
+    theirs = _run_engine(path, None, jobs)
+    before = dict(mv.STATS)
+    ours = _run_engine(path, "CUSTOM", jobs)
+    stats = {k: mv.STATS[k] - before[k] for k in before}
+    return ours, theirs, stats
+
+
+def test_fp32_matches_cpu_attn_and_shares(fp32_runs):
+    ours, theirs, stats = fp32_runs
+    assert stats["steps"] > 0, "the CUSTOM engine did not run multiverse_kernels' backend"
+    assert stats["shared_nodes"] > 0 and stats["unique_blocks"] < stats["listed_blocks"], stats
+    assert stats["fallbacks"] == 0
+    _compare(ours, theirs, atol=1e-3)
+
+
+def test_chunked_prefill_beside_decodes(vllm_mod, tmp_path):
+    """A 700-token prompt prefilled in chunks of 96 tokens while short requests decode (greedy; seeded
+    sampling and chunked prefill crash vLLM's CPU runner itself)."""
+    from vllm import SamplingParams
+
+    path = _save_tiny(tmp_path, "llama")
+    sp = SamplingParams(temperature=0, max_tokens=8, logprobs=1, detokenize=False)
+    system = _prompts(64, 3)
+    jobs = [([_prompts(700, 4)] + [system + [i] for i in range(6)], sp)]
+    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=96, max_num_seqs=8)
+    theirs = _run_engine(path, None, jobs, **kw)
+    ours = _run_engine(path, "CUSTOM", jobs, **kw)
+    _compare(ours, theirs, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_bf16_completes_and_agrees(vllm_mod, tmp_path):
+    from vllm import SamplingParams
+
+    path = _save_tiny(tmp_path, "qwen2", dtype=torch.bfloat16)
+    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=1, detokenize=False)
+    system = _prompts(90, 5)
+    jobs = [([system] * 4 + [system + [1, 2]], sp)]
+    theirs = _run_engine(path, None, jobs, dtype="bfloat16")
+    ours = _run_engine(path, "CUSTOM", jobs, dtype="bfloat16")
+    # first tokens agree and their log-probs within bf16 tolerance (later tokens may diverge on near ties)
+    for ra, rb in zip(ours[0], theirs[0]):
+        assert len(ra[0][0]) == 6
+        assert ra[0][0][0] == rb[0][0][0]
+        assert abs(ra[0][1][0] - rb[0][1][0]) < 5e-2
+
+
+@pytest.mark.slow
+def test_plugin_in_a_spawned_engine(vllm_mod, tmp_path):
+    """No user code: a fresh interpreter, vLLM's engine core in its own process, CUSTOM asked for."""
+    path = _save_tiny(tmp_path)
+    code = textwrap.dedent(f"""
+        from vllm import LLM, SamplingParams
+        llm = LLM({path!r}, dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_model_len=256,
+                  block_size=32, attention_backend="CUSTOM")
+        out = llm.generate([{{"prompt_token_ids": list(range(50))}}] * 2,
+                           SamplingParams(temperature=0, max_tokens=4, detokenize=False), use_tqdm=False)
+        print("TOKENS", [list(o.outputs[0].token_ids) for o in out])
+    """)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TOKENS" in r.stdout
+    assert "Using AttentionBackendEnum.CUSTOM backend" in r.stderr + r.stdout
