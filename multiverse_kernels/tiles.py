@@ -6,7 +6,7 @@ Triton."""
 
 from __future__ import annotations
 
-__all__ = ["HEAD_DIMS", "TILES", "MAX_BLOCK_M", "MAX_TILE_ROWS", "DKDV_TILES", "DQ_TILES"]
+__all__ = ["HEAD_DIMS", "TILES", "VARIANT_TILES", "MAX_BLOCK_M", "MAX_TILE_ROWS", "DKDV_TILES", "DQ_TILES"]
 
 HEAD_DIMS = (64, 128, 256)
 # (HEAD_DIM, BLOCK_M) -> (BLOCK_N, num_warps): every tile the dispatcher may pick. Chosen with the
@@ -30,6 +30,10 @@ TILES = {
     (256, 16): (64, 8, False),
     (64, 256): (32, 8, False),
 }
+
+# (HEAD_DIM, BLOCK_M, variant) -> (BLOCK_N, num_warps, prefetch): a forward tile for an attention variant
+# ("softcap", "window", "fp8") where the plain tile spills with it (compile report); none needed so far.
+VARIANT_TILES: dict[tuple[int, int, str], tuple[int, int, bool]] = {}
 
 MAX_BLOCK_M = {d: max(bm for dd, bm in TILES if dd == d) for d in HEAD_DIMS}
 """Largest packed row tile of the forward per head_dim."""

@@ -191,6 +191,25 @@ def test_backends_implement_or_refuse(backend, name, dtype, poisoned):
     tol = tolerance(dtype)
     torch.testing.assert_close(got.float(), want.float(), **tol)
     torch.testing.assert_close(gl, wl, **tol)
+    bw = resolve("tree_attention_backward", backend, torch.device(dev))
+    if need <= variant_names(bw):  # a declared backward: dq, dk, dv equal the reference backward's
+        _compare_grads(backend, meta, q, k, v, kw, dtype)
+
+
+def _compare_grads(backend, meta, q, k, v, kw, dtype):
+    """Gradients of (out * go + lse * gl).sum() w.r.t. q, k, v: ``backend`` vs the reference."""
+    g = torch.Generator().manual_seed(9)
+    go = torch.randn(q.shape, generator=g).to(q.device)
+    gl = torch.randn(q.shape[:2], generator=g).to(q.device)
+    grads = []
+    for b in (backend, "reference"):
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = mk.tree_attention(*ins, meta, backend=b, return_lse=True, **kw)
+        ((out.float() * go).sum() + (lse * gl).sum()).backward()
+        grads.append([t.grad.float() for t in ins])
+    tol = tolerance(dtype)
+    for name, a, b in zip("qkv", *grads, strict=True):  # grads sum many terms: 5x the output tolerance
+        torch.testing.assert_close(a, b, atol=5 * tol["atol"], rtol=5 * tol["rtol"], msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_auto_never_drops_a_variant():
@@ -282,3 +301,86 @@ def test_bad_variant_arguments():
     bad = meta.with_node_pos(torch.zeros(meta.num_nodes, dtype=torch.int64))
     with pytest.raises(MetadataError, match="node_pos"):
         mk.tree_attention(q, k, v, bad, backend="reference", window=4)
+
+
+# ---- kernels' variants beyond the forward test above: backward (window / soft-cap) and fp8 caches.
+# Written for any backend: one that declares the variant equals the reference, one that does not raises
+# NotImplementedError naming it. Small forests (the Triton kernels run in the interpreter on CPU).
+
+BACKWARD_VARIANTS = [pytest.param("window", marks=pytest.mark.slow), "softcap", "window+softcap+sinks"]
+
+
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference",)))
+@pytest.mark.parametrize("name", BACKWARD_VARIANTS)
+def test_backward_variants_implement_or_refuse(backend, name, poisoned):
+    """The op tree_attention_backward with a window / soft-cap on ``backend``: dq, dk, dv (fp32) equal
+    the reference backward's on the reference forward's out and lse (grads of out and lse)."""
+    from multiverse_kernels.testing import backend_device
+
+    dev = backend_device(backend)
+    op = torch.ops.multiverse.tree_attention_backward
+    need = {n for n in ("window", "softcap") if n in name}
+    impl = resolve("tree_attention_backward", backend, torch.device(dev))
+    for seed in range(2):
+        meta, q, k, v = _case(71 + seed, (4, 16)[seed], dtype=torch.float32, hq=8, hk=2, d=64, max_len=40)
+        meta, q, k, v = meta.to(dev), q.to(dev), k.to(dev), v.to(dev)
+        kw = _kwargs(VARIANTS[name], q.shape[1], seed=seed)
+        kw = {key: (val.to(dev) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+        out, lse = mk.tree_attention(q, k, v, meta, backend="reference", return_lse=True, **kw)
+        g = torch.Generator().manual_seed(seed)
+        go = torch.randn(out.shape, generator=g).to(dev)
+        gl = torch.randn(lse.shape, generator=g).to(dev)
+        args = (go, gl, q, k, v, out, lse, *meta.tensors(), meta.own_full, q.shape[-1] ** -0.5)
+        extra = (kw.get("window", 0), kw.get("softcap", 0.0), kw.get("sinks"),
+                 meta.positions() if "window" in kw else None)
+        if not need <= variant_names(impl):
+            with pytest.raises(NotImplementedError, match="|".join(sorted(need - variant_names(impl)))):
+                op(*args, backend, True, *extra)
+            return
+        want = op(*args, "reference", True, *extra)
+        got = op(*args, backend, True, *extra)
+        for gname, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, n=gname, s=seed: f"{n}, seed {s}: {m}")
+
+
+FP8_CASES = [  # (fp8 cache dtype, per KV head scales, q dtype, other variants)
+    pytest.param(torch.float8_e4m3fn, False, torch.float16, {}, id="e4m3-tensor-fp16"),
+    pytest.param(torch.float8_e5m2, True, torch.bfloat16, {}, id="e5m2-head-bf16"),
+    pytest.param(torch.float8_e4m3fn, True, torch.bfloat16, {}, id="e4m3-head-bf16", marks=pytest.mark.slow),
+    pytest.param(torch.float8_e5m2, False, torch.float16, {}, id="e5m2-tensor-fp16", marks=pytest.mark.slow),
+    pytest.param(torch.float8_e4m3fn, True, torch.float16, dict(window=5, softcap=4.0, sinks=True),
+                 id="e4m3-head-fp16-window+softcap+sinks", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference",)))
+@pytest.mark.parametrize(("fp8", "per_head", "qdtype", "spec"), FP8_CASES)
+def test_fp8_cache_implement_or_refuse(backend, fp8, per_head, qdtype, spec, poisoned):
+    """An fp8 KV cache (per-tensor or per-KV-head float32 scales) on ``backend`` equals the reference
+    (which dequantizes at the load), or the backend raises NotImplementedError naming fp8."""
+    from multiverse_kernels.testing import backend_device
+
+    dev = backend_device(backend)
+    meta, q, k, v = _case(81, 16, dtype=torch.float32, hq=8, hk=2, d=64, max_len=40)
+    gen = torch.Generator().manual_seed(3)
+    ks = torch.rand(2 if per_head else 1, generator=gen) + 0.5
+    vs = torch.rand(2 if per_head else 1, generator=gen) + 0.5
+    kq, vq = (k / ks.reshape(-1, 1)).to(fp8), (v / vs.reshape(-1, 1)).to(fp8)
+    meta, q, kq, vq, ks, vs = (t.to(dev) for t in (meta, q.to(qdtype), kq, vq, ks, vs))
+    kw = _kwargs(spec, q.shape[1], seed=4)
+    kw = {key: (val.to(dev) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    need = {"fp8"} | {n for n in ("window", "softcap") if n in kw}
+    impl = resolve("tree_attention", backend, torch.device(dev))
+    if not need <= variant_names(impl):
+        with pytest.raises(NotImplementedError, match="|".join(sorted(need - variant_names(impl)))):
+            mk.tree_attention(q, kq, vq, meta, backend=backend, k_scale=ks, v_scale=vs, **kw)
+        return
+    want, wl = mk.tree_attention(q, kq, vq, meta, backend="reference", return_lse=True, k_scale=ks,
+                                 v_scale=vs, **kw)
+    got, gl = mk.tree_attention(q, kq, vq, meta, backend=backend, return_lse=True, k_scale=ks, v_scale=vs,
+                                **kw)
+    assert got.dtype == qdtype
+    tol = tolerance(qdtype)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(gl, wl, **tol)

@@ -38,7 +38,9 @@ from torch import Tensor
 from ...metadata import ForestMetadata, MetadataError
 from ...plan_cache import cached_plan
 from ...tiles import DKDV_TILES, DQ_TILES, HEAD_DIMS
+from ...variants import PLAIN, Variant
 from ._common import interpret_math_fp32, launch
+from .tree_attention import plan_reader_lo
 
 LOG2E = 1.4426950408889634
 # Tests set this: fill dq with NaN before the launch so unwritten rows fail.
@@ -46,15 +48,21 @@ POISON = False
 
 
 # runtime ints the JIT must not specialize on (see tree_attention.py): one variant per config
+# Variants (compile-time flags; off: the plain kernels' code): SOFTCAP (qk_scale then holds
+# 2 log2(e) sm_scale / c: th = tanh(s0 / c) = 1 - 2 / (exp2(qk . qk_scale) + 1), P = exp2(cap2 th - lse2)
+# with cap2 = c log2(e), dS times 1 - th^2), WINDOW (dK/dV: each reader sees tokens [ReaderLo, limit) of
+# the node; dQ: lo = pos(row) - NodePos[node] - window + 1 from the positions). Their arguments are
+# placeholders when off.
 @triton.jit(do_not_specialize=["page_size", "group", "stride_lt"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
     NodePageIndptr, NodePageIndices, ReaderRow, ReaderLimit,
-    ItemNode, ItemKvStart, ItemKvLen, ItemReaderStart, ItemReaderEnd,
-    qk_scale, sm_scale, page_size, group,
+    ItemNode, ItemKvStart, ItemKvLen, ItemReaderStart, ItemReaderEnd, ReaderLo,
+    qk_scale, cap2, sm_scale, page_size, group,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr, SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
     w = tl.program_id(0)
     h = tl.program_id(1)  # KV head
@@ -88,6 +96,11 @@ def _bwd_dkdv_kernel(
         j = r0 + jm
         valid = (jm < rpb) & (j < re)
         lim = tl.load(ReaderLimit + j, mask=valid, other=0)  # row sees tokens [0, lim) of the node
+        if WINDOW:  # ... [lo, lim): a row whose window starts past the chunk sees none of it
+            lo = tl.load(ReaderLo + j, mask=valid, other=0)
+            lim = tl.where(lo < kv_end, lim, 0)
+        else:
+            lo = lim  # unused
         if tl.max(lim, axis=0) > kv0:  # some row of the tile sees the chunk
             row = tl.load(ReaderRow + j, mask=valid, other=0).to(tl.int64)
             q_off = row * stride_qt + qh * stride_qh
@@ -105,7 +118,14 @@ def _bwd_dkdv_kernel(
             else:
                 s = tl.dot(q, tl.trans(k))
             vis = (t[None, :] < lim[:, None]) & t_ok[None, :] & live[:, None]
-            p = tl.where(vis, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            if WINDOW:
+                vis = vis & (t[None, :] >= lo[:, None])
+            if SOFTCAP:
+                th = 1.0 - 2.0 / (tl.math.exp2(s * qk_scale) + 1.0)  # tanh(s0 / c)
+                p = tl.where(vis, tl.math.exp2(cap2 * th - lse2[:, None]), 0.0)
+            else:
+                th = s  # unused
+                p = tl.where(vis, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
             if IEEE_DOT:
                 dv += tl.dot(tl.trans(p), do, input_precision="ieee")
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -113,6 +133,8 @@ def _bwd_dkdv_kernel(
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - th * th)
             if IEEE_DOT:
                 dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
             else:
@@ -124,15 +146,16 @@ def _bwd_dkdv_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=t_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["page_size", "group", "stride_lt"])
+@triton.jit(do_not_specialize=["page_size", "group", "stride_lt", "window"])
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
     NodePageIndptr, NodePageIndices, NodeLen, QoIndptr, VisIndptr, VisNodes, OwnFull,
-    BlockGroup, BlockRow0,
-    qk_scale, sm_scale, page_size, group,
+    BlockGroup, BlockRow0, NodePos,
+    qk_scale, cap2, sm_scale, page_size, group, window,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+    MATH_FP32: tl.constexpr, IEEE_DOT: tl.constexpr, SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
@@ -163,6 +186,11 @@ def _bwd_dq_kernel(
     live = valid & (lse > float("-inf"))
     lse2 = tl.where(live, lse * 1.4426950408889634, 0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if WINDOW:  # the rows' positions: the last q_len tokens of the group's own node
+        own = tl.load(VisNodes + v1 - 1)
+        rpos = tl.load(NodePos + own) + tl.load(NodeLen + own) - q_len + i
+    else:
+        rpos = i  # unused
     e = v0
     while e < v1:  # a `while` loop: Triton 3.6's interpreter cannot range() over run-time bounds
         node = tl.load(VisNodes + e)
@@ -171,8 +199,15 @@ def _bwd_dq_kernel(
         lim = tl.where(sees_all, nl, nl - q_len + i + 1)
         lim = tl.where(live, lim, 0)
         hi = tl.minimum(nl, tl.max(lim, axis=0))
+        if WINDOW:  # row sees tokens [lo, lim); blocks before every row's lo are not loaded
+            lo = rpos - window + 1 - tl.load(NodePos + node)
+            lim = tl.where(lo < lim, lim, 0)
+            hi = tl.minimum(nl, tl.max(lim, axis=0))
+            start = tl.maximum(tl.min(tl.where(lim > 0, lo, hi), axis=0), 0)
+        else:
+            lo = lim  # unused
+            start = 0
         page_base = tl.load(NodePageIndptr + node)
-        start = 0
         while start < hi:
             t = start + tl.arange(0, BLOCK_N)
             t_ok = t < hi
@@ -190,8 +225,15 @@ def _bwd_dq_kernel(
                 s = tl.dot(q, tl.trans(k))
                 dp = tl.dot(do, tl.trans(v))
             vis = (t[None, :] < lim[:, None]) & t_ok[None, :]
-            p = tl.where(vis, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
+            if WINDOW:
+                vis = vis & (t[None, :] >= lo[:, None])
+            if SOFTCAP:
+                th = 1.0 - 2.0 / (tl.math.exp2(s * qk_scale) + 1.0)  # tanh(s0 / c)
+                p = tl.where(vis, tl.math.exp2(cap2 * th - lse2[:, None]), 0.0)
+                ds = p * (dp - delta[:, None]) * (1.0 - th * th)
+            else:
+                p = tl.where(vis, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                ds = p * (dp - delta[:, None])
             if IEEE_DOT:
                 dq += tl.dot(ds, k, input_precision="ieee")
             else:
@@ -212,16 +254,20 @@ class BwdConfig(NamedTuple):
     IEEE_DOT: bool
     num_warps: int
     num_stages: int
+    SOFTCAP: bool = False
+    WINDOW: bool = False
 
 
-def bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[BwdConfig, BwdConfig]:
-    """The (dK/dV, dQ) kernel variants for a call."""
+def bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
+                variant: Variant = PLAIN) -> tuple[BwdConfig, BwdConfig]:
+    """The (dK/dV, dQ) kernel variants for a call (``variant``: soft-cap / window flags)."""
     f32m = interpret_math_fp32(dtype, device)
     ieee = dtype == torch.float32
+    flags = dict(SOFTCAP=variant.softcap is not None, WINDOW=variant.window is not None)
     n, m, w, st = DKDV_TILES[head_dim]
-    dkdv = BwdConfig(head_dim, m, n, f32m, ieee, w, st)
+    dkdv = BwdConfig(head_dim, m, n, f32m, ieee, w, st, **flags)
     n, m, w, st = DQ_TILES[head_dim]
-    dq = BwdConfig(head_dim, m, n, f32m, ieee, w, st)
+    dq = BwdConfig(head_dim, m, n, f32m, ieee, w, st, **flags)
     return dkdv, dq
 
 
@@ -235,11 +281,25 @@ def gpu_bwd_configs() -> list[tuple[str, torch.dtype, BwdConfig]]:
     return out
 
 
-def _chunks(meta: ForestMetadata, hq: int, hk: int, d: int, chunk: int) -> tuple[Tensor, ...]:
+def gpu_variant_bwd_configs() -> list[tuple[str, str, torch.dtype, BwdConfig]]:
+    """(variant name, kernel, dtype, config) for the compile report: soft-cap (bf16) and window (fp16)
+    on both kernels of every head_dim."""
+    out = []
+    for name, dtype, v in (("softcap", torch.bfloat16, Variant(softcap=1.0)),
+                           ("window", torch.float16, Variant(window=1))):
+        for d in HEAD_DIMS:
+            dkdv, dq = bwd_configs(d, dtype, torch.device("cuda"), v)
+            out += [(name, "bwd_dkdv", dtype, dkdv), (name, "bwd_dq", dtype, dq)]
+    return out
+
+
+def _chunks(meta: ForestMetadata, hq: int, hk: int, d: int, chunk: int,
+            window: int | None = None) -> tuple[Tensor, ...]:
     """The dK/dV work list: one entry per (node, chunk of ``chunk`` tokens) with readers, and the node's
-    reader range ``[start, end)`` into the plan's ``reader_row``/``reader_limit`` (docs/plan.md)."""
-    plan = cached_plan(meta, hq, hk, head_dim=d, chunk_tokens=chunk,
-                       rows_per_tile=max(1, meta.total_q))
+    reader range ``[start, end)`` into the plan's ``reader_row``/``reader_limit`` (docs/plan.md), then
+    each reader's first visible token (``reader_lo``: 0 without a window)."""
+    total_q = meta.total_q
+    plan = cached_plan(meta, hq, hk, head_dim=d, chunk_tokens=chunk, rows_per_tile=max(1, total_q))
     w = plan.num_items
     node = plan.item_node[:w].long()
     kv0 = plan.item_kv_start[:w].long()
@@ -256,8 +316,9 @@ def _chunks(meta: ForestMetadata, hq: int, hk: int, d: int, chunk: int) -> tuple
     start.scatter_reduce_(0, run, rs, "amin")
     end.scatter_reduce_(0, run, re, "amax")
     i32 = torch.int32
+    lo = plan_reader_lo(plan, meta, window, total_q) if window is not None else plan.reader_limit
     return (plan.reader_row, plan.reader_limit, node[first].to(i32), kv0[first].to(i32),
-            plan.item_kv_len[:w][first], start.to(i32), end.to(i32))
+            plan.item_kv_len[:w][first], start.to(i32), end.to(i32), lo)
 
 
 def _row_blocks(meta: ForestMetadata, rows_per_block: int) -> tuple[Tensor, Tensor]:
@@ -281,11 +342,13 @@ def tree_attention_backward(
     lse: Tensor,
     meta: ForestMetadata,
     sm_scale: float,
+    variant: Variant = PLAIN,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``(out, lse) = tree_attention(q, k_cache, v_cache, meta, sm_scale)``.
+    """Gradients of ``(out, lse) = tree_attention(q, k_cache, v_cache, meta, sm_scale, variant)``.
 
     Args: grad_out, q, out [total_q, Hq, D]; grad_lse, lse [total_q, Hq] (lse float32);
-    caches [num_pages, page_size, Hk, D]; fp16/bf16/fp32, D in 64/128/256.
+    caches [num_pages, page_size, Hk, D]; fp16/bf16/fp32, D in 64/128/256. ``variant``: soft-cap and
+    window in the kernels; sinks need nothing (``lse`` holds them).
     Returns ``(dq, dk, dv)`` shaped and typed like ``q``, ``k_cache``, ``v_cache`` (unseen slots 0).
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -299,7 +362,7 @@ def tree_attention_backward(
     hk = k_cache.shape[2]
     group = hq // hk
     dev = q.device
-    cfg_kv, cfg_q = bwd_configs(d, q.dtype, dev)
+    cfg_kv, cfg_q = bwd_configs(d, q.dtype, dev, variant)
     for cfg in (cfg_kv, cfg_q):
         if group > cfg.BLOCK_M:
             raise MetadataError(f"k_cache: GQA group num_qo_heads / num_kv_heads = {group} exceeds the "
@@ -321,27 +384,36 @@ def tree_attention_backward(
     dv = torch.zeros_like(v)
     if total_q == 0:
         return dq, dk.view_as(k_cache), dv.view_as(v_cache)
-    qk_scale = float(sm_scale) * LOG2E
-    common = (float(sm_scale), meta.page_size, group, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-              k.stride(2), lse.stride(0))
+    qk_scale, cap2 = float(sm_scale) * LOG2E, 0.0
+    if variant.softcap is not None:  # th = tanh(s0 / c) = 1 - 2 / (exp2(2 log2(e) s0 / c) + 1)
+        qk_scale, cap2 = 2.0 * LOG2E * float(sm_scale) / variant.softcap, variant.softcap * LOG2E
+    common = (float(sm_scale), meta.page_size, group)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), lse.stride(0))
 
-    chunks = _chunks(meta, hq, hk, d, cfg_kv.BLOCK_N)
+    chunks = _chunks(meta, hq, hk, d, cfg_kv.BLOCK_N, variant.window)
     if chunks[2].numel():
         launch(_bwd_dkdv_kernel, (chunks[2].numel(), hk), dev,
             q, k, v, do, lse, delta, dk, dv, meta.node_page_indptr, meta.node_page_indices, *chunks,
-            qk_scale, *common,
+            qk_scale, cap2, *common, *strides,
             HEAD_DIM=d, BLOCK_M=cfg_kv.BLOCK_M, BLOCK_N=cfg_kv.BLOCK_N, MATH_FP32=cfg_kv.MATH_FP32,
-            IEEE_DOT=cfg_kv.IEEE_DOT, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
+            IEEE_DOT=cfg_kv.IEEE_DOT, SOFTCAP=cfg_kv.SOFTCAP, WINDOW=cfg_kv.WINDOW,
+            num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
         )
     grp, row0 = _row_blocks(meta, cfg_q.BLOCK_M // group)
     own_full = (meta.own_full.to(torch.int32) if meta.own_full is not None
                 else torch.zeros(meta.num_groups, dtype=torch.int32, device=dev))
+    node_pos = meta.positions() if variant.window is not None else meta.node_len
     if grp.numel():
         launch(_bwd_dq_kernel, (grp.numel(), hk), dev,
             q, k, v, do, lse, delta, dq, meta.node_page_indptr, meta.node_page_indices, meta.node_len,
-            meta.qo_indptr, meta.vis_indptr, meta.vis_nodes, own_full, grp, row0,
-            qk_scale, *common,
+            meta.qo_indptr, meta.vis_indptr, meta.vis_nodes, own_full, grp, row0, node_pos,
+            qk_scale, cap2, *common, variant.window or 0, *strides,
             HEAD_DIM=d, BLOCK_M=cfg_q.BLOCK_M, BLOCK_N=cfg_q.BLOCK_N, MATH_FP32=cfg_q.MATH_FP32,
-            IEEE_DOT=cfg_q.IEEE_DOT, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
+            IEEE_DOT=cfg_q.IEEE_DOT, SOFTCAP=cfg_q.SOFTCAP, WINDOW=cfg_q.WINDOW,
+            num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
         )
     return dq, dk.view_as(k_cache), dv.view_as(v_cache)
+
+
+# the attention variants the kernels run (sinks need nothing here: lse holds them)
+tree_attention_backward.variants = frozenset({"softcap", "window"})
