@@ -21,6 +21,9 @@ Steps, in order:
              cases of tests/ops/test_<op>.py
   graph      CUDA-graph capture of the public op, replayed with another step's plan copied in; device
              guard and current stream (part of the two steps above, run on their own for a clear line)
+  vllm       the vLLM backend (attention_backend="CUSTOM") on the GPU: tests/integrations/test_vllm.py
+             and a short decode benchmark vs vLLM's own backend; skipped, with the reason, when vLLM is
+             not importable on the machine
   memcheck   compute-sanitizer --tool memcheck over a small workload (both backends, fp16/bf16/fp32)
   racecheck  compute-sanitizer --tool racecheck over the same workload (shared-memory races)
   bench      the main job on the GPU (fp16): CUDA graphs + events, L2 flushed, copy-bandwidth share
@@ -37,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 STEP_LIMIT_S = 470  # < 8 minutes per step
@@ -54,6 +58,16 @@ class Step:
     commands: list[list[str]]
     limit_s: int = STEP_LIMIT_S
     env: dict[str, str] = field(default_factory=dict)
+    skip_reason: Callable[[], str | None] | None = None  # checked on a GPU before the step runs
+
+
+def _vllm_missing() -> str | None:
+    """Why the vllm step cannot run here (vLLM not importable), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not importable on this machine (pip install vllm)"
+    return None
 
 
 def _py(*args: str) -> list[str]:
@@ -103,6 +117,12 @@ def steps(sanitizer: str = "compute-sanitizer") -> list[Step]:
         Step("graph", "CUDA graphs of the public op with a new plan copied in; device guard; stream",
              [_pytest("-m", "gpu", "tests/backends/test_gpu.py", "tests/backends/test_cuda_ops.py", "-k",
                       "graph or device or stream")], env=compiled),
+        Step("vllm", "vLLM with attention_backend=\"CUSTOM\" on the GPU: generations vs vLLM's own backend, "
+             "decode throughput", [
+                 _pytest("-m", "slow or not slow", "tests/integrations/test_vllm.py"),
+                 _py("benchmarks/vllm_decode.py", "--models", "tiny", "--n", "1,16", "--prompts", "4096",
+                     "--block-size", "16", "--json", "vllm_decode_gpu.json"),
+             ], env={"TRITON_INTERPRET": "0"}, skip_reason=_vllm_missing),
         Step("nccl", "context-parallel tree attention over NCCL, one GPU per rank (pytest skips it, with the "
              "reason, on fewer than 2 GPUs: one GPU cannot hold two NCCL ranks)",
              [_pytest("tests/integrations/test_distributed.py", "-k", "ranks", "-rs")],
@@ -157,6 +177,10 @@ def run_step(step: Step, results: str, dry_reason: str | None) -> bool:
         _append(results, f"$ {shown_env + ' ' if shown_env else ''}{shlex.join(cmd)}\n")
     if dry_reason is not None:
         _append(results, f"-> {step.name}: skipped: no GPU ({dry_reason})\n")
+        return True
+    why = step.skip_reason() if step.skip_reason is not None else None
+    if why is not None:
+        _append(results, f"-> {step.name}: skipped: {why}\n")
         return True
     t0 = time.monotonic()
     ok = True

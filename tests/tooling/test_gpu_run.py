@@ -19,8 +19,8 @@ from multiverse_kernels.bench import gpu_run
 from multiverse_kernels.bench.ncu import parse_ncu_csv
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STEPS = ["env", "build", "triton", "cuda", "graph", "nccl", "memcheck", "racecheck", "bench", "bench-bf16",
-         "ncu"]
+STEPS = ["env", "build", "triton", "cuda", "graph", "vllm", "nccl", "memcheck", "racecheck", "bench",
+         "bench-bf16", "ncu"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
