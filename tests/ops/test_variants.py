@@ -209,7 +209,8 @@ def _compare_grads(backend, meta, q, k, v, kw, dtype):
         grads.append([t.grad.float() for t in ins])
     tol = tolerance(dtype)
     for name, a, b in zip("qkv", *grads, strict=True):  # grads sum many terms: 5x the output tolerance
-        torch.testing.assert_close(a, b, atol=5 * tol["atol"], rtol=5 * tol["rtol"], msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(a, b, atol=5 * tol["atol"], rtol=5 * tol["rtol"],
+                                   msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_auto_never_drops_a_variant():
