@@ -60,7 +60,7 @@ __all__ = [
     "STATS",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.multiverse_kernels")  # under vLLM's logger: its handlers and level apply
 
 STATS = {"steps": 0, "listed_blocks": 0, "unique_blocks": 0, "shared_nodes": 0, "fallbacks": 0}
 """Totals over the metadata builds of this process (what sharing the block tables had): block-table
