@@ -90,6 +90,60 @@ def causal_prefill(tokens: int, page_size: int = 16) -> ForestMetadata:
                           i32([0, tokens]), i32([0, 1]), i32([0]), page_size)
 
 
+def packed_prefill(tokens: int, node_tokens: int, page_size: int = 16) -> ForestMetadata:
+    """One sequence prefilling ``tokens`` tokens packed as a chain of ``node_tokens``-token nodes: group
+    ``i`` (its node's rows) sees nodes ``0 .. i`` (causal in its own node), positions consecutive."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    n = -(-tokens // node_tokens)
+    lens = [min(node_tokens, tokens - i * node_tokens) for i in range(n)]
+    pages = [-(-ln // page_size) for ln in lens]
+    page_ip = [0]
+    for p in pages:
+        page_ip.append(page_ip[-1] + p)
+    qo = [0]
+    for ln in lens:
+        qo.append(qo[-1] + ln)
+    vis, vi = [], [0]
+    for i in range(n):
+        vis += list(range(i + 1))
+        vi.append(len(vis))
+    meta = ForestMetadata(i32(page_ip), torch.arange(page_ip[-1], dtype=torch.int32), i32(lens), i32(qo),
+                          i32(vi), i32(vis), page_size)
+    return meta.with_node_pos(i32([i * node_tokens for i in range(n)]))
+
+
+def window_rows(workers: int, reps: int, have_cpp: bool) -> None:
+    """Sliding-window plans (docs/plan.md, "Sliding window"): K/V tokens the plan loads (per KV head,
+    summed over items) against the keys its rows read inside the window, and the unique tokens."""
+    print()
+    print("Sliding window (4K) over a 32K-token prefill: plan-derived K/V tokens loaded per KV head (each "
+          "item: its readers' smallest reader_lo .. largest reader_limit), over the unique tokens; the same "
+          "without the window; the (row, key) pairs inside the window over the causal ones")
+    print()
+    print("| forest | window | items | partials | loaded tokens | loaded / unique | (without window) "
+          "| loaded per item / L | visible keys / causal keys | C++ plan us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, meta in (("32K causal prefill, one node", causal_prefill(32768)),
+                       ("32K packed prefill, 16 nodes of 2K", packed_prefill(32768, 2048))):
+        unique = plan_kv_tokens(meta)
+        full = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=workers)
+        for window in (4096,):
+            plan = plan_tree_attention(meta, HQ, HK, head_dim=D, num_workers=workers, window=window)
+            loaded = plan_loaded_tokens(plan)
+            R = plan.num_readers
+            seen = int((plan.reader_limit[:R] - plan.reader_lo[:R]).long().sum())
+            causal = int(full.reader_limit[:full.num_readers].long().sum())
+            cpp = "-"
+            if have_cpp:
+                med, mn = _time(lambda m=meta, w=window: plan_tree_attention(
+                    m, HQ, HK, head_dim=D, num_workers=workers, window=w, impl="cpp"), reps)
+                cpp = f"{med * 1e6:,.0f} ({mn * 1e6:,.0f})"
+            print(f"| {name} | {window:,} | {plan.num_items:,} | {plan.num_partials:,} | {loaded:,} | "
+                  f"{loaded / unique:.3f} | {plan_loaded_tokens(full) / unique:.3f} | "
+                  f"{loaded / plan.num_items / unique:.3f} (W/L = {window / unique:.3f}) | "
+                  f"{seen / causal:.3f} | {cpp} |")
+
+
 def forests() -> dict[str, ForestMetadata]:
     def meta(fg):
         f, groups = fg
@@ -165,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {meta.total_q:,} | {meta.num_nodes:,} | {absorbed} | {plan.num_items:,} | "
               f"{plan.num_partials:,} | {ws / 2**20:,.2f} | {out / 2**20:,.2f} | {ws / out:.2f} | "
               f"{loaded / unique:.3f} | {loaded64:.3f} | {2 * ws / unique:.3f} | {cpp} | {tor} |")
+    window_rows(args.workers, max(5, args.reps // 5), have_cpp)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 #include "multiverse/plan.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <stdexcept>
 
 namespace multiverse {
@@ -14,53 +16,89 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const int32_t* qo_indptr,
                              const int32_t* vis_indptr, const int32_t* vis_nodes, int32_t num_groups,
                              const bool* own_full, int32_t chunk_tokens, int32_t rows_per_tile, int32_t group,
-                             int32_t num_kv_heads, int32_t num_workers) {
+                             int32_t num_kv_heads, int32_t num_workers, const int32_t* node_pos, int32_t window) {
   if (chunk_tokens < 0) throw std::invalid_argument("chunk_tokens: expected a positive int (0: automatic)");
   if (rows_per_tile < 1) throw std::invalid_argument("rows_per_tile: expected a positive int");
   if (group < 1 || num_kv_heads < 1 || num_workers < 1)
     throw std::invalid_argument("num_workers: expected positive group, num_kv_heads and num_workers");
+  if (window < 0) throw std::invalid_argument("window: expected a positive int (0: no window)");
+  if (window > 0 && node_pos == nullptr) throw std::invalid_argument("node_pos: a window needs node positions");
   HostPlan p;
   p.rows_per_tile = rows_per_tile;
   p.num_workers = chunk_tokens == 0 ? num_workers : 0;
+  p.window = window;
   const int64_t total_q = num_groups > 0 ? qo_indptr[num_groups] : 0;
 
-  // Readers: every (row, visible non-empty node), bucketed by node (counting sort). Within a node they
-  // arrive in increasing row order (groups' rows are increasing ranges).
+  // A reader's window lower bound lo = max(0, pos(row) - node_pos[n] - window + 1) (0 without a window);
+  // readers with lo >= limit see nothing of their node and are dropped.
+  const auto reader_lo = [&](int32_t g, int32_t own, int32_t q_len, int32_t i, int32_t n) -> int32_t {
+    const int64_t rpos = static_cast<int64_t>(node_pos[own]) + node_len[own] - q_len + i;
+    const int64_t lo = rpos - node_pos[n] - window + 1;
+    (void)g;
+    return lo > 0 ? static_cast<int32_t>(std::min<int64_t>(lo, INT32_MAX)) : 0;
+  };
+  const auto reader_limit = [&](int32_t g, int32_t e, int32_t q_len, int32_t i, int32_t nl) -> int32_t {
+    const bool full = e != vis_indptr[g + 1] - 1 || (own_full != nullptr && own_full[g]);
+    return full ? nl : nl - q_len + i + 1;
+  };
+
+  // Readers: every (row, visible non-empty node) with a visible token, bucketed by node (counting sort).
+  // Within a node they arrive in increasing row order (groups' rows are increasing ranges).
   std::vector<int32_t> n_readers(num_nodes, 0);
   int64_t R = 0;
   for (int32_t g = 0; g < num_groups; ++g) {
     const int32_t q_len = qo_indptr[g + 1] - qo_indptr[g];
+    const int32_t own = q_len > 0 ? vis_nodes[vis_indptr[g + 1] - 1] : 0;
     for (int32_t e = vis_indptr[g]; e < vis_indptr[g + 1]; ++e) {
       const int32_t n = vis_nodes[e];
       if (n < 0 || n >= num_nodes) throw std::invalid_argument("vis_nodes: node id out of range");
-      if (node_len[n] > 0) { n_readers[n] += q_len; R += q_len; }
+      const int32_t nl = node_len[n];
+      if (nl <= 0) continue;
+      if (window == 0) {
+        n_readers[n] += q_len;
+        R += q_len;
+        continue;
+      }
+      for (int32_t i = 0; i < q_len; ++i)
+        if (reader_lo(g, own, q_len, i, n) < reader_limit(g, e, q_len, i, nl)) { ++n_readers[n]; ++R; }
     }
   }
   std::vector<int32_t> node_start(num_nodes + 1, 0);
   for (int32_t n = 0; n < num_nodes; ++n) node_start[n + 1] = node_start[n] + n_readers[n];
-  std::vector<int32_t> row(R), limit(R), fill(node_start.begin(), node_start.end() - 1);
+  std::vector<int32_t> row(R), limit(R), lo(R, 0), fill(node_start.begin(), node_start.end() - 1);
+  std::vector<int32_t> node_lo_min(num_nodes, INT32_MAX);  // smallest lo among the node's readers
   for (int32_t g = 0; g < num_groups; ++g) {
     const int32_t q_len = qo_indptr[g + 1] - qo_indptr[g];
+    const int32_t own = q_len > 0 ? vis_nodes[vis_indptr[g + 1] - 1] : 0;
     for (int32_t e = vis_indptr[g]; e < vis_indptr[g + 1]; ++e) {
       const int32_t n = vis_nodes[e], nl = node_len[n];
       if (nl <= 0) continue;
-      const bool full = e != vis_indptr[g + 1] - 1 || (own_full != nullptr && own_full[g]);
       int32_t at = fill[n];
-      for (int32_t i = 0; i < q_len; ++i, ++at) {
+      for (int32_t i = 0; i < q_len; ++i) {
+        const int32_t lim = reader_limit(g, e, q_len, i, nl);
+        const int32_t l = window > 0 ? reader_lo(g, own, q_len, i, n) : 0;
+        if (l >= lim) continue;
         row[at] = qo_indptr[g] + i;
-        limit[at] = full ? nl : nl - q_len + i + 1;
+        limit[at] = lim;
+        lo[at] = l;
+        node_lo_min[n] = std::min(node_lo_min[n], l);
+        ++at;
       }
       fill[n] = at;
     }
   }
 
-  // Chunk length of every node (fixed, or planning.auto_chunk_tokens).
+  // Chunk length of every node (fixed, or planning.auto_chunk_tokens over the tokens its readers see:
+  // span = node_len without a window).
   std::vector<int32_t> chunk(num_nodes, chunk_tokens);
   int64_t plan_chunk = chunk_tokens;
   if (chunk_tokens == 0) {
     int64_t work = 0;
     for (int32_t n = 0; n < num_nodes; ++n)
-      if (n_readers[n] > 0) work += ceil_div(n_readers[n], rows_per_tile) * node_len[n];
+      if (n_readers[n] > 0) {
+        const int64_t span = window > 0 ? node_len[n] - node_lo_min[n] : node_len[n];
+        work += ceil_div(n_readers[n], rows_per_tile) * span;
+      }
     work *= num_kv_heads;
     const int64_t budget = ceil_div(work, num_workers);
     const int64_t base = std::max<int64_t>(MULTIVERSE_PLAN_MIN_CHUNK_TOKENS, ceil_div(budget, 64) * 64);
@@ -74,56 +112,98 @@ HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const i
   }
   p.chunk_tokens = plan_chunk;
 
-  // Partials of every row: a reader sees chunks 0 .. k - 1 of its node.
+  // Partials of every row: a reader sees chunks lo / chunk .. ceil(limit / chunk) - 1 of its node.
   std::vector<int32_t> row_cnt(total_q, 0);
   for (int32_t n = 0; n < num_nodes; ++n)
     for (int32_t i = node_start[n]; i < node_start[n + 1]; ++i)
-      row_cnt[row[i]] += static_cast<int32_t>(ceil_div(limit[i], chunk[n]));
+      row_cnt[row[i]] += static_cast<int32_t>(ceil_div(limit[i], chunk[n]) - lo[i] / chunk[n]);
 
-  // Reader order within a node: merged rows before direct rows (one partial), limit descending, row.
-  // The readers of chunk c >= 1 (limit > c * chunk; never direct) are then a prefix.
-  struct Rd { int32_t direct, limit, row; };
+  // Reader order within a node: merged rows before direct rows (one partial), limit descending, lo
+  // descending, row. Without a window the readers of chunk c >= 1 (limit > c * chunk; never direct) are
+  // a prefix; with one, those of chunk c are the readers of that prefix with lo < (c + 1) * chunk.
+  struct Rd { int32_t direct, limit, lo, row; };
   std::vector<Rd> tmp;
   for (int32_t n = 0; n < num_nodes; ++n) {
     const int32_t a = node_start[n], b = node_start[n + 1];
     bool sorted = true;
     for (int32_t i = a + 1; i < b && sorted; ++i) {
       const int32_t d0 = row_cnt[row[i - 1]] == 1, d1 = row_cnt[row[i]] == 1;
-      sorted = d0 < d1 || (d0 == d1 && limit[i - 1] >= limit[i]);
+      sorted = d0 < d1 || (d0 == d1 && (limit[i - 1] > limit[i] ||
+                                        (limit[i - 1] == limit[i] && lo[i - 1] >= lo[i])));
     }
     if (sorted) continue;
     tmp.resize(b - a);
-    for (int32_t i = a; i < b; ++i) tmp[i - a] = {row_cnt[row[i]] == 1, limit[i], row[i]};
+    for (int32_t i = a; i < b; ++i) tmp[i - a] = {row_cnt[row[i]] == 1, limit[i], lo[i], row[i]};
     std::sort(tmp.begin(), tmp.end(), [](const Rd& x, const Rd& y) {
       if (x.direct != y.direct) return x.direct < y.direct;
       if (x.limit != y.limit) return x.limit > y.limit;
+      if (x.lo != y.lo) return x.lo > y.lo;
       return x.row < y.row;
     });
-    for (int32_t i = a; i < b; ++i) { row[i] = tmp[i - a].row; limit[i] = tmp[i - a].limit; }
+    for (int32_t i = a; i < b; ++i) { row[i] = tmp[i - a].row; limit[i] = tmp[i - a].limit; lo[i] = tmp[i - a].lo; }
   }
   std::vector<int32_t> merged_before(R + 1, 0);  // merged readers among the first i
   for (int64_t i = 0; i < R; ++i) merged_before[i + 1] = merged_before[i] + (row_cnt[row[i]] != 1);
 
-  // Items: per node, per chunk with readers, per tile of rows_per_tile of those readers.
+  // Items: per node, per chunk with readers, per maximal run of consecutive readers (in the order above)
+  // that see the chunk, per tile of rows_per_tile of the run.
   int64_t slots = 0, max_readers = 0;
+  const auto emit = [&](int32_t n, int32_t c, int32_t ch, int32_t rs0, int32_t count) {
+    for (int32_t t0 = 0; t0 < count; t0 += rows_per_tile) {
+      const int32_t rs = rs0 + t0, nr = std::min(rows_per_tile, count - t0);
+      p.item_node.push_back(n);
+      p.item_kv_start.push_back(c * ch);
+      p.item_kv_len.push_back(std::min(ch, node_len[n] - c * ch));
+      p.item_reader_start.push_back(rs);
+      p.item_num_readers.push_back(nr);
+      p.item_partial_start.push_back(static_cast<int32_t>(slots));
+      slots += merged_before[rs + nr] - merged_before[rs];
+      max_readers = std::max<int64_t>(max_readers, nr);
+    }
+  };
+  std::vector<int32_t> bucket_off, bucket, fill_at;
   for (int32_t n = 0; n < num_nodes; ++n) {
     const int32_t a = node_start[n], b = node_start[n + 1];
     if (a == b) continue;
     const int32_t ch = chunk[n];
-    int32_t seen = b - a;  // readers with k > c (a prefix for c >= 1)
-    for (int32_t c = 0; seen > 0; ++c) {
-      if (c > 0)
-        while (seen > 0 && ceil_div(limit[a + seen - 1], ch) <= c) --seen;
-      for (int32_t t0 = 0; t0 < seen; t0 += rows_per_tile) {
-        const int32_t rs = a + t0, nr = std::min(rows_per_tile, seen - t0);
-        p.item_node.push_back(n);
-        p.item_kv_start.push_back(c * ch);
-        p.item_kv_len.push_back(std::min(ch, node_len[n] - c * ch));
-        p.item_reader_start.push_back(rs);
-        p.item_num_readers.push_back(nr);
-        p.item_partial_start.push_back(static_cast<int32_t>(slots));
-        slots += merged_before[rs + nr] - merged_before[rs];
-        max_readers = std::max<int64_t>(max_readers, nr);
+    if (window == 0) {
+      int32_t seen = b - a;  // readers with k > c (a prefix for c >= 1)
+      for (int32_t c = 0; seen > 0; ++c) {
+        if (c > 0)
+          while (seen > 0 && ceil_div(limit[a + seen - 1], ch) <= c) --seen;
+        emit(n, c, ch, a, seen);
+      }
+      continue;
+    }
+    // Window: bucket the node's readers by the chunks they see (in reader order), then emit runs.
+    int32_t max_limit = 0;
+    for (int32_t i = a; i < b; ++i) max_limit = std::max(max_limit, limit[i]);
+    const int32_t nc = static_cast<int32_t>(ceil_div(max_limit, ch));
+    bucket_off.assign(nc + 1, 0);  // difference array of the readers per chunk, then bucket starts
+    for (int32_t i = a; i < b; ++i) {
+      ++bucket_off[lo[i] / ch];
+      --bucket_off[ceil_div(limit[i], ch)];
+    }
+    int32_t run = 0, total = 0;
+    for (int32_t c = 0; c < nc; ++c) {
+      run += bucket_off[c];
+      bucket_off[c] = total;
+      total += run;
+    }
+    bucket_off[nc] = total;
+    bucket.resize(total);
+    fill_at.assign(bucket_off.begin(), bucket_off.end() - 1);
+    for (int32_t i = a; i < b; ++i) {
+      const int32_t c1 = static_cast<int32_t>(ceil_div(limit[i], ch));
+      for (int32_t c = lo[i] / ch; c < c1; ++c) bucket[fill_at[c]++] = i;
+    }
+    for (int32_t c = 0; c < nc; ++c) {
+      const int32_t s0 = bucket_off[c], s1 = bucket_off[c + 1];
+      for (int32_t x = s0; x < s1;) {
+        int32_t y = x + 1;
+        while (y < s1 && bucket[y] == bucket[y - 1] + 1) ++y;
+        emit(n, c, ch, bucket[x], y - x);
+        x = y;
       }
     }
   }
@@ -148,6 +228,7 @@ HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const i
   p.num_merge_rows = static_cast<int64_t>(p.merge_rows.size());
   p.reader_row = std::move(row);
   p.reader_limit = std::move(limit);
+  p.reader_lo = std::move(lo);
   return p;
 }
 

@@ -20,10 +20,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
-    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes) {
+    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
+  TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
+  p.softcap = static_cast<float>(softcap);
   AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   multiverse::cpu::tree_attention(p);
   MergeParams m = make_plan_merge_params(p, plan, b.out, b.lse);
@@ -37,8 +39,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_run_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
-    at::IntArrayRef plan_ints, double sm_scale) {
+    at::IntArrayRef plan_ints, double sm_scale, double softcap) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
+  TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
   const TreeAttentionParams a = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                       plan, plan_ints, sm_scale);
   TORCH_CHECK(out.sizes() == q.sizes(), "out: expected the shape of q");
@@ -80,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_run_cpu(
   p.node_page_indices = a.node_page_indices;
   p.reader_row = a.reader_row;
   p.reader_limit = a.reader_limit;
+  p.reader_lo = a.reader_lo;
   p.item_node = a.item_node;
   p.item_kv_start = a.item_kv_start;
   p.item_kv_len = a.item_kv_len;
@@ -104,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_run_cpu(
   p.head_dim = a.head_dim;
   p.page_size = a.page_size;
   p.sm_scale = a.sm_scale;
+  p.softcap = static_cast<float>(softcap);
   p.dtype = a.dtype;
   multiverse::cpu::tree_attention_backward(p);
   if (q.scalar_type() == at::kFloat) return {dq, dk, dv};
@@ -144,15 +149,16 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
                               std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), std::max<int64_t>(group, 1),
                               k_cache.size(2), std::max<int64_t>(1, at::get_num_threads()), q.device());
   return tree_attention_run_cpu(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
-                                std::nullopt);
+                                std::nullopt, 0.0);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
     const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
     const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
-    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers) {
+    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers,
+    const std::optional<at::Tensor>& node_pos, int64_t window) {
   auto [ts, ints] = host_plan(node_len, qo_indptr, vis_indptr, vis_nodes, own_full, chunk_tokens, rows_per_tile,
-                              group, num_kv_heads, num_workers, node_len.device());
+                              group, num_kv_heads, num_workers, node_len.device(), node_pos, window);
   auto it = at::empty({static_cast<int64_t>(ints.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(ints.begin(), ints.end(), it.data_ptr<int64_t>());
   return {ts, it};
@@ -231,7 +237,7 @@ TORCH_LIBRARY(multiverse_C, m) {
   m.def(
       "plan_tree_attention(Tensor node_len, Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, "
       "Tensor? own_full, int chunk_tokens, int rows_per_tile, int group=1, int num_kv_heads=1, "
-      "int num_workers=1) -> (Tensor[], Tensor)");
+      "int num_workers=1, Tensor? node_pos=None, int window=0) -> (Tensor[], Tensor)");
   // Tiny-node absorption (csrc/absorb.cpp), identical to multiverse_kernels.absorption's torch code:
   // the rewritten [node_page_indptr, node_page_indices, node_len, vis_indptr, vis_nodes] as int32 CPU
   // tensors, or 5 empty tensors when nothing is absorbed. Eager only (data-dependent sizes).
@@ -242,16 +248,17 @@ TORCH_LIBRARY(multiverse_C, m) {
   // The plan field lists this library was built with (multiverse_kernels/plan_format.py FORMAT_STRING).
   m.def("plan_format() -> str");
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
-  // int64[1] the kernel adds the K+V bytes it loads to (measurement hook).
+  // int64[1] the kernel adds the K+V bytes it loads to (measurement hook). The plan's reader_lo (when
+  // its window is set) bounds each reader's keys from below; softcap > 0: s = softcap tanh(s / softcap).
   m.def(
       "tree_attention_run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, "
       "Tensor node_page_indices, Tensor[] plan_tensors, int[] plan_ints, float sm_scale, "
-      "Tensor(a!)? kv_bytes=None) -> (Tensor, Tensor)");
+      "Tensor(a!)? kv_bytes=None, float softcap=0.0) -> (Tensor, Tensor)");
   // Backward of tree_attention_run over the same plan: (dq, dk_cache, dv_cache) like q and the caches.
   m.def(
       "tree_attention_backward_run(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, "
       "Tensor v_cache, Tensor out, Tensor lse, Tensor node_page_indptr, Tensor node_page_indices, "
-      "Tensor[] plan_tensors, int[] plan_ints, float sm_scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor[] plan_tensors, int[] plan_ints, float sm_scale, float softcap=0.0) -> (Tensor, Tensor, Tensor)");
   m.def("merge_states(Tensor v, Tensor s) -> (Tensor, Tensor)");
   // [selected, supported] micro-kernel ISA of the CPU tree_attention (0 baseline, 1 avx2, 2 avx512).
   m.def("cpu_isa() -> int[]", &multiverse::bind::cpu_isa_op);

@@ -17,8 +17,13 @@ void check_cuda(cudaError_t e, const char* what) {
 std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
-    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes) {
+    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap) {
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
+  // The CUDA kernel implements neither the sliding window nor the soft-cap yet (the cuda backend does
+  // not declare them, so the op never sends them here).
+  TORCH_CHECK(softcap == 0.0, "softcap: not implemented by the cuda kernel");
+  TORCH_CHECK(plan_ints.size() != static_cast<size_t>(kNumPlanInts) || plan_ints[PlanI::window] == 0,
+              "plan: a sliding-window plan (reader_lo) is not implemented by the cuda kernel");
   TORCH_CHECK(q.size(2) <= 256, "q: the cuda backend supports head_dim <= 256, got ", q.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
@@ -73,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
                               std::max<int64_t>(1, tile_rows / group), group, k_cache.size(2), workers,
                               q.device());
   return tree_attention_run_cuda(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
-                                 std::nullopt);
+                                 std::nullopt, 0.0);
 }
 
 }  // namespace

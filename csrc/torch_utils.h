@@ -114,6 +114,8 @@ inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::
   p.node_page_indices = i32(node_page_indices);
   p.reader_row = i32(plan[PlanT::reader_row]);
   p.reader_limit = i32(plan[PlanT::reader_limit]);
+  // reader_lo is all 0 without a window (plan_ints window == 0): the kernels then skip the lower bound
+  p.reader_lo = ints[PlanI::window] > 0 ? i32(plan[PlanT::reader_lo]) : nullptr;
   p.item_node = i32(plan[PlanT::item_node]);
   p.item_kv_start = i32(plan[PlanT::item_kv_start]);
   p.item_kv_len = i32(plan[PlanT::item_kv_len]);
@@ -283,7 +285,8 @@ inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v,
 inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> host_plan(
     const at::Tensor& node_len, const at::Tensor& qo_indptr, const at::Tensor& vis_indptr,
     const at::Tensor& vis_nodes, const std::optional<at::Tensor>& own_full, int64_t chunk_tokens,
-    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers, const at::Device& device) {
+    int64_t rows_per_tile, int64_t group, int64_t num_kv_heads, int64_t num_workers, const at::Device& device,
+    const std::optional<at::Tensor>& node_pos = std::nullopt, int64_t window = 0) {
   const auto cpu = at::Device(at::kCPU);
   const at::Tensor nl = host_i32(node_len, "node_len"), qo = host_i32(qo_indptr, "qo_indptr");
   const at::Tensor vi = host_i32(vis_indptr, "vis_indptr"), vn = host_i32(vis_nodes, "vis_nodes");
@@ -294,13 +297,21 @@ inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> host_plan(
     of = own_full->to(cpu).to(at::kBool).contiguous();
     TORCH_CHECK(of.numel() == groups, "own_full: expected one flag per group (", groups, ")");
   }
+  at::Tensor np;
+  if (window > 0) {
+    TORCH_CHECK(node_pos.has_value(), "node_pos: a window needs the nodes' start positions");
+    np = host_i32(*node_pos, "node_pos");
+    TORCH_CHECK(np.numel() == nl.numel(), "node_pos: expected one start position per node (", nl.numel(), ")");
+  }
+  TORCH_CHECK(window >= 0 && window <= INT32_MAX, "window: expected a positive int (0: none)");
   HostPlan hp;
   try {
     hp = plan_tree_attention(nl.data_ptr<int32_t>(), static_cast<int32_t>(nl.numel()), qo.data_ptr<int32_t>(),
                              vi.data_ptr<int32_t>(), vn.data_ptr<int32_t>(), static_cast<int32_t>(groups),
                              of.defined() ? of.data_ptr<bool>() : nullptr, static_cast<int32_t>(chunk_tokens),
                              static_cast<int32_t>(rows_per_tile), static_cast<int32_t>(group),
-                             static_cast<int32_t>(num_kv_heads), static_cast<int32_t>(num_workers));
+                             static_cast<int32_t>(num_kv_heads), static_cast<int32_t>(num_workers),
+                             np.defined() ? np.data_ptr<int32_t>() : nullptr, static_cast<int32_t>(window));
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }

@@ -24,7 +24,7 @@ _CACHE_LOCK = threading.Lock()
 
 def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
                 chunk_tokens: int | None = None, rows_per_tile: int | None = None,
-                num_workers: int | None = None) -> TreePlan:
+                num_workers: int | None = None, window: int | None = None) -> TreePlan:
     """:func:`plan_tree_attention`, memoised on the metadata's *tensors*, so that the per-layer calls of
     one step plan once even when no plan is passed and the metadata object is rebuilt from its tensors
     (as the custom op does). A small LRU of 8 entries, safe to call from several threads.
@@ -36,27 +36,32 @@ def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, h
     of reusing a stale plan. On other devices (a content compare would sync) entries are keyed by
     identity, data pointer and version only: after changing GPU metadata behind torch's back, pass an
     explicit ``plan=``. Inference-mode GPU tensors (no version counter) are planned afresh every time.
+
+    ``window``: a sliding window (``reader_lo`` from ``meta.positions()``); part of the key, like
+    ``meta.node_pos``.
     """
     return _cached(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
-                   None)[1]
+                   None, window)[1]
 
 
 def cached_run_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
                     kv_elem_size: int = 2, chunk_tokens: int | None = None, rows_per_tile: int | None = None,
-                    num_workers: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+                    num_workers: int | None = None, window: int | None = None
+                    ) -> tuple[ForestMetadata, TreePlan]:
     """The forward's default step: ``run_meta = absorb_tiny_nodes(meta, ...)`` (docs/plan.md, "Tiny
     nodes"; ``meta`` itself when nothing is absorbed) and its plan, memoised like :func:`cached_plan`.
 
     The kernels must then read the caches through ``run_meta``'s page table (its node ids are the
-    plan's). Returns ``(run_meta, plan)``.
+    plan's). Returns ``(run_meta, plan)``. With a ``window`` nothing is absorbed (absorption rewrites
+    node ids and would move the positions the window measures): ``run_meta`` is ``meta``.
     """
     return _cached(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
-                   kv_elem_size)
+                   kv_elem_size if window is None else None, window)
 
 
 def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
             chunk_tokens: int | None, rows_per_tile: int | None, num_workers: int | None,
-            absorb_elem: int | None) -> tuple[ForestMetadata, TreePlan]:
+            absorb_elem: int | None, window: int | None = None) -> tuple[ForestMetadata, TreePlan]:
     def build() -> tuple[ForestMetadata, TreePlan]:
         run = meta
         if absorb_elem is not None:
@@ -64,16 +69,19 @@ def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim
                                     kv_elem_size=absorb_elem)
         return run, plan_tree_attention(run, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
                                         rows_per_tile=rows_per_tile, head_dim=head_dim,
-                                        num_workers=num_workers)
+                                        num_workers=num_workers, window=window)
 
     ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
+    if window is not None:  # the window measures in node_pos (default positions: from the tensors)
+        ts = ts + ((meta.node_pos,) if meta.node_pos is not None else ())
     on_cpu = all(t.device.type == "cpu" for t in ts)
     inference = any(t.is_inference() for t in ts)
     if inference and not on_cpu:
         return build()
     key = (tuple(id(t) for t in ts), tuple(t.data_ptr() for t in ts),
            tuple(-1 if inference else t._version for t in ts), meta.page_size, num_qo_heads,
-           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers, absorb_elem)
+           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers, absorb_elem, window,
+           window is not None and meta.node_pos is not None)
     with _CACHE_LOCK:
         for i, (k, held, copy, entry) in enumerate(_CACHE):
             if k == key and all(a is b for a, b in zip(held, ts, strict=True)) and (

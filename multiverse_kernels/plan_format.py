@@ -27,6 +27,7 @@ MIN_CHUNK_TOKENS = 256
 _TENSORS = (
     ("reader_row", "[R] query row of each reader"),
     ("reader_limit", "[R] leading tokens of the node the reader's row sees"),
+    ("reader_lo", "[R] first token of the node the reader's row sees (sliding window; 0 without)"),
     ("item_node", "[W] node of each work item"),
     ("item_kv_start", "[W] first token of the item's chunk"),
     ("item_kv_len", "[W] tokens in the chunk"),
@@ -47,6 +48,7 @@ _INTS = (
     ("rows_per_tile", "max readers per item the plan was built with"),
     ("workspace_slots", "partial slots the workspace must hold (P, or the padded capacity)"),
     ("num_workers", "0: every node split into chunk_tokens; > 0: chunks chosen for this many workers"),
+    ("window", "the sliding window reader_lo was built for (0: none, every reader_lo is 0)"),
 )
 
 TENSOR_FIELDS: tuple[str, ...] = tuple(n for n, _ in _TENSORS)

@@ -69,6 +69,8 @@ class TreePlan:
 
         reader_row          [R]   query row of each reader (readers sorted by node, then row)
         reader_limit        [R]   leading tokens of the node the row sees
+        reader_lo           [R]   first token of the node the row sees (sliding window; 0 without):
+                                  the row sees tokens reader_lo .. reader_limit - 1
         item_node           [W]   node of each work item
         item_kv_start       [W]   first token of the item's chunk
         item_kv_len         [W]   tokens in the chunk
@@ -85,6 +87,7 @@ class TreePlan:
 
     reader_row: Tensor
     reader_limit: Tensor
+    reader_lo: Tensor
     item_node: Tensor
     item_kv_start: Tensor
     item_kv_len: Tensor
@@ -104,6 +107,7 @@ class TreePlan:
     rows_per_tile: int
     workspace_slots: int
     num_workers: int
+    window: int
 
     TENSOR_FIELDS = TENSOR_FIELDS  # multiverse_kernels/plan_format.py
     INT_FIELDS = INT_FIELDS
@@ -191,7 +195,7 @@ def default_num_workers(device: torch.device | str) -> int:
 
 
 def auto_chunk_tokens(node_len: Tensor, n_readers: Tensor, rows_per_tile: int, group: int,
-                      num_kv_heads: int, num_workers: int) -> Tensor:
+                      num_kv_heads: int, num_workers: int, span: Tensor | None = None) -> Tensor:
     """Per-node chunk length (int64 [N]) chosen from the forest and the device's parallelism.
 
     The K/V work of the step, ``sum_n tiles_n * len_n * num_kv_heads`` tokens (``tiles_n`` reader tiles
@@ -201,10 +205,13 @@ def auto_chunk_tokens(node_len: Tensor, n_readers: Tensor, rows_per_tile: int, g
     up to 64): the partial states a chunk writes (4 bytes x head_dim per packed row) then stay within
     the chunk's K/V bytes. A chunk never exceeds its node. Prefill and long extends, whose row tiles
     alone fill the device, are therefore not split at all (every row one partial: no workspace).
+    ``span``: tokens of each node its readers see (``node_len`` minus the smallest ``reader_lo``; the
+    default ``node_len`` is the span without a sliding window), what the work counts.
     """
     has = n_readers > 0
     tiles = _ceil_div(n_readers, rows_per_tile)
-    work = int((tiles * node_len)[has].sum()) * num_kv_heads if node_len.numel() else 0
+    span = node_len if span is None else span
+    work = int((tiles * span)[has].sum()) * num_kv_heads if node_len.numel() else 0
     budget = -(-work // max(1, num_workers))
     base = max(MIN_CHUNK_TOKENS, -(-budget // 64) * 64)
     packed = _ceil_div(n_readers * group, 64) * 64
@@ -220,7 +227,8 @@ def _cpp_planner():
 def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *,
                         chunk_tokens: int | None = None, rows_per_tile: int | None = None,
                         head_dim: int = 128, capacity: PlanCapacity | None = None,
-                        num_workers: int | None = None, impl: str | None = None) -> TreePlan:
+                        num_workers: int | None = None, impl: str | None = None,
+                        window: int | None = None, node_pos: Tensor | None = None) -> TreePlan:
     """Build the work list of one step for ``meta`` (see docs/plan.md for the exact format).
 
     Args:
@@ -236,6 +244,12 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
         impl: ``"cpp"`` (the C++ host planner, csrc/plan.cpp, through ``torch.ops.multiverse_C``),
             ``"torch"`` (vectorized torch, this module) or None: C++ when the extension is built.
             Both build identical plans (tested).
+        window: sliding window (multiverse_kernels/variants.py): each reader gets ``reader_lo =
+            max(0, pos(row) - node_pos[n] - window + 1)``, readers that see no token of their node are
+            dropped and chunks outside every reader's window are not planned (docs/plan.md, "Sliding
+            window"). None: no window (every ``reader_lo`` is 0).
+        node_pos: int32 [num_nodes] start positions the window measures in; default
+            ``meta.positions()`` (only used with a window).
     Returns:
         a :class:`TreePlan`. The C++ planner copies the metadata to the host and the plan back; the
         torch planner syncs with the device a few times (array sizes).
@@ -255,22 +269,29 @@ def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: i
         raise MetadataError(f"num_workers: expected a positive int, got {num_workers!r}")
     if impl not in (None, "cpp", "torch"):
         raise MetadataError(f"impl: expected 'cpp', 'torch' or None, got {impl!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise MetadataError(f"window: expected a positive int or None, got {window!r}")
+    if window is not None and node_pos is None:
+        node_pos = meta.positions()
     group = num_qo_heads // num_kv_heads
     cpp = _cpp_planner() if impl != "torch" else None
     if impl == "cpp" and cpp is None:
         raise MetadataError("impl: 'cpp' needs the C++ extension multiverse_kernels._C (docs/build.md)")
     if cpp is not None:
         ts, ints = cpp(meta.node_len, meta.qo_indptr, meta.vis_indptr, meta.vis_nodes, meta.own_full,
-                       chunk_tokens or 0, rows_per_tile, group, num_kv_heads, num_workers)
+                       chunk_tokens or 0, rows_per_tile, group, num_kv_heads, num_workers,
+                       node_pos if window is not None else None, window or 0)
         plan = TreePlan.from_lists(list(ts), ints.tolist())
     else:
-        plan = _plan_torch(meta, group, num_kv_heads, chunk_tokens, rows_per_tile, num_workers)
+        plan = _plan_torch(meta, group, num_kv_heads, chunk_tokens, rows_per_tile, num_workers,
+                           window, node_pos)
     return plan if capacity is None else _pad_plan(plan, capacity, meta.total_q)
 
 
 def invariant_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
                    chunk_tokens: int = INVARIANT_CHUNK_TOKENS, rows_per_tile: int | None = None,
-                   capacity: PlanCapacity | None = None, impl: str | None = None) -> TreePlan:
+                   capacity: PlanCapacity | None = None, impl: str | None = None,
+                   window: int | None = None, node_pos: Tensor | None = None) -> TreePlan:
     """The plan of the branch- and thread-count-invariant mode (docs/errors.md, "Determinism").
 
     Pass it as ``tree_attention(q, k_cache, v_cache, meta, plan=plan)``; build it once per step (like
@@ -300,6 +321,8 @@ def invariant_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *
             in one item, and a caller may pass that for it). It does not change the invariance.
         capacity: pad the arrays to fixed sizes (CUDA graphs), as in :func:`plan_tree_attention`.
         impl: ``"cpp"``, ``"torch"`` or None, as in :func:`plan_tree_attention` (identical plans).
+        window, node_pos: a sliding window, as in :func:`plan_tree_attention` (a row's window depends
+            only on its own positions, so the invariance holds).
 
     Returns:
         a :class:`TreePlan` (int32 tensors on ``meta.device``) with ``num_workers == 0`` (no chunk was
@@ -318,7 +341,7 @@ def invariant_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *
         raise MetadataError(f"chunk_tokens: expected a positive int, got {chunk_tokens!r}")
     plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
                                rows_per_tile=rows_per_tile, head_dim=head_dim, capacity=capacity,
-                               impl=impl)
+                               impl=impl, window=window, node_pos=node_pos)
     if plan.max_item_readers == plan.rows_per_tile:
         return plan
     ints = dict(zip(INT_FIELDS, plan.ints(), strict=True))
@@ -330,6 +353,7 @@ def _pad_plan(plan: TreePlan, capacity: PlanCapacity, total_q: int) -> TreePlan:
     """Pad ``plan``'s arrays to ``capacity`` (fixed shapes for a captured CUDA graph)."""
     pad = dict(reader_row=(capacity.readers, 0, "readers"),
                reader_limit=(capacity.readers, 0, "readers"),
+               reader_lo=(capacity.readers, 0, "readers"),
                row_partial_indices=(capacity.partials + total_q, -1, "partials"),
                merge_rows=(capacity.merge_rows, -1, "merge_rows"))
     for f in ("item_node", "item_kv_start", "item_kv_len", "item_reader_start",
@@ -350,7 +374,8 @@ def _pad_plan(plan: TreePlan, capacity: PlanCapacity, total_q: int) -> TreePlan:
 
 
 def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_tokens: int | None,
-                rows_per_tile: int, num_workers: int) -> TreePlan:
+                rows_per_tile: int, num_workers: int, window: int | None = None,
+                node_pos: Tensor | None = None) -> TreePlan:
     """The planner in vectorized torch (repeat_interleave / cumsum / sort), on the metadata's device."""
     dev = meta.device
     N, G = meta.num_nodes, meta.num_groups
@@ -378,55 +403,80 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
     if meta.own_full is not None:
         full = full | meta.own_full[g]
     limit = torch.where(full, nl, nl - q_len[g] + local + 1)
+    if window is not None:
+        # lo = max(0, pos(row) - node_pos[n] - window + 1); a reader with lo >= limit sees nothing
+        pos = node_pos.long()
+        own = vis[(vi[1:] - 1).clamp(min=0)][g]
+        rpos = pos[own] + node_len[own] - q_len[g] + local
+        lo = torch.clamp(rpos - pos[node] - window + 1, min=0)
+        keep = lo < limit
+        row, node, limit, lo = row[keep], node[keep], limit[keep], lo[keep]
+        R = row.numel()
+    else:
+        lo = torch.zeros_like(limit)
 
     # ---- chunk length of every node, chunks each reader sees, partials of every row.
     n_readers = torch.bincount(node, minlength=N)[:N]
     if chunk_tokens is None:
+        span = None
+        if window is not None:
+            lo_min = torch.full((N,), 0, dtype=torch.int64, device=dev).scatter_reduce_(
+                0, node, lo, "amin", include_self=False)
+            span = node_len - lo_min
         chunk_n = auto_chunk_tokens(node_len, n_readers, rows_per_tile, group, num_kv_heads,
-                                    num_workers)
+                                    num_workers, span)
         has = n_readers > 0
         plan_chunk = int(chunk_n[has].max()) if bool(has.any()) else 1
     else:
         chunk_n = torch.full((N,), chunk_tokens, dtype=torch.int64, device=dev)
         plan_chunk = chunk_tokens
-    k = _ceil_div(limit, chunk_n[node])  # chunks 0 .. k-1 of the node are visible to the reader
+    k_hi = _ceil_div(limit, chunk_n[node])  # chunks k_lo .. k_hi - 1 of the node are visible
+    k_lo = torch.div(lo, chunk_n[node], rounding_mode="floor")
+    k = k_hi - k_lo
     row_cnt = torch.zeros(total_q, dtype=torch.int64, device=dev).index_add_(0, row, k)
     direct = row_cnt[row] == 1  # the row's only partial: written to out, no workspace slot
 
-    # ---- reader order: (node, merged before direct, limit descending, row). The readers of chunk
-    # c >= 1 (limit > c * chunk; never direct) are then a prefix of the node's readers.
+    # ---- reader order: (node, merged before direct, limit descending, lo descending, row). Without a
+    # window the readers of chunk c >= 1 (limit > c * chunk; never direct) are a prefix of the node's.
     lmax = int(limit.max()) + 1 if R else 1
     o1 = torch.argsort(row, stable=True)
+    o1 = o1[torch.argsort(lmax - 1 - lo[o1], stable=True)]
     key = (node * 2 + direct.long()) * lmax + (lmax - 1 - limit)
     order = o1[torch.argsort(key[o1], stable=True)]
-    reader_row, reader_limit, reader_k = row[order], limit[order], k[order]
+    reader_row, reader_limit, reader_lo = row[order], limit[order], lo[order]
+    reader_klo, reader_k = k_lo[order], k[order]
     reader_node, reader_direct = node[order], direct[order]
-    node_reader_start = _exclusive_cumsum(n_readers)
 
-    # ---- (node, chunk) pairs with readers, and how many readers see each.
-    maxk = torch.zeros(N, dtype=torch.int64, device=dev).scatter_reduce_(0, reader_node, reader_k,
-                                                                          "amax")
+    # ---- (node, chunk) pairs: chunks 0 .. max k_hi - 1 of every node with readers.
+    maxk = torch.zeros(N, dtype=torch.int64, device=dev).scatter_reduce_(0, reader_node,
+                                                                          reader_klo + reader_k, "amax")
     pair_off = _exclusive_cumsum(maxk)
-    PC = int(pair_off[-1])
-    pair_node = torch.repeat_interleave(torch.arange(N, device=dev), maxk, output_size=PC)
-    pair_c = torch.arange(PC, device=dev) - pair_off[:-1][pair_node]
-    last = torch.bincount(pair_off[:-1][reader_node] + reader_k - 1, minlength=PC)[:PC]
-    cs = torch.cumsum(last, 0)
-    seg_end = cs[pair_off[1:][pair_node] - 1] if PC else cs
-    pair_readers = seg_end - cs + last  # readers with k > c
 
-    # ---- items: per pair, ceil(readers / rows_per_tile) tiles (node, chunk, tile order).
-    tiles = _ceil_div(pair_readers, rows_per_tile)
-    tile_off = _exclusive_cumsum(tiles)
-    W = int(tile_off[-1])
-    item_pair = torch.repeat_interleave(torch.arange(PC, device=dev), tiles, output_size=W)
-    t = torch.arange(W, device=dev) - tile_off[:-1][item_pair]
-    item_node = pair_node[item_pair]
+    # ---- (reader, chunk) partials in (node, chunk, reader) order; items are the maximal runs of
+    # consecutive readers of one (node, chunk), cut into tiles of rows_per_tile.
+    E = int(reader_k.sum()) if R else 0
+    er = torch.repeat_interleave(torch.arange(R, device=dev), reader_k, output_size=E)
+    ec = reader_klo[er] + torch.arange(E, device=dev) - _exclusive_cumsum(reader_k)[:-1][er]
+    epair = pair_off[:-1][reader_node[er]] + ec
+    eo = torch.argsort(epair, stable=True)  # er is increasing: stable keeps reader order per pair
+    er, epair = er[eo], epair[eo]
+    brk = torch.ones(E, dtype=torch.bool, device=dev)
+    if E > 1:
+        brk[1:] = (epair[1:] != epair[:-1]) | (er[1:] != er[:-1] + 1)
+    run_id = torch.cumsum(brk.long(), 0) - 1
+    run_start = brk.nonzero().flatten()
+    in_run = torch.arange(E, device=dev) - run_start[run_id]
+    first = in_run % rows_per_tile == 0  # the first partial of each item
+    item_e = first.nonzero().flatten()
+    W = item_e.numel()
+    run_len = torch.diff(torch.cat([run_start, run_start.new_tensor([E])]))
+    item_run = run_id[item_e]
+    item_num_readers = torch.clamp(run_len[item_run] - in_run[item_e], max=rows_per_tile)
+    item_reader_start = er[item_e]
+    item_node = reader_node[item_reader_start]
     ch = chunk_n[item_node]
-    item_kv_start = pair_c[item_pair] * ch
+    item_kv_start = (epair[item_e] - pair_off[:-1][item_node]) * ch
     item_kv_len = torch.minimum(node_len[item_node] - item_kv_start, ch)
-    item_reader_start = node_reader_start[:-1][item_node] + t * rows_per_tile
-    item_num_readers = torch.clamp(pair_readers[item_pair] - t * rows_per_tile, max=rows_per_tile)
 
     # ---- workspace slots: the merged readers of an item come first; reader j < merged_w of item w
     # writes slot item_partial_start[w] + j.
@@ -447,7 +497,7 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
 
     i32 = torch.int32
     arrays = dict(
-        reader_row=reader_row, reader_limit=reader_limit, item_node=item_node,
+        reader_row=reader_row, reader_limit=reader_limit, reader_lo=reader_lo, item_node=item_node,
         item_kv_start=item_kv_start, item_kv_len=item_kv_len, item_reader_start=item_reader_start,
         item_num_readers=item_num_readers, item_partial_start=item_partial_start,
         row_partial_indptr=row_partial_indptr, row_partial_indices=row_partial_indices,
@@ -455,14 +505,16 @@ def _plan_torch(meta: ForestMetadata, group: int, num_kv_heads: int, chunk_token
     )
     ints = dict(num_readers=R, num_items=W, num_partials=P, num_merge_rows=merge_rows.numel(),
                 max_item_readers=max_item_readers, chunk_tokens=plan_chunk, rows_per_tile=rows_per_tile,
-                workspace_slots=P, num_workers=num_workers if chunk_tokens is None else 0)
+                workspace_slots=P, num_workers=num_workers if chunk_tokens is None else 0,
+                window=window or 0)
     return TreePlan.from_lists([arrays[f].to(i32) for f in TENSOR_FIELDS], [ints[f] for f in INT_FIELDS])
 
 
 def plan_loaded_tokens(plan: TreePlan) -> int:
-    """K/V tokens the kernels load for one KV head according to ``plan``: per item, its chunk up to the
-    largest limit of its readers (what the planning benchmark and the byte rule of tiny-node absorption
-    count; the kernels' own counters measure it at the loads)."""
+    """K/V tokens the kernels load for one KV head according to ``plan``: per item, its chunk from the
+    smallest ``reader_lo`` to the largest ``reader_limit`` of its readers (what the planning benchmark
+    and the byte rule of tiny-node absorption count; the kernels' own counters measure it at the
+    loads)."""
     W = plan.num_items
     if W == 0:
         return 0
@@ -470,10 +522,15 @@ def plan_loaded_tokens(plan: TreePlan) -> int:
     nr = plan.item_num_readers[:W].long()
     item = torch.repeat_interleave(torch.arange(W, device=dev), nr)
     j = torch.arange(item.numel(), device=dev) - (torch.cumsum(nr, 0) - nr)[item]
-    lim = plan.reader_limit.long()[plan.item_reader_start[:W].long()[item] + j]
+    idx = plan.item_reader_start[:W].long()[item] + j
+    lim = plan.reader_limit.long()[idx]
     hi = torch.zeros(W, dtype=torch.long, device=dev).scatter_reduce_(0, item, lim, "amax")
     start, ln = plan.item_kv_start[:W].long(), plan.item_kv_len[:W].long()
-    return int(torch.clamp(torch.minimum(hi - start, ln), min=0).sum())
+    lo = plan.reader_lo.long()[idx]
+    lo_min = torch.zeros(W, dtype=torch.long, device=dev).scatter_reduce_(0, item, lo, "amin",
+                                                                          include_self=False)
+    lo_min = torch.maximum(lo_min, start)
+    return int(torch.clamp(torch.minimum(hi, start + ln) - lo_min, min=0).sum())
 
 
 def plan_kv_tokens(meta: ForestMetadata) -> int:

@@ -28,7 +28,8 @@ struct TaskScratch {
   float* mx;      // [kRowBlock] running max of each row
   float* sum;     // [kRowBlock] running softmax denominator of each row
   float* alpha;   // [kRowBlock] rescale of each row's output for the current token block
-  int32_t* rows;  // 4 x [rows_pad] (visible tokens, partial slot, query head, direct output row or -1), then
+  int32_t* rows;  // 5 x [rows_pad] (visible tokens, partial slot, query head, direct output row or -1,
+                  // first visible token), then
                   // [kRowBlock] flags: the row saw a NaN/Inf score (NaN policy)
 };
 
@@ -47,7 +48,7 @@ inline float* align64(float* f) {
   return f + (-(reinterpret_cast<uintptr_t>(f) / sizeof(float)) & (kAlignFloats - 1));
 }
 inline int64_t task_rows_pad(int64_t rows) { return round_up64(rows, 16) + 16; }
-inline int64_t task_row_ints(int64_t rows) { return 4 * task_rows_pad(rows) + kRowBlock; }
+inline int64_t task_row_ints(int64_t rows) { return 5 * task_rows_pad(rows) + kRowBlock; }
 inline int64_t task_tokens_pad(int64_t tokens) { return round_up64(tokens < 1 ? 1 : tokens, kTokenBlock); }
 
 // Floats of scratch a task with `tokens` chunk tokens needs (TaskScratch order).
@@ -111,6 +112,7 @@ struct BwdScratch {
   float* delta;  // [rows]
   int32_t* row, *head, *vis;  // [rows] active rows: query row, query head, visible tokens in the chunk
   int32_t* sub, *svis;        // [rows] of them, those that see the current sub-chunk; their tokens in it
+  int32_t* lo, *slo;          // [rows] first visible token of each active row in the chunk / in the sub-chunk
 };
 
 inline int64_t bwd_dim_pad(int64_t head_dim) { return round_up64(head_dim, kBwdPad); }
@@ -121,7 +123,7 @@ inline int64_t bwd_scratch_floats(int64_t head_dim, int64_t rows) {
   return 5 * bwd_align(tp * dp) + 3 * bwd_align(kBwdRowBlock * dp) + 2 * bwd_align(kBwdRowBlock * tp) +
          bwd_align(dp) + 2 * bwd_align(rows);
 }
-inline int64_t bwd_scratch_ints(int64_t rows) { return 5 * rows; }
+inline int64_t bwd_scratch_ints(int64_t rows) { return 7 * rows; }
 
 // delta[r, h] = rowsum(dO * O) - grad_lse for query rows [row_begin, row_end) (the first pass).
 using BwdDeltaFn = void (*)(const TreeAttentionBackwardParams& p, int64_t row_begin, int64_t row_end);

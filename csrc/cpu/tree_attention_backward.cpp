@@ -56,6 +56,8 @@ struct Scratch {
     s.vis = s.head + rows;
     s.sub = s.vis + rows;
     s.svis = s.sub + rows;
+    s.lo = s.svis + rows;
+    s.slo = s.lo + rows;
     return s;
   }
 };

@@ -171,15 +171,30 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
     // P = exp(S - lse) where visible (else 0); dS = P * (dP - delta).
     I iota;
     for (int j = 0; j < BV; ++j) iota[j] = j;
+    // Window: visible tokens lo <= t < vis. Soft-cap: s = cap tanh(s0 / cap), P = exp(s - lse) and
+    // dS0 = dS * ds/ds0 = P (dP - delta) (1 - tanh^2).
+    const float cap = p.softcap;
+    const V capv = vbcast<V>(cap), inv_cap = vbcast<V>(cap > 0.0f ? 1.0f / cap : 0.0f);
     for (int i = 0; i < nbp; ++i) {
       float* sr = sb + static_cast<size_t>(i) * Tp;
       float* dr = dsb + static_cast<size_t>(i) * Tp;
       const int32_t vis = i < nb ? sc.svis[b0 + i] : 0;
+      const int32_t lo = i < nb ? sc.slo[b0 + i] : 0;
       const float l = i < nb ? sc.lse[sc.sub[b0 + i]] : 0.0f;
       const float dl = i < nb ? sc.delta[sc.sub[b0 + i]] : 0.0f;
+      if (cap > 0.0f) {
+        for (int t0 = 0; t0 < Tb; t0 += BV) {
+          const V th = vtanh<V, I>(vld<BV>(sr + t0) * inv_cap);
+          const I seen = ((iota + t0) < vis) & ((iota + t0) >= lo);
+          const V pv = seen ? vexp<V, I>(capv * th - l) : V{};
+          vst<BV>(sr + t0, pv);
+          vst<BV>(dr + t0, pv * (vld<BV>(dr + t0) - dl) * (V{} + 1.0f - th * th));
+        }
+        continue;
+      }
       for (int t0 = 0; t0 < Tb; t0 += BV) {
         const V x = vld<BV>(sr + t0) - l;
-        const V pv = (iota + t0) < vis ? vexp<V, I>(x) : V{};
+        const V pv = ((iota + t0) < vis) & ((iota + t0) >= lo) ? vexp<V, I>(x) : V{};
         vst<BV>(sr + t0, pv);
         vst<BV>(dr + t0, pv * (vld<BV>(dr + t0) - dl));
       }
@@ -230,11 +245,12 @@ void run_task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, co
 
   // Active packed rows: those that see part of the chunk and saw something at all (finite lse).
   int A = 0;
-  int32_t tmax = 0;
+  int32_t tmax = 0, tmin = len;
   for (int m = 0; m < M; ++m) {
     const int32_t rd = rd0 + packed_reader(m, group);
     const int32_t vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
-    if (vis == 0) continue;
+    const int32_t lo = window_lo_in_chunk(p.reader_lo, rd, kv_start);
+    if (vis <= lo) continue;
     const int32_t row = p.reader_row[rd];
     const int32_t head = packed_head(m, group, kh);
     const float l = p.lse[static_cast<int64_t>(row) * H + head];
@@ -242,6 +258,8 @@ void run_task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, co
     sc.row[A] = row;
     sc.head[A] = head;
     sc.vis[A] = vis;
+    sc.lo[A] = lo;
+    tmin = imin(tmin, lo);
     sc.lse[A] = l;
     sc.delta[A] = p.delta[static_cast<int64_t>(row) * H + head];
     ++A;
@@ -251,15 +269,18 @@ void run_task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, co
   // The chunk in sub-chunks of kBwdSubChunk tokens (FlashAttention-2's KV blocks): K, K^T, V^T, dK, dV
   // and the S/dS blocks of one sub-chunk stay in L2 however long the plan's chunk is (the forward's plan
   // may give a whole node to one item so that its rows write no partial states).
-  for (int s0 = 0; s0 < tmax; s0 += kBwdSubChunk) {
+  // (A sliding window starts at the first token some active row sees.)
+  for (int s0 = tmin; s0 < tmax; s0 += kBwdSubChunk) {
     // Rows that see part of this sub-chunk, with their visible tokens in it.
     int n = 0;
     for (int a = 0; a < A; ++a) {
-      if (sc.vis[a] <= s0) continue;
+      if (sc.vis[a] <= s0 || sc.lo[a] >= s0 + kBwdSubChunk) continue;
       sc.sub[n] = a;
       sc.svis[n] = imin(sc.vis[a] - s0, kBwdSubChunk);
+      sc.slo[n] = imax(sc.lo[a] - s0, 0);
       ++n;
     }
+    if (n == 0) continue;
     run_subchunk<E>(p, node, kv_start + s0, kh, n, sc, row_locks, slot_locks);
   }
 }

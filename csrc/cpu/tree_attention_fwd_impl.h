@@ -145,34 +145,46 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
 // from t0 (st row 0 = token t0). Per row: new max over its visible tokens of the block, the rescale
 // alpha = exp(old max - new max) of its output and sum so far, P^T = exp(S^T - new max) for t < vis and
 // exactly 0 for vis <= t < t_end (so P V tiles can run every row to their tile's max).
-template <int N>
-MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0, int t_end, float* mx, float* sum,
-                         float* alpha, int32_t* bad) {
+// LO: rows see only tokens t >= lo[row] too (sliding window; P^T exactly 0 below). CAP: soft-capped
+// scores, s = cap * tanh(s / cap) (written back to S^T; the NaN policy looks at the raw score).
+template <int N, bool LO, bool CAP>
+MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, const int32_t* lo, int t0, int t_end,
+                         float* mx, float* sum, float* alpha, int32_t* bad, float cap) {
   using V = typename VT<N>::V;
   using I = typename VT<N>::I;
   const V ninf = vbcast<V>(-__builtin_inff());
-  I visv;
+  I visv, lov = I{};
   int tmax = t0;
   for (int i = 0; i < N; ++i) {
     visv[i] = vis[c0 + i];
+    if constexpr (LO) lov[i] = lo[c0 + i];
     tmax = imax(tmax, imin(vis[c0 + i], t_end));
   }
   const V mold = vld<N>(mx + c0);
   V mv = mold;
   I badv = *reinterpret_cast<const typename VT<N>::IU*>(bad + c0);
+  const V capv = vbcast<V>(cap), inv_cap = vbcast<V>(CAP ? 1.0f / cap : 0.0f);
   for (int t = t0; t < tmax; ++t) {
-    const V x = vld<N>(st + static_cast<size_t>(t - t0) * lds + c0);
-    const I seen = (I{} + t) < visv;
+    float* sp = st + static_cast<size_t>(t - t0) * lds + c0;
+    V x = vld<N>(sp);
+    I seen = (I{} + t) < visv;
+    if constexpr (LO) seen &= (I{} + t) >= lov;
+    badv |= seen & ((x - x) != V{});  // NaN policy: x - x is NaN exactly when x is NaN or +-Inf
+    if constexpr (CAP) {
+      x = capv * vtanh<V, I>(x * inv_cap);
+      vst<N>(sp, x);
+    }
     const V xm = seen ? x : ninf;
     mv = xm > mv ? xm : mv;
-    badv |= seen & ((x - x) != V{});  // NaN policy: x - x is NaN exactly when x is NaN or +-Inf
   }
   *reinterpret_cast<typename VT<N>::IU*>(bad + c0) = badv;
   const V mref = mv == ninf ? V{} : mv;  // rows that saw nothing yet: any finite reference
   V s = V{};
   for (int t = t0; t < t_end; ++t) {
     float* sp = st + static_cast<size_t>(t - t0) * lds + c0;
-    const V e = (I{} + t) < visv ? vexp<V, I>(vld<N>(sp) - mref) : V{};
+    I seen = (I{} + t) < visv;
+    if constexpr (LO) seen &= (I{} + t) >= lov;
+    const V e = seen ? vexp<V, I>(vld<N>(sp) - mref) : V{};
     vst<N>(sp, e);
     s += e;
   }
@@ -186,12 +198,13 @@ MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, int t0,
 // O[r][d0 : d0 + NV*W] = alpha[r] * O[r][...] + sum_{t0 <= t < t1} P^T[t - t0][r] V[t][...] for RB rows r
 // (block-local rb + r); o: [rows][dp] fp32 scratch; vr[t - t0]: token t's V row (fp32: the packed
 // scratch row, or the fp32 cache row itself, see run_task).
-// Tokens [t0, tfull) every row of the tile sees; tokens [tfull, t1) only rows r with t < vis[r] (NaN
-// policy: a masked token is skipped, never multiplied by 0, so a NaN/Inf in V cannot cross the mask).
+// Tokens [tlo, tfull) every row of the tile sees; tokens [t0, tlo) and [tfull, t1) only rows r with
+// lo[r] <= t < vis[r] (NaN policy: a masked token is skipped, never multiplied by 0, so a NaN/Inf in V
+// cannot cross the mask). Without a window tlo = t0.
 template <int RB, int NV>
 MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const float* __restrict pt, int lds, int t0,
-                    int tfull, int t1, const int32_t* __restrict vis, float* __restrict o,
-                    const float* __restrict alpha, int rb) {
+                    int tlo, int tfull, int t1, const int32_t* __restrict vis, const int32_t* __restrict lo,
+                    float* __restrict o, const float* __restrict alpha, int rb) {
   using V = typename VT<W>::V;
   V acc[RB][NV];
   MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -201,6 +214,17 @@ MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const flo
   }
   const float* pp = pt + rb;
   int t = t0;
+  for (; t < tlo; ++t, pp += lds) {  // below some row's window start
+    const float* vp = vr[t - t0] + d0;
+    V vv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+      if (t >= lo[rb + r] && t < vis[rb + r]) {
+        const V pb = vbcast<V>(pp[r]);
+        MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
+      }
+    }
+  }
   for (; t < tfull; ++t, pp += lds) {
     const float* vp = vr[t - t0] + d0;
     V vv[NV];
@@ -227,26 +251,47 @@ MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const flo
 
 template <int RB>
 inline void pv_rows(const float* const* vr, int dp, int D, const float* pt, int lds, int t0, int t1, const int32_t* vis,
-                    float* o, const float* alpha, int rb) {
-  int tfull = t1;
+                    const int32_t* lo, float* o, const float* alpha, int rb) {
+  int tfull = t1, tlo = t0;
   for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
+  if (lo != nullptr) {
+    for (int r = 0; r < RB; ++r) tlo = imax(tlo, lo[rb + r]);
+    tlo = imin(tlo, t1);
+    tfull = imax(tfull, tlo);
+  }
   int d0 = 0;
   for (; d0 + 2 * W <= D; d0 += 2 * W)  // never past D: fp32 V rows may be the cache's own
-    pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
-  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tfull, t1, vis, o, alpha, rb);
+    pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
+  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
 }
 
 // `rows` (1 .. RB) rows starting at block-local rb.
 template <int RB>
 inline void pv_dispatch(int rows, const float* const* vr, int dp, int D, const float* pt, int lds, int t0, int t1,
-                        const int32_t* vis, float* o, const float* alpha, int rb) {
+                        const int32_t* vis, const int32_t* lo, float* o, const float* alpha, int rb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<RB - 1>(rows, vr, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
+      pv_dispatch<RB - 1>(rows, vr, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
       return;
     }
   }
-  pv_rows<RB>(vr, dp, D, pt, lds, t0, t1, vis, o, alpha, rb);
+  pv_rows<RB>(vr, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
+}
+
+// The online softmax of one (row block, token block): full-width vectors over the big tiles' columns,
+// G-lane ones over the remainder.
+template <bool LO, bool CAP>
+inline void softmax_block(const TaskScratch& sc, int lds, int mbp, int nbig, const int32_t* bvis, const int32_t* blo,
+                          int tb0, int te, int32_t* bad, float cap) {
+  for (int col = 0; col < mbp;) {
+    if (col + W <= nbig * 2 * W) {
+      softmax_cols<W, LO, CAP>(sc.st, lds, col, bvis, blo, tb0, te, sc.mx, sc.sum, sc.alpha, bad, cap);
+      col += W;
+    } else {
+      softmax_cols<G, LO, CAP>(sc.st, lds, col, bvis, blo, tb0, te, sc.mx, sc.sum, sc.alpha, bad, cap);
+      col += G;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------- one task
@@ -264,7 +309,16 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   TaskCtx c{&p, p.item_node[item], p.item_kv_start[item], kh, D, static_cast<int>(round_up64(D, kDimPad)),
             nullptr, nullptr};
   const int dp = c.dp;
-  const int32_t len = p.item_kv_len[item];
+  int32_t len = p.item_kv_len[item];
+  // Sliding window: the task starts at the smallest first visible token of its readers (the chunk's
+  // tokens below it are neither loaded nor computed); each row then masks below its own start.
+  const bool has_lo = p.reader_lo != nullptr;
+  if (has_lo) {
+    int32_t shift = len;
+    for (int32_t j = 0; j < nr; ++j) shift = imin(shift, window_lo_in_chunk(p.reader_lo, r0 + j, c.kv_start));
+    c.kv_start += shift;
+    len -= shift;
+  }
   // A task with one row block consumes each token block right after loading it: K/V then live in a
   // one-block window (48 rows, L1/L2) instead of the whole chunk, leaving L2 to the next task's
   // prefetched chunk. kb/vb are then re-based per token block so that row t sits at kb + t * dp.
@@ -280,6 +334,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   // packed and read; a task with many rows amortises the per-block softmax and output rescale over the
   // full kTokenBlock (its window lives in L2 anyway, next to Q^T and O).
   const int tbk = window && M <= kLightRows ? kLightTokenBlock : kTokenBlock;
+  const bool cap_on = p.softcap > 0.0f;
   float* const kbase = sc.kv;
   float* const vbase = sc.kv + task_tokens_pad(len) * dp;
   c.kb = kbase;
@@ -290,11 +345,13 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   int32_t* slot = vis + rp;
   int32_t* head = slot + rp;
   int32_t* orow = head + rp;
-  int32_t* bad = orow + rp;  // [kRowBlock] of the current row block: a visible score was NaN/Inf
+  int32_t* lo = orow + rp;   // first visible token of the row in the (shifted) chunk: 0 without a window
+  int32_t* bad = lo + rp;  // [kRowBlock] of the current row block: a visible score was NaN/Inf
   int max_vis = 0;
   for (int m = 0; m < M; ++m) {
     const int32_t rd = r0 + packed_reader(m, group);
     vis[m] = visible_in_chunk(p.reader_limit[rd], c.kv_start, len);
+    lo[m] = window_lo_in_chunk(p.reader_lo, rd, c.kv_start);
     slot[m] = slot0 + packed_reader(m, group);
     head[m] = packed_head(m, group, kh);
     const int32_t qrow = p.reader_row[rd];
@@ -303,6 +360,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   }
   for (int m = M; m < rp; ++m) {
     vis[m] = 0;
+    lo[m] = 0;
     slot[m] = -1;
     head[m] = kh * group;
     orow[m] = -1;
@@ -317,6 +375,14 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     cn.kv_start = p.item_kv_start[next_item];
     cn.kh = next_kh;
     next_len = p.item_kv_len[next_item];
+    if (has_lo) {  // prefetch from the next task's first visible token
+      int32_t shift = next_len;
+      const int32_t nr0 = p.item_reader_start[next_item];
+      for (int32_t j = 0; j < p.item_num_readers[next_item]; ++j)
+        shift = imin(shift, window_lo_in_chunk(p.reader_lo, nr0 + j, cn.kv_start));
+      cn.kv_start += shift;
+      next_len -= shift;
+    }
   }
   Prefetch2<E> pf{{&c, 0, imin(tbk, max_vis)}, {&cn, 0, next_len}};
   pf.own.finish();
@@ -325,8 +391,11 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     const int mbp = static_cast<int>(round_up64(mb, G));
     const int lds = mbp;  // S^T / Qt row stride
     const int32_t* bvis = vis + m0;
-    int tmax = 0;
+    const int32_t* blo = has_lo ? lo + m0 : nullptr;
+    int tmax = 0, tmin = has_lo ? max_vis : 0;  // the block's rows see tokens [tmin, tmax) at most
     for (int i = 0; i < mb; ++i) tmax = imax(tmax, bvis[i]);
+    if (has_lo)
+      for (int i = 0; i < mb; ++i) tmin = imin(tmin, lo[m0 + i]);
     // Q^T of the block, pre-scaled by sm_scale (so scores and lse include it); pad columns 0.
     float* qt = sc.qt;
     for (int i = 0; i < mb; ++i) {
@@ -370,7 +439,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       }
       if (!v_direct)
         for (int t = tb0; t < tb0 + tbk; ++t) vrows[t - tb0] = c.vb + static_cast<size_t>(t) * dp;
-      if (tb0 >= tmax) continue;
+      if (tb0 >= tmax || tb0 + tbk <= tmin) continue;  // nothing of the block's rows in this block
       const int te = imin(tmax, tb0 + tbk);
       // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
       for (int col = 0; col < mbp;) {
@@ -395,22 +464,21 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         col += width;
       }
       // full-width vectors over the big tiles' columns, G-lane ones over the remainder
-      for (int col = 0; col < mbp;) {
-        if (col + W <= nbig * 2 * W) {
-          softmax_cols<W>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
-          col += W;
-        } else {
-          softmax_cols<G>(sc.st, lds, col, bvis, tb0, te, sc.mx, sc.sum, sc.alpha, bad);
-          col += G;
-        }
-      }
+      if (!has_lo && !cap_on)
+        softmax_block<false, false>(sc, lds, mbp, nbig, bvis, blo, tb0, te, bad, p.softcap);
+      else if (!cap_on)
+        softmax_block<true, false>(sc, lds, mbp, nbig, bvis, blo, tb0, te, bad, p.softcap);
+      else if (!has_lo)
+        softmax_block<false, true>(sc, lds, mbp, nbig, bvis, blo, tb0, te, bad, p.softcap);
+      else
+        softmax_block<true, true>(sc, lds, mbp, nbig, bvis, blo, tb0, te, bad, p.softcap);
       // O = alpha O + P V in tiles of PV_RB rows (rows that see nothing of this block keep alpha = 1).
       for (int rb = 0; rb < mb; rb += PV_RB) {
         const int rows = imin(PV_RB, mb - rb);
         int tb = 0;
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
-        if (t1 > tb0) pv_dispatch<PV_RB>(rows, vrows, dp, D, sc.st, lds, tb0, t1, bvis, sc.o, sc.alpha, rb);
+        if (t1 > tb0) pv_dispatch<PV_RB>(rows, vrows, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha, rb);
         pf.step(pf_rows);
       }
     }

@@ -200,3 +200,72 @@ def test_forced_isa_errors_name_the_variable(monkeypatch) -> None:
             tree_attention(q, k, v, meta, backend="cpu")
     monkeypatch.delenv("MULTIVERSE_CPU_ISA")
     assert cpu_isa() == (ISA_NAMES[best], ISA_NAMES[best])
+
+
+# --------------------------------------------------------------------------- variants: window, soft-cap
+def check_variant_grads(meta: ForestMetadata, num_pages: int, hq: int, hk: int, d: int, dtype: torch.dtype,
+                        seed: int, backward: bool = True, **variant) -> None:
+    """cpu forward (out, lse) and backward (dq, dk, dv through autograd, loss on out and lse) against
+    the reference with the same ``window`` / ``softcap``; the reference runs in float64 on the same
+    (rounded) inputs, the cpu kernels in ``dtype``."""
+    from multiverse_kernels.testing import tolerance
+
+    q, k, v = make_inputs(meta, num_pages, hq, hk, d, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    go = torch.randn(q.shape, generator=g)
+    gl = torch.randn(q.shape[:2], generator=g)
+    res = {}
+    for backend, dt in (("cpu", dtype), ("reference", torch.float64)):
+        ins = [t.detach().to(dt).clone().requires_grad_(backward) for t in (q, k, v)]
+        out, lse = tree_attention(*ins, meta, backend=backend, return_lse=True, **variant)
+        res[backend] = [out.detach().double(), lse.detach().double()]
+        if backward:
+            ((out.double() * go.double()).sum() + (lse.double() * gl.double()).sum()).backward()
+            res[backend] += [t.grad.double() for t in ins]
+    tol = tolerance(dtype)
+    scale = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}[dtype]  # grads sum many terms
+    for i, (got, want) in enumerate(zip(res["cpu"], res["reference"], strict=True)):
+        t = tol if i < 2 else dict(atol=tol["atol"] * 5 * scale, rtol=tol["rtol"] * 5 * scale)
+        torch.testing.assert_close(got, want, **t, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+VARIANT_CASES = [dict(window=1), dict(softcap=2.5), dict(window=9, softcap=5.0)]
+
+
+@pytest.mark.parametrize("variant", VARIANT_CASES, ids=lambda v: "+".join(f"{a}{b}" for a, b in v.items()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_window_softcap_random_forests_every_isa(isa: str, variant: dict, dtype: torch.dtype) -> None:
+    for seed, (page_size, (hq, hk, d)) in enumerate([(1, (8, 2, 64)), (16, (4, 4, 128))]):
+        f, groups = random_forest(7300 + seed, page_size=page_size, max_len=[40, 100][seed],
+                                  max_q_len=[4, 20][seed])
+        check_variant_grads(f.metadata(groups), f.num_pages, hq, hk, d, dtype, seed, **variant)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_window_long_prefill_every_isa(isa: str, dtype: torch.dtype) -> None:
+    """A 300-token causal prefill (GQA 4: 1,200 packed rows -> several items, row blocks and backward
+    sub-chunks) with a 60-token window and a soft-cap; and decode rows over a 400-token prefix whose
+    window starts inside it (the chunks below are neither planned nor loaded)."""
+    from multiverse_kernels import KVForest
+
+    f = KVForest(64, 16)
+    root = f.new_sequence(0)
+    f.append(root, 300)
+    check_variant_grads(f.metadata([(root, 300)]), f.num_pages, 8, 2, 64, dtype, 11, window=60, softcap=8.0)
+    f, groups = sampling_forest(prompt=400, samples=5, gen_len=30, page_size=16)
+    check_variant_grads(f.metadata(groups), f.num_pages, 8, 2, 128, dtype, 12, window=45)
+
+
+def test_window_loads_only_the_window_every_isa(isa: str) -> None:
+    """The kernel's own load counter with a window: a decode row over a 2,000-token prefix with a
+    64-token window loads its last 64 tokens, not the prefix."""
+    from multiverse_kernels import KVForest
+    from multiverse_kernels.backends import resolve
+
+    hook = resolve("tree_attention_kv_bytes", "cpu", torch.device("cpu"))
+    f = KVForest(200, 16)
+    root = f.new_sequence(2000)
+    meta = f.metadata([(root, 1)])
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, torch.float32)
+    assert hook(q, k, v, meta, 0.125, window=64) == 64 * 2 * 2 * 64 * 4
+    assert hook(q, k, v, meta, 0.125) == 2000 * 2 * 2 * 64 * 4

@@ -51,8 +51,10 @@ def execute_plan(plan: TreePlan, q, k_cache, v_cache, meta, sm_scale):
         v = vf[slots].repeat_interleave(grp, 1)
         rows = plan.reader_row[r0:r0 + nr].long()
         lim = plan.reader_limit[r0:r0 + nr].long()
+        lo = plan.reader_lo[r0:r0 + nr].long()
         s = torch.einsum("rhd,thd->rht", q[rows].double(), k) * sm_scale
-        vis = (s0 + torch.arange(ln))[None, :] < lim[:, None]  # [nr, ln]
+        tok = (s0 + torch.arange(ln))[None, :]
+        vis = (tok < lim[:, None]) & (tok >= lo[:, None])  # [nr, ln]
         s = s.masked_fill(~vis[:, None, :], float("-inf"))
         ls = torch.logsumexp(s, -1)  # -inf for a reader that sees nothing of the chunk
         p = torch.exp(s - torch.where(torch.isfinite(ls), ls, 0)[..., None])
@@ -83,9 +85,10 @@ def covered(plan: TreePlan, meta) -> torch.Tensor:
         r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
         for j in range(nr):
             r, lim = int(plan.reader_row[r0 + j]), int(plan.reader_limit[r0 + j])
+            lo = max(s0, int(plan.reader_lo[r0 + j]))
             hi = min(s0 + ln, lim)
-            if hi > s0:
-                cnt[r, off[n] + s0: off[n] + hi] += 1
+            if hi > lo:
+                cnt[r, off[n] + lo: off[n] + hi] += 1
     return cnt
 
 
@@ -113,9 +116,13 @@ def check_invariants(plan: TreePlan, meta) -> None:
         r0, nr = int(plan.item_reader_start[w]), int(plan.item_num_readers[w])
         node_of_reader[r0:r0 + nr] = int(plan.item_node[w])
         assert bool((plan.reader_limit[r0:r0 + nr] > plan.item_kv_start[w]).all()), "masked reader"
+        end = plan.item_kv_start[w] + plan.item_kv_len[w]
+        assert bool((plan.reader_lo[r0:r0 + nr] < end).all()), "reader outside its window"
     lim = plan.reader_limit[:R].long()
+    lo = plan.reader_lo[:R].long()
+    assert bool((lo < lim).all()) and bool((lo >= 0).all())
     direct = (cnt[rr] == 1).long()
-    key = torch.stack([node_of_reader, direct, -lim, rr], 1)
+    key = torch.stack([node_of_reader, direct, -lim, -lo, rr], 1)
     for i in range(1, R):
         assert key[i - 1].tolist() < key[i].tolist(), (i, key[i - 1], key[i])
     assert (lim >= 1).all()
@@ -364,3 +371,102 @@ def test_cached_plan_keys_on_tensors():
     assert p2 is not p1 and torch.equal(p2.item_node, p1.item_node)
     meta2 = f.metadata(groups)  # equal values, new tensors
     assert cached_plan(meta2, 4, 2, head_dim=64) is not p2
+
+
+# ---------------------------------------------------------------------------------- sliding window
+def window_mask(meta, window):
+    """bool [total_q, T]: dense_mask (keys in node order) and pos(row) - pos(key) < window, positions
+    from meta.positions() (node n's token j at node_pos[n] + j; a row is its own node's token)."""
+    pos = meta.positions().long()
+    lens = meta.node_len.long()
+    kpos = torch.cat([pos[n] + torch.arange(int(lens[n])) for n in range(meta.num_nodes)])
+    rpos = []
+    qo, vi, vis = meta.qo_indptr.tolist(), meta.vis_indptr.tolist(), meta.vis_nodes.tolist()
+    for g in range(meta.num_groups):
+        ql = qo[g + 1] - qo[g]
+        if ql:
+            own = vis[vi[g + 1] - 1]
+            rpos.append(pos[own] + lens[own] - ql + torch.arange(ql))
+    rpos = torch.cat(rpos) if rpos else torch.zeros(0, dtype=torch.long)
+    return dense_mask(meta) & ((rpos[:, None] - kpos[None, :]) < window)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_window_plan_covers_the_windowed_mask(seed):
+    """Every (row, key) the forest AND the window allow is covered exactly once, nothing else; no item
+    holds a reader that sees nothing of its chunk; the plan runs to the reference's windowed answer;
+    C++ and torch planners agree."""
+    from multiverse_kernels.planning import _cpp_planner
+    from multiverse_kernels.variants import Variant
+
+    f, groups = random_forest(300 + seed, page_size=[1, 4, 16][seed % 3], max_len=[24, 60][seed % 2])
+    meta = f.metadata(groups)
+    if seed % 4 == 3:
+        meta = meta.with_own_full(torch.arange(meta.num_groups) % 2 == 0)
+    if seed % 5 == 4:
+        meta = meta.with_node_pos(None)  # the default positions
+    window = [1, 3, 7, 20][seed % 4]
+    hq, hk = [(4, 4), (4, 2), (8, 1), (8, 2)][seed % 4]
+    for kw in (dict(chunk_tokens=[3, 8, 16][seed % 3], rows_per_tile=[1, 2, 64][seed % 3]),
+               dict(num_workers=[1, 7, 50][seed % 3])):
+        plan = plan_tree_attention(meta, hq, hk, window=window, impl="torch", **kw)
+        assert plan.window == window
+        check_invariants(plan, meta)
+        assert torch.equal(covered(plan, meta), window_mask(meta, window).long())
+        if _cpp_planner() is not None:
+            b = plan_tree_attention(meta, hq, hk, window=window, impl="cpp", **kw)
+            assert plan.ints() == b.ints(), kw
+            for name, x, y in zip(TreePlan.TENSOR_FIELDS, plan.tensors(), b.tensors(), strict=True):
+                assert torch.equal(x, y), (kw, name)
+    q, k, v = make_inputs(meta, f.num_pages, hq, hk, 16, torch.float64, seed=seed)
+    out, lse = execute_plan(plan, q, k, v, meta, 0.3)
+    from multiverse_kernels.backends.reference import tree_attention as ref
+
+    ref_out, ref_lse = ref(q, k, v, meta, 0.3, variant=Variant(window=window))
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6)
+
+
+def test_window_skips_chunks_outside_every_window():
+    """A decode row over a 4,096-token prefix with a 512-token window: only the chunks that hold its
+    last 512 positions are planned; a long causal prefill loads about (W + tile) / L of its keys."""
+    from multiverse_kernels.planning import plan_kv_tokens, plan_loaded_tokens
+
+    f = mk.KVForest(4096 // 16 + 8, 16)
+    root = f.new_sequence(4096)
+    meta = f.metadata([(root, 1)])
+    for impl in ("torch", "cpp"):
+        if impl == "cpp":
+            from multiverse_kernels.planning import _cpp_planner
+            if _cpp_planner() is None:
+                continue
+        plan = plan_tree_attention(meta, 8, 2, chunk_tokens=256, window=512, impl=impl)
+        assert plan.num_readers == 1 and plan.reader_lo.tolist() == [4096 - 512]
+        assert plan.item_kv_start.tolist() == [3584, 3840]  # 2 of the 16 chunks
+        assert plan_loaded_tokens(plan) == 512
+    f = mk.KVForest(8192 // 16 + 8, 16)
+    root = f.new_sequence(0)
+    f.append(root, 8192)
+    meta = f.metadata([(root, 8192)])
+    full = plan_tree_attention(meta, 8, 2, num_workers=8)
+    win = plan_tree_attention(meta, 8, 2, num_workers=8, window=1024)
+    unique = plan_kv_tokens(meta)
+    assert plan_loaded_tokens(win) < 0.35 * plan_loaded_tokens(full)
+    ratio = plan_loaded_tokens(win) / (unique * win.num_items)
+    assert ratio < 2 * (1024 + win.rows_per_tile) / 8192
+
+
+def test_window_plan_cache_keys_on_the_window():
+    from multiverse_kernels.plan_cache import cached_plan, cached_run_plan
+
+    f, groups = random_forest(12, page_size=1)
+    meta = f.metadata(groups)
+    p0 = cached_plan(meta, 4, 2, head_dim=64)
+    p3 = cached_plan(meta, 4, 2, head_dim=64, window=3)
+    assert p0 is not p3 and p3.window == 3 and p0.window == 0
+    assert cached_plan(meta, 4, 2, head_dim=64, window=3) is p3
+    run, p = cached_run_plan(meta, 4, 2, head_dim=64, window=3)
+    assert run is meta  # a window never absorbs (absorption rewrites node ids and positions)
+    shifted = meta.positions().clone()
+    shifted[-1] += 5
+    assert cached_plan(meta.with_node_pos(shifted), 4, 2, head_dim=64, window=3) is not p3

@@ -93,6 +93,41 @@ def test_fuzz_tree_attention_triton_slow(meta, heads, d, dtype, seed):
     _check_attention("triton", meta, heads, d, dtype, seed)
 
 
+# ------------------------------------------------------------------ tree_attention: window, soft-cap
+def _check_attention_variant(meta, heads, d, dtype, seed, window, softcap):
+    """The cpu kernels (forward and backward) with a drawn window / soft-cap against the reference."""
+    hq, hk = heads
+    q, k, v = _inputs(meta, hq, hk, d, dtype, seed)
+    kw = dict(window=window, softcap=softcap)
+    res = []
+    for backend in ("cpu", "reference"):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = mk.tree_attention(*ins, meta, backend=backend, return_lse=True, **kw)
+        (out.float().sum() + lse.sum()).backward()
+        res.append([out.float(), lse] + [t.grad.float() for t in ins])
+    tol = tolerance(dtype)
+    for i, (a, b) in enumerate(zip(*res, strict=True)):
+        t = tol if i < 2 else {name: 5 * x for name, x in tol.items()}  # grads: sums of many terms
+        torch.testing.assert_close(a.detach(), b.detach(), **t)
+
+
+VAR = dict(ATT, window=st.one_of(st.none(), st.integers(1, 40)),
+           softcap=st.one_of(st.none(), st.floats(0.5, 30.0)))
+
+
+@settings(FAST, max_examples=12)
+@given(**VAR)
+def test_fuzz_tree_attention_variants(meta, heads, d, dtype, seed, window, softcap):
+    _check_attention_variant(meta, heads, d, dtype, seed, window, softcap)
+
+
+@pytest.mark.slow
+@SLOW
+@given(**VAR)
+def test_fuzz_tree_attention_variants_slow(meta, heads, d, dtype, seed, window, softcap):
+    _check_attention_variant(meta, heads, d, dtype, seed, window, softcap)
+
+
 # ------------------------------------------------------------------------------ merge_states
 @st.composite
 def merge_inputs(draw):

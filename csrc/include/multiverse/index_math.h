@@ -36,6 +36,14 @@ MV_HD int32_t visible_in_chunk(int32_t limit, int32_t kv_start, int32_t kv_len) 
   return v > 0 ? v : 0;
 }
 
+// First token of the chunk [kv_start, ...) a reader whose window starts at node token `lo` sees, relative
+// to the chunk (0 when the window starts at or before the chunk; reader_lo may be null: no window).
+MV_HD int32_t window_lo_in_chunk(const int32_t* reader_lo, int32_t rd, int32_t kv_start) {
+  if (reader_lo == nullptr) return 0;
+  const int32_t v = reader_lo[rd] - kv_start;
+  return v > 0 ? v : 0;
+}
+
 // GQA: the query heads of KV head `kv_head` are kv_head * group .. kv_head * group + group - 1.
 MV_HD int32_t gqa_group(int32_t num_qo_heads, int32_t num_kv_heads) { return num_qo_heads / num_kv_heads; }
 

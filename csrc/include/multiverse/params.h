@@ -39,6 +39,7 @@ struct TreeAttentionParams {
   // Plan: readers.
   const int32_t* reader_row;
   const int32_t* reader_limit;
+  const int32_t* reader_lo;  // first token the reader sees (sliding window; all 0 without); may be null
   // Plan: work items.
   const int32_t* item_node;
   const int32_t* item_kv_start;
@@ -60,6 +61,7 @@ struct TreeAttentionParams {
   int32_t max_chunk_tokens;  // upper bound of item_kv_len (the plan's chunk_tokens)
   int32_t max_readers;       // upper bound of item_num_readers (the plan's rows_per_tile)
   float sm_scale;
+  float softcap;  // > 0: scores s = softcap * tanh(s / softcap) after sm_scale (Gemma 2); 0: off
   DType dtype;
 
   // Measurement hook: when non-null, the kernel adds the K+V bytes it loads from the caches.
@@ -113,7 +115,8 @@ struct AppendParams {
 // Backward of tree attention over the same plan as the forward (docs/api.md "Autograd", the reference
 // multiverse_kernels/backends/reference/tree_attention_backward.py is the specification):
 //   delta[r, h] = sum_e grad_out[r, h, e] * out[r, h, e] - (grad_lse[r, h] if lse[r, h] is finite)
-//   P = exp(sm_scale * q k^T - lse)   (recomputed per work item, block by block)
+//   P = exp(sm_scale * q k^T - lse)   (recomputed per work item, block by block; soft-capped scores
+//                                      when softcap > 0, and dS then times 1 - (s / softcap)^2)
 //   dv += P^T dO;  dS = P * (dO v^T - delta);  dk += sm_scale dS^T q;  dq += sm_scale dS k
 // One task per (work item, KV head): the item's chunk of K/V is loaded once for all its packed rows
 // (reader x GQA head); the item's dK/dV (and each row block's dQ) are accumulated locally and added to
@@ -138,6 +141,7 @@ struct TreeAttentionBackwardParams {
   // Plan (the forward's: multiverse_kernels/planning.py).
   const int32_t* reader_row;
   const int32_t* reader_limit;
+  const int32_t* reader_lo;  // may be null (no window)
   const int32_t* item_node;
   const int32_t* item_kv_start;
   const int32_t* item_kv_len;
@@ -157,6 +161,7 @@ struct TreeAttentionBackwardParams {
   int32_t head_dim;
   int32_t page_size;
   float sm_scale;
+  float softcap;  // > 0: s = softcap * tanh(s0 / softcap), dS *= 1 - (s / softcap)^2; 0: off
   DType dtype;  // of q, the caches, out and grad_out
 };
 

@@ -6,6 +6,7 @@
 #define MULTIVERSE_PLAN_TENSOR_FIELDS(X) \
   X(reader_row) /* [R] query row of each reader */ \
   X(reader_limit) /* [R] leading tokens of the node the reader's row sees */ \
+  X(reader_lo) /* [R] first token of the node the reader's row sees (sliding window; 0 without) */ \
   X(item_node) /* [W] node of each work item */ \
   X(item_kv_start) /* [W] first token of the item's chunk */ \
   X(item_kv_len) /* [W] tokens in the chunk */ \
@@ -27,6 +28,7 @@
   X(rows_per_tile) /* max readers per item the plan was built with */ \
   X(workspace_slots) /* partial slots the workspace must hold (P, or the padded capacity) */ \
   X(num_workers) /* 0: every node split into chunk_tokens; > 0: chunks chosen for this many workers */ \
+  X(window) /* the sliding window reader_lo was built for (0: none, every reader_lo is 0) */ \
 
-#define MULTIVERSE_PLAN_FORMAT "reader_row,reader_limit,item_node,item_kv_start,item_kv_len,item_reader_start,item_num_readers,item_partial_start,row_partial_indptr,row_partial_indices,merge_rows;num_readers,num_items,num_partials,num_merge_rows,max_item_readers,chunk_tokens,rows_per_tile,workspace_slots,num_workers"
+#define MULTIVERSE_PLAN_FORMAT "reader_row,reader_limit,reader_lo,item_node,item_kv_start,item_kv_len,item_reader_start,item_num_readers,item_partial_start,row_partial_indptr,row_partial_indices,merge_rows;num_readers,num_items,num_partials,num_merge_rows,max_item_readers,chunk_tokens,rows_per_tile,workspace_slots,num_workers,window"
 #define MULTIVERSE_PLAN_MIN_CHUNK_TOKENS 256

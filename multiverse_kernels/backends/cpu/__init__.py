@@ -8,6 +8,11 @@ is loaded from the cache exactly once per KV head and shared by every row that s
 memoised on the metadata tensors (:func:`~multiverse_kernels.plan_cache.cached_plan`: plan once per
 step, reuse in every layer). Also registers the measurement hook
 ``tree_attention_kv_bytes`` (bytes counted by the kernel at its loads).
+
+Variants (multiverse_kernels/variants.py): ``window`` (the plan's ``reader_lo``: the planner drops the
+chunks outside every row's window, the kernels mask below each row's first visible token) and
+``softcap`` (``s = c tanh(s / c)`` in the kernels, ``dS *= 1 - (s / c)^2`` in the backward), forward
+and backward; ``sinks`` are the op's. fp8 KV caches are not declared (``auto`` runs the reference).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import torch
 from torch import Tensor
 
 from ..._native import load_extension
-from ...metadata import ForestMetadata
+from ...metadata import ForestMetadata, MetadataError
 from ...plan_cache import cached_plan, cached_run_plan
 from ...planning import TreePlan
+from ...variants import PLAIN, Variant
 from .. import register
 from ..reference import append_paged_kv as _ref_append
 from ..reference import merge_states as _ref_merge
@@ -45,41 +51,55 @@ MAX_ITEM_ROWS = 1024
 _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> TreePlan:
+def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata, window: int | None = None) -> TreePlan:
     """The backward's plan (the metadata as given)."""
     group = q.shape[1] // k_cache.shape[2]
     return cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
-                       chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group))
+                       chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
 
 
-def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
-    """The forward's default: tiny nodes absorbed (plan_cache.cached_run_plan), then planned."""
+def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata,
+              window: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+    """The forward's default: tiny nodes absorbed (plan_cache.cached_run_plan; not with a window), then
+    planned."""
     group = q.shape[1] // k_cache.shape[2]
     return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
                            kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS,
-                           rows_per_tile=max(1, MAX_ITEM_ROWS // group))
+                           rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
+
+
+def _check_plan_window(plan: TreePlan, window: int | None) -> None:
+    """A caller's plan applies the window it was built with (its reader_lo): it must be the call's."""
+    if plan.window != (window or 0):
+        raise MetadataError(f"plan.window: the plan was built with window={plan.window or None}, the call "
+                            f"asks for window={window}; build it with plan_tree_attention(..., window=...)")
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
-                   sm_scale: float, plan: TreePlan | None = None) -> tuple[Tensor, Tensor]:
+                   sm_scale: float, plan: TreePlan | None = None,
+                   variant: Variant = PLAIN) -> tuple[Tensor, Tensor]:
     """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32).
 
-    ``plan``: a precomputed plan for ``meta`` (any chunk_tokens / rows_per_tile); default: the cached
-    CPU plan (every reader of a node in one item) of ``meta`` with its tiny nodes absorbed.
+    ``plan``: a precomputed plan for ``meta`` (any chunk_tokens / rows_per_tile, built with the call's
+    ``window``); default: the cached CPU plan (every reader of a node in one item) of ``meta`` with its
+    tiny nodes absorbed (not with a window). ``variant``: window and softcap (sinks are the op's).
     """
     if q.dtype not in _NATIVE:
-        return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
+        return _ref_attention(q, k_cache, v_cache, meta, sm_scale, variant=variant)
     if plan is None:
-        meta, plan = _run_plan(q, k_cache, meta)
-    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)
+        meta, plan = _run_plan(q, k_cache, meta, variant.window)
+    else:
+        _check_plan_window(plan, variant.window)
+    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap)
 
 
 tree_attention.supports_plan = True  # ops.tree_attention passes a caller's precomputed plan
+tree_attention.variants = frozenset({"window", "softcap"})
 
 
 def tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k_cache: Tensor,
                             v_cache: Tensor, out: Tensor, lse: Tensor, meta: ForestMetadata,
-                            sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                            sm_scale: float, variant: Variant = PLAIN) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq like q; dk, dv like the caches, 0 on slots no row sees) of tree_attention, by the
     fused C++ backward (csrc/cpu/tree_attention_backward.cpp) over the forward's cached plan.
 
@@ -87,18 +107,22 @@ def tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor
     outputs. float64 inputs go to the reference backward.
     """
     if q.dtype not in _NATIVE:
-        return _ref_backward(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale)
+        return _ref_backward(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale,
+                             variant=variant)
     return run_tree_attention_backward(grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta, sm_scale,
-                                       _plan(q, k_cache, meta))
+                                       _plan(q, k_cache, meta, variant.window), softcap=variant.softcap)
+
+
+tree_attention_backward.variants = frozenset({"window", "softcap"})
 
 
 def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
-                            sm_scale: float) -> int:
+                            sm_scale: float, window: int | None = None) -> int:
     """K+V bytes the CPU kernel loads from the caches in one call, counted by the kernel itself."""
     if q.dtype not in _NATIVE:
         raise RuntimeError(f"q: the cpu kernel runs float32/float16/bfloat16, got {q.dtype}")
     counter = torch.zeros(1, dtype=torch.int64)
-    run_meta, plan = _run_plan(q, k_cache, meta)
+    run_meta, plan = _run_plan(q, k_cache, meta, window)
     run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter)
     return int(counter.item())
 

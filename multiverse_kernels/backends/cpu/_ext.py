@@ -16,22 +16,24 @@ __all__ = ["load_extension", "library_path", "run_tree_attention", "run_tree_att
 
 def run_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
                        sm_scale: float, plan: TreePlan,
-                       kv_bytes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       kv_bytes: Tensor | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """``torch.ops.multiverse_C.tree_attention_run`` on ``plan``: out [total_q, Hq, D] (q.dtype),
-    lse [total_q, Hq] float32."""
+    lse [total_q, Hq] float32. The plan's ``reader_lo`` applies a sliding window (a plan built with
+    ``window``); ``softcap``: scores ``softcap * tanh(s / softcap)`` (cpu kernels only)."""
     # The kernels take any row/head/page strides but need head_dim contiguous.
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     return torch.ops.multiverse_C.tree_attention_run(
         q, k_cache, v_cache, meta.node_page_indptr, meta.node_page_indices, plan.tensors(), plan.ints(),
-        float(sm_scale), kv_bytes)
+        float(sm_scale), kv_bytes, **({"softcap": float(softcap)} if softcap else {}))
 
 
 def run_tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k_cache: Tensor,
                                 v_cache: Tensor, out: Tensor, lse: Tensor, meta: ForestMetadata,
-                                sm_scale: float, plan: TreePlan) -> tuple[Tensor, Tensor, Tensor]:
+                                sm_scale: float, plan: TreePlan,
+                                softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.multiverse_C.tree_attention_backward_run`` on ``plan`` (the forward's): dq like q,
     dk/dv like the caches, in q's dtype (float32 accumulation)."""
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     return torch.ops.multiverse_C.tree_attention_backward_run(
         grad_out, grad_lse, q, k_cache, v_cache, out, lse, meta.node_page_indptr, meta.node_page_indices,
-        plan.tensors(), plan.ints(), float(sm_scale))
+        plan.tensors(), plan.ints(), float(sm_scale), **({"softcap": float(softcap)} if softcap else {}))
