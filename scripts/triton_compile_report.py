@@ -41,32 +41,43 @@ import torch  # noqa: E402
 
 SMEM_LIMIT = {90: 232448, 100: 232448}  # bytes of shared memory per block (227 KiB)
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FP8 = {torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
 def _configs() -> list[tuple[str, str, dict, dict]]:
     """(kernel name, label, signature, constexprs + launch options) for every dispatchable variant."""
     from multiverse_kernels.backends.triton.append_paged_kv import append_config
     from multiverse_kernels.backends.triton.merge_states import merge_config
-    from multiverse_kernels.backends.triton.tree_attention import HEAD_DIMS, gpu_attn_configs
-    from multiverse_kernels.backends.triton.tree_attention_backward import gpu_bwd_configs
+    from multiverse_kernels.backends.triton.tree_attention import (
+        HEAD_DIMS,
+        gpu_attn_configs,
+        gpu_variant_attn_configs,
+    )
+    from multiverse_kernels.backends.triton.tree_attention_backward import (
+        gpu_bwd_configs,
+        gpu_variant_bwd_configs,
+    )
 
     out = []
-    for dtype, cfg in gpu_attn_configs():
+    attn = [("", dtype, dtype, cfg) for dtype, cfg in gpu_attn_configs()] + gpu_variant_attn_configs()
+    for variant, dtype, cache, cfg in attn:
         t = _TY[dtype]
-        sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Out": f"*{t}", "Lse": "*fp32", "PO": "*fp32",
+        c = _TY.get(cache) or _FP8[cache]
+        sig = {"Q": f"*{t}", "K": f"*{c}", "V": f"*{c}", "Out": f"*{t}", "Lse": "*fp32", "PO": "*fp32",
                "PL": "*fp32"}
         for name in ("NodePageIndptr", "NodePageIndices", "ReaderRow", "ReaderLimit", "ItemNode",
                      "ItemKvStart", "ItemKvLen", "ItemReaderStart", "ItemNumReaders", "ItemPartialStart",
-                     "RowPartialIndptr"):
+                     "RowPartialIndptr", "ReaderLo"):
             sig[name] = "*i32"
-        sig["qk_scale"] = "fp32"
-        for name in ("page_size", "group", "stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh",
-                     "stride_vp", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_lt",
-                     "stride_pp", "stride_ph", "stride_lp"):
+        sig.update({"KScale": "*fp32", "VScale": "*fp32", "qk_scale": "fp32", "cap2": "fp32"})
+        for name in ("page_size", "group", "scale_stride", "stride_qt", "stride_qh", "stride_kp",
+                     "stride_ks", "stride_kh", "stride_vp", "stride_vs", "stride_vh", "stride_ot",
+                     "stride_oh", "stride_lt", "stride_pp", "stride_ph", "stride_lp"):
             sig[name] = "i32"
         const = {k: getattr(cfg, k) for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
-                                              "IEEE_DOT", "PREFETCH")}
-        label = f"attn d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N:<2} " \
+                                              "IEEE_DOT", "PREFETCH", "SOFTCAP", "WINDOW", "KV_FP8")}
+        head = "attn" + (f"+{variant}" if variant else "") + (f" kv={c}" if cache != dtype else "")
+        label = f"{head} d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N:<2} " \
                 f"warps={cfg.num_warps} prefetch={int(cfg.PREFETCH)}"
         out.append(("attn", label, sig, dict(const=const, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)))
@@ -91,27 +102,29 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
                 out.append(("append", f"append d={d:<3} {t} BLOCK_H={a.BLOCK_H:<2} warps={a.num_warps}",
                             sig, dict(const={"HEAD_DIM": d, "BLOCK_H": a.BLOCK_H},
                                       num_warps=a.num_warps, num_stages=1)))
-    for kind, dtype, cfg in gpu_bwd_configs():
+    bwd = [("", kind, dtype, cfg) for kind, dtype, cfg in gpu_bwd_configs()] + gpu_variant_bwd_configs()
+    for variant, kind, dtype, cfg in bwd:
         t = _TY[dtype]
         sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "DO": f"*{t}", "Lse": "*fp32", "Delta": "*fp32"}
         if kind == "bwd_dkdv":
             sig.update({"DK": f"*{t}", "DV": f"*{t}"})
             idx = ("NodePageIndptr", "NodePageIndices", "ReaderRow", "ReaderLimit", "ItemNode",
-                   "ItemKvStart", "ItemKvLen", "ItemReaderStart", "ItemReaderEnd")
+                   "ItemKvStart", "ItemKvLen", "ItemReaderStart", "ItemReaderEnd", "ReaderLo")
+            ints = ("page_size", "group")
         else:
             sig["DQ"] = f"*{t}"
             idx = ("NodePageIndptr", "NodePageIndices", "NodeLen", "QoIndptr", "VisIndptr", "VisNodes",
-                   "OwnFull", "BlockGroup", "BlockRow0")
+                   "OwnFull", "BlockGroup", "BlockRow0", "NodePos")
+            ints = ("page_size", "group", "window")
         for name in idx:
             sig[name] = "*i32"
-        sig["qk_scale"] = "fp32"
-        sig["sm_scale"] = "fp32"
-        for name in ("page_size", "group", "stride_qt", "stride_qh", "stride_kp", "stride_ks",
-                     "stride_kh", "stride_lt"):
+        sig.update({"qk_scale": "fp32", "cap2": "fp32", "sm_scale": "fp32"})
+        for name in ints + ("stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_lt"):
             sig[name] = "i32"
         const = {k: getattr(cfg, k) for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MATH_FP32",
-                                              "IEEE_DOT")}
-        label = f"{kind:<8} d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N} " \
+                                              "IEEE_DOT", "SOFTCAP", "WINDOW")}
+        head = kind + (f"+{variant}" if variant else "")
+        label = f"{head:<8} d={cfg.HEAD_DIM:<3} {t} BLOCK_M={cfg.BLOCK_M:<3} BLOCK_N={cfg.BLOCK_N} " \
                 f"warps={cfg.num_warps} stages={cfg.num_stages}"
         out.append((kind, label, sig, dict(const=const, num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages)))
@@ -119,7 +132,8 @@ def _configs() -> list[tuple[str, str, dict, dict]]:
 
 
 # arguments that get the 16-divisibility hint (pointers, and strides that are multiples of head_dim)
-_NOT_DIV16 = {"qk_scale", "sm_scale", "page_size", "group", "num_heads", "stride_lt", "stride_lp"}
+_NOT_DIV16 = {"qk_scale", "sm_scale", "cap2", "page_size", "group", "num_heads", "stride_lt", "stride_lp",
+              "scale_stride", "window"}
 
 
 def _compile(job: tuple[str, str, dict, dict, int]) -> dict:
@@ -234,6 +248,16 @@ def problems(r: dict) -> str:
 KNOWN_SPILLS = {
     ("attn d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 100): 32,
     ("attn d=256 bf16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 100): 32,
+    # The attention variants on the same head_dim 256 tile (the variant's few extra registers on a tile
+    # at the 255-register limit; a 32-token 4-warp tile spills more: 16-88 B), and the dQ kernel with a
+    # window at head_dim 256 (16 B with one or two stages; a 32-token 4-warp tile: 92 B).
+    ("attn+softcap d=256 bf16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 100): 40,
+    ("attn+window d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 90): 8,
+    ("attn+window d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 100): 48,
+    ("attn+fp8 kv=fp8e4nv d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 100): 8,
+    ("attn+fp8 kv=fp8e5 d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 prefetch=0", 100): 8,
+    ("bwd_dq+window d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 stages=2", 90): 16,
+    ("bwd_dq+window d=256 fp16 BLOCK_M=16  BLOCK_N=64 warps=8 stages=2", 100): 16,
 }
 
 
@@ -241,7 +265,8 @@ KNOWN_SPILLS = {
 # 256 dK/dV kernel's 16-row tile with 8 warps. With 4 warps it spills ~350 B, with 64-token chunks ~210 B
 # on sm_90a; duplicated work was judged the lesser cost. Printed as KNOWN in the table.
 KNOWN_DUPLICATED = {
-    (f"bwd_dkdv d=256 {dt} BLOCK_M=16  BLOCK_N=32 warps=8 stages=1", arch)
+    (f"{kind} d=256 {dt} BLOCK_M=16  BLOCK_N=32 warps=8 stages=1", arch)
+    for kind in ("bwd_dkdv", "bwd_dkdv+softcap", "bwd_dkdv+window")  # the variants: the same tile
     for dt in ("fp16", "bf16") for arch in (90, 100)
 }
 
@@ -264,24 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     bad = []
     for arch in archs:
         print(f"\n== sm_{arch}a (shared memory limit {SMEM_LIMIT[arch]} B per block)")
-        print(f"{'kernel configuration':<58} {'regs':>5} {'spill B':>8} {'smem B':>8}  wgmma tcgen05 "
+        print(f"{'kernel configuration':<66} {'regs':>5} {'spill B':>8} {'smem B':>8}  wgmma tcgen05 "
               f"mma.sync prefetch")
         for r in results:
             if r["arch"] != arch:
                 continue
             flag = problems(r)
             if not flag and r.get("duplicated"):
-                print(f"{r['label']:<58} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
+                print(f"{r['label']:<66} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
                       f"KNOWN DUPLICATED MMA WORK (KNOWN_DUPLICATED)")
                 continue
             if not flag and r["spills"] > 0:
-                print(f"{r['label']:<58} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
+                print(f"{r['label']:<66} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
                       f"KNOWN SPILL (<= {KNOWN_SPILLS[(r['label'], arch)]} B allowed, KNOWN_SPILLS)")
                 continue
             if flag:
                 bad.append((arch, r["label"], flag))
                 flag = "  <-- " + flag
-            print(f"{r['label']:<58} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
+            print(f"{r['label']:<66} {r['regs']:>5} {r['spills']:>8} {r['shared']:>8}  "
                   f"{'yes' if r['wgmma'] else 'no':<5} {'yes' if r['tcgen05'] else 'no':<7} "
                   f"{'yes' if r['mma_sync'] else 'no':<8} "
                   f"{'-' if r['prefetch'] is None else 'yes' if r['prefetch'] else 'NO':<8}{flag}")

@@ -114,3 +114,23 @@ def test_backward_kernels_are_listed(report):
         for d in (64, 128, 256):
             for t in ("fp16", "bf16"):
                 assert any(x.startswith(f"{kind:<8} d={d:<3} {t} ") for x in labels), (kind, d, t)
+
+
+def test_variant_configs_are_listed(report):
+    """Soft-cap, window and fp8 caches (both formats) compile on representative tiles of every head_dim,
+    forward and both backward kernels (docs/triton.md, "Attention variants")."""
+    labels = [label for _, label, _, _ in report._configs()]
+    for head in ("attn+softcap", "attn+window", "attn+fp8 kv=fp8e4nv", "bwd_dkdv+softcap", "bwd_dq+softcap",
+                 "bwd_dkdv+window", "bwd_dq+window"):
+        for d in (64, 128, 256):
+            assert any(x.startswith(f"{head} d={d:<3} ") for x in labels), (head, d)
+    assert any(x.startswith("attn+fp8 kv=fp8e5 d=64 ") for x in labels)
+
+
+def test_compile_fp8_tile(tmp_path, report):
+    """An fp8 (e5m2) cache on the 64-row tile: tensor-core dots on fp16 operands converted at the load,
+    the KV loop still software-pipelined, no spill."""
+    res, data = _run(tmp_path, r"^attn\+fp8 kv=fp8e5 d=64  fp16 BLOCK_M=64 ", targets="90")
+    assert res.returncode == 0, res.stdout + res.stderr
+    (r,) = data["results"]
+    assert r["wgmma"] and r["prefetch"] is True and r["spills"] == 0 and report.problems(r) == ""

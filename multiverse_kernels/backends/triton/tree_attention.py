@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
-from ...plan_cache import cached_plan, cached_run_plan
+from ...plan_cache import cached_run_plan
 from ...planning import TreePlan
 from ...tiles import HEAD_DIMS, MAX_BLOCK_M, TILES, VARIANT_TILES
 from ...variants import FP8_DTYPES, PLAIN, Variant
@@ -292,8 +292,8 @@ def attn_config(head_dim: int, dtype: torch.dtype, group: int, max_item_readers:
     flags = dict(SOFTCAP=variant.softcap is not None, WINDOW=variant.window is not None,
                  KV_FP8=variant.fp8)
     block_n, num_warps, prefetch = TILES[(head_dim, block_m)]
-    for name, on in flags.items():  # a variant's own tile where the plain one spills with it
-        if on and (head_dim, block_m, name) in VARIANT_TILES:
+    for name, flag in (("softcap", "SOFTCAP"), ("window", "WINDOW"), ("fp8", "KV_FP8")):
+        if flags[flag] and (head_dim, block_m, name) in VARIANT_TILES:  # the variant's own tile
             block_n, num_warps, prefetch = VARIANT_TILES[(head_dim, block_m, name)]
     return AttnConfig(head_dim, block_m, block_n, interpret_math_fp32(dtype, device),
                       dtype == torch.float32, prefetch, num_warps, 1, **flags)
@@ -315,7 +315,7 @@ def gpu_attn_configs() -> list[tuple[torch.dtype, AttnConfig]]:
 VARIANT_REPORT_TILES = [
     (name, d, bm, torch.bfloat16 if name == "softcap" else torch.float16)
     for name in ("softcap", "window", "fp8")
-    for d, bm in ((64, 16), (64, 64), (64, 256), (128, 32), (128, 128), (256, 16))
+    for d, bm in ((64, 16), (64, 64), (64, 256), (128, 128), (256, 16))
 ]
 
 
@@ -329,7 +329,8 @@ def gpu_variant_attn_configs() -> list[tuple[str, torch.dtype, torch.dtype, Attn
         v = {"softcap": Variant(softcap=1.0), "window": Variant(window=1),
              "fp8": Variant(k_scale=one, v_scale=one)}[name]
         cfg = attn_config(d, dtype, 1, bm, cuda, v)
-        caches = FP8_DTYPES if name == "fp8" else (dtype,)
+        # e5m2 only differs in the conversion: two tiles (the wgmma / tcgen05 one and head_dim 256)
+        caches = (dtype,) if name != "fp8" else FP8_DTYPES[:2 if (d, bm) in ((64, 64), (256, 16)) else 1]
         out += [(name, dtype, c, cfg) for c in caches]
     return out
 
@@ -470,13 +471,11 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
 def default_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata,
                  variant: Variant = PLAIN) -> tuple[ForestMetadata, TreePlan]:
     """The forward's default (run metadata, plan): :func:`cached_run_plan` with the kernel's row tile.
-    With a window the step is planned on ``meta`` itself (no tiny-node absorption: a virtual node would
-    need positions of its own), the window being masked in the kernel from ``meta``'s positions."""
+    With a window the plan holds it (``reader_lo``; chunks outside every reader's window are not
+    planned) and nothing is absorbed (``run_meta`` is ``meta``)."""
     _check(q, k_cache)
-    if variant.window is not None:
-        return meta, cached_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[-1])
     return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[-1],
-                           kv_elem_size=k_cache.element_size())
+                           kv_elem_size=k_cache.element_size(), window=variant.window)
 
 
 tree_attention.supports_plan = True  # the op passes plan= to this backend

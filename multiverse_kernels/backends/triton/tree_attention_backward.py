@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ...metadata import ForestMetadata, MetadataError
 from ...plan_cache import cached_plan
-from ...tiles import DKDV_TILES, DQ_TILES, HEAD_DIMS
+from ...tiles import DKDV_TILES, DQ_TILES, DQ_VARIANT_TILES, HEAD_DIMS
 from ...variants import PLAIN, Variant
 from ._common import interpret_math_fp32, launch
 from .tree_attention import plan_reader_lo
@@ -267,6 +267,9 @@ def bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
     n, m, w, st = DKDV_TILES[head_dim]
     dkdv = BwdConfig(head_dim, m, n, f32m, ieee, w, st, **flags)
     n, m, w, st = DQ_TILES[head_dim]
+    for name in ("softcap", "window"):  # a variant's own tile where the plain one spills with it
+        if getattr(variant, name) is not None and (head_dim, name) in DQ_VARIANT_TILES:
+            n, m, w, st = DQ_VARIANT_TILES[(head_dim, name)]
     dq = BwdConfig(head_dim, m, n, f32m, ieee, w, st, **flags)
     return dkdv, dq
 
@@ -297,9 +300,12 @@ def _chunks(meta: ForestMetadata, hq: int, hk: int, d: int, chunk: int,
             window: int | None = None) -> tuple[Tensor, ...]:
     """The dK/dV work list: one entry per (node, chunk of ``chunk`` tokens) with readers, and the node's
     reader range ``[start, end)`` into the plan's ``reader_row``/``reader_limit`` (docs/plan.md), then
-    each reader's first visible token (``reader_lo``: 0 without a window)."""
+    each reader's first visible token (``reader_lo``; a placeholder without a window). With a window
+    the plan holds it: chunks outside every reader's window get no program (their dK/dV stay 0), and a
+    range may then span readers that do not see the chunk, which their ``[lo, limit)`` mask.)"""
     total_q = meta.total_q
-    plan = cached_plan(meta, hq, hk, head_dim=d, chunk_tokens=chunk, rows_per_tile=max(1, total_q))
+    plan = cached_plan(meta, hq, hk, head_dim=d, chunk_tokens=chunk, rows_per_tile=max(1, total_q),
+                       window=window)
     w = plan.num_items
     node = plan.item_node[:w].long()
     kv0 = plan.item_kv_start[:w].long()
