@@ -17,7 +17,7 @@ from ..plan_cache import cached_plan
 from ..planning import TreePlan
 
 _USED = {  # field -> the int field that says how many of its entries are used
-    "reader_row": "num_readers", "reader_limit": "num_readers",
+    "reader_row": "num_readers", "reader_limit": "num_readers", "reader_lo": "num_readers",
     "item_node": "num_items", "item_kv_start": "num_items", "item_kv_len": "num_items",
     "item_reader_start": "num_items", "item_num_readers": "num_items",
     "item_partial_start": "num_items",
@@ -25,15 +25,25 @@ _USED = {  # field -> the int field that says how many of its entries are used
 }
 
 
+def check_plan_window(plan: TreePlan, window: int | None) -> None:
+    """A plan's readers see ``[reader_lo, reader_limit)``: it must be built for the call's window (no sync:
+    always checked, ``validate`` or not)."""
+    if plan.window != (window or 0):
+        raise MetadataError(
+            f"plan.window: the plan was built for window {plan.window or None}, the call asks for {window}; "
+            f"build it with plan_tree_attention(..., window={window})")
+
+
 def check_plan_matches(plan: TreePlan, meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int) -> None:
     """Raise :class:`MetadataError` naming ``plan.<field>`` unless ``plan`` is the work list of
-    ``meta`` (any chunk_tokens / rows_per_tile, padded to any capacity)."""
+    ``meta`` (any chunk_tokens / rows_per_tile, padded to any capacity; its window's)."""
     if plan.chunk_tokens < 1 or plan.rows_per_tile < 1:
         raise MetadataError(f"plan.chunk_tokens / plan.rows_per_tile: expected positive ints, got "
                             f"{plan.chunk_tokens} / {plan.rows_per_tile}")
     auto = plan.num_workers > 0  # chunks chosen by the planner for num_workers
     want = cached_plan(meta, num_qo_heads, num_kv_heads, chunk_tokens=None if auto else plan.chunk_tokens,
-                       rows_per_tile=plan.rows_per_tile, num_workers=plan.num_workers if auto else None)
+                       rows_per_tile=plan.rows_per_tile, num_workers=plan.num_workers if auto else None,
+                       window=plan.window or None)
     if want is plan:  # the caller passed this metadata's cached plan itself
         return
     hint = "; was the plan built for this step's metadata?"

@@ -26,7 +26,7 @@ from ._checks import (
     op_metadata,
 )
 from ._dispatch import impl_for, op_variant
-from ._plan_check import check_plan_matches
+from ._plan_check import check_plan_matches, check_plan_window
 from .tree_attention_backward import _tree_attention_backward_op
 
 __all__ = ["tree_attention"]
@@ -106,6 +106,7 @@ def _run(impl, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata
         # a precomputed plan (multiverse_kernels.planning, docs/plan.md); backends without a plan
         # argument ignore it (same math)
         plan = TreePlan.from_lists(plan_tensors, plan_ints if plan_ints is not None else [])
+        check_plan_window(plan, variant.window)
         if validate or debug_checks():
             _check_plan(plan, q)
             check_plan_matches(plan, meta, q.shape[1], k_cache.shape[2])

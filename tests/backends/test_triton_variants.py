@@ -178,8 +178,9 @@ def test_plan_reader_lo():
         assert _ta.plan_reader_lo(wplan, meta, 4, meta.total_q) is wplan.reader_lo
         with pytest.raises(MetadataError, match="plan.window"):
             _ta.plan_reader_lo(wplan, meta, 9, meta.total_q)
-        # validate=False: the op's plan check (ops/_plan_check.py) rebuilds the plan without the window
-        got = mk.tree_attention(q, k, v, meta, backend="triton", window=4, plan=wplan, validate=False)
+        got = mk.tree_attention(q, k, v, meta, backend="triton", window=4, plan=wplan)
+        with pytest.raises(MetadataError, match="plan.window"):  # a plan for another window is refused
+            mk.tree_attention(q, k, v, meta, backend="triton", window=5, plan=wplan, validate=False)
         assert wplan.num_readers < plan.num_readers  # the window plan dropped readers that see nothing
         torch.testing.assert_close(got, mk.tree_attention(q, k, v, meta, backend="reference", window=4),
                                    **tolerance(torch.float32))
