@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..backends import _IMPLS, available_backends, resolve
 from ..dense_mask import dense_mask, key_slots
 from ..ops.tree_attention import tree_attention
-from .workloads import Workload
+from ..variants import Variant
+from .workloads import Workload, key_and_row_positions
 
 __all__ = ["CacheReadCounter", "measure_bytes", "dense_sdpa_peer", "flex_peer", "per_branch_peer", "PEERS",
            "Method", "methods", "tree_backends"]
@@ -73,6 +74,15 @@ class CacheReadCounter(TorchDispatchMode):
         return out
 
 
+def _dequantized(w: Workload, x: Tensor, scale_key: str) -> Tensor:
+    """Gathered K or V [T, Hk, D] as the queries' dtype (fp8 caches times their scale: what a user of an
+    fp8 cache without an fp8 kernel does, inside the timed step)."""
+    sc = w.variant.get(scale_key)
+    if sc is None:
+        return x
+    return (x.float() * sc.reshape(-1, 1)).to(w.q.dtype)
+
+
 def measure_bytes(fn: Callable[[], object], w: Workload) -> int:
     """Bytes ``fn()`` reads from ``w``'s K/V caches (aten-level tally)."""
     with CacheReadCounter(w.k_cache, w.v_cache) as c:
@@ -85,12 +95,15 @@ def dense_sdpa_peer(w: Workload) -> Callable[[], Tensor]:
     """Dense-mask SDPA: gather every forest token once, one SDPA with a [rows, L] bool mask (built once
     per step outside the timed region, as it would be reused by every layer)."""
     mask = dense_mask(w.meta)
+    if "window" in w.variant:
+        kpos, rpos = key_and_row_positions(w.meta)
+        mask = mask & ((rpos[:, None] - kpos[None, :]) < w.variant["window"])
     slots = key_slots(w.meta)
     hq, hk = w.q.shape[1], w.k_cache.shape[2]
 
     def run() -> Tensor:
-        k = w.k_cache.reshape(-1, hk, w.k_cache.shape[-1])[slots].transpose(0, 1)
-        v = w.v_cache.reshape(-1, hk, w.v_cache.shape[-1])[slots].transpose(0, 1)
+        k = _dequantized(w, w.k_cache.reshape(-1, hk, w.k_cache.shape[-1])[slots], "k_scale").transpose(0, 1)
+        v = _dequantized(w, w.v_cache.reshape(-1, hk, w.v_cache.shape[-1])[slots], "v_scale").transpose(0, 1)
         out = torch.nn.functional.scaled_dot_product_attention(
             w.q.transpose(0, 1), k, v, attn_mask=mask, enable_gqa=hq != hk)
         return out.transpose(0, 1)
@@ -118,20 +131,25 @@ def flex_peer(w: Workload) -> Callable[[], Tensor]:
                                   (m.vis_indptr[1:] - m.vis_indptr[:-1]).long())
     table[gid, m.vis_nodes.long()] = True
     row_own = own[row_group]
+    window = w.variant.get("window")
+    kabs, rabs = key_and_row_positions(w.meta) if window is not None else (None, None)
 
     def mask_mod(b, h, qi, ki):
         n = kv_node[ki]
         visible = table[row_group[qi], n]
-        return visible & ((n != row_own[qi]) | (kv_pos[ki] <= row_limit[qi]))
+        visible = visible & ((n != row_own[qi]) | (kv_pos[ki] <= row_limit[qi]))
+        if window is not None:
+            visible = visible & (rabs[qi] - kabs[ki] < window)
+        return visible
 
     block_mask = create_block_mask(mask_mod, None, None, m.total_q, slots.numel(), device=dev)
     flex = torch.compile(flex_attention)
     hk = w.k_cache.shape[2]
 
     def gather() -> tuple[Tensor, Tensor]:
-        k = w.k_cache.reshape(-1, hk, w.k_cache.shape[-1])[slots].transpose(0, 1)[None]
-        v = w.v_cache.reshape(-1, hk, w.v_cache.shape[-1])[slots].transpose(0, 1)[None]
-        return k, v
+        k = _dequantized(w, w.k_cache.reshape(-1, hk, w.k_cache.shape[-1])[slots], "k_scale")
+        v = _dequantized(w, w.v_cache.reshape(-1, hk, w.v_cache.shape[-1])[slots], "v_scale")
+        return k.transpose(0, 1)[None], v.transpose(0, 1)[None]
 
     def run() -> Tensor:
         k, v = gather()
@@ -148,15 +166,21 @@ def per_branch_peer(w: Workload) -> Callable[[], Tensor]:
     m = w.meta
     hq, hk = w.q.shape[1], w.k_cache.shape[2]
     qo, vi, vis = m.qo_indptr.tolist(), m.vis_indptr.tolist(), m.vis_nodes.tolist()
+    window = w.variant.get("window")
+    pos = m.positions().long() if window is not None else None
     reqs = []
     for g in range(m.num_groups):
         if qo[g + 1] == qo[g]:
             continue
-        slots = torch.cat([m.node_token_slots(n) for n in vis[vi[g]:vi[g + 1]]])
+        nodes = vis[vi[g]:vi[g + 1]]
+        slots = torch.cat([m.node_token_slots(n) for n in nodes])
         ql = qo[g + 1] - qo[g]
         L = slots.numel()
         ar = torch.arange(L, device=slots.device)
         causal = ar[None] <= (L - ql + ar[:ql])[:, None]
+        if window is not None:  # the forest's positions (a Multiverse conclusion: after the longest path)
+            kp = torch.cat([pos[n] + torch.arange(int(m.node_len[n]), device=pos.device) for n in nodes])
+            causal = causal & ((kp[-ql:][:, None] - kp[None, :]) < window)
         reqs.append((qo[g], qo[g + 1], slots, causal))
 
     def run() -> Tensor:
@@ -164,8 +188,10 @@ def per_branch_peer(w: Workload) -> Callable[[], Tensor]:
         kf = w.k_cache.reshape(-1, hk, w.k_cache.shape[-1])
         vf = w.v_cache.reshape(-1, hk, w.v_cache.shape[-1])
         for q0, q1, slots, causal in reqs:
+            k = _dequantized(w, kf[slots], "k_scale")
+            v = _dequantized(w, vf[slots], "v_scale")
             o = torch.nn.functional.scaled_dot_product_attention(
-                w.q[q0:q1].transpose(0, 1), kf[slots].transpose(0, 1), vf[slots].transpose(0, 1),
+                w.q[q0:q1].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                 attn_mask=causal, enable_gqa=hq != hk)
             out[q0:q1] = o.transpose(0, 1)
         return out
@@ -193,6 +219,18 @@ class Method:
     is_peer: bool
 
 
+def _takes_variant(fn) -> bool:
+    """Whether a backend's byte counter accepts the step's variant (``variant=`` keyword)."""
+    import inspect
+
+    return fn is not None and "variant" in inspect.signature(fn).parameters
+
+
+def _variant(w: Workload):
+    return Variant(window=w.variant.get("window"), k_scale=w.variant.get("k_scale"),
+                   v_scale=w.variant.get("v_scale"))
+
+
 def tree_backends(device: torch.device | str, requested: list[str] | None = None,
                   include_reference: bool = False) -> list[str]:
     """The ``tree_attention`` backends to time on ``device``: ``requested``, or every available one but
@@ -216,11 +254,16 @@ def methods(w: Workload, backends: Iterable[str], peers: Iterable[str] = tuple(P
     scale = w.q.shape[-1] ** -0.5
     out = []
     for b in backends:
-        step = lambda b=b: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend=b, validate=False)
+        step = lambda b=b: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend=b, validate=False,
+                                          **w.variant)
         hook = _IMPLS.get("tree_attention_kv_bytes", {}).get(b)
+        if w.variant and not _takes_variant(hook[0] if hook else None):
+            out.append(Method(f"tree_attention[{b}]", lambda step=step: step, lambda _step: None,
+                              "bytes not measured: the backend's counter takes no variant", False))
+            continue
         if hook is not None and dev.type in hook[1]:
             kv = lambda _step, b=b: int(resolve("tree_attention_kv_bytes", b, dev)(
-                w.q, w.k_cache, w.v_cache, w.meta, scale))
+                w.q, w.k_cache, w.v_cache, w.meta, scale, **({"variant": _variant(w)} if w.variant else {})))
             note = "kernel's own load counter"
         else:  # run the implementation itself under the tally (the custom op is opaque to it)
             impl = resolve("tree_attention", b, dev)

@@ -106,7 +106,8 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int, backends
     timers = [lambda i, step=step: time_fn(step, dev, per_round, warmup=1) for _, step in timed]
     paired = roofline.paired_rounds(w.meta, tuple(w.q.shape), w.k_cache.shape[2], w.unique_kv_bytes, timers,
                                     dev, rounds, dtype=dtype,
-                                    on_round=(lambda i: bar.update(1)) if bar is not None else None)
+                                    on_round=(lambda i: bar.update(1)) if bar is not None else None,
+                                    window=w.variant.get("window"))
     for (row, _), r in zip(timed, paired, strict=True):
         row.seconds, row.roof_share, row.fma_share = r.seconds, r.roof_share, r.fma_share
     return w, rows, copy_bandwidth(dev)

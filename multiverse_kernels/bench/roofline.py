@@ -110,10 +110,13 @@ def fma_peak(min_run_time: float = 0.5) -> float | None:
     return max(op(iters) for _ in range(5))
 
 
-def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int) -> int:
-    """4 * sum over query rows of visible tokens * head_dim * num_qo_heads (S = QK^T and O = PV)."""
-    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, head_dim=head_dim)
-    visible = int(plan.reader_limit[:plan.num_readers].long().sum())
+def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+               window: int | None = None) -> int:
+    """4 * sum over query rows of visible tokens * head_dim * num_qo_heads (S = QK^T and O = PV); with a
+    sliding ``window`` the tokens inside it (``reader_limit - reader_lo``)."""
+    plan = plan_tree_attention(meta, num_qo_heads, num_kv_heads, head_dim=head_dim, window=window)
+    R = plan.num_readers
+    visible = int((plan.reader_limit[:R].long() - plan.reader_lo[:R].long()).sum())
     return 4 * visible * head_dim * num_qo_heads
 
 
@@ -130,10 +133,10 @@ def describe_cpu() -> str:
 
 
 def workload_roofline(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
-                      rates: MachineRates) -> tuple[float, int]:
+                      rates: MachineRates, window: int | None = None) -> tuple[float, int]:
     """(roofline seconds, step flops) of one step of the forest ``meta`` with q of shape
     [total_q, Hq, D]."""
-    flops = step_flops(meta, q_shape[1], num_kv_heads, q_shape[2])
+    flops = step_flops(meta, q_shape[1], num_kv_heads, q_shape[2], window)
     return roofline_seconds(unique_kv_bytes, flops, rates), flops
 
 
@@ -162,7 +165,8 @@ class PairedTiming:
 
 def paired_rounds(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: int, unique_kv_bytes: int,
                   timers: list, device: str | torch.device = "cpu", rounds: int = 5,
-                  dtype: torch.dtype = torch.float32, on_round=None) -> list[PairedTiming]:
+                  dtype: torch.dtype = torch.float32, on_round=None,
+                  window: int | None = None) -> list[PairedTiming]:
     """Time methods against the machine's roofline on the same machine state.
 
     Each of ``rounds`` rounds measures the GEMM, read and FMA rates (:func:`measure_rates`, short runs)
@@ -176,7 +180,7 @@ def paired_rounds(meta: ForestMetadata, q_shape: tuple[int, ...], num_kv_heads: 
     fma_shares: list[list[float]] = [[] for _ in timers]
     for i in range(max(1, rounds)):
         rates = measure_rates(device, min_run_time=0.1, dtype=dtype)
-        roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates)
+        roof, flops = workload_roofline(meta, q_shape, num_kv_heads, unique_kv_bytes, rates, window)
         for j, timer in enumerate(timers):
             t = timer(i)
             times[j].append(t)

@@ -11,23 +11,39 @@ token. :data:`BENCH_FORESTS` names the main job's three steps as instances of th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..dense_mask import dense_mask
 from ..forest import KVForest
 from ..metadata import ForestMetadata
 
 __all__ = ["multiverse_forest", "sampling_forest", "extend_forest", "beam_forest", "eagle_tree_forest",
            "BENCH_FORESTS", "build_forest", "Workload", "make_workload", "workload_from_forest",
-           "sweep_workload", "BENCH_HEADS"]
+           "sweep_workload", "BENCH_HEADS", "VARIANT_FORESTS", "key_and_row_positions"]
 
 Groups = list[tuple[int, int]]
 
 
 def _pages(n: int, page_size: int) -> int:
     return -(-n // page_size)
+
+
+def key_and_row_positions(meta: ForestMetadata) -> tuple[Tensor, Tensor]:
+    """(position of every key in ``dense_mask.key_slots`` order, position of every query row), from the
+    forest's positions (``meta.positions()``: what a sliding window measures in)."""
+    pos = meta.positions().long()
+    lens = meta.node_len.long()
+    node = torch.repeat_interleave(torch.arange(meta.num_nodes, device=pos.device), lens)
+    j = torch.arange(node.numel(), device=pos.device) - (torch.cumsum(lens, 0) - lens)[node]
+    q_lens = meta.q_lens().long()
+    group = torch.repeat_interleave(torch.arange(meta.num_groups, device=pos.device), q_lens)
+    own = meta.own_nodes()[group]
+    i = torch.arange(meta.total_q, device=pos.device) - meta.qo_indptr.long()[group]
+    return pos[node] + j, pos[own] + lens[own] - q_lens[group] + i
 
 
 # ---------------------------------------------------------------------------------------- shapes
@@ -111,8 +127,15 @@ BENCH_FORESTS: dict[str, tuple[str, Callable[[int], tuple[KVForest, Groups]]]] =
                    lambda ps: sampling_forest(4096, 16, 256, page_size=ps)),
     "extend": ("extend: prompt 4096, 8 branches x 16 draft tokens; 128 rows",
                lambda ps: extend_forest(4096, 8, 16, page_size=ps)),
+    "window": ("Multiverse with a 1024-token sliding window (Mistral / Gemma sliding layers); 9 rows",
+               lambda ps: multiverse_forest(4096, 8, 512, 32, page_size=ps, concl_q=1)),
+    "fp8": ("16-way sampling over an fp8 (e4m3) KV cache, per-KV-head scales, bf16 queries; 16 rows",
+            lambda ps: sampling_forest(4096, 16, 256, page_size=ps)),
 }
 """The main job's forests (one decode step each): name -> (description, builder(page_size))."""
+
+VARIANT_FORESTS = {"window": dict(window=1024), "fp8": dict(fp8=torch.float8_e4m3fn)}
+"""The attention variant of the forests that have one (multiverse_kernels/variants.py)."""
 
 BENCH_HEADS = (32, 8, 128)
 """(query heads, KV heads, head_dim) of the main job."""
@@ -135,17 +158,25 @@ class Workload:
     q: Tensor
     k_cache: Tensor
     v_cache: Tensor
+    variant: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``tree_attention`` for the step's attention variant (window, fp8 scales)."""
 
     @property
     def unique_kv_bytes(self) -> int:
-        """K+V bytes of every token some row sees, each once (the step's lower bound)."""
+        """K+V bytes of every token some row sees, each once (the step's lower bound; with a sliding
+        window only the tokens inside some row's window)."""
+        per_tok = 2 * self.k_cache.shape[2] * self.k_cache.shape[3] * self.k_cache.element_size()
+        window = self.variant.get("window")
+        if window is not None:  # tokens inside some row's window (rows x tokens: small for a decode step)
+            kpos, rpos = key_and_row_positions(self.meta)
+            seen_tok = (dense_mask(self.meta) & ((rpos[:, None] - kpos[None, :]) < window)).any(0)
+            return int(seen_tok.sum()) * per_tok
         lens = self.meta.node_len.long()
         seen = torch.zeros(self.meta.num_nodes, dtype=torch.bool)
         q_lens = self.meta.q_lens().long()
         gid = torch.repeat_interleave(torch.arange(self.meta.num_groups),
                                       (self.meta.vis_indptr[1:] - self.meta.vis_indptr[:-1]).long())
         seen[self.meta.vis_nodes.long()[q_lens[gid] > 0]] = True
-        per_tok = 2 * self.k_cache.shape[2] * self.k_cache.shape[3] * self.k_cache.element_size()
         return int(lens[seen].sum()) * per_tok
 
 
@@ -167,9 +198,23 @@ def workload_from_forest(name: str, forest: KVForest, groups: Groups, device: st
 def make_workload(name: str, device: str | torch.device, dtype: torch.dtype, hq: int = BENCH_HEADS[0],
                   hk: int = BENCH_HEADS[1], d: int = BENCH_HEADS[2], page_size: int = 16,
                   seed: int = 0) -> Workload:
-    """The main job's step ``name`` (:data:`BENCH_FORESTS`) with random caches and queries."""
+    """The main job's step ``name`` (:data:`BENCH_FORESTS`) with random caches and queries; a variant
+    forest (:data:`VARIANT_FORESTS`) with its variant (fp8: the caches quantized per KV head, q bf16)."""
     f, groups = build_forest(name, page_size)
-    return workload_from_forest(name, f, groups, device, dtype, hq, hk, d, seed)
+    spec = VARIANT_FORESTS.get(name, {})
+    if "fp8" in spec:
+        dtype = torch.bfloat16
+    w = workload_from_forest(name, f, groups, device, dtype, hq, hk, d, seed)
+    if "window" in spec:
+        w.variant = {"window": spec["window"]}
+    if "fp8" in spec:
+        amax = lambda x: x.float().abs().amax(dim=(0, 1, 3)).clamp(min=1e-6)  # noqa: E731  per KV head
+        fmax = torch.finfo(spec["fp8"]).max
+        ks, vs = amax(w.k_cache) / fmax, amax(w.v_cache) / fmax
+        w.k_cache = (w.k_cache.float() / ks[:, None]).to(spec["fp8"])
+        w.v_cache = (w.v_cache.float() / vs[:, None]).to(spec["fp8"])
+        w.variant = {"k_scale": ks.float(), "v_scale": vs.float()}
+    return w
 
 
 def sweep_workload(prompt: int, readers: int, branch_len: int, device: str | torch.device,

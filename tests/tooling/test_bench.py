@@ -161,3 +161,28 @@ def test_cpu_step_parts_prefix_l2_repeats_two_pages_with_the_same_flops():
     assert hot.meta.node_page_indices[a:b].unique().numel() == 2
     assert torch.equal(hot.meta.node_len, cold.meta.node_len)
     assert step_flops(hot.meta, mod.HQ, mod.HK, mod.D) == step_flops(cold.meta, mod.HQ, mod.HK, mod.D)
+
+
+@pytest.mark.parametrize("kind", ["window", "fp8"])
+def test_variant_peers_compute_the_variant(kind):
+    """The main job's variant forests: every peer computes what tree_attention computes (a peer that
+    dropped the window or the fp8 scales would look faster and be wrong)."""
+    from multiverse_kernels.bench import workloads
+
+    f, groups = workloads.multiverse_forest(48, 3, 20, 6, page_size=4, concl_q=2)
+    w = workloads.workload_from_forest(kind, f, groups, "cpu", torch.float32, hq=4, hk=2, d=16)
+    if kind == "window":
+        w.variant = {"window": 9}
+        assert w.unique_kv_bytes < workloads.workload_from_forest("x", f, groups, "cpu", torch.float32, hq=4,
+                                                                  hk=2, d=16).unique_kv_bytes
+        tol = dict(atol=1e-5, rtol=1e-5)
+    else:
+        ks, vs = torch.rand(2) + 0.5, torch.rand(2) + 0.5
+        w.q = w.q.bfloat16()
+        w.k_cache = (w.k_cache / ks[:, None]).to(torch.float8_e4m3fn)
+        w.v_cache = (w.v_cache / vs[:, None]).to(torch.float8_e4m3fn)
+        w.variant = {"k_scale": ks, "v_scale": vs}
+        tol = dict(atol=3e-2, rtol=3e-2)
+    want = mk.tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend="reference", **w.variant)
+    for make in (peers.dense_sdpa_peer, peers.per_branch_peer):
+        torch.testing.assert_close(make(w)().float(), want.float(), **tol)
