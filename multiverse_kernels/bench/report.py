@@ -23,14 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends import available_backends
+from ..backends import available_backends, resolve
 from ..info import cpu_model
 from ..ops.tree_attention import tree_attention
+from ..variants import variant_names
 from . import roofline
 from .peers import PEERS, methods, tree_backends
 from .sweep import add_arguments, main_hook, table_record
 from .timing import copy_bandwidth, time_fn
-from .workloads import BENCH_FORESTS, Workload, make_workload
+from .workloads import BENCH_FORESTS, VARIANT_FORESTS, Workload, make_workload
 
 __all__ = ["main", "run_bench", "Row", "format_table", "format_summary", "headline", "LEGEND"]
 
@@ -205,6 +206,13 @@ def headline(results: list[tuple[Workload, list[Row]]]) -> str:
     return f"{name}: {', '.join(parts)}"
 
 
+def _runs_variant(forest: str, backends: list[str], dev: torch.device) -> bool:
+    """Whether some backend of ``backends`` implements ``forest``'s attention variant (plain forests:
+    always)."""
+    need = set(VARIANT_FORESTS.get(forest, {}))
+    return not need or any(need <= variant_names(resolve("tree_attention", b, dev)) for b in backends)
+
+
 def _machine_line(device: str) -> str:
     if device.startswith("cuda"):
         return f"GPU {torch.cuda.get_device_name()}"
@@ -236,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = tree_backends(dev, a.backend, include_reference=a.all)
     peers = [] if a.no_peers else list(PEERS)
     forests = {"all": list(BENCH_FORESTS), "none": []}.get(a.forest, [a.forest])
+    skipped = [f for f in forests if not _runs_variant(f, backends, dev)]
+    if a.forest == "all":  # a variant forest no timed backend implements would time only the peers
+        forests = [f for f in forests if f not in skipped]
     torch.manual_seed(0)
     # About 8 s per method and forest on 2 CPU cores (rounds, rate measurements, FlexAttention's compile),
     # the reference backend about 60 s; a GPU is much faster.
@@ -248,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing {', '.join(backends) or 'no backend'} and {len(peers)} peers on {len(forests)} "
               f"forest(s), {a.rounds} rounds each: about {est // 60} min {est % 60} s on a 2-core CPU",
               flush=True)
+    for f in skipped if a.forest == "all" else []:
+        need = ", ".join(VARIANT_FORESTS[f])
+        print(f"forest {f}: skipped, no timed backend implements its variant ({need}) on this device "
+              "(docs/design.md, 'Attention variants')")
     bar = _progress(len(forests) * a.rounds, not a.no_progress)
     results, tables = [], []
     t0 = time.perf_counter()
