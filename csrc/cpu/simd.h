@@ -79,7 +79,7 @@ template <class V> MV_INL V vbcast(float x) {
     return (V)_mm_set1_ps(x);
   }
 #else
-  V v;
+  V v{};  // (initialised: GCC cannot see the loop writes every lane)
   for (int i = 0; i < static_cast<int>(sizeof(V) / 4); ++i) v[i] = x;
   return v;
 #endif

@@ -7,7 +7,8 @@
 // cpu::append_paged_kv of random tokens against a naive scatter, and cpu::merge_states on random dense
 // states (empty states included) against a naive merge. Output buffers start NaN-poisoned, so an
 // unwritten element fails. One attention case in four puts a NaN into one K element and checks the NaN
-// policy: exactly the (row, head) pairs that see that token are NaN. Exit status 0 when every case matches (and the sanitizers found nothing).
+// policy: exactly the (row, head) pairs that see that token are NaN. One attention case in three draws a
+// sliding window over node positions (planned with reader_lo) and/or a logit soft-cap. Exit status 0 when every case matches (and the sanitizers found nothing).
 //
 //   cpu_fuzz_driver [num_cases=300] [first_seed=0]
 #include <algorithm>
@@ -97,6 +98,7 @@ template <class E> void fill(std::vector<typename E::T>& dst, std::vector<float>
 
 int failures = 0;
 int absorbed_cases = 0;  // attention cases run on an absorbed forest (absorb_tiny_nodes changed it)
+int window_cases = 0, softcap_cases = 0;  // attention cases with a sliding window / a soft-cap
 void fail(const char* what, int seed, double err) {
   std::fprintf(stderr, "FAIL %s seed %d: error %g\n", what, seed, err);
   ++failures;
@@ -135,8 +137,24 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   // One case in two reads the forest through absorb_tiny_nodes (virtual nodes sharing pages with the
   // nodes they fold, as the Python default path does), with a random cap on the absorbed chain; the
   // naive reference below keeps the original forest.
+  // Variants in one case of three (on the forest as given: absorption would move node ids and positions):
+  // a sliding window over node positions (each node starts after the nodes listed before it) and/or a
+  // logit soft-cap.
+  const bool variant = g() % 3 == 0;
+  int window = 0;
+  float softcap = 0.0f;
+  std::vector<int32_t> node_pos(N, 0);
+  if (variant) {
+    window = g() % 3 == 0 ? 0 : 1 + (int)(g() % 40);
+    softcap = g() % 2 == 0 ? 0.0f : 0.5f + (float)(g() % 200) / 10.0f;
+    for (int n = 0; n < N; ++n)
+      for (int32_t m : f.vis[n])
+        if (m != n) node_pos[n] += f.node_len[m];
+    window_cases += window > 0;
+    softcap_cases += softcap > 0;
+  }
   HostForest af;
-  const bool absorbed = g() % 2 == 0 &&
+  const bool absorbed = !variant && g() % 2 == 0 &&
       absorb_tiny_nodes(f.page_indptr.data(), f.page_indices.data(), f.node_len.data(), N, f.qo_indptr.data(),
                         f.vis_indptr.data(), f.vis_nodes.data(), G, PS, group, D, (int)sizeof(T),
                         1 + (int)(g() % 64), &af);
@@ -151,7 +169,8 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   }
   HostPlan pl = plan_tree_attention(run->node_len.data(), (int)run->node_len.size(), run->qo_indptr.data(),
                                     run->vis_indptr.data(), run->vis_nodes.data(), G,
-                                    use_own && G <= 64 ? own_arr : nullptr, chunk, rpt, group, Hk, workers);
+                                    use_own && G <= 64 ? own_arr : nullptr, chunk, rpt, group, Hk, workers,
+                                    node_pos.data(), window);
   int max_chunk = 1;
   for (int64_t w = 0; w < pl.num_items; ++w) max_chunk = std::max(max_chunk, (int)pl.item_kv_len[w]);
   const int64_t P = pl.num_partials;
@@ -163,6 +182,8 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   p.out = out.data(); p.lse = lse.data(); p.partial_out = pout.data(); p.partial_lse = plse.data();
   p.node_page_indptr = run->page_indptr.data(); p.node_page_indices = run->page_indices.data();
   p.reader_row = pl.reader_row.data(); p.reader_limit = pl.reader_limit.data();
+  p.reader_lo = window > 0 ? pl.reader_lo.data() : nullptr;
+  p.softcap = softcap;
   p.item_node = pl.item_node.data(); p.item_kv_start = pl.item_kv_start.data(); p.item_kv_len = pl.item_kv_len.data();
   p.item_reader_start = pl.item_reader_start.data(); p.item_num_readers = pl.item_num_readers.data();
   p.item_partial_start = pl.item_partial_start.data(); p.row_partial_indptr = pl.row_partial_indptr.data();
@@ -193,7 +214,9 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
         for (int e = f.vis_indptr[gi]; e < f.vis_indptr[gi + 1]; ++e) {
           const int n = f.vis_nodes[e];
           const int lim = (n != own_node || full) ? f.node_len[n] : f.node_len[n] - ql + i + 1;
+          const int64_t rpos = (int64_t)node_pos[own_node] + f.node_len[own_node] - ql + i;
           for (int t = 0; t < lim; ++t)
+            if (window == 0 || rpos - (node_pos[n] + t) < window)
             offs.push_back(cache_offset(f.page_indptr.data(), f.page_indices.data(), n, t, PS, kh, p.k_stride_page,
                                         p.k_stride_slot, p.k_stride_head));
         }
@@ -211,7 +234,9 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
         for (int64_t o : offs) {
           double d = 0;
           for (int x = 0; x < D; ++x) d += (double)qf[((size_t)r * Hq + h) * D + x] * kf[o + x];
-          s.push_back(d * p.sm_scale);
+          d *= p.sm_scale;
+          if (softcap > 0) d = softcap * std::tanh(d / softcap);
+          s.push_back(d);
           mx = std::max(mx, s.back());
         }
         double den = 0;
@@ -326,7 +351,8 @@ int main(int argc, char** argv) {
     append_case(f, seed, g);
     merge_case(seed, g);
   }
-  std::printf("cpu_fuzz_driver: %d cases from seed %d (%d attention cases on an absorbed forest), %d failures\n",
-              cases, first, absorbed_cases, failures);
+  std::printf("cpu_fuzz_driver: %d cases from seed %d (%d attention cases on an absorbed forest, %d with a "
+              "sliding window, %d with a soft-cap), %d failures\n",
+              cases, first, absorbed_cases, window_cases, softcap_cases, failures);
   return failures == 0 ? 0 : 1;
 }
