@@ -74,6 +74,15 @@ HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const i
       const int32_t n = vis_nodes[e], nl = node_len[n];
       if (nl <= 0) continue;
       int32_t at = fill[n];
+      if (window == 0) {  // (the plain path: every reader kept, lo = 0)
+        const bool full = e != vis_indptr[g + 1] - 1 || (own_full != nullptr && own_full[g]);
+        for (int32_t i = 0; i < q_len; ++i, ++at) {
+          row[at] = qo_indptr[g] + i;
+          limit[at] = full ? nl : nl - q_len + i + 1;
+        }
+        fill[n] = at;
+        continue;
+      }
       for (int32_t i = 0; i < q_len; ++i) {
         const int32_t lim = reader_limit(g, e, q_len, i, nl);
         const int32_t l = window > 0 ? reader_lo(g, own, q_len, i, n) : 0;
@@ -116,30 +125,41 @@ HostPlan plan_tree_attention(const int32_t* node_len, int32_t num_nodes, const i
   std::vector<int32_t> row_cnt(total_q, 0);
   for (int32_t n = 0; n < num_nodes; ++n)
     for (int32_t i = node_start[n]; i < node_start[n + 1]; ++i)
-      row_cnt[row[i]] += static_cast<int32_t>(ceil_div(limit[i], chunk[n]) - lo[i] / chunk[n]);
+      row_cnt[row[i]] += static_cast<int32_t>(ceil_div(limit[i], chunk[n]) - (window > 0 ? lo[i] / chunk[n] : 0));
 
   // Reader order within a node: merged rows before direct rows (one partial), limit descending, lo
   // descending, row. Without a window the readers of chunk c >= 1 (limit > c * chunk; never direct) are
   // a prefix; with one, those of chunk c are the readers of that prefix with lo < (c + 1) * chunk.
   struct Rd { int32_t direct, limit, lo, row; };
+  const auto less = [](const Rd& x, const Rd& y) {
+    if (x.direct != y.direct) return x.direct < y.direct;
+    if (x.limit != y.limit) return x.limit > y.limit;
+    if (x.lo != y.lo) return x.lo > y.lo;
+    return x.row < y.row;
+  };
   std::vector<Rd> tmp;
   for (int32_t n = 0; n < num_nodes; ++n) {
     const int32_t a = node_start[n], b = node_start[n + 1];
-    bool sorted = true;
-    for (int32_t i = a + 1; i < b && sorted; ++i) {
-      const int32_t d0 = row_cnt[row[i - 1]] == 1, d1 = row_cnt[row[i]] == 1;
-      sorted = d0 < d1 || (d0 == d1 && (limit[i - 1] > limit[i] ||
-                                        (limit[i - 1] == limit[i] && lo[i - 1] >= lo[i])));
+    // Already in order (decode), or in exactly the reverse order (a causal node's own rows arrive with
+    // limits increasing: reversed in O(n) instead of sorted)?
+    bool sorted = true, reversed = true;
+    for (int32_t i = a + 1; i < b && (sorted || reversed); ++i) {
+      const Rd x{row_cnt[row[i - 1]] == 1, limit[i - 1], lo[i - 1], row[i - 1]};
+      const Rd y{row_cnt[row[i]] == 1, limit[i], lo[i], row[i]};
+      const bool lt = less(x, y);
+      sorted = sorted && lt;
+      reversed = reversed && !lt;  // keys are distinct (rows are)
     }
     if (sorted) continue;
+    if (reversed) {
+      std::reverse(row.begin() + a, row.begin() + b);
+      std::reverse(limit.begin() + a, limit.begin() + b);
+      std::reverse(lo.begin() + a, lo.begin() + b);
+      continue;
+    }
     tmp.resize(b - a);
     for (int32_t i = a; i < b; ++i) tmp[i - a] = {row_cnt[row[i]] == 1, limit[i], lo[i], row[i]};
-    std::sort(tmp.begin(), tmp.end(), [](const Rd& x, const Rd& y) {
-      if (x.direct != y.direct) return x.direct < y.direct;
-      if (x.limit != y.limit) return x.limit > y.limit;
-      if (x.lo != y.lo) return x.lo > y.lo;
-      return x.row < y.row;
-    });
+    std::sort(tmp.begin(), tmp.end(), less);
     for (int32_t i = a; i < b; ++i) { row[i] = tmp[i - a].row; limit[i] = tmp[i - a].limit; lo[i] = tmp[i - a].lo; }
   }
   std::vector<int32_t> merged_before(R + 1, 0);  // merged readers among the first i
