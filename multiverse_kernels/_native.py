@@ -72,7 +72,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(f"{lib}::tree_attention_run")
     def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, plan_tensors, plan_ints, sm_scale,
-          kv_bytes=None):
+          kv_bytes=None, softcap=0.0):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
     @torch.library.register_fake(f"{lib}::tree_attention")
@@ -82,7 +82,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(f"{lib}::tree_attention_backward_run")
     def _(grad_out, grad_lse, q, k_cache, v_cache, out, lse, node_page_indptr, node_page_indices,
-          plan_tensors, plan_ints, sm_scale):
+          plan_tensors, plan_ints, sm_scale, softcap=0.0):
         return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
     @torch.library.register_fake(f"{lib}::merge_states")

@@ -385,3 +385,21 @@ def test_fp8_cache_implement_or_refuse(backend, fp8, per_head, qdtype, spec, poi
     tol = tolerance(qdtype)
     torch.testing.assert_close(got.float(), want.float(), **tol)
     torch.testing.assert_close(gl, wl, **tol)
+
+
+def test_variants_trace_under_torch_compile():
+    """The op's variant arguments (and the C++ run op's soft-cap) have fake implementations: a compiled
+    fullgraph call equals the eager reference."""
+    from multiverse_kernels.testing import make_inputs, multiverse_forest
+
+    f, groups = multiverse_forest(40, 3, 9, 4, page_size=4, concl_q=2)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, torch.float32)
+    sinks = torch.randn(8)
+    kw = dict(softcap=3.0, window=20, sinks=sinks)
+    fn = torch.compile(lambda q, k, v: mk.tree_attention(q, k, v, meta, **kw), fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = fn(q, k, v)
+    torch.testing.assert_close(got, mk.tree_attention(q, k, v, meta, backend="reference", **kw),
+                               **tolerance(torch.float32))
