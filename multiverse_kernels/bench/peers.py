@@ -17,6 +17,7 @@ peers) used by the main job, the sweeps and the ncu table.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,7 +29,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..backends import _IMPLS, available_backends, resolve
 from ..dense_mask import dense_mask, key_slots
 from ..ops.tree_attention import tree_attention
-from ..variants import Variant
 from .workloads import Workload, key_and_row_positions
 
 __all__ = ["CacheReadCounter", "measure_bytes", "dense_sdpa_peer", "flex_peer", "per_branch_peer", "PEERS",
@@ -219,16 +219,9 @@ class Method:
     is_peer: bool
 
 
-def _takes_variant(fn) -> bool:
-    """Whether a backend's byte counter accepts the step's variant (``variant=`` keyword)."""
-    import inspect
-
-    return fn is not None and "variant" in inspect.signature(fn).parameters
-
-
-def _variant(w: Workload):
-    return Variant(window=w.variant.get("window"), k_scale=w.variant.get("k_scale"),
-                   v_scale=w.variant.get("v_scale"))
+def _counts_variant(fn, w: Workload) -> bool:
+    """Whether a backend's byte counter takes every keyword of the step's variant (e.g. ``window=``)."""
+    return fn is not None and set(w.variant) <= set(inspect.signature(fn).parameters)
 
 
 def tree_backends(device: torch.device | str, requested: list[str] | None = None,
@@ -257,13 +250,13 @@ def methods(w: Workload, backends: Iterable[str], peers: Iterable[str] = tuple(P
         step = lambda b=b: tree_attention(w.q, w.k_cache, w.v_cache, w.meta, backend=b, validate=False,
                                           **w.variant)
         hook = _IMPLS.get("tree_attention_kv_bytes", {}).get(b)
-        if w.variant and not _takes_variant(hook[0] if hook else None):
+        if w.variant and not _counts_variant(hook[0] if hook else None, w):
             out.append(Method(f"tree_attention[{b}]", lambda step=step: step, lambda _step: None,
                               "bytes not measured: the backend's counter takes no variant", False))
             continue
         if hook is not None and dev.type in hook[1]:
             kv = lambda _step, b=b: int(resolve("tree_attention_kv_bytes", b, dev)(
-                w.q, w.k_cache, w.v_cache, w.meta, scale, **({"variant": _variant(w)} if w.variant else {})))
+                w.q, w.k_cache, w.v_cache, w.meta, scale, **w.variant))
             note = "kernel's own load counter"
         else:  # run the implementation itself under the tally (the custom op is opaque to it)
             impl = resolve("tree_attention", b, dev)
