@@ -143,7 +143,9 @@ def flex_peer(w: Workload) -> Callable[[], Tensor]:
         return visible
 
     block_mask = create_block_mask(mask_mod, None, None, m.total_q, slots.numel(), device=dev)
-    flex = torch.compile(flex_attention)
+    # dynamic=False: a static compile per forest (torch 2.14.1 inductor generates C++ that does not compile
+    # for the dynamic-shape recompile of a second forest: "cur_qSplitSize9 was not declared")
+    flex = torch.compile(flex_attention, dynamic=False)
     hk = w.k_cache.shape[2]
 
     def gather() -> tuple[Tensor, Tensor]:
