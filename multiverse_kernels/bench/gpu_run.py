@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 STEP_LIMIT_S = 470  # < 8 minutes per step
 # the per-op test files, parametrised over backends (their triton and cuda cases run in the GPU steps)
 OP_TESTS = ("tests/ops/test_tree_attention.py", "tests/ops/test_tree_attention_backward.py",
-            "tests/ops/test_merge_states.py", "tests/ops/test_append_paged_kv.py")
+            "tests/ops/test_merge_states.py", "tests/ops/test_append_paged_kv.py",
+            "tests/ops/test_variants.py")  # attention variants: each backend equals the reference or refuses
 # the checkout (tests/, setup.py): three levels above multiverse_kernels/bench/gpu_run.py
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
