@@ -227,13 +227,19 @@ def _worker(rank: int, world: int, init: str, cases: list[tuple[str, tuple]]) ->
         torch.cuda.set_device(rank)
     dist.init_process_group(BACKEND, init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+    done = False
     try:
         for name, args in cases:
             CASES[name](world, *args)
+        done = True
     except BaseException:
         traceback.print_exc()
         raise
     finally:
+        # Every rank finishes its collectives before any tears gloo down: a rank that left early once made
+        # a peer's gloo thread abort ("terminate called without an active exception", SIGABRT) in CI.
+        if done:
+            dist.barrier()
         dist.destroy_process_group()
 
 
