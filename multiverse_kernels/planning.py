@@ -28,7 +28,7 @@ from .tiles import MAX_TILE_ROWS
 __all__ = ["TreePlan", "PlanCapacity", "plan_tree_attention",
            "plan_loaded_tokens", "plan_kv_tokens", "default_rows_per_tile", "default_num_workers",
            "auto_chunk_tokens", "MIN_CHUNK_TOKENS", "MAX_TILE_ROWS", "invariant_plan",
-           "INVARIANT_CHUNK_TOKENS"]
+           "INVARIANT_CHUNK_TOKENS", "check_plan_window"]
 
 # Packed (reader x GQA head) rows per work item by head_dim: the Triton kernel's largest row tile
 # (multiverse_kernels/tiles.py), so that a chunk is loaded once for all of them.
@@ -222,6 +222,15 @@ def auto_chunk_tokens(node_len: Tensor, n_readers: Tensor, rows_per_tile: int, g
 def _cpp_planner():
     """torch.ops.multiverse_C.plan_tree_attention when the C++ extension is built, else None."""
     return host_op("plan_tree_attention")
+
+
+def check_plan_window(plan: TreePlan, window: int | None) -> None:
+    """A plan's readers see ``[reader_lo, reader_limit)``: it must have been built for the call's sliding
+    window (``plan.window``, 0 = none). No sync: the op checks it on every call, validate or not."""
+    if plan.window != (window or 0):
+        raise MetadataError(
+            f"plan.window: the plan was built for window {plan.window or None}, the call asks for {window}; "
+            f"build it with plan_tree_attention(..., window={window})")
 
 
 def plan_tree_attention(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *,

@@ -25,15 +25,6 @@ _USED = {  # field -> the int field that says how many of its entries are used
 }
 
 
-def check_plan_window(plan: TreePlan, window: int | None) -> None:
-    """A plan's readers see ``[reader_lo, reader_limit)``: it must be built for the call's window (no sync:
-    always checked, ``validate`` or not)."""
-    if plan.window != (window or 0):
-        raise MetadataError(
-            f"plan.window: the plan was built for window {plan.window or None}, the call asks for {window}; "
-            f"build it with plan_tree_attention(..., window={window})")
-
-
 def check_plan_matches(plan: TreePlan, meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int) -> None:
     """Raise :class:`MetadataError` naming ``plan.<field>`` unless ``plan`` is the work list of
     ``meta`` (any chunk_tokens / rows_per_tile, padded to any capacity; its window's)."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..backends import available_backends
 from ..metadata import ForestMetadata, MetadataError
-from ..planning import TreePlan
+from ..planning import TreePlan, check_plan_window
 from ..variants import Variant, check_variant, variant_names
 from ._checks import (
     check_attention_args,
@@ -26,7 +26,7 @@ from ._checks import (
     op_metadata,
 )
 from ._dispatch import impl_for, op_variant
-from ._plan_check import check_plan_matches, check_plan_window
+from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
 __all__ = ["tree_attention"]

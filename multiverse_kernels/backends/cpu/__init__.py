@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..._native import load_extension
-from ...metadata import ForestMetadata, MetadataError
+from ...metadata import ForestMetadata
 from ...plan_cache import cached_plan, cached_run_plan
-from ...planning import TreePlan
+from ...planning import TreePlan, check_plan_window
 from ...variants import PLAIN, Variant
 from .. import register
 from ..reference import append_paged_kv as _ref_append
@@ -68,13 +68,6 @@ def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata,
                            rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
 
 
-def _check_plan_window(plan: TreePlan, window: int | None) -> None:
-    """A caller's plan applies the window it was built with (its reader_lo): it must be the call's."""
-    if plan.window != (window or 0):
-        raise MetadataError(f"plan.window: the plan was built with window={plan.window or None}, the call "
-                            f"asks for window={window}; build it with plan_tree_attention(..., window=...)")
-
-
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
                    sm_scale: float, plan: TreePlan | None = None,
                    variant: Variant = PLAIN) -> tuple[Tensor, Tensor]:
@@ -89,7 +82,7 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
     if plan is None:
         meta, plan = _run_plan(q, k_cache, meta, variant.window)
     else:
-        _check_plan_window(plan, variant.window)
+        check_plan_window(plan, variant.window)
     return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap)
 
 
