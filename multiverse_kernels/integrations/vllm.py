@@ -231,6 +231,14 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"multiverse_kernels' vLLM backend: attention type {attn_type} is "
                                       "not supported (decoder self-attention only)")
+        if kv_sharing_target_layer_name is not None:  # the layer would have to skip its own cache writes
+            raise NotImplementedError("multiverse_kernels' vLLM backend: cross-layer KV sharing "
+                                      f"(kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}) is "
+                                      "not supported")
+        given = sorted(k for k, v in unused.items() if v is not None and v is not False)
+        if given:  # never drop what vLLM asks of the attention
+            raise NotImplementedError("multiverse_kernels' vLLM backend does not implement "
+                                      + ", ".join(given))
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)

@@ -302,3 +302,17 @@ def test_plugin_in_a_spawned_engine(vllm_mod, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "TOKENS" in r.stdout
     assert "Using AttentionBackendEnum.CUSTOM backend" in r.stderr + r.stdout
+
+
+def test_impl_refuses_what_it_does_not_implement():
+    """A keyword vLLM passes the attention impl is implemented or refused, never dropped."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CI's third environment has it)")
+    from multiverse_kernels.integrations.vllm import MultiverseAttentionImpl
+
+    base = dict(num_heads=4, head_size=64, scale=0.125, num_kv_heads=2, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto")
+    MultiverseAttentionImpl(**base, some_future_option=None)  # an unset option is fine
+    with pytest.raises(NotImplementedError, match="some_future_option"):
+        MultiverseAttentionImpl(**base, some_future_option=3)
+    with pytest.raises(NotImplementedError, match="kv_sharing_target_layer_name"):
+        MultiverseAttentionImpl(**base, kv_sharing_target_layer_name="model.layers.0.self_attn")
