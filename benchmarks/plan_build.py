@@ -30,7 +30,7 @@ import torch
 from multiverse_kernels import ForestMetadata, KVForest
 from multiverse_kernels.absorption import absorb_tiny_nodes
 from multiverse_kernels.planning import _cpp_planner, plan_kv_tokens, plan_loaded_tokens, plan_tree_attention
-from multiverse_kernels.testing import beam_forest, multiverse_forest, sampling_forest
+from multiverse_kernels.testing import beam_forest, eagle_tree_forest, multiverse_forest, sampling_forest
 
 HQ, HK, D, ELEM = 32, 8, 128, 2  # fp16
 
@@ -65,20 +65,9 @@ def token_tree_forest(depth: int = 10) -> ForestMetadata:
 
 
 def eagle_forest(prefix: int = 1024, widths: tuple[int, ...] = (4, 3, 2, 2, 1)) -> ForestMetadata:
-    """An EAGLE-style speculative token tree over a ``prefix``-token context (page size 1): each level
-    expands every frontier token into ``widths[d]`` one-token children; every draft token is a query
-    row that sees its ancestors (4 + 12 + 24 + 48 + 48 = 136 draft tokens by default)."""
-    f = KVForest(prefix + 4096, 1)
-    frontier = [f.new_sequence(prefix)]
-    groups = []
-    for w in widths:
-        nxt = []
-        for p in frontier:
-            for k in f.fork(p, w):
-                f.append(k, 1)
-                groups.append((k, 1))
-                nxt.append(k)
-        frontier = nxt
+    """An EAGLE-style token tree over a ``prefix``-token context (page size 1; bench.workloads builds it):
+    4 + 12 + 24 + 48 + 48 = 136 draft tokens by default."""
+    f, groups = eagle_tree_forest(prefix, 1, widths)
     return f.metadata(groups)
 
 

@@ -101,14 +101,16 @@ def beam_forest(prompt: int = 32, depth: int = 4, width: int = 16, step_len: int
     return f, [(n, 1) for n in level]
 
 
-def eagle_tree_forest(prefix: int = 48, page_size: int = 1) -> tuple[KVForest, Groups]:
-    """EAGLE/Medusa-style speculative token tree over a prefix: one draft token per node (top-3, then
-    top-2, then top-1 expansions); every draft token is a query row that sees its ancestors."""
-    f = KVForest(4096, page_size)
+def eagle_tree_forest(prefix: int = 48, page_size: int = 1, widths: tuple[int, ...] = (3, 2, 1)
+                      ) -> tuple[KVForest, Groups]:
+    """EAGLE/Medusa-style speculative token tree over a prefix: one draft token per node, level ``d``
+    expanding every frontier token into ``widths[d]`` children (default top-3, then top-2, then top-1);
+    every draft token is a query row that sees its ancestors."""
+    f = KVForest(_pages(prefix, page_size) + 4096, page_size)
     root = f.new_sequence(prefix)
     groups = []
     frontier = [root]
-    for width in (3, 2, 1):
+    for width in widths:
         nxt = []
         for p in frontier:
             for k in f.fork(p, width):
