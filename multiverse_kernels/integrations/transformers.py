@@ -234,6 +234,9 @@ def attention_variant(kwargs: dict[str, Any], query: Tensor) -> dict[str, Any]:
     not False) raises NotImplementedError naming it: nothing a model passes is dropped silently."""
     out: dict[str, Any] = {}
     for key, val in kwargs.items():
+        if key == "is_causal" and val is False:  # bidirectional attention: the forest would make it causal
+            raise NotImplementedError("is_causal=False: the multiverse attention is causal within a node "
+                                      "(a fully visible own node is ForestMetadata.own_full)")
         if val is None or val is False or key in _IGNORED_KWARGS:
             if key == "output_attentions" and val:
                 raise NotImplementedError("output_attentions: the multiverse attention returns no weights")

@@ -152,5 +152,8 @@ def test_unknown_keyword_raises():
         attention_variant({"cu_seq_lens_q": torch.zeros(2)}, q)
     with pytest.raises(NotImplementedError, match="output_attentions"):
         attention_variant({"output_attentions": True}, q)
+    with pytest.raises(NotImplementedError, match="is_causal"):
+        attention_variant({"is_causal": False}, q)
+    assert attention_variant({"is_causal": True}, q) == {}
     sinks = attention_variant({"s_aux": torch.zeros(4, dtype=torch.bfloat16)}, q)["sinks"]
     assert sinks.dtype == torch.float32
