@@ -10,16 +10,13 @@ op on its slice, and compares out, lse and dq/dk/dv of its tokens with the singl
 
 from __future__ import annotations
 
-import datetime
 import os
 import random
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import process_group, spawn_ranks
 
 import multiverse_kernels as mk
 from multiverse_kernels.distributed import (
@@ -222,42 +219,16 @@ CASES = {"exact": _cases_exact, "bytes": _cases_bytes, "errors": _cases_errors,
 
 
 def _worker(rank: int, world: int, init: str, cases: list[tuple[str, tuple]]) -> None:
-    torch.set_num_threads(1)
-    if BACKEND == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(BACKEND, init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    done = False
-    try:
+    with process_group(BACKEND, rank, world, init):
         for name, args in cases:
             CASES[name](world, *args)
-        done = True
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        # Every rank finishes its collectives before any tears gloo down: a rank that left early once made
-        # a peer's gloo thread abort ("terminate called without an active exception", SIGABRT) in CI.
-        if done:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def run_ranks(world: int, cases: list[tuple[str, tuple]], tmp_path, timeout: float = 240.0) -> None:
     """Spawn ``world`` ranks running ``cases``; fail (and kill them) after ``timeout`` seconds."""
     if BACKEND == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"nccl: needs {world} GPUs, found {torch.cuda.device_count()}")
-    init = f"file://{tmp_path}/rendezvous"
-    ctx = mp.spawn(_worker, args=(world, init, cases), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{world} ranks did not finish in {timeout} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_worker, (world, f"file://{tmp_path}/rendezvous", cases), world, timeout)
 
 
 # -------------------------------------------------------------------------------------------- tests

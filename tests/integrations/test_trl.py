@@ -9,16 +9,15 @@ with a process group equals the single process. Tiny random models from configs,
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import time
-import traceback
 import warnings
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+from _ranks import process_group, spawn_ranks
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("trl", reason="trl is not installed")
@@ -403,12 +402,7 @@ def test_grpo_trainer_trains_end_to_end(tmp_path):
 
 # ------------------------------------------------------------------------------ context parallel (gloo)
 def _cp_worker(rank: int, world: int, init: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with process_group("gloo", rank, world, init):
         smp = samples("multi_turn") + samples("prompts")
         pk = pack(smp)
         model, single = tiny("qwen2")
@@ -433,23 +427,7 @@ def _cp_worker(rank: int, world: int, init: str) -> None:
             dist.all_reduce(p.grad)
             torch.testing.assert_close(p.grad, q.grad, atol=5e-5, rtol=1e-4,
                                        msg=lambda m, nm=name: f"{nm}: {m}")
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_context_parallel_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_cp_worker, args=(2, f"file://{tmp_path}/rendezvous"), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise AssertionError("2 ranks did not finish in 180 s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_cp_worker, (2, f"file://{tmp_path}/rendezvous"), 2, timeout=180)
