@@ -11,6 +11,12 @@
 // the softmax is online (FlashAttention-2 style, base-2 exponent, sm_scale * log2(e) folded in).
 //
 // SIMT path (fp32 or other head dims): one warp per packed row, lanes split head_dim.
+//
+// Variants (docs/design.md "Attention variants"; both kernels, template bool VAR so that the plain
+// kernels compile exactly as without them): a sliding window (the plan's reader_lo: row r sees token t
+// of the chunk iff lo_r <= t < vis_r) and the logit soft-cap (s = c * tanh(sm_scale * q.k / c) before
+// the mask and the max). The tensor-core kernel starts a row tile's KV blocks at the tile's smallest lo,
+// so tokens below it are neither loaded nor counted; the SIMT kernel walks each row's [lo, vis).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -92,6 +98,7 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 template <int kTileRows>
 struct RowInfo {
   int32_t vis[kTileRows];   // visible tokens of the chunk (0: padding row or chunk past its limit)
+  int32_t lo[kTileRows];    // first visible token of the chunk (sliding window; 0 without, or if vis 0)
   int64_t qoff[kTileRows];  // element offset of the row's q vector (row * stride + head * stride)
   int32_t out_row[kTileRows];  // >= 0: write straight to out/lse (the row's only partial)
   int32_t slot[kTileRows];
@@ -110,6 +117,21 @@ struct MmaCfg {
   static constexpr size_t smem_bytes = (kQ + 4 * kKV) * sizeof(T) + sizeof(RowInfo<kTileRows>);
 };
 
+// Soft-cap in the base-2 units of the online softmax. u = 2 log2(e) s0 / c for the scaled score
+// s0 = sm_scale * q.k (the factor is folded into one multiply of the raw q.k); returns log2(e) * c *
+// tanh(s0 / c), i.e. the capped score s = c tanh(s0 / c) times log2(e) like every other score here.
+//   tanh(x) = 1 - 2 / (exp(2x) + 1) = 1 - 2 / (exp2(u) + 1)       (x = s0 / c, exp(2x) = exp2(u))
+// ex2 and the fast reciprocal are accurate to a few ulp of their results, so the capped score is
+// accurate to ~1e-7 * c in absolute terms (what the softmax sees; near x = 0 the cancellation costs
+// relative accuracy of tanh itself, not absolute accuracy of the score), and it saturates exactly to
+// +-c (exp2 -> inf: the quotient is 0; exp2 -> 0: 1 - 2). NaN policy (docs/errors.md, the reference:
+// it looks at the raw score): the tanh would map an infinite raw score to a finite +-c, so the term
+// (u - u), 0 for a finite u and NaN for a NaN or +-Inf one, makes the capped score NaN exactly when the
+// raw one is not finite (the row then turns NaN as it does without the cap).
+__device__ __forceinline__ float softcap_log2(float u, float c_log2) {
+  return c_log2 - __fdividef(2.f * c_log2, exp2f(u) + 1.f) + (u - u);
+}
+
 // Adds each thread's count of K+V bytes it loaded to the optional counter (one atomic per warp). Every
 // lane of the warp must call it (no lane may have returned).
 __device__ __forceinline__ void add_loaded_bytes(void* counter, unsigned long long mine) {
@@ -118,7 +140,8 @@ __device__ __forceinline__ void add_loaded_bytes(void* counter, unsigned long lo
   if (threadIdx.x % 32 == 0 && mine != 0) atomicAdd(static_cast<unsigned long long*>(counter), mine);
 }
 
-template <class T, int D, int WARPS>
+// VAR: the window / soft-cap kernel (p.reader_lo may be null, p.softcap 0); VAR = false is the plain one.
+template <class T, int D, int WARPS, bool VAR>
 __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const TreeAttentionParams p) {
   using Cfg = MmaCfg<T, D, WARPS>;
   constexpr int kTileRows = Cfg::kTileRows, kThreads = Cfg::kThreads;
@@ -145,30 +168,51 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const float scale_log2 = p.sm_scale * kLog2e;
+  // Soft-cap (VAR only): raw q.k times cap_u gives softcap_log2's u; cap_l2 = c log2(e).
+  const bool cap_on = VAR && p.softcap > 0.f;
+  const float cap_u = cap_on ? 2.f * kLog2e * p.sm_scale / p.softcap : 0.f;
+  const float cap_l2 = p.softcap * kLog2e;
   if (tid == 0) info->kv_chunks = 0;  // the KV byte counter, counted at the loads (no register cost)
 
   for (int m0 = 0; m0 < M; m0 += kTileRows) {
     __syncthreads();  // previous tile's readers of info/sQ are done
     if (tid < kTileRows) {
       const int m = m0 + tid;
-      int vis = 0, orow = -1, slot = 0, head = 0;
+      int vis = 0, lo = 0, orow = -1, slot = 0, head = 0;
       int64_t qoff = 0;
       if (m < M) {
         const int rd = r0 + packed_reader(m, group);
         const int row = p.reader_row[rd];
         head = packed_head(m, group, kh);
         vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
+        if constexpr (VAR) {  // the row sees tokens [lo, vis) of the chunk: nothing when lo >= vis
+          lo = window_lo_in_chunk(p.reader_lo, rd, kv_start);
+          if (lo >= vis) vis = lo = 0;
+        }
         qoff = row * p.q_stride_row + head * p.q_stride_head;
         slot = slot0 + packed_reader(m, group);
         if (p.row_partial_indptr[row + 1] - p.row_partial_indptr[row] == 1) orow = row;
       }
-      info->vis[tid] = vis; info->qoff[tid] = qoff; info->out_row[tid] = orow;
+      info->vis[tid] = vis; info->lo[tid] = lo; info->qoff[tid] = qoff; info->out_row[tid] = orow;
       info->slot[tid] = slot; info->head[tid] = head;
     }
     __syncthreads();
-    int max_vis = 0;
-    for (int i = 0; i < kTileRows; ++i) max_vis = max(max_vis, info->vis[i]);
-    const int nblocks = (max_vis + BN - 1) / BN;
+    // The tile's rows see tokens [tile_lo, max_vis) of the chunk at most: its KV blocks start at tile_lo
+    // (the smallest lo of its rows that see anything; 0 without a window), so the tokens below it are
+    // neither loaded nor counted. Block b holds tokens tile_lo + b * BN ... tile_lo + b * BN + BN - 1.
+    int max_vis = 0, tile_lo = 0;
+    if constexpr (VAR) {
+      tile_lo = INT32_MAX;
+      for (int i = 0; i < kTileRows; ++i) {
+        const int v = info->vis[i];
+        max_vis = max(max_vis, v);
+        if (v > 0) tile_lo = min(tile_lo, info->lo[i]);
+      }
+      tile_lo = min(tile_lo, max_vis);
+    } else {
+      for (int i = 0; i < kTileRows; ++i) max_vis = max(max_vis, info->vis[i]);
+    }
+    const int nblocks = (max_vis - tile_lo + BN - 1) / BN;
 
     // Q tile (rows past M are zero-filled).
     for (int c = tid; c < kTileRows * CPR; c += kThreads) {
@@ -181,7 +225,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
       T* dv = sV + stage * Cfg::kKV;
       for (int c = tid; c < BN * CPR; c += kThreads) {
         const int r = c / CPR, col = (c % CPR) * 8;
-        const int t = blk * BN + r;  // token within the chunk
+        const int t = tile_lo + blk * BN + r;  // token within the chunk
         const bool ok = t < max_vis;
         const int tok = kv_start + (ok ? t : 0);
         const int64_t ko = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
@@ -198,6 +242,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
 
     const int wr = warp * 16;  // this warp's first row in the tile
     const int vis_lo = info->vis[wr + g], vis_hi = info->vis[wr + g + 8];
+    // VAR: the rows' window starts; with span = vis - lo a token t is visible iff 0 <= t - lo < span,
+    // one unsigned compare of the row-relative index (the plain kernel's t < vis costs the same).
+    const int lo_lo = VAR ? info->lo[wr + g] : 0, lo_hi = VAR ? info->lo[wr + g + 8] : 0;
     float o[DT][4];
 #pragma unroll
     for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
@@ -234,14 +281,44 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
         }
         // Mask, scale to log2 domain, online softmax update (rows g and g + 8 of the warp).
         float bmax[2] = {-INFINITY, -INFINITY};
+        if constexpr (VAR) {
+          // Scaled (and soft-capped) scores first, then the mask: the cap applies to every score and
+          // the masked ones become -inf whatever they held.
+          if (cap_on) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+            for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int t = b * BN + j * 8 + t4 * 2 + (e & 1);
-            const bool ok = t < (e < 2 ? vis_lo : vis_hi);
-            s[j][e] = ok ? s[j][e] * scale_log2 : -INFINITY;
-            bmax[e / 2] = fmaxf(bmax[e / 2], s[j][e]);
+              for (int e = 0; e < 4; ++e) s[j][e] = softcap_log2(s[j][e] * cap_u, cap_l2);
+          } else {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
+          }
+          // Row-relative index of the block's first token for rows g (h = 0) and g + 8 (h = 1).
+          const int rel0 = tile_lo + b * BN - lo_lo, rel1 = tile_lo + b * BN - lo_hi;
+          const unsigned span0 = vis_lo - lo_lo, span1 = vis_hi - lo_hi;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int c = j * 8 + t4 * 2 + (e & 1);
+              const bool ok = e < 2 ? static_cast<unsigned>(rel0 + c) < span0
+                                    : static_cast<unsigned>(rel1 + c) < span1;
+              s[j][e] = ok ? s[j][e] : -INFINITY;
+              bmax[e / 2] = fmaxf(bmax[e / 2], s[j][e]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int t = b * BN + j * 8 + t4 * 2 + (e & 1);
+              const bool ok = t < (e < 2 ? vis_lo : vis_hi);
+              s[j][e] = ok ? s[j][e] * scale_log2 : -INFINITY;
+              bmax[e / 2] = fmaxf(bmax[e / 2], s[j][e]);
+            }
           }
         }
         float alpha[2], mnew[2];
@@ -347,7 +424,8 @@ constexpr int kSimtMaxD = 256;
 constexpr int kSimtPer = kSimtMaxD / 32;
 
 // One warp per packed row (rows m = warp, warp + 4, ...); lane holds dims lane, lane + 32, ...
-template <class T>
+// VAR: the window / soft-cap kernel (p.reader_lo may be null, p.softcap 0): a row walks tokens [lo, vis).
+template <class T, bool VAR>
 __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const TreeAttentionParams p) {
   const int item = blockIdx.x, kh = blockIdx.y;
   const int nr = p.item_num_readers[item];
@@ -364,20 +442,26 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   int my_dims = 0;
   for (int i = 0; i < kSimtPer; ++i) my_dims += lane + 32 * i < D ? 1 : 0;
   unsigned long long loaded = 0;
+  // q is pre-scaled so that a dot product is the score in base-2 units (sm_scale * log2(e) folded in),
+  // or, soft-capped, softcap_log2's argument u = 2 log2(e) sm_scale q.k / c.
+  const bool cap_on = VAR && p.softcap > 0.f;
+  const float qscale = cap_on ? 2.f * kLog2e * p.sm_scale / p.softcap : p.sm_scale * kLog2e;
+  const float cap_l2 = p.softcap * kLog2e;
   for (int m = warp; m < M; m += kWarps) {
     const int rd = r0 + packed_reader(m, group);
     const int row = p.reader_row[rd];
     const int head = packed_head(m, group, kh);
     const int vis = visible_in_chunk(p.reader_limit[rd], kv_start, len);
+    const int lo = VAR ? min(window_lo_in_chunk(p.reader_lo, rd, kv_start), vis) : 0;  // sees [lo, vis)
     float qv[kSimtPer], acc[kSimtPer];
 #pragma unroll
     for (int i = 0; i < kSimtPer; ++i) {
       const int d = lane + 32 * i;
-      qv[i] = d < D ? to_f(q[row * p.q_stride_row + head * p.q_stride_head + d]) * p.sm_scale * kLog2e : 0.f;
+      qv[i] = d < D ? to_f(q[row * p.q_stride_row + head * p.q_stride_head + d]) * qscale : 0.f;
       acc[i] = 0.f;
     }
     float mx = -INFINITY, l = 0.f;
-    for (int t = 0; t < vis; ++t) {
+    for (int t = lo; t < vis; ++t) {
       const int tok = kv_start + t;
       const int64_t ko = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
                                       p.k_stride_page, p.k_stride_slot, p.k_stride_head);
@@ -390,6 +474,7 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
         if (d < D) s += qv[i] * to_f(kc[ko + d]);
       }
       for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (cap_on) s = softcap_log2(s, cap_l2);
       const float mn = fmaxf(mx, s);
       const float alpha = exp2f(mx - mn), e = exp2f(s - mn);
       l = l * alpha + e;
@@ -400,8 +485,8 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
       }
       mx = mn;
     }
-    loaded += static_cast<unsigned long long>(vis > 0 ? vis : 0) * 2 * my_dims * sizeof(T);
-    const bool seen = vis > 0;
+    loaded += static_cast<unsigned long long>(vis - lo) * 2 * my_dims * sizeof(T);
+    const bool seen = vis > lo;
     const float inv = seen ? 1.f / l : 0.f;
     const float lse = seen ? (mx + log2f(l)) * kLn2 : -INFINITY;
     const bool direct = p.row_partial_indptr[row + 1] - p.row_partial_indptr[row] == 1;
@@ -423,15 +508,23 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   add_loaded_bytes(p.kv_bytes_loaded, loaded);
 }
 
-template <class T, int D, int WARPS>
-cudaError_t launch_mma(const TreeAttentionParams& p, cudaStream_t stream) {
+// The window / soft-cap kernels (VAR) run only when the call has either: the plain ones stay as they were.
+bool has_variant(const TreeAttentionParams& p) { return p.reader_lo != nullptr || p.softcap > 0.f; }
+
+template <class T, int D, int WARPS, bool VAR>
+cudaError_t launch_mma_v(const TreeAttentionParams& p, cudaStream_t stream) {
   const size_t smem = MmaCfg<T, D, WARPS>::smem_bytes;
-  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D, WARPS>,
+  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D, WARPS, VAR>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   dim3 grid(p.num_items, p.num_kv_heads);
-  tree_attention_mma_kernel<T, D, WARPS><<<grid, WARPS * 32, smem, stream>>>(p);
+  tree_attention_mma_kernel<T, D, WARPS, VAR><<<grid, WARPS * 32, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <class T, int D, int WARPS>
+cudaError_t launch_mma(const TreeAttentionParams& p, cudaStream_t stream) {
+  return has_variant(p) ? launch_mma_v<T, D, WARPS, true>(p, stream) : launch_mma_v<T, D, WARPS, false>(p, stream);
 }
 
 // The wide (128-row) tile when an item may hold more than 64 packed rows (the plan's rows_per_tile x
@@ -454,7 +547,10 @@ cudaError_t launch_mma_d(const TreeAttentionParams& p, cudaStream_t stream) {
 template <class T>
 cudaError_t launch_simt(const TreeAttentionParams& p, cudaStream_t stream) {
   dim3 grid(p.num_items, p.num_kv_heads);
-  tree_attention_simt_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  if (has_variant(p))
+    tree_attention_simt_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+  else
+    tree_attention_simt_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
