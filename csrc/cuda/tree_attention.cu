@@ -377,7 +377,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
       for (int h = 0; h < 2; ++h) {
         const int r = wr + g + 8 * h;
         if (m0 + r >= M) continue;
-        const bool seen = lrow[h] > 0.f;
+        // A row that saw nothing has l = 0 exactly (out 0, lse -inf). A NaN l (a NaN or +-Inf score, or
+        // a NaN in q) counts as seen, so that the lse is NaN too (NaN policy, docs/errors.md): an lse of
+        // -inf would mark a partial state empty and the merge would drop its NaN.
+        const bool seen = lrow[h] != 0.f;
         const float inv = seen ? 1.f / lrow[h] : 0.f;
         const float lse = seen ? (mrow[h] + log2f(lrow[h])) * kLn2 : -INFINITY;
         const int orow = info->out_row[r], head = info->head[r];
