@@ -19,15 +19,19 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
     const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
     at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap) {
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
-  // The CUDA kernel implements neither the sliding window nor the soft-cap yet (the cuda backend does
-  // not declare them, so the op never sends them here).
-  TORCH_CHECK(softcap == 0.0, "softcap: not implemented by the cuda kernel");
-  TORCH_CHECK(plan_ints.size() != static_cast<size_t>(kNumPlanInts) || plan_ints[PlanI::window] == 0,
-              "plan: a sliding-window plan (reader_lo) is not implemented by the cuda kernel");
+  // A sliding-window plan (its reader_lo) and the soft-cap run in both CUDA kernels (tree_attention.cu);
+  // fp8 KV caches do not (the cuda backend does not declare them: the op sends them elsewhere).
+  TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() != at::kFloat8_e4m3fn && c->scalar_type() != at::kFloat8_e5m2,
+                c == &k_cache ? "k_cache" : "v_cache", ": fp8 KV caches (", c->scalar_type(),
+                ") are not implemented by the cuda kernel (the cuda backend does not declare 'fp8'; "
+                "backend='auto' picks one that does)");
   TORCH_CHECK(q.size(2) <= 256, "q: the cuda backend supports head_dim <= 256, got ", q.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                 plan, plan_ints, sm_scale);
+  p.softcap = static_cast<float>(softcap);
   AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   auto stream = at::cuda::getCurrentCUDAStream();
   check_cuda(multiverse::cuda::tree_attention(p, stream), "multiverse tree_attention kernel");
