@@ -5,6 +5,14 @@ reference. Uses the plan of :mod:`multiverse_kernels.planning` with its defaults
 ``MAX_TILE_ROWS[head_dim]`` packed rows, chunks chosen for 2 items per SM), memoised on the metadata
 tensors (plan once per step); the kernel runs an item's rows in passes of 64 or 128 (its CTA tile). Registers
 ``tree_attention_kv_bytes`` too (bytes counted by the kernel with a device atomic at its loads).
+
+Variants (multiverse_kernels/variants.py, docs/design.md "Attention variants"), forward only, in both
+kernels: ``window`` (the plan's ``reader_lo``: the planner drops the chunks outside every row's window;
+the tensor-core kernel starts each row tile's KV blocks at the tile's smallest first visible token, so
+the tokens below it are not loaded, and every row masks ``lo <= t < limit``) and ``softcap``
+(``s = c tanh(s / c)`` on the scaled score, before the mask and the softmax). ``sinks`` are the op's
+(merged into the kernel's output); fp8 KV caches are not declared (the kernel binding refuses them), nor
+is a backward (``auto`` takes another backend's).
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from torch import Tensor
 from ..._native import load_extension
 from ...metadata import ForestMetadata
 from ...plan_cache import cached_run_plan
-from ...planning import TreePlan
+from ...planning import TreePlan, check_plan_window
+from ...variants import PLAIN, Variant
 from .. import register
 from .._cuda_align import misaligned
 from ..cpu import append_paged_kv, merge_states  # same torch.ops.multiverse_C ops, CUDA-key kernels
@@ -46,31 +55,42 @@ def _warn_if_misaligned(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
                       f"contiguous tensors", UserWarning, stacklevel=3)
 
 
-def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata) -> tuple[ForestMetadata, TreePlan]:
-    """The default: tiny nodes absorbed (plan_cache.cached_run_plan), then planned."""
+def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata,
+              window: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+    """The default: tiny nodes absorbed (plan_cache.cached_run_plan; not with a window), then planned
+    (for ``window``: each reader's ``reader_lo``)."""
     return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
-                           kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS)
+                           kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS, window=window)
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
-                   sm_scale: float, plan: TreePlan | None = None) -> tuple[Tensor, Tensor]:
-    """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32)."""
+                   sm_scale: float, plan: TreePlan | None = None,
+                   variant: Variant = PLAIN) -> tuple[Tensor, Tensor]:
+    """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32).
+
+    ``plan``: a precomputed plan for ``meta`` (built with the call's ``window``); default: the cached
+    plan of ``meta`` (tiny nodes absorbed, not with a window). ``variant``: window and softcap (sinks are
+    the op's)."""
     if q.dtype not in _NATIVE or q.shape[-1] > 256:
-        return _ref_attention(q, k_cache, v_cache, meta, sm_scale)
+        return _ref_attention(q, k_cache, v_cache, meta, sm_scale, variant=variant)
     _warn_if_misaligned(q, k_cache, v_cache)
     if plan is None:
-        meta, plan = _run_plan(q, k_cache, meta)
-    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan)
+        meta, plan = _run_plan(q, k_cache, meta, variant.window)
+    else:
+        check_plan_window(plan, variant.window)
+    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap)
 
 
 tree_attention.supports_plan = True
+tree_attention.variants = frozenset({"window", "softcap"})
 
 
 def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
-                            sm_scale: float) -> int:
-    """K+V bytes the CUDA kernel loads from the caches in one call (device atomic counter)."""
+                            sm_scale: float, window: int | None = None) -> int:
+    """K+V bytes the CUDA kernel loads from the caches in one call (device atomic counter); ``window``:
+    with a sliding window (the tokens below a row tile's first visible one are not loaded)."""
     counter = torch.zeros(1, dtype=torch.int64, device=q.device)
-    run_meta, plan = _run_plan(q, k_cache, meta)
+    run_meta, plan = _run_plan(q, k_cache, meta, window)
     run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter)
     return int(counter.item())
 
