@@ -26,7 +26,7 @@ from . import __version__
 from ._native import library_path, load_extension
 from .backends import _IMPLS, _LOAD_ERRORS, BACKENDS, _load, available_backends
 
-__all__ = ["collect", "cpu_isa", "cpu_model", "kernel_isa", "ISA_NAMES", "main"]
+__all__ = ["collect", "cpu_flags", "cpu_isa", "cpu_model", "kernel_isa", "ISA_NAMES", "main"]
 
 ISA_NAMES = ("baseline", "avx2", "avx512")
 """The C++ CPU kernel's ISA paths by the index ``torch.ops.multiverse_C.cpu_isa`` reports."""
@@ -36,7 +36,7 @@ _X86_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"}
 _X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -66,7 +66,7 @@ def cpu_isa() -> dict[str, Any]:
     otherwise it is derived from the CPU flags, which is what the kernel's cpuid dispatch selects on
     (avx512 ~ x86-64-v4 > avx2 ~ v3 > baseline).
     """
-    flags = _cpu_flags()
+    flags = cpu_flags()
     machine = platform.machine()
     if machine in ("x86_64", "AMD64"):
         level = "x86-64-v4" if _X86_V4 <= flags else "x86-64-v3" if _X86_V3 <= flags else "x86-64 baseline"

@@ -47,9 +47,9 @@ columns:
   uniqKV GB/s      the forest's unique KV bytes / time: the useful bandwidth
   % copy BW        uniqKV GB/s as a share of the device's copy bandwidth measured in the same run
   % roofline       roofline time / time, where roofline time = max(unique KV bytes / read bandwidth,
-                   step flops / GEMM rate in the step's dtype), both rates measured at the start of the
-                   round (median of the rounds' shares); step flops = 4 * visible (row, token) pairs *
-                   head_dim * q heads
+                   step flops / GEMM rate in the step's dtype, or fp32's where faster on a CPU), both
+                   rates measured at the start of the round (median of the rounds' shares); step flops =
+                   4 * visible (row, token) pairs * head_dim * q heads
   % FMA peak       step flops / time / the fp32 FMA peak of the cpu kernel's ISA (register-resident FMA
                    chains on every thread): the hard compute ceiling of an fp32-FMA kernel
   per-branch       the per-branch paged decode peer (how engines run branches today: the prefix re-read
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing {', '.join(backends) or 'no backend'} and {len(peers)} peers on {len(forests)} "
               f"forest(s), {a.rounds} rounds each: about {est // 60} min {est % 60} s on a 2-core CPU",
               flush=True)
+        if dev.type == "cpu":
+            print(roofline.describe_cpu_peaks(roofline.cpu_peaks()), flush=True)
     for f in skipped if a.forest == "all" else []:
         need = ", ".join(VARIANT_FORESTS[f])
         print(f"forest {f}: skipped, no timed backend implements its variant ({need}) on this device "

@@ -10,7 +10,12 @@
 * **GEMM rate in the step's dtype**: ``torch.mm`` of two n x n matrices of the step's dtype (2 n^3 flops),
   same thread count: what torch's own GEMM reaches in that dtype on this machine (on CPUs with matrix
   units, AMX or AVX512-BF16, the bf16 rate is far above the fp32 one; that is the honest compute roof
-  for a bf16 step whatever the kernel computes in).
+  for a bf16 step whatever the kernel computes in). For a bf16/fp16 step on a CPU the roof is the faster
+  of that and the fp32 GEMM (converting is always an option: without fp16 units torch's fp16 GEMM runs
+  at a fraction of a GFLOP/s, far below its fp32 one); the tables name the GEMM used.
+* **CPU peaks** (:func:`cpu_peaks`, printed once in the main job's header): the FMA peak of every ISA
+  path the CPU runs and torch's GEMM rate in fp32, bf16 and fp16 (the matrix-unit rates), with the path
+  the C++ kernel runs each dtype on.
 * **FMA peak** (CPU, when the C++ extension is built): ``torch.ops.multiverse_C.cpu_fma_peak``, chains of
   fused multiply-adds held in registers on the ISA the CPU kernel dispatched to, one loop per thread.
   It is the hard compute ceiling; torch's GEMM reaches only part of it (on AMD CPUs torch's BLAS may not
@@ -36,14 +41,14 @@ import torch
 from torch.utils import benchmark
 
 from ..backends import available_backends
-from ..info import cpu_model, kernel_isa
+from ..info import ISA_NAMES, cpu_flags, cpu_model, kernel_isa
 from ..metadata import ForestMetadata
 from ..planning import plan_tree_attention
 from .timing import sync
 
 __all__ = ["MachineRates", "measure_rates", "step_flops", "roofline_seconds",
            "workload_roofline", "describe_roofline", "PairedTiming", "paired_rounds", "thread_scaling",
-           "describe_cpu", "fma_peak"]
+           "describe_cpu", "fma_peak", "gemm_rate", "cpu_peaks", "describe_cpu_peaks"]
 
 
 @dataclass
@@ -54,13 +59,19 @@ class MachineRates:
     gemm_flops: float  # GEMM flop/s in ``dtype``
     read_bw: float  # bytes/s
     fma_flops: float | None = None  # fp32 FMA peak flop/s of the CPU kernel's ISA (None: not measured)
-    dtype: torch.dtype = torch.float32  # the GEMM's dtype (the step's)
+    dtype: torch.dtype = torch.float32  # the step's dtype
+    gemm_dtype: torch.dtype | None = None  # the GEMM's dtype: the step's, or fp32 where that is faster
 
     def describe(self) -> str:
         fma = "" if self.fma_flops is None else \
             f", FMA peak {self.fma_flops / 1e9:.1f} GFLOP/s (cpu_fma_peak)"
-        return (f"{_dt(self.dtype)} GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s (torch.mm), read bandwidth "
+        return (f"{_gemm_name(self)} {self.gemm_flops / 1e9:.1f} GFLOP/s (torch.mm), read bandwidth "
                 f"{self.read_bw / 1e9:.1f} GB/s (torch.sum){fma}, {self.threads} thread(s)")
+
+
+def _gemm_name(r: MachineRates) -> str:
+    g = r.gemm_dtype or r.dtype
+    return f"{_dt(g)} GEMM" if g == r.dtype else f"{_dt(g)} GEMM (faster than {_dt(r.dtype)}'s)"
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -76,21 +87,41 @@ def measure_rates(device: str | torch.device = "cpu", gemm_n: int = 2048, bw_byt
     ``bw_bytes`` should exceed the last-level cache many times (default 256 MiB).
     """
     dev = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(gemm_n, gemm_n, generator=g).to(dev, dtype)
-    b = torch.randn(gemm_n, gemm_n, generator=g).to(dev, dtype)
-    env = dict(a=a, b=b, torch=torch, sync=sync, dev=dev)
-    # Timer runs its statement with num_threads=1 unless told otherwise: pass the caller's count.
+    gemm, gemm_dtype = gemm_rate(dev, dtype, gemm_n, min_run_time), dtype
+    if dev.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # The compute roof of a half-precision step is the faster of torch's GEMM in its dtype (matrix
+        # units: AMX, AVX512-BF16/FP16) and in fp32 (converting is always an option: on CPUs without
+        # fp16 units torch's fp16 GEMM runs at a fraction of a GFLOP/s, which would make no roof at all).
+        f32 = gemm_rate(dev, torch.float32, gemm_n, min_run_time)
+        if f32 > gemm:
+            gemm, gemm_dtype = f32, torch.float32
     nt = torch.get_num_threads()
-    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env, num_threads=nt).blocked_autorange(
-        min_run_time=min_run_time).median
-    del a, b
     x = torch.ones(bw_bytes // 4, dtype=torch.float32, device=dev)
     x.sum()  # first touch
     t_rd = benchmark.Timer("x.sum(); sync(dev)", globals=dict(x=x, sync=sync, dev=dev), num_threads=nt
                            ).blocked_autorange(min_run_time=min_run_time).median
-    return MachineRates(torch.get_num_threads(), 2 * gemm_n ** 3 / t_mm, x.numel() * 4 / t_rd,
-                        fma_peak(min_run_time) if dev.type == "cpu" else None, dtype)
+    return MachineRates(torch.get_num_threads(), gemm, x.numel() * 4 / t_rd,
+                        fma_peak(min_run_time) if dev.type == "cpu" else None, dtype, gemm_dtype)
+
+
+def gemm_rate(device: str | torch.device, dtype: torch.dtype, n: int = 2048,
+              min_run_time: float = 0.5) -> float:
+    """flop/s of ``torch.mm`` of two n x n matrices of ``dtype`` with ``torch.get_num_threads()`` threads."""
+    dev = torch.device(device)
+    if dev.type == "cpu" and dtype != torch.float32 and n > 256:
+        # probe small first: a dtype without CPU support (fp16 GEMM on most x86) runs ~100x slower than
+        # fp32, and a 2048^3 product would then take minutes
+        probe = gemm_rate(dev, dtype, 256, min(min_run_time, 0.05))
+        if probe < 2e9:
+            return probe
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dev, dtype)
+    b = torch.randn(n, n, generator=g).to(dev, dtype)
+    env = dict(a=a, b=b, torch=torch, sync=sync, dev=dev)
+    # Timer runs its statement with num_threads=1 unless told otherwise: pass the caller's count.
+    t_mm = benchmark.Timer("torch.mm(a, b); sync(dev)", globals=env, num_threads=torch.get_num_threads()
+                           ).blocked_autorange(min_run_time=min_run_time).median
+    return 2 * n ** 3 / t_mm
 
 
 def fma_peak(min_run_time: float = 0.5) -> float | None:
@@ -108,6 +139,49 @@ def fma_peak(min_run_time: float = 0.5) -> float | None:
             break
         iters *= 4
     return max(op(iters) for _ in range(5))
+
+
+def cpu_peaks(min_run_time: float = 0.25) -> dict[str, float]:
+    """The CPU's compute peaks, one entry per path (flop/s, ``torch.get_num_threads()`` threads):
+
+    * ``fma <isa>``: :func:`fma_peak` on every ISA path of the C++ kernel this CPU runs (forced with
+      ``MULTIVERSE_CPU_ISA``; the kernel computes every dtype in fp32 FMAs on its path);
+    * ``gemm <dtype>``: torch's GEMM in fp32, bf16 and fp16 (:func:`measure_rates`): on CPUs with matrix
+      units torch (oneDNN) runs bf16/fp16 on AMX tiles or AVX512-BF16 dot products, so these are the
+      matrix-unit rates the honest roofline of a bf16/fp16 step uses.
+    """
+    out: dict[str, float] = {}
+    sel, best = kernel_isa()
+    if best in ISA_NAMES:
+        old = os.environ.get("MULTIVERSE_CPU_ISA")
+        try:
+            for isa in ISA_NAMES[: ISA_NAMES.index(best) + 1]:
+                os.environ["MULTIVERSE_CPU_ISA"] = isa
+                peak = fma_peak(min_run_time)
+                if peak:
+                    out[f"fma {isa}"] = peak
+        finally:
+            if old is None:
+                os.environ.pop("MULTIVERSE_CPU_ISA", None)
+            else:
+                os.environ["MULTIVERSE_CPU_ISA"] = old
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        out[f"gemm {_dt(dt)}"] = gemm_rate("cpu", dt, 1024, min_run_time)
+    return out
+
+
+def describe_cpu_peaks(peaks: dict[str, float]) -> str:
+    """Two lines: the peaks of :func:`cpu_peaks`, and the path the C++ kernel runs each dtype on."""
+    flags = cpu_flags()
+    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_fp16", "AMX-FP16"),
+                                     ("avx512_bf16", "AVX512-BF16"), ("avx512fp16", "AVX512-FP16"))
+             if flag in flags]
+    sel, _ = kernel_isa()
+    cells = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
+    return (f"CPU peaks (GFLOP/s, {torch.get_num_threads()} thread(s)): {cells}; matrix units: "
+            f"{', '.join(units) or 'none'}\n"
+            f"cpu kernel paths: fp32 -> {sel} fp32 FMAs; bf16/fp16 -> converted to fp32 at the load, {sel} "
+            "fp32 FMAs (no matrix-unit path yet); compute roof of each step = torch's GEMM rate in its dtype")
 
 
 def step_flops(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -149,7 +223,7 @@ def describe_roofline(unique_kv_bytes: int, flops: int, rates: MachineRates) -> 
         "FMAs")
     return (f"roofline {max(mem, comp) * 1e3:.3f} ms = max({unique_kv_bytes / 1e6:.2f} MB unique KV / "
             f"{rates.read_bw / 1e9:.1f} GB/s read, {flops / 1e9:.3f} GFLOP / {rates.gemm_flops / 1e9:.1f} "
-            f"GFLOP/s {_dt(rates.dtype)} GEMM) ({'compute' if comp >= mem else 'memory'}-bound, "
+            f"GFLOP/s {_gemm_name(rates)}) ({'compute' if comp >= mem else 'memory'}-bound, "
             f"{rates.threads} thread(s)); step flops = 4 * sum over rows of visible tokens * head_dim * "
             f"num_qo_heads{fma}")
 

@@ -80,6 +80,10 @@ def test_main_job_prints_tables_legend_and_headline(capsys, small_forests):
     summary = next(ln for ln in lines if ln.startswith("| forest | dtype |"))
     assert "vs best peer" in summary and "per-branch decode" in summary
     assert sum(ln.startswith("| small ") for ln in lines) == 2
+    # the honest roofline's header: a peak per ISA path and per GEMM dtype, the kernel's path per dtype
+    peaks = next(ln for ln in lines if ln.startswith("CPU peaks"))
+    assert all(k in peaks for k in ("fma baseline", "gemm fp32", "gemm bf16", "matrix units"))
+    assert any(ln.startswith("cpu kernel paths: fp32 -> ") for ln in lines)
 
 
 def test_main_job_reference_on_request(capsys, small_forests):
