@@ -35,6 +35,7 @@ void dispatch_cache(const AppendParams& p) {
     case DType::kFloat32: append_impl<S, F32>(p); break;
     case DType::kFloat16: append_impl<S, F16>(p); break;
     case DType::kBFloat16: append_impl<S, BF16>(p); break;
+    default: break;  // fp8: the cpu backend appends to fp8 caches with the reference
   }
 }
 
@@ -45,6 +46,7 @@ void append_paged_kv(const AppendParams& p) {
     case DType::kFloat32: dispatch_cache<F32>(p); break;
     case DType::kFloat16: dispatch_cache<F16>(p); break;
     case DType::kBFloat16: dispatch_cache<BF16>(p); break;
+    default: break;  // fp8: the cpu backend appends to fp8 caches with the reference
   }
 }
 

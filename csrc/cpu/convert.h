@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace multiverse::cpu {
 
@@ -56,6 +57,32 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+// fp8 -> float, exact (every fp8 value is a float). Written with integer operations and one int -> float
+// conversion, never a multiply of a float subnormal (which DAZ/FTZ modes would flush to 0).
+//
+// e4m3fn (torch.float8_e4m3fn): S EEEE MMM, bias 7. E = 0: subnormal M * 2^-9; E = 1..15:
+// (1 + M/8) * 2^(E-7), except S.1111.111 = NaN (no inf: 1111.110 = 448 is the largest finite value).
+// A normal value is rebuilt in float bits by placing EEEE MMM at bits 26..20 (exponent field E,
+// mantissa M << 20) and adding the bias difference (127 - 7) << 23 to the exponent field.
+inline float fp8_e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t em = b & 0x7fu;  // exponent + mantissa
+  if (em == 0x7fu) return bits_to_f32(sign | 0x7fc00000u);  // NaN
+  if (em < 0x08u) return bits_to_f32(sign | f32_to_bits(static_cast<float>(em) * 0x1p-9f));  // 0, subnormal
+  return bits_to_f32(sign | ((em << 20) + (120u << 23)));
+}
+
+// e5m2 (torch.float8_e5m2): S EEEEE MM, bias 15, IEEE-like: E = 0 subnormal M * 2^-16, E = 31 inf (M = 0)
+// or NaN. It is the top byte of an IEEE half. Normal: EEEEE MM at bits 27..21, + (127 - 15) << 23; inf/NaN:
+// + (255 - 31) << 23 instead, which gives the all-ones float exponent with the mantissa bits kept.
+inline float fp8_e5m2_to_f32(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t em = b & 0x7fu;
+  if (em >= 0x7cu) return bits_to_f32(sign | ((em << 21) + (224u << 23)));  // inf / NaN
+  if (em < 0x04u) return bits_to_f32(sign | f32_to_bits(static_cast<float>(em) * 0x1p-16f));  // 0, subnormal
+  return bits_to_f32(sign | ((em << 21) + (112u << 23)));
+}
+
 // Element type tags: storage type + conversions, used as template parameters by the kernels.
 struct F32 {
   using T = float;
@@ -72,5 +99,15 @@ struct BF16 {
   static float load(T v) { return bf16_to_f32(v); }
   static T store(float f) { return f32_to_bf16(f); }
 };
+// fp8 KV-cache element types (read only: the kernels dequantize them at the load, times the scale).
+struct FP8E4M3 {
+  using T = uint8_t;
+  static float load(T v) { return fp8_e4m3_to_f32(v); }
+};
+struct FP8E5M2 {
+  using T = uint8_t;
+  static float load(T v) { return fp8_e5m2_to_f32(v); }
+};
+template <class E> inline constexpr bool kIsFp8 = std::is_same_v<E, FP8E4M3> || std::is_same_v<E, FP8E5M2>;
 
 }  // namespace multiverse::cpu

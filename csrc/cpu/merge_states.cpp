@@ -81,6 +81,7 @@ void dispatch_out(const MergeParams& p) {
       case DType::kFloat32: merge_rows<In, F32>(p, b, e); break;
       case DType::kFloat16: merge_rows<In, F16>(p, b, e); break;
       case DType::kBFloat16: merge_rows<In, BF16>(p, b, e); break;
+      default: break;  // fp8 is a KV-cache dtype only
     }
   });
 }
@@ -93,6 +94,7 @@ void merge_states(const MergeParams& p) {
     case DType::kFloat32: dispatch_out<F32>(p); break;
     case DType::kFloat16: dispatch_out<F16>(p); break;
     case DType::kBFloat16: dispatch_out<BF16>(p); break;
+    default: break;  // fp8 is a KV-cache dtype only
   }
 }
 

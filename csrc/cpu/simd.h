@@ -34,18 +34,24 @@ template <> struct VT<4> {
   typedef float U __attribute__((vector_size(16), aligned(4)));
   typedef int32_t I __attribute__((vector_size(16)));
   typedef int32_t IU __attribute__((vector_size(16), aligned(4)));
+  typedef uint32_t UI __attribute__((vector_size(16)));
+  typedef uint8_t B __attribute__((vector_size(4)));  // 4 bytes (fp8 elements)
 };
 template <> struct VT<8> {
   typedef float V __attribute__((vector_size(32)));
   typedef float U __attribute__((vector_size(32), aligned(4)));
   typedef int32_t I __attribute__((vector_size(32)));
   typedef int32_t IU __attribute__((vector_size(32), aligned(4)));
+  typedef uint32_t UI __attribute__((vector_size(32)));
+  typedef uint8_t B __attribute__((vector_size(8)));  // 8 bytes (fp8 elements)
 };
 template <> struct VT<16> {
   typedef float V __attribute__((vector_size(64)));
   typedef float U __attribute__((vector_size(64), aligned(4)));
   typedef int32_t I __attribute__((vector_size(64)));
   typedef int32_t IU __attribute__((vector_size(64), aligned(4)));
+  typedef uint32_t UI __attribute__((vector_size(64)));
+  typedef uint8_t B __attribute__((vector_size(16)));  // 16 bytes (fp8 elements)
 };
 
 template <int N> MV_INL typename VT<N>::V vld(const float* p) {
@@ -126,9 +132,46 @@ template <class V, class I> MV_INL V vtanh(V x) {
 }
 
 // ---------------------------------------------------------------------------------- cache-row loads
-// One row of D elements of E (a K/V cache row, a q / grad_out row) -> dp floats, zeros past D.
-template <class E> MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst, int D, int dp) {
+// N fp8 bytes -> N floats, exact: fp8_e4m3_to_f32 / fp8_e5m2_to_f32 (convert.h, which explain the bit
+// layouts) on vectors. The bytes are widened to 32-bit lanes (vpmovzxbd on AVX2 / AVX-512); a normal
+// value is its exponent + mantissa bits shifted into the float's fields plus the bias difference, a
+// subnormal (exponent field 0) the integer mantissa times 2^-9 (e4m3) / 2^-16 (e5m2) (an int -> float
+// conversion: no float subnormal is ever formed, so DAZ/FTZ cannot flush it), then the special values
+// (e4m3: S.1111.111 NaN; e5m2: exponent 31, inf / NaN) and the sign bit.
+template <class E, int N> MV_INL typename VT<N>::V fp8_to_f32_vec(const uint8_t* src) {
+  using V = typename VT<N>::V;
+  using I = typename VT<N>::I;
+  using U = typename VT<N>::UI;
+  typename VT<N>::B b;
+  __builtin_memcpy(&b, src, N);
+  const U x = __builtin_convertvector(b, U);
+  const U sign = (x & 0x80u) << 24;
+  const U em = x & 0x7fu;  // exponent + mantissa
+  U r;
+  if constexpr (std::is_same_v<E, FP8E4M3>) {
+    const U sub = (U)(__builtin_convertvector((I)em, V) * 0x1p-9f);
+    r = em < 0x08u ? sub : (em << 20) + (120u << 23);
+    r = em == 0x7fu ? U{} + 0x7fc00000u : r;
+  } else {
+    static_assert(std::is_same_v<E, FP8E5M2>, "fp8 element type");
+    const U sub = (U)(__builtin_convertvector((I)em, V) * 0x1p-16f);
+    r = em < 0x04u ? sub : (em << 21) + (em >= 0x7cu ? U{} + (224u << 23) : U{} + (112u << 23));
+  }
+  return (V)(r | sign);
+}
+
+// One row of D elements of E (a K/V cache row, a q / grad_out row) -> dp floats, zeros past D. An fp8
+// row (kIsFp8<E>: a K/V cache row) is dequantized: float(x) * scale (one rounding, as the reference's
+// cache.float() * scale); other types ignore scale.
+template <class E>
+MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst, int D, int dp, float scale = 1.0f) {
   int d = 0;
+  if constexpr (kIsFp8<E>) {
+    using V = typename VT<W>::V;
+    const V sv = vbcast<V>(scale);
+    for (; d + W <= D; d += W) vst<W>(dst + d, fp8_to_f32_vec<E, W>(src + d) * sv);
+    for (; d < D; ++d) dst[d] = E::load(src[d]) * scale;
+  }
   if constexpr (std::is_same_v<E, F32>) {
     for (; d + W <= D; d += W) vst<W>(dst + d, vld<W>(src + d));
   }

@@ -4,6 +4,7 @@
 // kernels_{avx512,avx2,baseline}.cpp), called through the one dispatch (isa_dispatch.cpp:
 // cpu_isa_kernels(), cpuid capped by MULTIVERSE_CPU_ISA).
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "isa_kernels.h"
@@ -40,6 +41,17 @@ struct Scratch {
 }  // namespace
 
 void tree_attention(const TreeAttentionParams& p) {
+  // q is fp32 / fp16 / bf16; fp8 caches (kv_dtype) take fp16 / bf16 q and their scales (params.h). The
+  // per-ISA tasks assume it.
+  if (dtype_is_fp8(p.dtype))
+    throw std::invalid_argument("tree_attention: q's dtype (TreeAttentionParams::dtype) must be float32, "
+                                "float16 or bfloat16; fp8 is a KV-cache dtype (kv_dtype)");
+  if (dtype_is_fp8(p.kv_dtype)) {
+    if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+      throw std::invalid_argument("tree_attention: an fp8 KV cache (kv_dtype) takes float16 or bfloat16 q");
+    if (p.k_scale == nullptr || p.v_scale == nullptr)
+      throw std::invalid_argument("tree_attention: an fp8 KV cache (kv_dtype) needs k_scale and v_scale");
+  }
   const FwdTaskFn fn = cpu_isa_kernels().fwd_task;
   const int32_t group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t hk = p.num_kv_heads;

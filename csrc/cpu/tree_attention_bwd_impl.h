@@ -292,6 +292,7 @@ void delta_rows(const TreeAttentionBackwardParams& p, int64_t b, int64_t e) {
     case DType::kFloat32: delta_rows_t<F32>(p, b, e); break;
     case DType::kFloat16: delta_rows_t<F16>(p, b, e); break;
     case DType::kBFloat16: delta_rows_t<BF16>(p, b, e); break;
+    default: break;  // fp8 caches: forward only (the binding refuses them)
   }
 }
 
@@ -301,6 +302,7 @@ void task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, const 
     case DType::kFloat32: run_task<F32>(p, item, kh, s, row_locks, slot_locks); break;
     case DType::kFloat16: run_task<F16>(p, item, kh, s, row_locks, slot_locks); break;
     case DType::kBFloat16: run_task<BF16>(p, item, kh, s, row_locks, slot_locks); break;
+    default: break;  // fp8 caches: forward only (the binding refuses them)
   }
 }
 

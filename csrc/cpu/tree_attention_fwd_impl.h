@@ -14,9 +14,13 @@
 // Tile sizes fit the register file: AVX2 (16 ymm) uses 6 x 16 tiles (12 accumulators), AVX-512
 // (32 zmm) 12 x 32 (24 accumulators). The chunk's K/V rows are read from the paged cache exactly once,
 // in token blocks of kTokenBlock (kLightTokenBlock for tasks with few rows): converted (fp16 with
-// F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit shift) or copied to packed fp32 scratch while the next
-// block is prefetched, except fp32 V rows, which the P V tiles read in place (run_task); the byte
-// counter is incremented per block where its rows are taken.
+// F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit shift, fp8 by the bit rebuild of simd.h fp8_to_f32_vec
+// times the task's KV-head scale) or copied to packed fp32 scratch while the next block is prefetched,
+// except fp32 V rows, which the P V tiles read in place (run_task); the byte counter is incremented per
+// block where its rows are taken (the caches' element size: 1 byte per fp8 element).
+//
+// Element types: run_task<EQ, EKV> reads q and writes out as EQ (fp32 / fp16 / bf16) and reads the
+// caches as EKV (EQ itself, or fp8 e4m3 / e5m2 with fp16 / bf16 q: TreeAttentionParams::kv_dtype).
 #pragma once
 
 #ifndef MV_LEVEL
@@ -55,6 +59,7 @@ struct TaskCtx {
   int D, dp;
   float* kb;  // [tp][dp]
   float* vb;  // [tp][dp]
+  float ks, vs;  // fp8 caches: the KV head's dequantization scales (1 otherwise, unused)
 };
 
 template <class E> MV_INL const typename E::T* k_row(const TaskCtx& c, int t) {
@@ -102,19 +107,19 @@ template <class E> struct Prefetch2 {
   }
 };
 
-// Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads.
-// With v_direct (fp32) only K is copied, and vrows[t - a] points at token t's V row in the cache (read
-// there by P V). Returns the bytes read.
+// Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads
+// (fp8 rows dequantized here, times c.ks / c.vs). With v_direct (fp32) only K is copied, and
+// vrows[t - a] points at token t's V row in the cache (read there by P V). Returns the bytes read.
 template <class E> inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const float** vrows) {
   for (int t = a; t < b; ++t) {
-    pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp);
+    pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp, c.ks);
     if constexpr (std::is_same_v<E, F32>) {
       if (v_direct) {
         vrows[t - a] = v_row<E>(c, t);
         continue;
       }
     }
-    pack_row<E>(v_row<E>(c, t), c.vb + static_cast<size_t>(t) * c.dp, c.D, c.dp);
+    pack_row<E>(v_row<E>(c, t), c.vb + static_cast<size_t>(t) * c.dp, c.D, c.dp, c.vs);
   }
   return b > a ? 2 * static_cast<int64_t>(b - a) * c.D * static_cast<int64_t>(sizeof(typename E::T)) : 0;
 }
@@ -295,10 +300,11 @@ inline void softmax_block(const TaskScratch& sc, int lds, int mbp, int nbig, con
 }
 
 // ---------------------------------------------------------------------------------- one task
-template <class E>
+// EQ: q / out element type; EKV: the caches' (EQ, or fp8 with fp16 / bf16 EQ).
+template <class EQ, class EKV>
 int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
                  const TaskScratch& sc) {
-  using T = typename E::T;
+  using T = typename EQ::T;
   const int D = p.head_dim;
   const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t nr = p.item_num_readers[item];
@@ -307,7 +313,12 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   const int32_t r0 = p.item_reader_start[item];
   const int32_t slot0 = p.item_partial_start[item];
   TaskCtx c{&p, p.item_node[item], p.item_kv_start[item], kh, D, static_cast<int>(round_up64(D, kDimPad)),
-            nullptr, nullptr};
+            nullptr, nullptr, 1.0f, 1.0f};
+  if constexpr (kIsFp8<EKV>) {  // per tensor ([1]) or per KV head ([num_kv_heads])
+    const int si = p.kv_scale_per_head ? kh : 0;
+    c.ks = p.k_scale[si];
+    c.vs = p.v_scale[si];
+  }
   const int dp = c.dp;
   int32_t len = p.item_kv_len[item];
   // Sliding window: the task starts at the smallest first visible token of its readers (the chunk's
@@ -326,8 +337,9 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   // fp32 V rows are read by P V straight from the cache (only K is packed): each tile streams them
   // token by token, one line per row and vector, so the rows' 4 KiB stride costs nothing there (it
   // does in S^T = K Q^T, which broadcasts 12 rows' elements per step: those alias in one L1 set), and
-  // the copy of V is saved. Needs D % W == 0 (the tiles then read exactly D floats of a row).
-  const bool v_direct = std::is_same_v<E, F32> && window && D % W == 0;
+  // the copy of V is saved. Needs D % W == 0 (the tiles then read exactly D floats of a row). Never
+  // for fp16 / bf16 / fp8 caches (their rows are converted, and fp8 ones scaled, into the scratch).
+  const bool v_direct = std::is_same_v<EKV, F32> && window && D % W == 0;
   const float* vrows[kTokenBlock];  // the current token block's V rows (packed or cache)
   // Tokens per block: a light task (one row tile: at most kLightRows rows) copies a block of
   // kLightTokenBlock so that its K/V window (1 KiB per token at d = 128 fp32) stays in L1 while it is
@@ -384,7 +396,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       next_len -= shift;
     }
   }
-  Prefetch2<E> pf{{&c, 0, imin(tbk, max_vis)}, {&cn, 0, next_len}};
+  Prefetch2<EKV> pf{{&c, 0, imin(tbk, max_vis)}, {&cn, 0, next_len}};
   pf.own.finish();
   for (int m0 = 0; m0 < M; m0 += kRowBlock) {
     const int mb = imin(kRowBlock, M - m0);
@@ -402,7 +414,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       const int m = m0 + i;
       const int32_t row = p.reader_row[r0 + packed_reader(m, group)];
       const T* src = qp + row * p.q_stride_row + static_cast<int64_t>(head[m]) * p.q_stride_head;
-      for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = E::load(src[d]) * p.sm_scale;
+      for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = EQ::load(src[d]) * p.sm_scale;
     }
     for (int i = mb; i < mbp; ++i)
       for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
@@ -432,8 +444,8 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
           c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
         }
-        bytes += pack_rows<E>(c, tb0, tb1, v_direct, vrows);
-        pf.own = Prefetcher<E>{&c, tb1, imin(tb1 + tbk, max_vis)};
+        bytes += pack_rows<EKV>(c, tb0, tb1, v_direct, vrows);
+        pf.own = Prefetcher<EKV>{&c, tb1, imin(tb1 + tbk, max_vis)};
         for (int t = tb1; t < tb0 + tbk; ++t)  // tiles past the chunk read zeros
           for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
       }
@@ -494,7 +506,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       if (orow[m] >= 0) {
         p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = lse;
         T* dst = static_cast<T*>(p.out) + partial_out_offset(orow[m], head[m], p.num_qo_heads, D);
-        for (int d = 0; d < D; ++d) dst[d] = E::store(orow_p[d] * inv);
+        for (int d = 0; d < D; ++d) dst[d] = EQ::store(orow_p[d] * inv);
       } else {
         p.partial_lse[partial_lse_offset(slot[m], head[m], p.num_qo_heads)] = lse;
         float* dst = p.partial_out + partial_out_offset(slot[m], head[m], p.num_qo_heads, D);
@@ -506,15 +518,27 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
 }
 
 // ---------------------------------------------------------------------------------- entry points
-// One task of any dtype (isa_kernels.h FwdTaskFn).
+// One task of any dtype combination (isa_kernels.h FwdTaskFn): q's dtype, and the caches' (kv_dtype:
+// q's, or fp8 with fp16 / bf16 q; a kv_dtype that is not fp8 means q's, params.h). The driver
+// (tree_attention.cpp) refuses an fp8 kv_dtype with fp32 q before any task runs.
+template <class EQ>
+MV_INL int64_t task_q(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
+                      const TaskScratch& s) {
+  switch (p.kv_dtype) {
+    case DType::kFloat8E4M3: return run_task<EQ, FP8E4M3>(p, item, kh, next_item, next_kh, s);
+    case DType::kFloat8E5M2: return run_task<EQ, FP8E5M2>(p, item, kh, next_item, next_kh, s);
+    default: return run_task<EQ, EQ>(p, item, kh, next_item, next_kh, s);
+  }
+}
+
 int64_t task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
              const TaskScratch& s) {
   switch (p.dtype) {
-    case DType::kFloat32: return run_task<F32>(p, item, kh, next_item, next_kh, s);
-    case DType::kFloat16: return run_task<F16>(p, item, kh, next_item, next_kh, s);
-    case DType::kBFloat16: return run_task<BF16>(p, item, kh, next_item, next_kh, s);
+    case DType::kFloat32: return run_task<F32, F32>(p, item, kh, next_item, next_kh, s);
+    case DType::kFloat16: return task_q<F16>(p, item, kh, next_item, next_kh, s);
+    case DType::kBFloat16: return task_q<BF16>(p, item, kh, next_item, next_kh, s);
+    default: return 0;  // not a q dtype (the driver refuses it)
   }
-  return 0;
 }
 
 // The FMA rate this ISA build can reach (isa_kernels.h FmaLoopFn): kFmaChains independent chains of

@@ -26,6 +26,7 @@ CpuIsa cpu_isa_selected();
 double cpu_fma_peak(int64_t iters, int64_t threads);
 
 // Partial (out, lse) of every (work item, kv head) of the plan into p.partial_out / p.partial_lse.
+// Throws std::invalid_argument for an fp8 kv_dtype with q not fp16 / bf16 or without its scales.
 void tree_attention(const TreeAttentionParams& p);
 
 // Gradients dq, dk, dv (float32, accumulated into the zeroed p.dq / p.dk / p.dv) of tree_attention

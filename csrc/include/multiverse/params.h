@@ -6,6 +6,8 @@
 // Layout conventions (docs/design.md §2, docs/plan.md):
 //   q            [total_q, Hq, D]                 strides q_stride_row, q_stride_head, last dim contiguous
 //   k/v cache    [num_pages, page_size, Hk, D]    strides *_stride_page, *_stride_slot, *_stride_head
+//                q's dtype, or fp8 (e4m3fn / e5m2) with fp16/bf16 q: dequantized at the load,
+//                key = float(k8) * k_scale[kv_head] (TreeAttentionParams::kv_dtype, k_scale, v_scale)
 //   out          [total_q, Hq, D]  contiguous, q's dtype
 //   lse          [total_q, Hq]     float32, natural log of the softmax denominator (sm_scale included)
 //   partial_out  [P, Hq, D]        float32 workspace, partial_lse [P, Hq] float32
@@ -16,12 +18,21 @@
 
 namespace multiverse {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kFloat8E4M3: torch.float8_e4m3fn (bias 7, subnormals, no inf, NaN = S.1111.111); kFloat8E5M2:
+// torch.float8_e5m2 (bias 15, IEEE-like: subnormals, inf, NaN). The fp8 types are KV-cache dtypes only.
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3, kFloat8E5M2 = 4 };
 
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-inline constexpr int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+inline constexpr int dtype_size(DType t) {
+  return t == DType::kFloat32 ? 4 : (t == DType::kFloat8E4M3 || t == DType::kFloat8E5M2) ? 1 : 2;
+}
+
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline constexpr bool dtype_is_fp8(DType t) { return t == DType::kFloat8E4M3 || t == DType::kFloat8E5M2; }
 
 // One call of the tree-attention kernel over a plan (grid: num_items x num_kv_heads work units).
 struct TreeAttentionParams {
@@ -62,7 +73,17 @@ struct TreeAttentionParams {
   int32_t max_readers;       // upper bound of item_num_readers (the plan's rows_per_tile)
   float sm_scale;
   float softcap;  // > 0: scores s = softcap * tanh(s / softcap) after sm_scale (Gemma 2); 0: off
-  DType dtype;
+  DType dtype;     // of q and out
+
+  // fp8 KV cache (docs/design.md "Attention variants"): kv_dtype is the caches' dtype, == dtype or an
+  // fp8 type (then dtype is kFloat16 / kBFloat16); a key is float(k8) * k_scale[kv_scale_per_head ?
+  // kv_head : 0], a value float(v8) * v_scale[...]. The scales are float32 [1] (per tensor) or
+  // [num_kv_heads] (per KV head, kv_scale_per_head = 1), null unless kv_dtype is fp8. A kv_dtype that
+  // is not an fp8 type is read as dtype (so zero-initialised params of callers that predate it work).
+  DType kv_dtype;
+  const float* k_scale;
+  const float* v_scale;
+  int32_t kv_scale_per_head;
 
   // Measurement hook: when non-null, the kernel adds the K+V bytes it loads from the caches.
   int64_t* kv_bytes_loaded;
