@@ -20,11 +20,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> tree_attention_run_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
-    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap) {
+    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
   TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
-                                                plan, plan_ints, sm_scale);
+                                                plan, plan_ints, sm_scale, k_scale, v_scale);
   p.softcap = static_cast<float>(softcap);
   AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   multiverse::cpu::tree_attention(p);
@@ -42,6 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_run_cpu(
     at::IntArrayRef plan_ints, double sm_scale, double softcap) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
   TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
+  TORCH_CHECK(!is_fp8(k_cache.scalar_type()) && !is_fp8(v_cache.scalar_type()),
+              "k_cache: an fp8 KV cache is forward only: tree_attention_backward_run does not take ",
+              k_cache.scalar_type(), " / ", v_cache.scalar_type(), " caches");
   const TreeAttentionParams a = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
                                                       plan, plan_ints, sm_scale);
   TORCH_CHECK(out.sizes() == q.sizes(), "out: expected the shape of q");
@@ -149,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
                               std::max<int64_t>(1, 1024 / std::max<int64_t>(group, 1)), std::max<int64_t>(group, 1),
                               k_cache.size(2), std::max<int64_t>(1, at::get_num_threads()), q.device());
   return tree_attention_run_cpu(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
-                                std::nullopt, 0.0);
+                                std::nullopt, 0.0, std::nullopt, std::nullopt);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> plan_tree_attention_op(
@@ -250,10 +254,13 @@ TORCH_LIBRARY(multiverse_C, m) {
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
   // int64[1] the kernel adds the K+V bytes it loads to (measurement hook). The plan's reader_lo (when
   // its window is set) bounds each reader's keys from below; softcap > 0: s = softcap tanh(s / softcap).
+  // fp8 caches (float8_e4m3fn / float8_e5m2, float16 / bfloat16 q) need k_scale and v_scale: float32
+  // [1] (per tensor) or [num_kv_heads] (per KV head), both the same shape; key = cache value * k_scale.
   m.def(
       "tree_attention_run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor node_page_indptr, "
       "Tensor node_page_indices, Tensor[] plan_tensors, int[] plan_ints, float sm_scale, "
-      "Tensor(a!)? kv_bytes=None, float softcap=0.0) -> (Tensor, Tensor)");
+      "Tensor(a!)? kv_bytes=None, float softcap=0.0, Tensor? k_scale=None, Tensor? v_scale=None) "
+      "-> (Tensor, Tensor)");
   // Backward of tree_attention_run over the same plan: (dq, dk_cache, dv_cache) like q and the caches.
   m.def(
       "tree_attention_backward_run(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, "

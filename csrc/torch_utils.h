@@ -33,6 +33,29 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
+inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// The caches' DType: q's (any of to_dtype's), or fp8 (float8_e4m3fn / float8_e5m2).
+inline DType to_kv_dtype(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat8_e4m3fn) return DType::kFloat8E4M3;
+  if (t.scalar_type() == at::kFloat8_e5m2) return DType::kFloat8E5M2;
+  return to_dtype(t, name);
+}
+
+// One dequantization scale of an fp8 cache (k_scale / v_scale): float32 [1] or [num_kv_heads].
+inline const float* check_kv_scale(const std::optional<at::Tensor>& s, const char* name, int64_t hk,
+                                   const at::Tensor& k_cache, const at::Device& dev) {
+  TORCH_CHECK(s.has_value(), name, ": an fp8 KV cache (", k_cache.scalar_type(),
+              ") needs float32 scales k_scale and v_scale of shape [1] or [num_kv_heads] = [", hk,
+              "] (key = cache value * scale)");
+  TORCH_CHECK(s->scalar_type() == at::kFloat, name, ": expected float32, got ", s->scalar_type());
+  TORCH_CHECK(s->dim() == 1 && (s->size(0) == 1 || s->size(0) == hk), name,
+              ": expected shape [1] (per tensor) or [", hk, "] (per KV head), got ", s->sizes());
+  TORCH_CHECK(s->is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(s->device() == dev, name, ": expected device ", dev, " (like q), got ", s->device());
+  return s->data_ptr<float>();
+}
+
 inline void check_i32(const at::Tensor& t, const char* name, const at::Device& dev) {
   TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1, name, ": expected a 1-D tensor, got ", t.dim(), "-D");
@@ -77,11 +100,16 @@ inline const char* const kPlanTensorNames[] = {
 constexpr int kNumPlanTensors = PlanT::kCount;
 constexpr int kNumPlanInts = PlanI::kCount;
 
-// Validates shapes/dtypes and fills everything but the output/workspace pointers.
+// Validates shapes/dtypes and fills everything but the output/workspace pointers. The caches have q's
+// dtype, or are fp8 (float8_e4m3fn / float8_e5m2, both the same) with float16 / bfloat16 q and then need
+// k_scale and v_scale (float32 [1] or [num_kv_heads], the same shape; params.h kv_dtype); scales
+// without fp8 caches are refused.
 inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& node_page_indptr,
                                                  const at::Tensor& node_page_indices, at::TensorList plan,
-                                                 at::IntArrayRef ints, double sm_scale) {
+                                                 at::IntArrayRef ints, double sm_scale,
+                                                 const std::optional<at::Tensor>& k_scale = std::nullopt,
+                                                 const std::optional<at::Tensor>& v_scale = std::nullopt) {
   TORCH_CHECK(plan.size() == kNumPlanTensors, "plan_tensors: expected ", int(kNumPlanTensors),
               " tensors (TreePlan.tensors()), got ", plan.size());
   TORCH_CHECK(ints.size() == kNumPlanInts, "plan_ints: expected ", int(kNumPlanInts),
@@ -89,8 +117,20 @@ inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::
   TORCH_CHECK(q.dim() == 3, "q: expected [total_q, Hq, D], got ", q.dim(), "-D");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "k_cache: expected [num_pages, page_size, Hk, D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "v_cache: expected the shape of k_cache");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "k_cache: expected the dtype of q");
+  const bool fp8 = is_fp8(k_cache.scalar_type()) || is_fp8(v_cache.scalar_type());
+  if (fp8) {
+    TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: expected the dtype of k_cache (",
+                k_cache.scalar_type(), "), got ", v_cache.scalar_type());
+    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "q: an fp8 KV cache (",
+                k_cache.scalar_type(), ") takes float16 or bfloat16 queries, got ", q.scalar_type());
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+                "k_cache: expected the dtype of q (", q.scalar_type(), "; or fp8 with float16 / bfloat16 q), got ",
+                k_cache.scalar_type(), " and v_cache ", v_cache.scalar_type());
+    TORCH_CHECK(!k_scale.has_value() && !v_scale.has_value(), k_scale.has_value() ? "k_scale" : "v_scale",
+                ": scales are for fp8 KV caches (float8_e4m3fn / float8_e5m2), got k_cache of dtype ",
+                k_cache.scalar_type());
+  }
   TORCH_CHECK(k_cache.size(3) == q.size(2), "k_cache: expected head_dim ", q.size(2), " like q");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "q: expected the head_dim axis contiguous (q, k_cache, v_cache)");
@@ -107,6 +147,16 @@ inline TreeAttentionParams make_attention_params(const at::Tensor& q, const at::
   TORCH_CHECK(ints[PlanI::workspace_slots] >= ints[PlanI::num_partials] && ints[PlanI::num_partials] >= 0,
               "plan_ints: expected workspace_slots >= num_partials >= 0");
   TreeAttentionParams p{};
+  p.kv_dtype = to_kv_dtype(k_cache, "k_cache");
+  p.k_scale = p.v_scale = nullptr;
+  p.kv_scale_per_head = 0;
+  if (fp8) {
+    p.k_scale = check_kv_scale(k_scale, "k_scale", hk, k_cache, dev);
+    p.v_scale = check_kv_scale(v_scale, "v_scale", hk, k_cache, dev);
+    TORCH_CHECK(k_scale->size(0) == v_scale->size(0), "v_scale: expected the shape of k_scale (",
+                k_scale->sizes(), "; both per tensor [1] or both per KV head [", hk, "]), got ", v_scale->sizes());
+    p.kv_scale_per_head = k_scale->size(0) > 1 ? 1 : 0;
+  }
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();

@@ -72,7 +72,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(f"{lib}::tree_attention_run")
     def _(q, k_cache, v_cache, node_page_indptr, node_page_indices, plan_tensors, plan_ints, sm_scale,
-          kv_bytes=None, softcap=0.0):
+          kv_bytes=None, softcap=0.0, k_scale=None, v_scale=None):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
     @torch.library.register_fake(f"{lib}::tree_attention")

@@ -1,6 +1,6 @@
 """CPU backend: the C++ kernels of ``multiverse_kernels._C`` (csrc/cpu/), multi-threaded with ATen's
-thread pool, fp32 accumulation, fp32/fp16/bf16 inputs (float64 inputs go to the reference, which is
-the float64-capable specification).
+thread pool, fp32 accumulation, fp32/fp16/bf16 inputs, fp8 KV caches in the forward (float64 inputs go
+to the reference, which is the float64-capable specification).
 
 tree_attention plans the step with :func:`multiverse_kernels.planning.plan_tree_attention` putting
 all readers of a node in one work item (up to ``MAX_ITEM_ROWS`` packed rows), so every node's K/V chunk
@@ -12,7 +12,11 @@ step, reuse in every layer). Also registers the measurement hook
 Variants (multiverse_kernels/variants.py): ``window`` (the plan's ``reader_lo``: the planner drops the
 chunks outside every row's window, the kernels mask below each row's first visible token) and
 ``softcap`` (``s = c tanh(s / c)`` in the kernels, ``dS *= 1 - (s / c)^2`` in the backward), forward
-and backward; ``sinks`` are the op's. fp8 KV caches are not declared (``auto`` runs the reference).
+and backward; ``sinks`` are the op's; ``fp8`` KV caches (``float8_e4m3fn`` / ``float8_e5m2`` with
+float16 / bfloat16 q and float32 ``k_scale`` / ``v_scale`` of shape ``[1]`` or ``[Hk]``), forward only:
+the kernels dequantize each K/V element at the load (``float(x) * scale``, exact conversion, one
+rounding, as the reference) and count 1 byte per element. The backward does not declare fp8 (the op
+raises: an fp8 cache is forward only).
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
 
     ``plan``: a precomputed plan for ``meta`` (any chunk_tokens / rows_per_tile, built with the call's
     ``window``); default: the cached CPU plan (every reader of a node in one item) of ``meta`` with its
-    tiny nodes absorbed (not with a window). ``variant``: window and softcap (sinks are the op's).
+    tiny nodes absorbed (not with a window). ``variant``: window, softcap and fp8 caches (sinks are the
+    op's).
     """
     if q.dtype not in _NATIVE:
         return _ref_attention(q, k_cache, v_cache, meta, sm_scale, variant=variant)
@@ -83,11 +88,12 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
         meta, plan = _run_plan(q, k_cache, meta, variant.window)
     else:
         check_plan_window(plan, variant.window)
-    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap)
+    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap,
+                              k_scale=variant.k_scale, v_scale=variant.v_scale)
 
 
 tree_attention.supports_plan = True  # ops.tree_attention passes a caller's precomputed plan
-tree_attention.variants = frozenset({"window", "softcap"})
+tree_attention.variants = frozenset({"window", "softcap", "fp8"})
 
 
 def tree_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k_cache: Tensor,
@@ -110,13 +116,16 @@ tree_attention_backward.variants = frozenset({"window", "softcap"})
 
 
 def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
-                            sm_scale: float, window: int | None = None) -> int:
-    """K+V bytes the CPU kernel loads from the caches in one call, counted by the kernel itself."""
+                            sm_scale: float, window: int | None = None, k_scale: Tensor | None = None,
+                            v_scale: Tensor | None = None) -> int:
+    """K+V bytes the CPU kernel loads from the caches in one call, counted by the kernel itself (the
+    caches' element size per element: 1 byte for fp8 caches, which take ``k_scale`` / ``v_scale``)."""
     if q.dtype not in _NATIVE:
         raise RuntimeError(f"q: the cpu kernel runs float32/float16/bfloat16, got {q.dtype}")
     counter = torch.zeros(1, dtype=torch.int64)
     run_meta, plan = _run_plan(q, k_cache, meta, window)
-    run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter)
+    run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter, k_scale=k_scale,
+                       v_scale=v_scale)
     return int(counter.item())
 
 
