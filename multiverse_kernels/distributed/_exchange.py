@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..metadata import MetadataError
+from ..variants import FP8_DTYPES
 
 __all__ = ["exchange_stats", "reset_exchange_stats", "comm_device", "agree", "start_fetch", "Attach"]
 
@@ -62,19 +63,25 @@ def agree(group, key: int, error: str | None, device: torch.device) -> None:
     keys = [k for k, _ in got]
     if len(set(keys)) > 1:
         raise MetadataError(
-            "meta: the metadata, token_ranges, head counts, head dim, dtype or sm_scale differ between ranks "
+            "meta: the metadata, token_ranges, head counts, head dim, dtype, sm_scale or attention variant "
+            "(window, softcap, sinks, fp8 scales) differ between ranks "
             f"(every rank must pass the same forest; hashes by rank: {keys})")
 
 
 def start_fetch(k: Tensor, v: Tensor, send_idx: Tensor, send_splits: list[int], recv_splits: list[int],
                 group) -> tuple[Tensor, object]:
     """Start the all-to-all that brings this rank the K/V token slices it needs: returns the receive
-    buffer ``[sum(recv_splits), 2, Hk, D]`` (K and V interleaved) and the work handle to wait on."""
-    send = torch.stack([k.detach()[send_idx], v.detach()[send_idx]], 1).contiguous()
+    buffer ``[sum(recv_splits), 2, Hk, D]`` (K and V interleaved) and the work handle to wait on. An fp8
+    cache moves as its bytes (a uint8 view: not every backend has fp8 collectives); the buffer is k's
+    dtype."""
+    kd, vd = k.detach(), v.detach()
+    if k.dtype in FP8_DTYPES:
+        kd, vd = kd.view(torch.uint8), vd.view(torch.uint8)
+    send = torch.stack([kd[send_idx], vd[send_idx]], 1).contiguous()
     recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
     _count("forward_bytes_sent", send.numel() * send.element_size())
     work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=True)
-    return recv, work
+    return recv.view(k.dtype), work
 
 
 class Attach(torch.autograd.Function):

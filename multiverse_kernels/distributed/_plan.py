@@ -12,6 +12,13 @@ for over the wire):
 * three **local forests** over page-size-1 caches: ``local`` (the rows over the rank's own K/V only),
   ``remote`` (the rows that see remote keys, over the fetched K/V only) and ``combined`` (all rows over
   ``cat(own K/V, fetched K/V)``). ``local`` + ``remote`` merged by log-sum-exp equal ``combined``.
+
+Sliding windows (``window=W``) measure distances in the *whole* forest's positions
+(:meth:`ForestMetadata.positions`): ``local`` and ``combined`` carry ``node_pos`` (each of their nodes is
+one run of consecutive tokens of one forest node, at that run's position), so a window on them is the
+window on the forest. ``remote`` cannot carry the rows' positions (its groups' own nodes are remote
+pieces), so a windowed call runs ``combined``. A window also trims the exchange: a rank fetches only the
+tokens some of its rows can see (position > the row's position - W).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class HostForest:
     vis_indptr: list[int]
     vis_nodes: list[int]
     own_full: list[bool]
+    pos: list[int]   # position of each node's first token (meta.positions(): node_pos or the default)
     digest: bytes  # content hash of the metadata (for the cross-rank check and plan caching)
 
 
@@ -64,6 +72,8 @@ def host_forest(meta: ForestMetadata) -> HostForest:
         h.update(t.numpy().tobytes())
         h.update(b"|")
     h.update(b"none" if m.own_full is None else m.own_full.numpy().tobytes())
+    positions = m.positions()
+    h.update(b"|pos|" + positions.numpy().tobytes())
     ip = m.node_page_indptr.tolist()
     pages = m.node_page_indices.tolist()
     length = m.node_len.tolist()
@@ -86,7 +96,7 @@ def host_forest(meta: ForestMetadata) -> HostForest:
                                 f"node {o} "
                                 f"(a packed forest has row r = token r)")
     own_full = [False] * (len(qo) - 1) if m.own_full is None else [bool(x) for x in m.own_full.tolist()]
-    return HostForest(L, start, length, qo, vip, vis, own_full, h.digest())
+    return HostForest(L, start, length, qo, vip, vis, own_full, positions.tolist(), h.digest())
 
 
 # ------------------------------------------------------------------------------------------ ranges
@@ -121,8 +131,8 @@ def check_token_ranges(token_ranges, num_tokens: int, world_size: int) -> list[I
     return rs
 
 
-def _row_costs(f: HostForest) -> Tensor:
-    """int64 [L]: keys each row (token) sees."""
+def _row_costs(f: HostForest, window: int | None = None) -> Tensor:
+    """int64 [L]: keys each row (token) sees (within ``window`` positions of it when given)."""
     cost = torch.zeros(f.num_tokens, dtype=torch.int64)
     for g in range(len(f.qo) - 1):
         a, b = f.qo[g], f.qo[g + 1]
@@ -130,21 +140,31 @@ def _row_costs(f: HostForest) -> Tensor:
             continue
         lst = f.vis_nodes[f.vis_indptr[g]: f.vis_indptr[g + 1]]
         o = lst[-1]
-        base = sum(f.length[n] for n in lst[:-1])
-        if f.own_full[g]:
-            cost[a:b] = base + f.length[o]
-        else:
-            p0 = f.length[o] - (b - a)
-            cost[a:b] = base + torch.arange(p0 + 1, p0 + 1 + b - a)
+        p0 = f.length[o] - (b - a)
+        i = torch.arange(b - a)
+        if window is None:
+            base = sum(f.length[n] for n in lst[:-1])
+            cost[a:b] = base + (f.length[o] if f.own_full[g] else torch.arange(p0 + 1, p0 + 1 + b - a))
+            continue
+        rp = f.pos[o] + p0 + i  # the rows' positions; a key is seen iff its position > rp - window
+        c = torch.zeros(b - a, dtype=torch.int64)
+        for n in lst[:-1]:
+            c += f.length[n] - (rp - window + 1 - f.pos[n]).clamp(0, f.length[n])
+        hi = f.length[o] if f.own_full[g] else p0 + i + 1  # own tokens [0, hi) visible by the forest
+        c += (hi - (p0 + i - window + 1).clamp(min=0)).clamp(min=0)
+        cost[a:b] = c
     return cost
 
 
-def balanced_token_ranges(meta: ForestMetadata, world_size: int) -> list[Interval]:
+def balanced_token_ranges(meta: ForestMetadata, world_size: int, window: int | None = None
+                          ) -> list[Interval]:
     """Token ranges that give every rank about the same number of (query row, visible key) pairs, the
     attention's work, instead of the same number of tokens. For a causal tree an even token split gives
-    the last rank the most work (its rows see the most keys); this split moves its start later."""
+    the last rank the most work (its rows see the most keys); this split moves its start later. With
+    ``window``, the pairs within the sliding window (a model mixing sliding and full layers: None, the
+    full layers' work, is the safer choice)."""
     f = host_forest(meta)
-    cum = torch.cumsum(_row_costs(f), 0)
+    cum = torch.cumsum(_row_costs(f, window), 0)
     total = int(cum[-1]) if cum.numel() else 0
     cuts = [0]
     for i in range(1, world_size):
@@ -182,11 +202,26 @@ class _Sub:
     remote: list[tuple]       # keys of remote pieces: ("n", node) or ("c", own node)
 
 
-def _subgroups(f: HostForest, s: int, e: int) -> tuple[list[_Sub], dict[tuple, list[Interval]]]:
+def _clip(iv: list[Interval], lo: int) -> list[Interval]:
+    """The parts of ``iv`` at or after token ``lo``."""
+    return [(max(a, lo), b) for a, b in iv if b > max(a, lo)]
+
+
+def _first_seen(f: HostForest, n: int, lo_pos: int | None) -> int:
+    """The first token of node ``n`` at a position >= ``lo_pos`` (None: its first token)."""
+    if lo_pos is None:
+        return f.start[n]
+    return f.start[n] + min(max(lo_pos - f.pos[n], 0), f.length[n])
+
+
+def _subgroups(f: HostForest, s: int, e: int, window: int | None = None
+               ) -> tuple[list[_Sub], dict[tuple, list[Interval]]]:
     subs: list[_Sub] = []
-    pieces: dict[tuple, list[Interval]] = {}
+    raw: dict[tuple, list[Interval]] = {}   # remote parts of each piece key
+    lo_of: dict[tuple, int] = {}            # key -> first token some sub of this rank can see
+    wants: list[list[tuple[tuple, int]]] = []
     if e <= s:
-        return subs, pieces
+        return subs, {}
     g = max(bisect.bisect_right(f.qo, s) - 1, 0)
     G = len(f.qo) - 1
     while g < G and f.qo[g] < e:
@@ -199,32 +234,42 @@ def _subgroups(f: HostForest, s: int, e: int) -> tuple[list[_Sub], dict[tuple, l
         S, Lo = f.start[o], f.length[o]
         r0, r1 = max(a, s), min(b, e)
         full = f.own_full[g]
-        local_nodes, remote = [], []
+        # window: a row sees keys at positions > its own - window, no upper bound; the sub's first row
+        # (the smallest position) sees the most: the keys at positions >= lo_pos
+        lo_pos = None if window is None else f.pos[o] + (r0 - S) - window + 1
+        local_nodes, want = [], []
         for n in lst[:-1]:
             na, nb = f.start[n], f.start[n] + f.length[n]
             if min(nb, e) > max(na, s):
                 local_nodes.append(n)
             out = _outside(na, nb, s, e)
             if out:
-                pieces.setdefault(("n", n), out)
-                remote.append(("n", n))
+                want.append((("n", n), out, _first_seen(f, n, lo_pos)))
         if full:
-            out = _outside(S, S + Lo, s, e)
-            key = ("n", o)
+            out, key = _outside(S, S + Lo, s, e), ("n", o)
         else:
-            out = _outside(S, r1, s, e)
-            key = ("c", o)
+            out, key = _outside(S, r1, s, e), ("c", o)
         if out:
-            pieces.setdefault(key, out)
-            remote.append(key)
-        subs.append(_Sub(g, r0, r1, (max(S, s), r1), full, local_nodes, remote))
+            want.append((key, out, _first_seen(f, o, lo_pos)))
+        mine = []
+        for key, out, lo in want:
+            if _clip(out, lo):
+                raw.setdefault(key, out)
+                lo_of[key] = min(lo_of.get(key, lo), lo)
+                mine.append((key, lo))
+        wants.append(mine)
+        subs.append(_Sub(g, r0, r1, (max(S, s), r1), full, local_nodes, []))
         g += 1
+    pieces = {key: _clip(raw[key], lo) for key, lo in lo_of.items()}
+    for sub, mine in zip(subs, wants):
+        sub.remote = [key for key, _ in mine]
     return subs, pieces
 
 
-def needed_intervals(f: HostForest, s: int, e: int) -> list[Interval]:
-    """Sorted disjoint token intervals outside ``[s, e)`` that the rows in ``[s, e)`` see."""
-    _, pieces = _subgroups(f, s, e)
+def needed_intervals(f: HostForest, s: int, e: int, window: int | None = None) -> list[Interval]:
+    """Sorted disjoint token intervals outside ``[s, e)`` that the rows in ``[s, e)`` see (within
+    ``window`` positions of some row when given)."""
+    _, pieces = _subgroups(f, s, e, window)
     return _merge([iv for p in pieces.values() for iv in p])
 
 
@@ -245,15 +290,31 @@ class RankPlan:
 
 
 class _Builder:
-    """Accumulates nodes (runs of page ids) and groups into a page-size-1 ForestMetadata."""
+    """Accumulates nodes (runs of page ids) and groups into a page-size-1 ForestMetadata. Nodes made by
+    :meth:`nodes` carry positions (the built forest then has ``node_pos``)."""
 
     def __init__(self) -> None:
         self.runs: list[list[Interval]] = []
+        self.pos: list[int] = []
+        self.positioned = True
         self.groups: list[tuple[int, list[int], bool]] = []
 
     def node(self, runs: list[Interval]) -> int:
+        """One node of the runs, concatenated (no positions: the forest gets none)."""
         self.runs.append(runs)
+        self.pos.append(0)
+        self.positioned = False
         return len(self.runs) - 1
+
+    def nodes(self, runs: list[Interval], pos: list[int]) -> list[int]:
+        """One node per run, run ``i`` starting at position ``pos[i]`` (its tokens' positions are
+        consecutive; two runs of one forest node with a gap between them are not)."""
+        ids = []
+        for r, p in zip(runs, pos, strict=True):
+            self.runs.append([r])
+            self.pos.append(p)
+            ids.append(len(self.runs) - 1)
+        return ids
 
     def group(self, q_len: int, nodes: list[int], full: bool) -> None:
         self.groups.append((q_len, nodes, full))
@@ -279,14 +340,18 @@ class _Builder:
             node_page_indptr=torch.tensor(ip, **i32), node_page_indices=pages.to(**i32),
             node_len=torch.tensor(lens, **i32), qo_indptr=torch.tensor(qo, **i32),
             vis_indptr=torch.tensor(vip, **i32), vis_nodes=torch.tensor(vis, **i32), page_size=1,
-            own_full=torch.tensor([f for _, _, f in self.groups], dtype=torch.bool, device=device))
+            own_full=torch.tensor([f for _, _, f in self.groups], dtype=torch.bool, device=device),
+            node_pos=torch.tensor(self.pos, **i32) if self.positioned else None)
 
 
 def rank_plan(f: HostForest, ranges: list[Interval], rank: int, device: torch.device,
-              forests: tuple[str, ...] = ("local", "remote", "combined")) -> RankPlan:
+              forests: tuple[str, ...] = ("local", "remote", "combined"), window: int | None = None
+              ) -> RankPlan:
+    """Rank ``rank``'s exchange and local forests. ``window``: fetch only the keys within the sliding
+    window of some row (the forests' ``node_pos`` are the whole forest's positions either way)."""
     s, e = ranges[rank]
     n_r = e - s
-    subs, pieces = _subgroups(f, s, e)
+    subs, pieces = _subgroups(f, s, e, window)
     need = _merge([iv for p in pieces.values() for iv in p])
     # the fetched buffer holds `need` in token order; slot of token t
     nstarts = [a for a, _ in need]
@@ -305,7 +370,7 @@ def rank_plan(f: HostForest, ranges: list[Interval], rank: int, device: torch.de
             send_splits.append(0)
             continue
         cnt = 0
-        for a, b in needed_intervals(f, ds, de):
+        for a, b in needed_intervals(f, ds, de, window):
             a, b = max(a, s), min(b, e)
             if b > a:
                 send_idx.append(torch.arange(a - s, b - s))
@@ -317,24 +382,31 @@ def rank_plan(f: HostForest, ranges: list[Interval], rank: int, device: torch.de
     remote_rows = None
     if n_r > 0:
         # local: own K/V only. combined: cat(own, fetched). Shared node per listed node's local piece.
+        # Every node is one run of consecutive tokens of one forest node, positioned as in the forest.
+        def at(n: int, t: int) -> int:  # position of token t of forest node n
+            return f.pos[n] + t - f.start[n]
+
         lb, cb = _Builder(), _Builder()
-        lnode: dict[int, tuple[int, int]] = {}
-        cnode: dict[tuple, int] = {}
+        lnode: dict[int, tuple[list[int], list[int]]] = {}
+        cnode: dict[tuple, list[int]] = {}
         for sub in subs:
             ls, cs = [], []
             for n in sub.local_nodes:
                 if n not in lnode:
                     na, nb = max(f.start[n], s), min(f.start[n] + f.length[n], e)
-                    lnode[n] = (lb.node([(na - s, nb - s)]), cb.node([(na - s, nb - s)]))
-                ls.append(lnode[n][0])
-                cs.append(lnode[n][1])
+                    lnode[n] = (lb.nodes([(na - s, nb - s)], [at(n, na)]),
+                                cb.nodes([(na - s, nb - s)], [at(n, na)]))
+                ls += lnode[n][0]
+                cs += lnode[n][1]
             for key in sub.remote:
                 if key not in cnode:
-                    cnode[key] = cb.node([(n_r + slot(a), n_r + slot(a) + b - a) for a, b in pieces[key]])
-                cs.append(cnode[key])
+                    cnode[key] = cb.nodes([(n_r + slot(a), n_r + slot(a) + b - a) for a, b in pieces[key]],
+                                          [at(key[1], a) for a, _ in pieces[key]])
+                cs += cnode[key]
             own = (sub.own[0] - s, sub.own[1] - s)
-            ls.append(lb.node([own]))
-            cs.append(cb.node([own]))
+            o = f.vis_nodes[f.vis_indptr[sub.g + 1] - 1]
+            ls += lb.nodes([own], [at(o, sub.own[0])])
+            cs += cb.nodes([own], [at(o, sub.own[0])])
             lb.group(sub.r1 - sub.r0, ls, sub.full)
             cb.group(sub.r1 - sub.r0, cs, sub.full)
         local = lb.build(device) if "local" in forests else None

@@ -4,7 +4,9 @@ Every multi-process test spawns its ranks (gloo on CPU, one thread each, a file:
 group timeout) and runs many cases in one spawn; the parent kills the ranks after a hard deadline, so no
 input can hang the suite. Each rank builds the same full q/k/v from a shared seed, runs the distributed
 op on its slice, and compares out, lse and dq/dk/dv of its tokens with the single-process
-``multiverse_kernels.tree_attention`` over the whole sequence (fp64 1e-10, fp32 1e-5). ``MK_DIST_BACKEND``
+``multiverse_kernels.tree_attention`` over the whole sequence (fp64 1e-10, fp32 1e-5), also with the
+attention variants (sliding window by the whole forest's positions, soft-cap, sinks, all three; the sinks'
+gradient summed over the ranks equals the single process's; fp8 K/V forward). ``MK_DIST_BACKEND``
 =nccl runs the same cases on CUDA (one GPU per rank; the GPU entry point does it on >= 2 GPUs).
 """
 
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from _ranks import process_group, spawn_ranks
 
 import multiverse_kernels as mk
+from multiverse_kernels.dense_mask import dense_mask, key_slots
 from multiverse_kernels.distributed import (
     balanced_token_ranges,
     even_token_ranges,
@@ -26,7 +29,7 @@ from multiverse_kernels.distributed import (
     reset_exchange_stats,
     tree_attention,
 )
-from multiverse_kernels.distributed._plan import _row_costs, host_forest, rank_plan
+from multiverse_kernels.distributed._plan import _row_costs, host_forest, needed_intervals, rank_plan
 from multiverse_kernels.multiverse import parse
 from multiverse_kernels.multiverse.synthetic import random_sequence
 from multiverse_kernels.multiverse.tags import MultiverseTags
@@ -81,25 +84,36 @@ def _ranges(meta: mk.ForestMetadata, world: int, kind: str, seed: int) -> list[t
 
 
 # ------------------------------------------------------------------------------------------- worker
-def _check_case(meta, ranges, dtype, *, overlap=None, lse_grad=False, seed=0, hq=4, hk=2, d=16, group=None):
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if BACKEND == "nccl" else torch.device("cpu")
+
+
+def _check_case(meta, ranges, dtype, *, overlap=None, lse_grad=False, seed=0, hq=4, hk=2, d=16, group=None,
+                window=None, softcap=None, sinks=False):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    dev = torch.device("cuda", torch.cuda.current_device()) if BACKEND == "nccl" else torch.device("cpu")
+    dev = _device()
     L = meta.total_q
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(L, h, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk))
     w_out = torch.randn(L, hq, d, generator=g, dtype=torch.float64)
     w_lse = torch.randn(L, hq, generator=g, dtype=torch.float64) if lse_grad else None
     q, k, v, w_out = (t.to(dtype).to(dev) for t in (q, k, v, w_out))
+    # sink logits around the rows' lse, so they matter (float64 sinks for float64 q, as models pass them)
+    sk = (torch.randn(hq, generator=g, dtype=torch.float64) + 2.0).to(
+        torch.float64 if dtype == torch.float64 else torch.float32).to(dev) if sinks else None
     meta_d = meta.to(dev)
+    var = dict(window=window, softcap=softcap)
     # single-process reference over the whole sequence
     qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse = mk.tree_attention(qf, kf[:, None], vf[:, None], meta_d, return_lse=True)
+    sf = None if sk is None else sk.clone().requires_grad_()
+    out, lse = mk.tree_attention(qf, kf[:, None], vf[:, None], meta_d, return_lse=True, sinks=sf, **var)
     loss = (out * w_out).sum() + ((lse * w_lse.to(lse)).sum() if lse_grad else 0)
     loss.backward()
     s, e = (ranges or even_token_ranges(L, world))[rank]
     ql, kl, vl = (t[s:e].clone().requires_grad_() for t in (q, k, v))
+    sl = None if sk is None else sk.clone().requires_grad_()
     o, ls = tree_attention(ql, kl, vl, meta_d, group=group, token_ranges=ranges, return_lse=True,
-                           overlap=overlap)
+                           overlap=overlap, sinks=sl, **var)
     (((o * w_out[s:e]).sum() + ((ls * w_lse[s:e].to(ls)).sum() if lse_grad else 0)) * 1.0).backward()
     tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
     ltol = dict(atol=1e-5, rtol=1e-5)
@@ -107,6 +121,13 @@ def _check_case(meta, ranges, dtype, *, overlap=None, lse_grad=False, seed=0, hq
     torch.testing.assert_close(ls, lse[s:e].detach(), **ltol)
     for name, a, b in (("dq", ql, qf), ("dk", kl, kf), ("dv", vl, vf)):
         torch.testing.assert_close(a.grad, b.grad[s:e], **tol, msg=lambda m, n=name: f"{n}: {m}")
+    if sk is not None:
+        # each rank's sinks gradient is its rows' share: summed over the ranks (what a trainer's gradient
+        # all-reduce does) it is the single process's (computed in float32 by both ops: float32 tolerance)
+        assert sl.grad is not None and sl.grad.shape == sk.shape
+        total = sl.grad.clone()
+        dist.all_reduce(total, group=group)
+        torch.testing.assert_close(total, sf.grad, **ltol, msg=lambda m: f"dsinks: {m}")
 
 
 def _expect_error(fn, *, match: str) -> None:
@@ -136,6 +157,66 @@ def _cases_exact(world: int, seeds: list[int]) -> None:
     ranges = list(zip([0] + cuts, cuts + [L]))
     for dtype in (torch.float64, torch.float32):
         _check_case(meta, ranges, dtype)
+
+
+def _cases_variants(world: int, seeds: list[int]) -> None:
+    """Window (by the whole forest's positions), soft-cap, sinks and all three on every forest kind
+    (Multiverse samples with joins and Multiverse positions, GRPO groups, multi-turn trees, own-full
+    groups), the range kinds in turn, fp64 and fp32 (fp32: the overlapped path without a window)."""
+    kinds = ("even", "uneven", "balanced")
+    for seed in seeds:
+        rng = random.Random(seed + 100)
+        for i, (name, meta) in enumerate(forests(seed)):
+            if name == "own_full" or i == 1:  # and the default positions (no node_pos)
+                meta, name = meta.with_node_pos(None), name + "/default-pos"
+            w = rng.choice([1, 2, rng.randint(3, 10)])
+            variants = [dict(window=w), dict(softcap=1.5), dict(sinks=True),
+                        dict(window=rng.randint(2, 8), softcap=2.0, sinks=True)]
+            for j, var in enumerate(variants):
+                kind = kinds[(i + j) % 3]
+                ranges = _ranges(meta, world, kind, seed + j)
+                for dtype, overlap in ((torch.float64, None), (torch.float32, None)):
+                    try:
+                        _check_case(meta, ranges, dtype, overlap=overlap, lse_grad=(j % 2 == 1),
+                                    seed=seed + j, **var)
+                    except Exception as ex:
+                        raise AssertionError(f"{name} {var} ranges={kind}:{ranges} {dtype}: {ex}") from ex
+    # sinks on the one-call path in fp32, and a rank whose rows see nothing remote, with every variant
+    meta = _two_sequences(30, 25 + 5 * world)
+    L = meta.total_q
+    cuts = sorted({*(int(30 * i / (world - 1)) for i in range(1, world - 1)), 30})
+    ranges = list(zip([0] + cuts, cuts + [L]))
+    _check_case(meta, ranges, torch.float32, overlap=False, sinks=True, softcap=3.0)
+    _check_case(meta, ranges, torch.float64, window=4, sinks=True, softcap=3.0)
+    # fp8 K/V (forward only; float16 q): the fp8 bytes are exchanged
+    _check_fp8(forests(seeds[0])[0][1], world)
+
+
+def _check_fp8(meta, world: int) -> None:
+    import warnings
+
+    dev = _device()
+    rank = dist.get_rank()
+    L = meta.total_q
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(L, 4, 16, generator=g).half().to(dev)
+    k, v = (torch.randn(L, 2, 16, generator=g).to(dev).to(torch.float8_e4m3fn) for _ in range(2))
+    ks, vs = torch.tensor([0.5], device=dev), torch.tensor([1.5, 0.75], device=dev)
+    s, e = even_token_ranges(L, world)[rank]
+    for var in (dict(), dict(window=5, sinks=torch.randn(4, generator=g).to(dev))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # auto may run the reference (it warns)
+            want = mk.tree_attention(q, k[:, None], v[:, None], meta.to(dev), k_scale=ks, v_scale=vs, **var)
+            ql = q[s:e].clone().requires_grad_()
+            got = tree_attention(ql, k[s:e], v[s:e], meta.to(dev), k_scale=ks, v_scale=vs, **var)
+            torch.testing.assert_close(got, want[s:e], atol=2e-3, rtol=2e-3,
+                                       msg=lambda m, a=var: f"fp8 {a}: {m}")
+            try:  # forward only, as in the single-process op (no collective in the backward: no hang)
+                got.float().sum().backward()
+            except NotImplementedError as ex:
+                assert "fp8" in str(ex), ex
+            else:
+                raise AssertionError("fp8: the backward did not raise NotImplementedError")
 
 
 def _cases_bytes(world: int) -> None:
@@ -174,6 +255,22 @@ def _cases_errors(world: int) -> None:
     # metadata that differs between ranks (same length): the hash check
     other = pack_group(list(range(20)), [[1] * 8, [1] * 6, [1] * 7, [1] * 7]).metadata()
     _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], other if rank == 0 else meta),
+                  match="differ between ranks")
+    # bad variant arguments: every rank raises, naming the argument
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta, window=0), match="window")
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta, softcap=-1.0), match="softcap")
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta, sinks=torch.zeros(3)), match="sinks")
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta,
+                                         sinks=torch.zeros(4, dtype=torch.float16)), match="sinks")
+    k8 = k.to(torch.float8_e4m3fn)
+    _expect_error(lambda: tree_attention(q[s:e].half(), k8[s:e], k8[s:e], meta), match="k_scale")
+    _expect_error(lambda: tree_attention(q[s:e], k8[s:e], k8[s:e], meta, k_scale=torch.ones(1),
+                                         v_scale=torch.ones(1)), match="q: an fp8 KV cache")
+    # a variant that differs between ranks: the hash check
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta, window=4 if rank == 0 else 5),
+                  match="differ between ranks")
+    _expect_error(lambda: tree_attention(q[s:e], k[s:e], k[s:e], meta,
+                                         sinks=torch.zeros(4) if rank == 0 else None),
                   match="differ between ranks")
     # a forest that is not packed (page size 4)
     f, groups = design_example_forest()
@@ -214,7 +311,7 @@ def _cases_transformers(world: int) -> None:
         torch.testing.assert_close(p.grad, g, atol=1e-9, rtol=1e-9)
 
 
-CASES = {"exact": _cases_exact, "bytes": _cases_bytes, "errors": _cases_errors,
+CASES = {"exact": _cases_exact, "variants": _cases_variants, "bytes": _cases_bytes, "errors": _cases_errors,
          "transformers": _cases_transformers}
 
 
@@ -233,11 +330,11 @@ def run_ranks(world: int, cases: list[tuple[str, tuple]], tmp_path, timeout: flo
 
 # -------------------------------------------------------------------------------------------- tests
 def test_two_ranks_exact_bytes_and_errors(tmp_path):
-    run_ranks(2, [("exact", ([0, 1],)), ("bytes", ()), ("errors", ())], tmp_path)
+    run_ranks(2, [("exact", ([0, 1],)), ("variants", ([0],)), ("bytes", ()), ("errors", ())], tmp_path)
 
 
 def test_three_ranks_exact(tmp_path):
-    run_ranks(3, [("exact", ([2],)), ("errors", ())], tmp_path)
+    run_ranks(3, [("exact", ([2],)), ("variants", ([2],)), ("errors", ())], tmp_path)
 
 
 def test_two_ranks_transformers_packed_forward(tmp_path):
@@ -247,12 +344,14 @@ def test_two_ranks_transformers_packed_forward(tmp_path):
 
 @pytest.mark.slow
 def test_four_ranks_exact(tmp_path):
-    run_ranks(4, [("exact", ([3, 4, 5],)), ("bytes", ()), ("errors", ())], tmp_path, timeout=480)
+    run_ranks(4, [("exact", ([3, 4, 5],)), ("variants", ([3, 4],)), ("bytes", ()), ("errors", ())], tmp_path,
+              timeout=480)
 
 
 @pytest.mark.slow
 def test_three_ranks_more_forests(tmp_path):
-    run_ranks(3, [("exact", ([6, 7, 8, 9],)), ("transformers", ())], tmp_path, timeout=480)
+    run_ranks(3, [("exact", ([6, 7, 8, 9],)), ("variants", ([6, 7],)), ("transformers", ())], tmp_path,
+              timeout=480)
 
 
 # ------------------------------------------------------------------------------- in-process checks
@@ -267,6 +366,38 @@ def test_balanced_ranges_even_out_the_work():
         assert all(a[1] == b[0] for a, b in zip(bal, bal[1:]))
         assert worst(bal) < worst(even_token_ranges(meta.total_q, world))
         assert worst(bal) <= 1.05 * int(cost.sum()) / world + int(cost.max())
+
+
+def _token_positions(meta: mk.ForestMetadata) -> torch.Tensor:
+    """int64 [L]: every token's position (node_pos, or the default, of the whole forest)."""
+    pos = meta.positions().long()
+    out = torch.zeros(meta.total_q, dtype=torch.int64)
+    ip, pages = meta.node_page_indptr.tolist(), meta.node_page_indices.long()
+    for n, ln in enumerate(meta.node_len.tolist()):
+        out[pages[ip[n]: ip[n] + ln]] = pos[n] + torch.arange(ln)
+    return out
+
+
+def test_window_costs_and_exchange_follow_the_dense_mask():
+    """With a window: every row's cost is its count of keys visible by the forest and the window (dense
+    check), and the keys a rank fetches are exactly the remote keys some local row sees."""
+    for seed in (0, 1, 2):
+        for name, meta in forests(seed):
+            f = host_forest(meta)
+            tok = _token_positions(meta)
+            mask = torch.zeros(meta.total_q, meta.total_q, dtype=torch.bool)
+            mask[:, key_slots(meta)] = dense_mask(meta)
+            for w in (1, 3, 8):
+                seen = mask & (tok[:, None] - tok[None, :] < w)
+                assert torch.equal(_row_costs(f, w), seen.sum(1)), (name, w)
+                for a, b in even_token_ranges(meta.total_q, 3):
+                    want = torch.nonzero(seen[a:b].any(0)).flatten().tolist()
+                    want = [t for t in want if not a <= t < b]
+                    got = [t for lo, hi in needed_intervals(f, a, b, w) for t in range(lo, hi)]
+                    assert got == want, (name, w, (a, b))
+            assert torch.equal(_row_costs(f), mask.sum(1)), name
+            bal = balanced_token_ranges(meta, 2, window=3)
+            assert bal[0][0] == 0 and bal[-1][1] == meta.total_q
 
 
 def test_needs_distributed_initialisation():
