@@ -34,7 +34,15 @@ __global__ void merge_kernel(const MergeParams p) {
   const In* vin = p.partial_out != nullptr ? reinterpret_cast<const In*>(p.partial_out)
                                            : static_cast<const In*>(p.partial_out_any);
   float m = -INFINITY;
-  for (int i = b; i < e; ++i) m = fmaxf(m, p.partial_lse[slot_of(i) * H + h]);
+  bool bad = false;  // NaN policy (docs/errors.md, the reference): a NaN or +Inf lse makes the row NaN
+  for (int i = b; i < e; ++i) {
+    const float ls = p.partial_lse[slot_of(i) * H + h];
+    bad |= isnan(ls) || ls == INFINITY;
+    m = fmaxf(m, ls);  // (skips a NaN)
+  }
+  // A bad row runs with m = NaN: every weight, den, out and lse are then NaN. Otherwise den is 0 exactly
+  // when no state is non-empty (the largest one weighs 1): out 0, lse -inf.
+  if (bad) m = NAN;
   float den = 0.f;
   Out* dst = static_cast<Out*>(p.out) + (static_cast<int64_t>(r) * H + h) * D;
   for (int d0 = 0; d0 < D; d0 += 32 * 4) {
@@ -56,14 +64,14 @@ __global__ void merge_kernel(const MergeParams p) {
       }
     }
     den = dsum;
-    const float inv = den > 0.f ? 1.f / den : 0.f;
+    const float inv = den != 0.f ? 1.f / den : 0.f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int d = d0 + lane + 32 * k;
       if (d < D) st(dst + d, acc[k] * inv);
     }
   }
-  if (lane == 0) p.lse[static_cast<int64_t>(r) * H + h] = den > 0.f ? m + __logf(den) : -INFINITY;
+  if (lane == 0) p.lse[static_cast<int64_t>(r) * H + h] = den != 0.f ? m + __logf(den) : -INFINITY;
 }
 
 template <class In, class Out>
