@@ -195,11 +195,8 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         if ctx.group is not None:  # context parallel: q, k, v are this rank's tokens of the packed sequence
             from ..distributed import tree_attention as cp_tree_attention
 
-            if variant:
-                raise NotImplementedError(f"{', '.join(sorted(variant))}: the context-parallel attention "
-                                          "(multiverse_kernels.distributed) does not implement it yet")
             out = cp_tree_attention(q, k, v, ameta, group=ctx.group, token_ranges=ctx.token_ranges,
-                                    sm_scale=sm, backend=ctx.backend, validate=ctx.validate)
+                                    sm_scale=sm, backend=ctx.backend, validate=ctx.validate, **variant)
             return out.unsqueeze(0), None
         # differentiable in q, k, v (tree_attention's autograd; the views pass gradients back to k, v)
         out = tree_attention(q, kc, vc, ameta, sm_scale=sm, backend=ctx.backend, validate=ctx.validate,

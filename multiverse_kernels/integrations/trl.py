@@ -27,7 +27,8 @@ is forwarded once and its completions are children that see it (``multiverse_ker
 :func:`multiverse_kernels.distributed.tree_attention`. Each rank feeds the model its slice
 ``token_ranges[rank]`` of the packed row (``input_ids``, ``position_ids``) and the tree keywords of the
 *whole* row; TRL's layout is already a packed forest (page size 1, each segment's tokens consecutive,
-row r = token r), which that op needs.
+row r = token r), which that op needs. Sliding windows (by the whole row's positions), soft-cap and sinks
+pass through; each rank's sinks gradient is its rows' share (all-reduce it with the other parameters').
 """
 
 from __future__ import annotations
@@ -294,17 +295,15 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
         from ..distributed import even_token_ranges
         from ..distributed import tree_attention as cp_tree_attention
 
-        if variant:
-            raise NotImplementedError(f"{', '.join(sorted(variant))}: the context-parallel attention "
-                                      "(multiverse_kernels.distributed) does not implement it yet")
         ranges = cfg.token_ranges or even_token_ranges(meta.total_q, world)
         s, e = ranges[dist.get_rank(group)]
         if e - s != T:
             raise ValueError(f"query: this rank holds {T} tokens, its token range {(s, e)} of the packed row "
                              f"has {e - s}; feed the model input_ids[{s}:{e}] and the whole row's tree "
                              "keywords")
+        # window / softcap / sinks as in the single process (window: the whole row's positions, node_pos)
         out = cp_tree_attention(q.contiguous(), k, v, meta, group=group, token_ranges=ranges, sm_scale=sm,
-                                backend=cfg.backend, validate=cfg.validate)
+                                backend=cfg.backend, validate=cfg.validate, **variant)
         return out.unsqueeze(0), None
     kc = k.view(T, 1, k.shape[1], k.shape[2])  # the packed K/V as a page-size-1 cache: no copy, no gather
     vc = v.view(T, 1, v.shape[1], v.shape[2])

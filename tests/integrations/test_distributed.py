@@ -284,31 +284,68 @@ def _cases_errors(world: int) -> None:
                   match="q: expected")
 
 
+def _tiny_model(transformers, family: str):
+    """Tiny random models: Qwen2 (plain), Gemma 2 (sliding window + soft-cap, float64) and GPT-OSS (sliding
+    window + sinks, float32: its MoE GEMMs take no float64)."""
+    common = dict(vocab_size=V + 10, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).double()
+    layers = ["sliding_attention", "full_attention"]
+    if family == "gemma2":
+        cfg = transformers.Gemma2Config(**common, head_dim=8, sliding_window=5, attn_logit_softcapping=3.0,
+                                        final_logit_softcapping=None, query_pre_attn_scalar=8,
+                                        layer_types=layers)
+        return transformers.Gemma2ForCausalLM(cfg).double()
+    cfg = transformers.GptOssConfig(**dict(common, intermediate_size=16), head_dim=8, sliding_window=5,
+                                    num_local_experts=2, num_experts_per_tok=1, layer_types=layers)
+    model = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    return model
+
+
 def _cases_transformers(world: int) -> None:
+    """``packed_forward`` with a group equals one process (logits, all-reduced parameter gradients) on a
+    plain model and on models whose attention needs the variants: Gemma 2 (window by the Multiverse
+    positions + soft-cap) and GPT-OSS (window + sinks, whose gradient is summed over the ranks)."""
     if BACKEND == "nccl":  # the model runs on the CPU here
         return
+    import warnings
+
     transformers = pytest.importorskip("transformers")
     from multiverse_kernels.integrations.transformers import packed_forward
 
-    cfg = transformers.Qwen2Config(vocab_size=V + 10, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).double()
-    s = parse(random_sequence(7, TAGS, vocab=V, max_depth=2, max_paths=3, max_text=8), TAGS)
-    full = packed_forward(model, s)
-    w = torch.randn(full.shape, generator=torch.Generator().manual_seed(1), dtype=full.dtype)
-    (full * w).sum().backward()
-    want = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ranges = balanced_token_ranges(s.metadata(), world)
-    a, b = ranges[dist.get_rank()]
-    part = packed_forward(model, s, group=dist.group.WORLD, token_ranges=ranges)
-    torch.testing.assert_close(part, full[a:b].detach(), atol=1e-10, rtol=1e-10)
-    (part * w[a:b]).sum().backward()
-    for p, g in zip(model.parameters(), want):
-        dist.all_reduce(p.grad)
-        torch.testing.assert_close(p.grad, g, atol=1e-9, rtol=1e-9)
+    # (logits, gradients) tolerances: Gemma 2's RMSNorm runs in float32 (its weight gradients are
+    # float32 sums over the tokens), GPT-OSS is a float32 model
+    for family, tol, gtol in (("qwen2", 1e-10, 1e-9), ("gemma2", 1e-10, 1e-5), ("gpt_oss", 1e-5, 1e-4)):
+        torch.manual_seed(0)
+        model = _tiny_model(transformers, family)
+        s = parse(random_sequence(7, TAGS, vocab=V, max_depth=2, max_paths=3, max_text=8), TAGS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a variant may run on the reference (it warns)
+            full = packed_forward(model, s)
+            w = torch.randn(full.shape, generator=torch.Generator().manual_seed(1), dtype=full.dtype)
+            (full * w).sum().backward()
+            want = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+            model.zero_grad()
+            ranges = balanced_token_ranges(s.metadata(), world)
+            a, b = ranges[dist.get_rank()]
+            part = packed_forward(model, s, group=dist.group.WORLD, token_ranges=ranges)
+            torch.testing.assert_close(part, full[a:b].detach(), atol=tol, rtol=tol)
+            (part * w[a:b]).sum().backward()
+        for (name, p), g in zip(model.named_parameters(), want):
+            if g is None:  # (an expert no token was routed to)
+                continue
+            grad = p.grad if p.grad is not None else torch.zeros_like(g)
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, g, atol=gtol, rtol=gtol,
+                                       msg=lambda m, f=family, n=name: f"{f} {n}: {m}")
+        if family == "gpt_oss":
+            assert any(n.endswith("sinks") and p.grad is not None and p.grad.abs().sum() > 0
+                       for n, p in model.named_parameters())
 
 
 CASES = {"exact": _cases_exact, "variants": _cases_variants, "bytes": _cases_bytes, "errors": _cases_errors,

@@ -4,7 +4,8 @@ log-probs and parameter gradients; Qwen2, Llama, Gemma 2 with sliding window + s
 ``AsyncGRPOTrainer.compute_loss`` on a packed micro-batch equals the unpacked loss, the stock
 ``GRPOTrainer`` and :class:`MultiverseGRPOTrainer` give the same loss and gradients on one batch (and the
 latter trains end to end, slow), bad tree keywords raise naming them, and a 2-rank gloo run of the drop-in
-with a process group equals the single process. Tiny random models from configs, nothing downloaded."""
+with a process group equals the single process (Qwen2, and Gemma 2 with sliding window + soft-cap). Tiny
+random models from configs, nothing downloaded."""
 
 from __future__ import annotations
 
@@ -402,31 +403,36 @@ def test_grpo_trainer_trains_end_to_end(tmp_path):
 
 # ------------------------------------------------------------------------------ context parallel (gloo)
 def _cp_worker(rank: int, world: int, init: str) -> None:
-    with process_group("gloo", rank, world, init):
+    with process_group("gloo", rank, world, init), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a variant may run on the reference (it warns)
         smp = samples("multi_turn") + samples("prompts")
         pk = pack(smp)
-        model, single = tiny("qwen2")
-        # the single-process reference: the whole row
-        single.set_attn_implementation(mk_trl.register("mk_tree_single"))
         ids, pos = pk["input_ids"][None], pk["position_ids"][None]
-        lp_all = torch.log_softmax(single(input_ids=ids, position_ids=pos, **tree_kwargs(pk)).logits[0], -1)
         L = pk["input_ids"].numel()
         ranges = [(0, L // 3), (L // 3, L)]
-        model.set_attn_implementation(mk_trl.register("mk_tree_cp", group=dist.group.WORLD,
-                                                      token_ranges=ranges))
         s, e = ranges[rank]
-        lp = torch.log_softmax(model(input_ids=ids[:, s:e], position_ids=pos[:, s:e],
-                                     **tree_kwargs(pk)).logits[0], -1)
-        torch.testing.assert_close(lp, lp_all[s:e], atol=1e-5, rtol=1e-5)
-        lab = pk["shift_labels"]
-        m_all = lab >= 0
-        (lp_all[m_all].gather(1, lab[m_all][:, None])).sum().backward()
-        m = lab[s:e] >= 0
-        (lp[m].gather(1, lab[s:e][m][:, None])).sum().backward()
-        for (name, p), q in zip(model.named_parameters(), single.parameters(), strict=True):
-            dist.all_reduce(p.grad)
-            torch.testing.assert_close(p.grad, q.grad, atol=5e-5, rtol=1e-4,
-                                       msg=lambda m, nm=name: f"{nm}: {m}")
+        # plain (Qwen2) and Gemma 2 (sliding window by the row's positions on layer 0, soft-cap)
+        for family in ("qwen2", "gemma2"):
+            model, single = tiny(family)
+            # the single-process reference: the whole row
+            single.set_attn_implementation(mk_trl.register("mk_tree_single"))
+            out = single(input_ids=ids, position_ids=pos, **tree_kwargs(pk)).logits[0]
+            lp_all = torch.log_softmax(out, -1)
+            model.set_attn_implementation(mk_trl.register("mk_tree_cp", group=dist.group.WORLD,
+                                                          token_ranges=ranges))
+            lp = torch.log_softmax(model(input_ids=ids[:, s:e], position_ids=pos[:, s:e],
+                                         **tree_kwargs(pk)).logits[0], -1)
+            torch.testing.assert_close(lp, lp_all[s:e], atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, f=family: f"{f} log-probs: {m}")
+            lab = pk["shift_labels"]
+            m_all = lab >= 0
+            (lp_all[m_all].gather(1, lab[m_all][:, None])).sum().backward()
+            m = lab[s:e] >= 0
+            (lp[m].gather(1, lab[s:e][m][:, None])).sum().backward()
+            for (name, p), q in zip(model.named_parameters(), single.parameters(), strict=True):
+                dist.all_reduce(p.grad)
+                torch.testing.assert_close(p.grad, q.grad, atol=5e-5, rtol=1e-4,
+                                           msg=lambda m, nm=name, f=family: f"{f} {nm}: {m}")
 
 
 def test_two_ranks_context_parallel_equals_single_process(tmp_path):
