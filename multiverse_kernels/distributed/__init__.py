@@ -11,6 +11,10 @@ log-sum-exp. The backward sends the fetched tokens' dK/dV back to their owners (
     ranges = balanced_token_ranges(meta, world_size)          # or None: an even split
     out = tree_attention(q, k, v, meta, group=group, token_ranges=ranges)   # this rank's [n_r, Hq, D]
 
+The attention variants of :func:`multiverse_kernels.tree_attention` work the same way (``window=``
+in the whole forest's positions, ``softcap=``, ``sinks=`` whose gradient on each rank is its rows' share,
+fp8 K/V forward only); see :func:`tree_attention`.
+
 Nothing in the library imports this package except the integrations.
 """
 
