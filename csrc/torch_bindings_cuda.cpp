@@ -17,20 +17,21 @@ void check_cuda(cudaError_t e, const char* what) {
 std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& node_page_indptr, const at::Tensor& node_page_indices, at::TensorList plan,
-    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap) {
+    at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
   // A sliding-window plan (its reader_lo) and the soft-cap run in both CUDA kernels (tree_attention.cu);
-  // fp8 KV caches do not (the cuda backend does not declare them: the op sends them elsewhere).
+  // fp8 KV caches do not (the cuda backend does not declare them: the op sends them elsewhere), so
+  // k_scale / v_scale are refused too (by make_attention_params: scales without fp8 caches).
   TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
   for (const at::Tensor* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->scalar_type() != at::kFloat8_e4m3fn && c->scalar_type() != at::kFloat8_e5m2,
-                c == &k_cache ? "k_cache" : "v_cache", ": fp8 KV caches (", c->scalar_type(),
-                ") are not implemented by the cuda kernel (the cuda backend does not declare 'fp8'; "
-                "backend='auto' picks one that does)");
+    TORCH_CHECK(!is_fp8(c->scalar_type()), c == &k_cache ? "k_cache" : "v_cache", ": fp8 KV caches (",
+                c->scalar_type(), ") are not implemented by the cuda kernel (the cuda backend does not "
+                "declare 'fp8'; backend='auto' picks one that does)");
   TORCH_CHECK(q.size(2) <= 256, "q: the cuda backend supports head_dim <= 256, got ", q.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,
-                                                plan, plan_ints, sm_scale);
+                                                plan, plan_ints, sm_scale, k_scale, v_scale);
   p.softcap = static_cast<float>(softcap);
   AttentionBuffers b = alloc_attention_buffers(p, q, plan_ints, kv_bytes);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -82,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
                               std::max<int64_t>(1, tile_rows / group), group, k_cache.size(2), workers,
                               q.device());
   return tree_attention_run_cuda(q, k_cache, v_cache, node_page_indptr, node_page_indices, ts, ints, sm_scale,
-                                 std::nullopt, 0.0);
+                                 std::nullopt, 0.0, std::nullopt, std::nullopt);
 }
 
 }  // namespace
