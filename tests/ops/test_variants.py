@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import multiverse_kernels as mk
-from multiverse_kernels.backends import resolve
+from multiverse_kernels.backends import available_backends, resolve
 from multiverse_kernels.dense_mask import dense_mask, key_slots
 from multiverse_kernels.metadata import MetadataError
 from multiverse_kernels.testing import backend_params, compact_pages, random_forest, tolerance
@@ -191,6 +191,8 @@ def test_backends_implement_or_refuse(backend, name, dtype, poisoned):
     tol = tolerance(dtype)
     torch.testing.assert_close(got.float(), want.float(), **tol)
     torch.testing.assert_close(gl, wl, **tol)
+    if backend not in available_backends("tree_attention_backward", torch.device(dev)):
+        return  # no backward of its own (cuda): autograd runs auto's, tested as that backend's
     bw = resolve("tree_attention_backward", backend, torch.device(dev))
     if need <= variant_names(bw):  # a declared backward: dq, dk, dv equal the reference backward's
         _compare_grads(backend, meta, q, k, v, kw, dtype)
@@ -321,7 +323,9 @@ def test_backward_variants_implement_or_refuse(backend, name, poisoned):
     dev = backend_device(backend)
     op = torch.ops.multiverse.tree_attention_backward
     need = {n for n in ("window", "softcap") if n in name}
-    impl = resolve("tree_attention_backward", backend, torch.device(dev))
+    # a backend without any backward (cuda) is refused by name; autograd runs auto's backward for it
+    impl = (resolve("tree_attention_backward", backend, torch.device(dev))
+            if backend in available_backends("tree_attention_backward", torch.device(dev)) else None)
     for seed in range(2):
         meta, q, k, v = _case(71 + seed, (4, 16)[seed], dtype=torch.float32, hq=8, hk=2, d=64, max_len=40)
         meta, q, k, v = meta.to(dev), q.to(dev), k.to(dev), v.to(dev)
@@ -334,6 +338,10 @@ def test_backward_variants_implement_or_refuse(backend, name, poisoned):
         args = (go, gl, q, k, v, out, lse, *meta.tensors(), meta.own_full, q.shape[-1] ** -0.5)
         extra = (kw.get("window", 0), kw.get("softcap", 0.0), kw.get("sinks"),
                  meta.positions() if "window" in kw else None)
+        if impl is None:
+            with pytest.raises(RuntimeError, match=f"{backend}.*not available for tree_attention_backward"):
+                op(*args, backend, True, *extra)
+            return
         if not need <= variant_names(impl):
             with pytest.raises(NotImplementedError, match="|".join(sorted(need - variant_names(impl)))):
                 op(*args, backend, True, *extra)
