@@ -17,8 +17,9 @@ Steps, in order:
   build      C++ + CUDA extension in place against THIS machine's torch (arch: this GPU's; strict)
   triton     tests/backends/test_gpu.py for backend triton (compiled kernels: every tile, dtypes, page
              sizes...) and the triton cases of tests/ops/test_<op>.py
-  cuda       tests/backends/test_gpu.py for backend cuda, tests/backends/test_cuda_ops.py and the cuda
-             cases of tests/ops/test_<op>.py
+  cuda       tests/backends/test_gpu.py for backend cuda, tests/backends/test_cuda_ops.py (kv-byte counter,
+             graph capture, sliding window / soft-cap on both kernels) and the cuda cases of
+             tests/ops/test_<op>.py (test_variants.py: each variant equals the reference or is refused)
   graph      CUDA-graph capture of the public op, replayed with another step's plan copied in; device
              guard and current stream (part of the two steps above, run on their own for a clear line)
   vllm       the vLLM backend (attention_backend="CUSTOM") on the GPU: tests/integrations/test_vllm.py

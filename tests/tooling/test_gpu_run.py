@@ -37,6 +37,23 @@ def test_steps_fit_the_limits():
         assert s.commands, s.name
 
 
+def test_cuda_step_runs_the_cuda_kernel_tests():
+    """The cuda step runs every test of tests/backends/test_cuda_ops.py (``-m gpu``; its ``-k`` keeps
+    all of them: none is named after triton), among them the window / soft-cap tests of both CUDA
+    kernels and the load counter with a window, and the cuda cases of tests/ops/test_variants.py."""
+    step = {s.name: s for s in gpu_run.steps()}["cuda"]
+    cmds = [" ".join(c) for c in step.commands]
+    assert any("tests/backends/test_cuda_ops.py" in c and "-m gpu " in c and "-k not triton" in c
+               for c in cmds)
+    assert "tests/ops/test_variants.py" in gpu_run.OP_TESTS
+    assert any("tests/ops/test_variants.py" in c and c.endswith("-k cuda") for c in cmds)
+    names = re.findall(r"^def (test_\w+)", (ROOT / "tests/backends/test_cuda_ops.py").read_text(), re.M)
+    assert not [n for n in names if "triton" in n]
+    for want in ("test_window_softcap_random_forests", "test_window_loads_only_the_window",
+                 "test_softcap_saturates", "test_window_long_prefill_and_wide_tile"):
+        assert want in names
+
+
 def test_dry_run_end_to_end(tmp_path):
     results = tmp_path / "gpu_results.txt"
     res = _run("--dry-run", "--results", str(results))
