@@ -220,6 +220,9 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
                                            sharing=stats)
 
 
+_IMPLS_LOGGED: set[tuple] = set()
+
+
 class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
@@ -250,6 +253,11 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         self.sinks = sinks
         self.attn_type = attn_type
         self.kernel = os.environ.get("MULTIVERSE_VLLM_KERNEL", "auto").strip() or "auto"
+        what = (num_heads, num_kv_heads, head_size, self.window, self.softcap, sinks is not None, self.kernel)
+        if what not in _IMPLS_LOGGED:  # once per distinct layer configuration and process (per TP rank)
+            _IMPLS_LOGGED.add(what)
+            log.info("multiverse_kernels: attention with %d query / %d KV heads of size %d, window %s, "
+                     "soft-cap %s, sinks %s, kernel %s", *what)
 
     def _caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]

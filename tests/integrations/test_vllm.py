@@ -10,6 +10,7 @@ weights saved to a temp dir, enforce_eager, skip_tokenizer_init, block size 32) 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -152,8 +153,14 @@ def _save_tiny(tmp_path, arch: str = "qwen2", dtype=torch.float32, **over) -> st
     cfg_cls, model_cls = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
     }[arch]
     model = model_cls(cfg_cls(**common)).to(dtype)
+    with torch.no_grad():  # GPT-OSS's sinks: large enough to move the softmax (zeros would barely matter)
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.normal_(0.0, 1.0)
     path = str(tmp_path / arch)
     model.save_pretrained(path)
     return path
@@ -266,6 +273,170 @@ def test_chunked_prefill_beside_decodes(vllm_mod, tmp_path):
     theirs = _run_engine(path, None, jobs, **kw)
     ours = _run_engine(path, "CUSTOM", jobs, **kw)
     _compare(ours, theirs, atol=1e-3)
+
+
+def _seeded(n: int, seed: int, tokens: int = 8, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=n, temperature=1.0, seed=seed, max_tokens=tokens, logprobs=1, detokenize=False,
+                          **kw)
+
+
+def test_seeded_sampling_n_1_to_32(vllm_mod, tmp_path):
+    """Seeded sampling with n = 1, 2, 8 and 32 samples of one prompt (the samples share its full blocks),
+    and seeded requests with n = 5 on a shared system prompt (n = 64: the next test)."""
+    from multiverse_kernels.integrations import vllm as mv
+
+    path = _save_tiny(tmp_path)
+    system = _prompts(100, 20)
+    jobs = [([system], _seeded(n, 100 + n)) for n in (1, 2, 8, 32)]
+    jobs.append(([system + [i] for i in range(3)], _seeded(5, 9, top_k=50)))
+    theirs = _run_engine(path, None, jobs)
+    before = dict(mv.STATS)
+    ours = _run_engine(path, "CUSTOM", jobs)
+    assert mv.STATS["shared_nodes"] > before["shared_nodes"]
+    assert [len(req) for job in ours for req in job] == [1, 2, 8, 32, 5, 5, 5]
+    _compare(ours, theirs, atol=1e-3)
+
+
+def test_seeded_sampling_n_64(vllm_mod, tmp_path):
+    path = _save_tiny(tmp_path)
+    jobs = [([_prompts(300, 21)], _seeded(64, 5, tokens=16))]
+    _compare(_run_engine(path, "CUSTOM", jobs), _run_engine(path, None, jobs), atol=1e-3)
+
+
+def _record_impls(monkeypatch) -> list[tuple]:
+    """(window, softcap, has sinks, query heads, KV heads) of every MultiverseAttentionImpl built."""
+    from multiverse_kernels.integrations import vllm as mv
+
+    seen: list[tuple] = []
+    orig = mv.MultiverseAttentionImpl.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        seen.append((self.window, self.softcap, self.sinks is not None, self.num_heads, self.num_kv_heads))
+
+    monkeypatch.setattr(mv.MultiverseAttentionImpl, "__init__", init)
+    return seen
+
+
+# Gemma 2 and GPT-OSS: a sliding window of 48 tokens on every other layer (prompts of 100+ tokens, blocks
+# of 32: vLLM's sliding-window KV group drops the blocks that leave the window), Gemma 2's logit soft-cap
+# (1.0 with query_pre_attn_scalar 2 so that the cap bends the scores: with Gemma's defaults and random
+# weights it changes log-probs by ~1e-4, under the tolerance), GPT-OSS's sinks (random, N(0, 1)). GPT-OSS
+# unties its embeddings: vLLM 0.32's GptOss loader does not tie lm_head (tied, it stays uninitialised and
+# both backends emit garbage).
+VARIANT_MODELS = {
+    "gemma2": dict(head_dim=32, sliding_window=48, attn_logit_softcapping=1.0, query_pre_attn_scalar=2,
+                   final_logit_softcapping=30.0, initializer_range=0.05),
+    "gpt_oss": dict(head_dim=32, tie_word_embeddings=False, sliding_window=48, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=128, initializer_range=0.05,
+                    layer_types=["sliding_attention", "full_attention"]),
+}
+VARIANTS_EXPECTED = {"gemma2": {(48, 1.0, False, 4, 2), (None, 1.0, False, 4, 2)},
+                     "gpt_oss": {(48, None, True, 4, 2), (None, None, True, 4, 2)}}
+
+
+@pytest.mark.parametrize("arch", sorted(VARIANT_MODELS))
+def test_variant_models_match_cpu_attn(vllm_mod, tmp_path, monkeypatch, arch):
+    """Tiny Gemma 2 (soft-cap + alternating sliding window) and GPT-OSS (sinks + alternating sliding
+    window, MoE on vLLM's CPU unquantized experts) built from configs: greedy and seeded generations on a
+    shared prompt identical to CPU_ATTN's, every layer's variant handed to our impl."""
+    from vllm import SamplingParams
+
+    path = _save_tiny(tmp_path, arch, **VARIANT_MODELS[arch])
+    system = _prompts(100, 30)
+    greedy = SamplingParams(temperature=0, max_tokens=10, logprobs=1, detokenize=False)
+    jobs = [([system] * 3 + [system + [1, 2, 3], _prompts(130, 31)], greedy),
+            ([system + [5]], _seeded(4, 13, tokens=12))]
+    theirs = _run_engine(path, None, jobs)
+    seen = _record_impls(monkeypatch)
+    ours = _run_engine(path, "CUSTOM", jobs)
+    assert set(seen) == VARIANTS_EXPECTED[arch], seen
+    _compare(ours, theirs, atol=1e-3)
+
+
+def test_preemption_and_recompute(vllm_mod, tmp_path, monkeypatch):
+    """A KV cache of 16 blocks of 32 tokens for requests that need ~24: vLLM preempts running requests
+    (frees their blocks) and recomputes them later (prefix-cache hits on what survived); greedy requests on
+    a shared system prompt and seeded n = 6 samples, the same tokens as CPU_ATTN under the same
+    preemptions."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched import scheduler
+
+    preempted = [0]
+    orig = scheduler.Scheduler._preempt_request
+
+    def count(self, *a, **k):
+        preempted[0] += 1
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(scheduler.Scheduler, "_preempt_request", count)
+    path = _save_tiny(tmp_path)
+    system = _prompts(70, 40)
+    greedy = SamplingParams(temperature=0, max_tokens=64, logprobs=1, detokenize=False, ignore_eos=True)
+    jobs = [([system + _prompts(5 + i, 41 + i) for i in range(4)] + [_prompts(50, 50), _prompts(50, 51)],
+             greedy),
+            ([system], _seeded(6, 3, tokens=64, ignore_eos=True))]
+    kw = dict(num_gpu_blocks_override=16, max_model_len=256, max_num_seqs=16)
+    theirs = _run_engine(path, None, jobs, **kw)
+    theirs_preempted, preempted[0] = preempted[0], 0
+    ours = _run_engine(path, "CUSTOM", jobs, **kw)
+    assert theirs_preempted > 0 and preempted[0] > 0, (theirs_preempted, preempted[0])
+    _compare(ours, theirs, atol=1e-3)
+
+
+_TP_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":  # vLLM spawns its engine and workers: the script is re-imported there
+    backend = sys.argv[2] or None
+    llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_model_len=512,
+              block_size=32, seed=0, tensor_parallel_size=2, distributed_executor_backend="mp",
+              **({"attention_backend": backend} if backend else {}))
+    prompts = json.loads(sys.argv[3])
+    jobs = [SamplingParams(temperature=0, max_tokens=8, logprobs=1, detokenize=False),
+            SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=8, logprobs=1, detokenize=False)]
+    out = []
+    for sp in jobs:
+        res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        out.append([[(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+                     for c in r.outputs] for r in res])
+    print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_on_cpu(vllm_mod, tmp_path):
+    """Tensor parallel 2 on CPU (gloo, vLLM's "mp" executor: two worker processes, one CPU each via
+    VLLM_CPU_OMP_THREADS_BIND: vLLM's automatic binding wants one NUMA node per rank). The 4 query / 2 KV
+    heads are split across the ranks (2 / 1 each); the same tokens as CPU_ATTN under the same split."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallel 2 binds one CPU per rank: this process may use only one CPU")
+    path = _save_tiny(tmp_path)
+    system = _prompts(100, 60)
+    prompts = [system, system, system + [1, 2, 3]]
+    script = tmp_path / "tp.py"
+    script.write_text(_TP_SCRIPT)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND=f"{cpus[0]}|{cpus[1]}")
+    runs = {}
+    for backend in ("", "CUSTOM"):
+        r = subprocess.run([sys.executable, str(script), path, backend, json.dumps(prompts)],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        assert line, r.stdout[-2000:] + r.stderr[-2000:]
+        runs[backend] = (json.loads(line[-1][len("RESULT "):]), r.stdout + r.stderr)
+    log = runs["CUSTOM"][1]
+    for rank in (0, 1):  # both ranks run our backend, each on half of the heads
+        assert any(f"Worker_TP{rank}" in x and "Using AttentionBackendEnum.CUSTOM backend" in x
+                   for x in log.splitlines()), log[-3000:]
+        assert any(f"Worker_TP{rank}" in x and "2 query / 1 KV heads" in x for x in log.splitlines()), \
+            log[-3000:]
+    _compare(runs["CUSTOM"][0], runs[""][0], atol=1e-3)
 
 
 @pytest.mark.slow
