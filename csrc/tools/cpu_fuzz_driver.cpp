@@ -8,7 +8,11 @@
 // states (empty states included) against a naive merge. Output buffers start NaN-poisoned, so an
 // unwritten element fails. One attention case in four puts a NaN into one K element and checks the NaN
 // policy: exactly the (row, head) pairs that see that token are NaN. One attention case in three draws a
-// sliding window over node positions (planned with reader_lo) and/or a logit soft-cap. Exit status 0 when every case matches (and the sanitizers found nothing).
+// sliding window over node positions (planned with reader_lo) and/or a logit soft-cap. Two seeds in five
+// read fp8 KV caches (e4m3fn / e5m2 with fp16 / bf16 q: random finite fp8 bytes, per-tensor or per-KV-head
+// scales; the reference dequantizes with the library's own exact scalar conversion, checked against
+// torch by tests/backends/test_cpu_fp8.py). Exit status 0 when every case matches (and the sanitizers
+// found nothing).
 //
 //   cpu_fuzz_driver [num_cases=300] [first_seed=0]
 #include <algorithm>
@@ -99,31 +103,76 @@ template <class E> void fill(std::vector<typename E::T>& dst, std::vector<float>
 int failures = 0;
 int absorbed_cases = 0;  // attention cases run on an absorbed forest (absorb_tiny_nodes changed it)
 int window_cases = 0, softcap_cases = 0;  // attention cases with a sliding window / a soft-cap
+int fp8_cases = 0;  // attention cases over fp8 KV caches
+
+// The caches: random normal values in E, or for an fp8 E random finite fp8 bytes with |x| <= 2, and their
+// dequantized values x * scale[kv head] (scale: [Hk], all the same when per tensor) as float: what the
+// kernel computes (one float32 product).
+template <class E>
+void fill_kv(std::vector<typename E::T>& dst, std::vector<float>& as_float, size_t n, std::mt19937& g,
+             const std::vector<float>& scale, int Hk, int D) {
+  if constexpr (cpu::kIsFp8<E>) {
+    dst.resize(n);
+    as_float.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      uint8_t b;
+      float x;
+      do {
+        b = static_cast<uint8_t>(g() & 0xffu);
+        x = E::load(b);
+      } while (!(std::fabs(x) <= 2.0f));  // (NaN fails too)
+      dst[i] = b;
+      as_float[i] = x * scale[(i / D) % Hk];
+    }
+  } else {
+    (void)scale; (void)Hk; (void)D;
+    fill<E>(dst, as_float, n, g);
+  }
+}
 void fail(const char* what, int seed, double err) {
   std::fprintf(stderr, "FAIL %s seed %d: error %g\n", what, seed, err);
   ++failures;
 }
 
-template <class E>
-void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double tol) {
-  using T = typename E::T;
+// EQ: q / out element type (dtype dt); EKV: the caches' (EQ, or fp8 with kv dtype kvdt).
+template <class EQ, class EKV = EQ>
+void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double tol, DType kvdt = DType::kFloat32) {
+  using T = typename EQ::T;
+  using TK = typename EKV::T;
+  constexpr bool fp8 = cpu::kIsFp8<EKV>;
   const int Hk = 1 << (g() % 3), group = 1 << (g() % 3), Hq = Hk * group;
   const int dims[] = {16, 40, 64, 128, 256};
   const int D = dims[g() % 5];
   const int PS = f.page_size;
   const int G = (int)f.qo_indptr.size() - 1, N = (int)f.node_len.size();
   const int total_q = f.qo_indptr.back();
-  std::vector<T> q, kc, vc;
+  std::vector<T> q;
+  std::vector<TK> kc, vc;
   std::vector<float> qf, kf, vf;
-  fill<E>(q, qf, (size_t)total_q * Hq * D, g);
-  fill<E>(kc, kf, (size_t)f.num_pages * PS * Hk * D, g);
-  fill<E>(vc, vf, kc.size(), g);
+  // fp8: per-KV-head scales in one case of two, else one per-tensor scale repeated
+  const bool per_head = fp8 && g() % 2 == 0;
+  std::vector<float> kscale(Hk, 1.0f), vscale(Hk, 1.0f);
+  if (fp8) {
+    std::uniform_real_distribution<float> ud(0.25f, 1.25f);
+    for (int h = 0; h < Hk; ++h) {
+      kscale[h] = per_head || h == 0 ? ud(g) : kscale[0];
+      vscale[h] = per_head || h == 0 ? ud(g) : vscale[0];
+    }
+    ++fp8_cases;
+  }
+  fill<EQ>(q, qf, (size_t)total_q * Hq * D, g);
+  fill_kv<EKV>(kc, kf, (size_t)f.num_pages * PS * Hk * D, g, kscale, Hk, D);
+  fill_kv<EKV>(vc, vf, kc.size(), g, vscale, Hk, D);
   // NaN policy (docs/errors.md) in one case of four: a NaN in one K element of one token of KV head
   // kpois makes every (row, head of kpois) that sees the token NaN (out and lse), and nothing else.
   int64_t kpois = -1;
   if (g() % 4 == 0 && f.num_pages > 0) {
     kpois = (int64_t)(g() % ((uint64_t)f.num_pages * PS * Hk)) * D + (int64_t)(g() % D);
-    kc[kpois] = E::store(NAN);
+    if constexpr (fp8) {
+      kc[kpois] = 0x7f;  // NaN in both fp8 formats (e4m3fn S.1111.111, e5m2 S.11111.11)
+    } else {
+      kc[kpois] = EKV::store(NAN);
+    }
     kf[kpois] = NAN;
   }
   std::vector<uint8_t> own(f.own_full);
@@ -156,7 +205,7 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   HostForest af;
   const bool absorbed = !variant && g() % 2 == 0 &&
       absorb_tiny_nodes(f.page_indptr.data(), f.page_indices.data(), f.node_len.data(), N, f.qo_indptr.data(),
-                        f.vis_indptr.data(), f.vis_nodes.data(), G, PS, group, D, (int)sizeof(T),
+                        f.vis_indptr.data(), f.vis_nodes.data(), G, PS, group, D, (int)sizeof(TK),
                         1 + (int)(g() % 64), &af);
   const Forest* run = &f;
   Forest rf;
@@ -174,7 +223,7 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   int max_chunk = 1;
   for (int64_t w = 0; w < pl.num_items; ++w) max_chunk = std::max(max_chunk, (int)pl.item_kv_len[w]);
   const int64_t P = pl.num_partials;
-  std::vector<T> out((size_t)total_q * Hq * D, E::store(NAN));
+  std::vector<T> out((size_t)total_q * Hq * D, EQ::store(NAN));
   std::vector<float> lse((size_t)total_q * Hq, NAN), pout(std::max<int64_t>(P, 1) * Hq * D, NAN),
       plse(std::max<int64_t>(P, 1) * Hq, NAN);
   TreeAttentionParams p{};
@@ -194,6 +243,10 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   p.num_items = (int32_t)pl.num_items; p.num_qo_heads = Hq; p.num_kv_heads = Hk; p.head_dim = D; p.page_size = PS;
   p.max_chunk_tokens = max_chunk; p.max_readers = rpt; p.sm_scale = 1.0f / std::sqrt((float)D);
   p.dtype = dt;
+  p.kv_dtype = fp8 ? kvdt : dt;
+  p.k_scale = fp8 ? kscale.data() : nullptr;
+  p.v_scale = fp8 ? vscale.data() : nullptr;
+  p.kv_scale_per_head = per_head ? 1 : 0;
   cpu::tree_attention(p);
   MergeParams m{};
   m.partial_out = pout.data(); m.partial_lse = plse.data();
@@ -225,7 +278,7 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
         for (int64_t o : offs) sees_nan |= kpois >= o && kpois < o + D;
         if (sees_nan) {  // the whole (row, head) must be NaN
           bool all_nan = std::isnan(lse[(size_t)r * Hq + h]);
-          for (int x = 0; x < D; ++x) all_nan &= std::isnan((double)E::load(out[((size_t)r * Hq + h) * D + x]));
+          for (int x = 0; x < D; ++x) all_nan &= std::isnan((double)EQ::load(out[((size_t)r * Hq + h) * D + x]));
           if (!all_nan) worst = std::max(worst, 1e9);
           continue;
         }
@@ -254,7 +307,7 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
         }
         for (int x = 0; x < D; ++x) {
           const double want = offs.empty() ? 0.0 : acc[x] / den;
-          const double got = E::load(out[((size_t)r * Hq + h) * D + x]);
+          const double got = EQ::load(out[((size_t)r * Hq + h) * D + x]);
           const double err = std::fabs(got - want);
           worst = std::isnan(err) ? 1e9 : std::max(worst, err);
         }
@@ -343,16 +396,25 @@ int main(int argc, char** argv) {
   for (int seed = first; seed < first + cases; ++seed) {
     std::mt19937 g(seed);
     const Forest f = random_forest(g);
-    switch (seed % 3) {
+    const bool alt = (seed / 5) % 2 == 1;  // fp8 seeds alternate the q dtype
+    switch (seed % 5) {
       case 0: attention_case<cpu::F32>(f, seed, g, DType::kFloat32, 2e-4); break;
       case 1: attention_case<cpu::F16>(f, seed, g, DType::kFloat16, 4e-3); break;
-      default: attention_case<cpu::BF16>(f, seed, g, DType::kBFloat16, 3e-2); break;
+      case 2: attention_case<cpu::BF16>(f, seed, g, DType::kBFloat16, 3e-2); break;
+      case 3:
+        if (alt) attention_case<cpu::BF16, cpu::FP8E4M3>(f, seed, g, DType::kBFloat16, 3e-2, DType::kFloat8E4M3);
+        else attention_case<cpu::F16, cpu::FP8E4M3>(f, seed, g, DType::kFloat16, 4e-3, DType::kFloat8E4M3);
+        break;
+      default:
+        if (alt) attention_case<cpu::F16, cpu::FP8E5M2>(f, seed, g, DType::kFloat16, 4e-3, DType::kFloat8E5M2);
+        else attention_case<cpu::BF16, cpu::FP8E5M2>(f, seed, g, DType::kBFloat16, 3e-2, DType::kFloat8E5M2);
+        break;
     }
     append_case(f, seed, g);
     merge_case(seed, g);
   }
   std::printf("cpu_fuzz_driver: %d cases from seed %d (%d attention cases on an absorbed forest, %d with a "
-              "sliding window, %d with a soft-cap), %d failures\n",
-              cases, first, absorbed_cases, window_cases, softcap_cases, failures);
+              "sliding window, %d with a soft-cap, %d over fp8 KV caches), %d failures\n",
+              cases, first, absorbed_cases, window_cases, softcap_cases, fp8_cases, failures);
   return failures == 0 ? 0 : 1;
 }
