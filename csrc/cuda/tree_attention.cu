@@ -584,6 +584,7 @@ size_t tree_attention_smem_bytes(DType dtype, int head_dim) {
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   if (p.num_items == 0 || p.num_kv_heads == 0) return cudaSuccess;
   if (p.head_dim > kSimtMaxD) return cudaErrorInvalidValue;
+  if (dtype_is_fp8(p.kv_dtype)) return cudaErrorInvalidValue;  // fp8 KV caches: not implemented here
   if (tree_attention_uses_mma(p)) {
     return p.dtype == DType::kFloat16 ? launch_mma_d<__half>(p, stream) : launch_mma_d<__nv_bfloat16>(p, stream);
   }

@@ -11,7 +11,9 @@ namespace multiverse::cuda {
 // Attention over a plan: grid (num_items, num_kv_heads). Rows with exactly one partial are written to
 // p.out / p.lse, the others to the partial workspace (then call merge_states with the plan's rows).
 // fp16/bf16 with head_dim 64/128/256 use the tensor-core kernel (mma.sync m16n8k16, cp.async double
-// buffering, 16-byte loads); fp32 and other head dims use a SIMT kernel. Returns the launch error.
+// buffering, 16-byte loads); fp32 and other head dims use a SIMT kernel. Both run the sliding window
+// (p.reader_lo) and the soft-cap (p.softcap); fp8 KV caches (p.kv_dtype) are not implemented
+// (cudaErrorInvalidValue). Returns the launch error.
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 
 // True when tree_attention takes the tensor-core path for these params (caches 16-byte aligned).
