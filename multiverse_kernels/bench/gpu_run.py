@@ -209,7 +209,8 @@ def run_step(step: Step, results: str, dry_reason: str | None) -> bool:
 
 
 def sanitizer_workload() -> int:
-    """A small workload for compute-sanitizer: every kernel of both backends once per dtype."""
+    """A small workload for compute-sanitizer: every kernel of both backends once per dtype, plain and with
+    a sliding window + soft-cap (the variant kernels: windowed tiles start their loads inside a chunk)."""
     import torch
 
     import multiverse_kernels as mk
@@ -224,6 +225,7 @@ def sanitizer_workload() -> int:
             for d in (64, 128):
                 q, k, v = make_inputs(meta, f.num_pages, 8, 2, d, dtype, device="cuda")
                 mk.tree_attention(q, k, v, meta, backend=b)
+                mk.tree_attention(q, k, v, meta, backend=b, window=5, softcap=4.0)
                 vv = torch.randn(16, 3, 8, d, device="cuda").to(dtype)
                 mk.merge_states(vv, torch.randn(16, 3, 8, device="cuda"), backend=b)
         torch.cuda.synchronize()
