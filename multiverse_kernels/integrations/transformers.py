@@ -35,8 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from ..backends import available_backends, resolve
+from ..distributed import even_token_ranges
+from ..distributed import tree_attention as cp_tree_attention
 from ..metadata import ForestMetadata
 from ..ops import append_paged_kv, tree_attention
 
@@ -193,8 +197,6 @@ def multiverse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         if ctx.kv_bytes_hook is not None:
             ctx.kv_bytes.append(int(ctx.kv_bytes_hook(q.detach(), kc.detach(), vc.detach(), ameta, sm)))
         if ctx.group is not None:  # context parallel: q, k, v are this rank's tokens of the packed sequence
-            from ..distributed import tree_attention as cp_tree_attention
-
             out = cp_tree_attention(q, k, v, ameta, group=ctx.group, token_ranges=ctx.token_ranges,
                                     sm_scale=sm, backend=ctx.backend, validate=ctx.validate, **variant)
             return out.unsqueeze(0), None
@@ -367,10 +369,6 @@ def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validat
         meta = structure.metadata(ids.device)
     pos = structure.position_ids.to(ids.device)
     if group is not None:
-        import torch.distributed as dist
-
-        from ..distributed import even_token_ranges
-
         if dist.get_world_size(group) > 1:
             if token_ranges is None:
                 token_ranges = even_token_ranges(ids.numel(), dist.get_world_size(group))
@@ -388,8 +386,6 @@ def packed_forward(model: Any, structure: Any, *, backend: str = "auto", validat
 def kv_bytes_hook(backend: str, device: torch.device | str) -> tuple[str, Callable[..., int] | None]:
     """The backend ``backend`` resolves to on ``device`` ("auto": the fastest available) and its
     registered ``"tree_attention_kv_bytes"`` measurement hook, or None if it registers none."""
-    from ..backends import available_backends, resolve
-
     dev = torch.device(device)
     name = available_backends("tree_attention", dev)[0] if backend == "auto" else backend
     if name in available_backends("tree_attention_kv_bytes", dev):

@@ -41,11 +41,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from trl import GRPOTrainer
 
+from ..distributed import even_token_ranges
+from ..distributed import tree_attention as cp_tree_attention
 from ..metadata import ForestMetadata, MetadataError
 from ..ops import tree_attention
 from ..rl import PackedRollouts, RolloutNode, pack_rollouts
@@ -272,8 +275,6 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     group = cfg.group
     world = 1
     if group is not None:
-        import torch.distributed as dist
-
         world = dist.get_world_size(group) if dist.is_initialized() else 1
     num_tokens = None if world > 1 else T
     if forest is not None:
@@ -290,11 +291,6 @@ def tree_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     v = value[0].transpose(0, 1).to(dtype).contiguous()
     sm = q.shape[-1] ** -0.5 if scaling is None else scaling
     if world > 1:
-        import torch.distributed as dist
-
-        from ..distributed import even_token_ranges
-        from ..distributed import tree_attention as cp_tree_attention
-
         ranges = cfg.token_ranges or even_token_ranges(meta.total_q, world)
         s, e = ranges[dist.get_rank(group)]
         if e - s != T:
