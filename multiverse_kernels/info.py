@@ -72,8 +72,9 @@ def cpu_isa() -> dict[str, Any]:
         level = "x86-64-v4" if _X86_V4 <= flags else "x86-64-v3" if _X86_V3 <= flags else "x86-64 baseline"
     else:
         level = machine
-    simd = [f for f in ("avx512f", "avx512bf16", "avx512fp16", "amx_tile", "avx2", "fma", "f16c", "neon",
-                        "asimd", "sve") if f in flags]
+    # (as /proc/cpuinfo spells them: avx512_bf16, avx512_fp16)
+    simd = [f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "avx2",
+                        "fma", "f16c", "neon", "asimd", "sve") if f in flags]
     out: dict[str, Any] = {"model": cpu_model(), "machine": machine, "isa_level": level, "simd": simd,
                            "threads": None, "kernel_isa": None, "kernel_isa_source": None}
     try:

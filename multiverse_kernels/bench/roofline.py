@@ -174,7 +174,7 @@ def describe_cpu_peaks(peaks: dict[str, float]) -> str:
     """Two lines: the peaks of :func:`cpu_peaks`, and the path the C++ kernel runs each dtype on."""
     flags = cpu_flags()
     units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_fp16", "AMX-FP16"),
-                                     ("avx512_bf16", "AVX512-BF16"), ("avx512fp16", "AVX512-FP16"))
+                                     ("avx512_bf16", "AVX512-BF16"), ("avx512_fp16", "AVX512-FP16"))
              if flag in flags]
     sel, _ = kernel_isa()
     cells = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
