@@ -17,10 +17,21 @@
 // of the chunk iff lo_r <= t < vis_r) and the logit soft-cap (s = c * tanh(sm_scale * q.k / c) before
 // the mask and the max). The tensor-core kernel starts a row tile's KV blocks at the tile's smallest lo,
 // so tokens below it are neither loaded nor counted; the SIMT kernel walks each row's [lo, vis).
+//
+// fp8 KV caches (p.kv_dtype e4m3fn / e5m2, fp16/bf16 q; template bool F8 of both kernels, so that the
+// other kernels compile exactly as without it): key = float(k8) * k_scale[kv head], value likewise. The
+// tensor-core kernel streams the fp8 bytes of each KV block with the same 16-byte cp.async copies (16
+// fp8 elements each) into a double-buffered byte staging area, and converts the block into q's dtype in
+// the (single-stage) K/V tiles before its mma loop; the conversion is exact (every e4m3 / e5m2 value is
+// an fp16 and a bf16 value; NaN and Inf stay NaN and Inf), so the scales are not applied there but
+// folded, in fp32, into the score scale (k_scale, the CTA's KV head) and the epilogue's 1 / l (v_scale):
+// s = sm_scale k_scale (q . k8), out = v_scale (P v8) / l, the reference's values up to fp32 rounding.
+// The SIMT kernel converts each element it loads (same folding). Bytes are counted 1 per fp8 element.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "multiverse/cuda_kernels.h"
 #include "multiverse/index_math.h"
@@ -94,6 +105,44 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Four fp8 values (bytes of x, lowest address first) -> four fp16 values, exact: (lo, hi) half2 words.
+// e5m2 is the top byte of an fp16 (same exponent bias and width: every value, subnormals, Inf and NaN
+// included, is that fp16), so a byte permute places it; e4m3fn by the hardware conversion (sm_89+),
+// which maps its NaN (S.1111.111) to an fp16 NaN and is exact elsewhere.
+template <bool E5>
+__device__ __forceinline__ void fp8x4_to_half2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  if constexpr (E5) {
+    lo = __byte_perm(x, 0u, 0x1404);  // bytes (0, x0, 0, x1)
+    hi = __byte_perm(x, 0u, 0x3424);  // bytes (0, x2, 0, x3)
+  } else {
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(lo) : "h"(static_cast<uint16_t>(x & 0xffffu)));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(hi) : "h"(static_cast<uint16_t>(x >> 16)));
+  }
+}
+// Two fp16 values -> two of T (fp16: as they are; bf16: through float, exact for fp8-born values).
+template <class T> __device__ __forceinline__ uint32_t half2_to(uint32_t h);
+template <> __device__ __forceinline__ uint32_t half2_to<__half>(uint32_t h) { return h; }
+template <> __device__ __forceinline__ uint32_t half2_to<__nv_bfloat16>(uint32_t h) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  const __nv_bfloat162 b = __float22bfloat162_rn(f);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+// Eight fp8 values (8 bytes) -> eight of T (16 bytes).
+template <class T, bool E5>
+__device__ __forceinline__ uint4 fp8x8_to(uint2 x) {
+  uint32_t a, b, c, d;
+  fp8x4_to_half2x2<E5>(x.x, a, b);
+  fp8x4_to_half2x2<E5>(x.y, c, d);
+  return make_uint4(half2_to<T>(a), half2_to<T>(b), half2_to<T>(c), half2_to<T>(d));
+}
+// One fp8 value (the SIMT kernel's loads) -> float, exact (e5: e5m2, else e4m3fn).
+__device__ __forceinline__ float fp8_to_float(uint8_t x, bool e5) {
+  uint32_t h;
+  if (e5) h = static_cast<uint32_t>(x) << 8;
+  else asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(static_cast<uint16_t>(x)));
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xffffu)));
+}
+
 // Per-row bookkeeping of the CTA's current row tile, in shared memory.
 template <int kTileRows>
 struct RowInfo {
@@ -106,7 +155,10 @@ struct RowInfo {
   uint32_t kv_chunks;  // K+V 16-byte chunk pairs copied (only counted when p.kv_bytes_loaded is set)
 };
 
-template <class T, int D, int WARPS = 4>
+// F8: fp8 caches. The K/V tiles (q's dtype) are double-buffered by the cp.async pipeline; with F8 the
+// pipeline fills a double-buffered staging area of fp8 bytes (BN x D per K or V) instead, converted
+// into one stage of K/V tiles per block.
+template <class T, int D, int WARPS = 4, bool F8 = false>
 struct MmaCfg {
   static constexpr int kTileRows = WARPS * 16;  // packed rows per CTA pass
   static constexpr int kThreads = WARPS * 32;
@@ -114,7 +166,10 @@ struct MmaCfg {
   static constexpr int LD = D + 8;                 // smem row stride (elements): conflict-free ldmatrix
   static constexpr int kQ = kTileRows * LD;
   static constexpr int kKV = BN * LD;
-  static constexpr size_t smem_bytes = (kQ + 4 * kKV) * sizeof(T) + sizeof(RowInfo<kTileRows>);
+  static constexpr int kStages = F8 ? 1 : 2;       // K/V tile stages (q's dtype)
+  static constexpr int kKV8 = F8 ? BN * D : 0;     // bytes of one fp8 staging tile (rows of D bytes)
+  static constexpr size_t smem_bytes =
+      (kQ + 2 * kStages * kKV) * sizeof(T) + 4 * kKV8 + sizeof(RowInfo<kTileRows>);
 };
 
 // Soft-cap in the base-2 units of the online softmax. u = 2 log2(e) s0 / c for the scaled score
@@ -140,20 +195,44 @@ __device__ __forceinline__ void add_loaded_bytes(void* counter, unsigned long lo
   if (threadIdx.x % 32 == 0 && mine != 0) atomicAdd(static_cast<unsigned long long*>(counter), mine);
 }
 
+// F8: the fp8 staging tiles k8 / v8 of one KV block (BN rows of D bytes) converted into the K/V tiles
+// k / v of q's dtype (rows of LD elements), 8 elements (one 8-byte read, one 16-byte write) at a time.
+template <class T, bool E5, int D, int LD, int BN, int NTHREADS>
+__device__ __forceinline__ void convert_kv_tiles(const uint8_t* k8, const uint8_t* v8, T* k, T* v, int tid) {
+  constexpr int U = D / 8;  // 8-element units per row
+  static_assert(BN * U % NTHREADS == 0, "every thread converts the same number of units");
+#pragma unroll 2
+  for (int i = 0; i < BN * U / NTHREADS; ++i) {
+    const int u = tid + i * NTHREADS;
+    const int r = u / U, col = (u % U) * 8;
+    const uint2 xk = *reinterpret_cast<const uint2*>(k8 + r * D + col);
+    const uint2 xv = *reinterpret_cast<const uint2*>(v8 + r * D + col);
+    *reinterpret_cast<uint4*>(k + r * LD + col) = fp8x8_to<T, E5>(xk);
+    *reinterpret_cast<uint4*>(v + r * LD + col) = fp8x8_to<T, E5>(xv);
+  }
+}
+
 // VAR: the window / soft-cap kernel (p.reader_lo may be null, p.softcap 0); VAR = false is the plain one.
-template <class T, int D, int WARPS, bool VAR>
+// F8: fp8 caches (p.kv_dtype e4m3fn / e5m2, scales p.k_scale / p.v_scale); F8 = false: q's dtype.
+template <class T, int D, int WARPS, bool VAR, bool F8>
 __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const TreeAttentionParams p) {
-  using Cfg = MmaCfg<T, D, WARPS>;
+  using Cfg = MmaCfg<T, D, WARPS, F8>;
+  using KV = std::conditional_t<F8, uint8_t, T>;  // cache element
   constexpr int kTileRows = Cfg::kTileRows, kThreads = Cfg::kThreads;
   constexpr int BN = Cfg::BN, LD = Cfg::LD;
   constexpr int NT = BN / 8;   // n-tiles of S per warp
   constexpr int DT = D / 8;    // n-tiles of O per warp
-  constexpr int CPR = D / 8;   // 16-byte chunks per row
+  constexpr int CPR = D / 8;   // 16-byte chunks per row of Q
+  constexpr int EPC = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte copy
+  constexpr int KCPR = D / EPC;                           // 16-byte chunks per K/V row of the cache
+  constexpr int KLD = F8 ? D : LD;                        // row stride of the cp.async destination
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + Cfg::kQ;              // 2 stages
-  T* sV = sK + 2 * Cfg::kKV;         // 2 stages
-  RowInfo<kTileRows>* info = reinterpret_cast<RowInfo<kTileRows>*>(sV + 2 * Cfg::kKV);
+  T* sK = sQ + Cfg::kQ;                      // kStages stages (2; F8: 1)
+  T* sV = sK + Cfg::kStages * Cfg::kKV;      // kStages stages
+  // F8: fp8 staging, K stage 0, K stage 1, V stage 0, V stage 1 (kKV8 bytes each); else empty
+  uint8_t* s8 = reinterpret_cast<uint8_t*>(sV + Cfg::kStages * Cfg::kKV);
+  RowInfo<kTileRows>* info = reinterpret_cast<RowInfo<kTileRows>*>(s8 + 4 * Cfg::kKV8);
 
   const int item = blockIdx.x, kh = blockIdx.y;
   const int nr = p.item_num_readers[item];
@@ -165,12 +244,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
-  const float scale_log2 = p.sm_scale * kLog2e;
+  const KV* kc = static_cast<const KV*>(p.k_cache);
+  const KV* vc = static_cast<const KV*>(p.v_cache);
+  // F8: the KV head's k_scale folds into the score scale (raw q.k8 times it is sm_scale q.k)
+  float sm_scale = p.sm_scale;
+  if constexpr (F8) sm_scale *= p.k_scale[p.kv_scale_per_head ? kh : 0];
+  const float scale_log2 = sm_scale * kLog2e;
   // Soft-cap (VAR only): raw q.k times cap_u gives softcap_log2's u; cap_l2 = c log2(e).
   const bool cap_on = VAR && p.softcap > 0.f;
-  const float cap_u = cap_on ? 2.f * kLog2e * p.sm_scale / p.softcap : 0.f;
+  const float cap_u = cap_on ? 2.f * kLog2e * sm_scale / p.softcap : 0.f;
   const float cap_l2 = p.softcap * kLog2e;
   if (tid == 0) info->kv_chunks = 0;  // the KV byte counter, counted at the loads (no register cost)
 
@@ -220,11 +302,19 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
       const bool ok = m0 + r < M;
       cp_async16(sQ + r * LD + col, q + (ok ? info->qoff[r] : 0) + col, ok);
     }
+    // Block blk's K/V into pipeline stage `stage`: the K/V tiles, or (F8) the fp8 staging tiles.
     auto load_kv = [&](int blk, int stage) {
-      T* dk = sK + stage * Cfg::kKV;
-      T* dv = sV + stage * Cfg::kKV;
-      for (int c = tid; c < BN * CPR; c += kThreads) {
-        const int r = c / CPR, col = (c % CPR) * 8;
+      KV* dk;
+      KV* dv;
+      if constexpr (F8) {
+        dk = s8 + stage * Cfg::kKV8;
+        dv = s8 + (2 + stage) * Cfg::kKV8;
+      } else {
+        dk = sK + stage * Cfg::kKV;
+        dv = sV + stage * Cfg::kKV;
+      }
+      for (int c = tid; c < BN * KCPR; c += kThreads) {
+        const int r = c / KCPR, col = (c % KCPR) * EPC;
         const int t = tile_lo + blk * BN + r;  // token within the chunk
         const bool ok = t < max_vis;
         const int tok = kv_start + (ok ? t : 0);
@@ -232,8 +322,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
                                         p.k_stride_page, p.k_stride_slot, p.k_stride_head);
         const int64_t vo = cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
                                         p.v_stride_page, p.v_stride_slot, p.v_stride_head);
-        cp_async16(dk + r * LD + col, kc + ko + col, ok);
-        cp_async16(dv + r * LD + col, vc + vo + col, ok);
+        cp_async16(dk + r * KLD + col, kc + ko + col, ok);
+        cp_async16(dv + r * KLD + col, vc + vo + col, ok);
         if (p.kv_bytes_loaded != nullptr && ok) atomicAdd(&info->kv_chunks, 1u);  // 16 B of K + 16 of V
       }
     };
@@ -259,8 +349,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
         cp_async_wait<0>();
       }
       __syncthreads();
-      const T* k_s = sK + (b & 1) * Cfg::kKV;
-      const T* v_s = sV + (b & 1) * Cfg::kKV;
+      if constexpr (F8) {  // staging stage b & 1 -> the K/V tiles (exact; zero-filled rows stay 0)
+        const uint8_t* k8 = s8 + (b & 1) * Cfg::kKV8;
+        const uint8_t* v8 = s8 + (2 + (b & 1)) * Cfg::kKV8;
+        if (p.kv_dtype == DType::kFloat8E5M2)
+          convert_kv_tiles<T, true, D, LD, BN, kThreads>(k8, v8, sK, sV, tid);
+        else
+          convert_kv_tiles<T, false, D, LD, BN, kThreads>(k8, v8, sK, sV, tid);
+        __syncthreads();
+      }
+      const T* k_s = sK + (F8 ? 0 : (b & 1) * Cfg::kKV);
+      const T* v_s = sV + (F8 ? 0 : (b & 1) * Cfg::kKV);
       if (wr < M - m0) {
         // S = Q K^T for 16 rows x BN tokens.
         float s[NT][4];
@@ -362,7 +461,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
           }
         }
       }
-      __syncthreads();  // stage b & 1 is refilled by the next iteration's prefetch
+      // Stage b & 1 is refilled by the next iteration's prefetch. F8: that prefetch fills the staging
+      // tiles, read by this iteration's conversion before the barrier above, and the next conversion
+      // writes the K/V tiles after the next iteration's first barrier: no barrier needed here.
+      if constexpr (!F8) __syncthreads();
     }
     cp_async_wait<0>();
 
@@ -381,7 +483,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) tree_attention_mma_kernel(const
         // a NaN in q) counts as seen, so that the lse is NaN too (NaN policy, docs/errors.md): an lse of
         // -inf would mark a partial state empty and the merge would drop its NaN.
         const bool seen = lrow[h] != 0.f;
-        const float inv = seen ? 1.f / lrow[h] : 0.f;
+        float inv = seen ? 1.f / lrow[h] : 0.f;
+        if constexpr (F8) inv *= p.v_scale[p.kv_scale_per_head ? kh : 0];  // out = v_scale (P v8) / l
         const float lse = seen ? (mrow[h] + log2f(lrow[h])) * kLn2 : -INFINITY;
         const int orow = info->out_row[r], head = info->head[r];
         if (orow >= 0) {
@@ -426,9 +529,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 constexpr int kSimtMaxD = 256;
 constexpr int kSimtPer = kSimtMaxD / 32;
 
+// A cache element as float: T, or an fp8 byte (uint8_t) of format e5m2 (e5) / e4m3fn, exact.
+template <class KV> __device__ __forceinline__ float kv_to_f(KV x, bool) { return to_f(x); }
+template <> __device__ __forceinline__ float kv_to_f<uint8_t>(uint8_t x, bool e5) { return fp8_to_float(x, e5); }
+
 // One warp per packed row (rows m = warp, warp + 4, ...); lane holds dims lane, lane + 32, ...
 // VAR: the window / soft-cap kernel (p.reader_lo may be null, p.softcap 0): a row walks tokens [lo, vis).
-template <class T, bool VAR>
+// F8: fp8 caches (p.kv_dtype, p.k_scale / p.v_scale; folded into q's scale and the output's 1 / l).
+template <class T, bool VAR, bool F8>
 __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const TreeAttentionParams p) {
   const int item = blockIdx.x, kh = blockIdx.y;
   const int nr = p.item_num_readers[item];
@@ -438,17 +546,21 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   const int32_t node = p.item_node[item], kv_start = p.item_kv_start[item], len = p.item_kv_len[item];
   const int32_t r0 = p.item_reader_start[item];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  using KV = std::conditional_t<F8, uint8_t, T>;  // cache element
   const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
+  const KV* kc = static_cast<const KV*>(p.k_cache);
+  const KV* vc = static_cast<const KV*>(p.v_cache);
+  const bool e5 = F8 && p.kv_dtype == DType::kFloat8E5M2;
   // KV byte counter, at the loads: each lane loads its dims lane, lane + 32, ... (< D) of K and V per token
   int my_dims = 0;
   for (int i = 0; i < kSimtPer; ++i) my_dims += lane + 32 * i < D ? 1 : 0;
   unsigned long long loaded = 0;
   // q is pre-scaled so that a dot product is the score in base-2 units (sm_scale * log2(e) folded in),
-  // or, soft-capped, softcap_log2's argument u = 2 log2(e) sm_scale q.k / c.
+  // or, soft-capped, softcap_log2's argument u = 2 log2(e) sm_scale q.k / c. F8: sm_scale times the KV
+  // head's k_scale (q.k8 times it is sm_scale q.k); the output's 1 / l times its v_scale.
   const bool cap_on = VAR && p.softcap > 0.f;
-  const float qscale = cap_on ? 2.f * kLog2e * p.sm_scale / p.softcap : p.sm_scale * kLog2e;
+  float qscale = cap_on ? 2.f * kLog2e * p.sm_scale / p.softcap : p.sm_scale * kLog2e;
+  if constexpr (F8) qscale *= p.k_scale[p.kv_scale_per_head ? kh : 0];
   const float cap_l2 = p.softcap * kLog2e;
   for (int m = warp; m < M; m += kWarps) {
     const int rd = r0 + packed_reader(m, group);
@@ -474,7 +586,7 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   #pragma unroll
     for (int i = 0; i < kSimtPer; ++i) {
         const int d = lane + 32 * i;
-        if (d < D) s += qv[i] * to_f(kc[ko + d]);
+        if (d < D) s += qv[i] * kv_to_f(kc[ko + d], e5);
       }
       for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
       if (cap_on) s = softcap_log2(s, cap_l2);
@@ -484,13 +596,14 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
   #pragma unroll
     for (int i = 0; i < kSimtPer; ++i) {
         const int d = lane + 32 * i;
-        acc[i] = acc[i] * alpha + (d < D ? e * to_f(vc[vo + d]) : 0.f);
+        acc[i] = acc[i] * alpha + (d < D ? e * kv_to_f(vc[vo + d], e5) : 0.f);
       }
       mx = mn;
     }
-    loaded += static_cast<unsigned long long>(vis - lo) * 2 * my_dims * sizeof(T);
+    loaded += static_cast<unsigned long long>(vis - lo) * 2 * my_dims * sizeof(KV);
     const bool seen = vis > lo;
-    const float inv = seen ? 1.f / l : 0.f;
+    float inv = seen ? 1.f / l : 0.f;
+    if constexpr (F8) inv *= p.v_scale[p.kv_scale_per_head ? kh : 0];
     const float lse = seen ? (mx + log2f(l)) * kLn2 : -INFINITY;
     const bool direct = p.row_partial_indptr[row + 1] - p.row_partial_indptr[row] == 1;
     const int slot = p.item_partial_start[item] + packed_reader(m, group);
@@ -514,20 +627,21 @@ __global__ void __launch_bounds__(kThreads, 8) tree_attention_simt_kernel(const 
 // The window / soft-cap kernels (VAR) run only when the call has either: the plain ones stay as they were.
 bool has_variant(const TreeAttentionParams& p) { return p.reader_lo != nullptr || p.softcap > 0.f; }
 
-template <class T, int D, int WARPS, bool VAR>
+template <class T, int D, int WARPS, bool VAR, bool F8>
 cudaError_t launch_mma_v(const TreeAttentionParams& p, cudaStream_t stream) {
-  const size_t smem = MmaCfg<T, D, WARPS>::smem_bytes;
-  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D, WARPS, VAR>,
+  const size_t smem = MmaCfg<T, D, WARPS, F8>::smem_bytes;
+  cudaError_t e = cudaFuncSetAttribute(tree_attention_mma_kernel<T, D, WARPS, VAR, F8>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   dim3 grid(p.num_items, p.num_kv_heads);
-  tree_attention_mma_kernel<T, D, WARPS, VAR><<<grid, WARPS * 32, smem, stream>>>(p);
+  tree_attention_mma_kernel<T, D, WARPS, VAR, F8><<<grid, WARPS * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <class T, int D, int WARPS>
+template <class T, int D, int WARPS, bool F8>
 cudaError_t launch_mma(const TreeAttentionParams& p, cudaStream_t stream) {
-  return has_variant(p) ? launch_mma_v<T, D, WARPS, true>(p, stream) : launch_mma_v<T, D, WARPS, false>(p, stream);
+  return has_variant(p) ? launch_mma_v<T, D, WARPS, true, F8>(p, stream)
+                        : launch_mma_v<T, D, WARPS, false, F8>(p, stream);
 }
 
 // The wide (128-row) tile when an item may hold more than 64 packed rows (the plan's rows_per_tile x
@@ -537,46 +651,54 @@ bool wide_tile(const TreeAttentionParams& p) {
          static_cast<int64_t>(p.max_readers) * gqa_group(p.num_qo_heads, p.num_kv_heads) > 4 * 16;
 }
 
-template <class T>
+template <class T, bool F8>
 cudaError_t launch_mma_d(const TreeAttentionParams& p, cudaStream_t stream) {
   const bool wide = wide_tile(p);
   switch (p.head_dim) {
-    case 64: return wide ? launch_mma<T, 64, kWideWarps>(p, stream) : launch_mma<T, 64, 4>(p, stream);
-    case 128: return wide ? launch_mma<T, 128, kWideWarps>(p, stream) : launch_mma<T, 128, 4>(p, stream);
-    default: return launch_mma<T, 256, 4>(p, stream);
+    case 64: return wide ? launch_mma<T, 64, kWideWarps, F8>(p, stream) : launch_mma<T, 64, 4, F8>(p, stream);
+    case 128: return wide ? launch_mma<T, 128, kWideWarps, F8>(p, stream) : launch_mma<T, 128, 4, F8>(p, stream);
+    default: return launch_mma<T, 256, 4, F8>(p, stream);
   }
 }
 
-template <class T>
+template <class T, bool F8>
 cudaError_t launch_simt(const TreeAttentionParams& p, cudaStream_t stream) {
   dim3 grid(p.num_items, p.num_kv_heads);
   if (has_variant(p))
-    tree_attention_simt_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+    tree_attention_simt_kernel<T, true, F8><<<grid, kThreads, 0, stream>>>(p);
   else
-    tree_attention_simt_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+    tree_attention_simt_kernel<T, false, F8><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-bool aligned16(const void* ptr, int64_t a, int64_t b, int64_t c) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && a % 8 == 0 && b % 8 == 0 && c % 8 == 0;
+// 16-byte aligned base pointer and strides (in elements of elem_bytes) that are multiples of 16 bytes.
+bool aligned16(const void* ptr, int elem_bytes, int64_t a, int64_t b, int64_t c) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && a * elem_bytes % 16 == 0 &&
+         b * elem_bytes % 16 == 0 && c * elem_bytes % 16 == 0;
 }
+
+bool kv_is_fp8(const TreeAttentionParams& p) { return dtype_is_fp8(p.kv_dtype); }
 
 }  // namespace
 
 bool tree_attention_uses_mma(const TreeAttentionParams& p) {
   const bool dims = p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256;
-  return p.dtype != DType::kFloat32 && dims && aligned16(p.q, p.q_stride_row, p.q_stride_head, 0) &&
-         aligned16(p.k_cache, p.k_stride_page, p.k_stride_slot, p.k_stride_head) &&
-         aligned16(p.v_cache, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+  const int kv_bytes = kv_is_fp8(p) ? 1 : dtype_size(p.dtype);
+  return p.dtype != DType::kFloat32 && dims &&
+         aligned16(p.q, dtype_size(p.dtype), p.q_stride_row, p.q_stride_head, 0) &&
+         aligned16(p.k_cache, kv_bytes, p.k_stride_page, p.k_stride_slot, p.k_stride_head) &&
+         aligned16(p.v_cache, kv_bytes, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
 }
 
-size_t tree_attention_smem_bytes(DType dtype, int head_dim) {
+size_t tree_attention_smem_bytes(DType dtype, int head_dim, bool fp8_kv) {
   if (dtype == DType::kFloat32) return 0;
   switch (head_dim) {
     // the largest configuration (the wide 128-row tile for head_dim 64/128)
-    case 64: return MmaCfg<__half, 64, kWideWarps>::smem_bytes;
-    case 128: return MmaCfg<__half, 128, kWideWarps>::smem_bytes;
-    case 256: return MmaCfg<__half, 256, 4>::smem_bytes;
+    case 64: return fp8_kv ? MmaCfg<__half, 64, kWideWarps, true>::smem_bytes
+                           : MmaCfg<__half, 64, kWideWarps>::smem_bytes;
+    case 128: return fp8_kv ? MmaCfg<__half, 128, kWideWarps, true>::smem_bytes
+                            : MmaCfg<__half, 128, kWideWarps>::smem_bytes;
+    case 256: return fp8_kv ? MmaCfg<__half, 256, 4, true>::smem_bytes : MmaCfg<__half, 256, 4>::smem_bytes;
     default: return 0;
   }
 }
@@ -584,14 +706,21 @@ size_t tree_attention_smem_bytes(DType dtype, int head_dim) {
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   if (p.num_items == 0 || p.num_kv_heads == 0) return cudaSuccess;
   if (p.head_dim > kSimtMaxD) return cudaErrorInvalidValue;
-  if (dtype_is_fp8(p.kv_dtype)) return cudaErrorInvalidValue;  // fp8 KV caches: not implemented here
+  const bool f8 = kv_is_fp8(p);
+  // fp8 caches: fp16 / bf16 q and both scales (params.h)
+  if (f8 && (p.dtype == DType::kFloat32 || p.k_scale == nullptr || p.v_scale == nullptr))
+    return cudaErrorInvalidValue;
   if (tree_attention_uses_mma(p)) {
-    return p.dtype == DType::kFloat16 ? launch_mma_d<__half>(p, stream) : launch_mma_d<__nv_bfloat16>(p, stream);
+    if (p.dtype == DType::kFloat16)
+      return f8 ? launch_mma_d<__half, true>(p, stream) : launch_mma_d<__half, false>(p, stream);
+    return f8 ? launch_mma_d<__nv_bfloat16, true>(p, stream) : launch_mma_d<__nv_bfloat16, false>(p, stream);
   }
   switch (p.dtype) {
-    case DType::kFloat16: return launch_simt<__half>(p, stream);
-    case DType::kBFloat16: return launch_simt<__nv_bfloat16>(p, stream);
-    default: return launch_simt<float>(p, stream);
+    case DType::kFloat16:
+      return f8 ? launch_simt<__half, true>(p, stream) : launch_simt<__half, false>(p, stream);
+    case DType::kBFloat16:
+      return f8 ? launch_simt<__nv_bfloat16, true>(p, stream) : launch_simt<__nv_bfloat16, false>(p, stream);
+    default: return launch_simt<float, false>(p, stream);
   }
 }
 
