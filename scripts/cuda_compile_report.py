@@ -6,7 +6,8 @@
 For every kernel and architecture: registers, spill stores/loads, stack frame, static shared memory
 (from ``-Xptxas -v``); plus the dynamic shared memory of each tensor-core configuration (printed by the
 host tool ``multiverse_smem_report``). Also runs the standalone CPU-library smoke test that the same
-CMake build produces. Exits 1 if the build fails, any kernel spills, or the smoke test fails.
+CMake build produces. Exits 1 if the build fails, any kernel spills, a configuration needs more dynamic
+shared memory than one block can have on sm_90 / sm_100 (227 KiB), or the smoke test fails.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+_DYN_SMEM = re.compile(r"^(.*) dynamic_smem_bytes=(\d+)$", re.M)
+MAX_DYN_SMEM = 227 * 1024  # per block (opt-in) on sm_90 and sm_100
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -112,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             bad.append(f"{row['arch']} {short(name)}")
     tool = os.path.join(a.build_dir, "multiverse_smem_report")
     if os.path.exists(tool):
-        print(subprocess.run([tool], capture_output=True, text=True).stdout.rstrip())
+        out = subprocess.run([tool], capture_output=True, text=True).stdout.rstrip()
+        print(out)
+        over = [m.group(1) for m in _DYN_SMEM.finditer(out) if int(m.group(2)) > MAX_DYN_SMEM]
+        if over:
+            print(f"cuda_compile_report: dynamic shared memory over {MAX_DYN_SMEM} bytes: FAILED\n  "
+                  + "\n  ".join(over))
+            return 1
     smoke = os.path.join(a.build_dir, "multiverse_cpu_smoke_test")  # the CPU library without torch
     if os.path.exists(smoke):
         sr = subprocess.run([smoke], capture_output=True, text=True)
