@@ -20,14 +20,10 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_run_cuda(
     at::IntArrayRef plan_ints, double sm_scale, const std::optional<at::Tensor>& kv_bytes, double softcap,
     const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
-  // A sliding-window plan (its reader_lo) and the soft-cap run in both CUDA kernels (tree_attention.cu);
-  // fp8 KV caches do not (the cuda backend does not declare them: the op sends them elsewhere), so
-  // k_scale / v_scale are refused too (by make_attention_params: scales without fp8 caches).
+  // A sliding-window plan (its reader_lo), the soft-cap and fp8 KV caches (float8_e4m3fn / float8_e5m2
+  // with float16 / bfloat16 q and float32 k_scale / v_scale [1] or [num_kv_heads]: checked, naming the
+  // argument, by make_attention_params) run in both CUDA kernels (tree_attention.cu).
   TORCH_CHECK(softcap >= 0.0, "softcap: expected a positive float (0: off)");
-  for (const at::Tensor* c : {&k_cache, &v_cache})
-    TORCH_CHECK(!is_fp8(c->scalar_type()), c == &k_cache ? "k_cache" : "v_cache", ": fp8 KV caches (",
-                c->scalar_type(), ") are not implemented by the cuda kernel (the cuda backend does not "
-                "declare 'fp8'; backend='auto' picks one that does)");
   TORCH_CHECK(q.size(2) <= 256, "q: the cuda backend supports head_dim <= 256, got ", q.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p = make_attention_params(q, k_cache, v_cache, node_page_indptr, node_page_indices,

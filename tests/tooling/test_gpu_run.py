@@ -110,3 +110,8 @@ def test_misaligned_stride_reason():
     assert misaligned(odd.float(), k.float(), k.float()) is None  # fp32 always runs the scalar kernel
     shifted = torch.zeros(3 * 16 * 2 * 64 + 1, dtype=torch.float16)[1:].view(3, 16, 2, 64)
     assert "k_cache.data_ptr()" in misaligned(q, shifted, k)
+    # fp8 caches: 16-byte strides are 16 elements (a head stride of 72 bytes is not)
+    k8 = torch.zeros(3, 16, 2, 64, dtype=torch.float8_e4m3fn)
+    assert misaligned(q, k8, k8) is None
+    odd8 = torch.zeros(3, 16, 2, 72, dtype=torch.float8_e5m2)[..., :64]
+    assert "k_cache strides (2304, 144, 72) are not multiples of 16 elements" in misaligned(q, odd8, k8)

@@ -9,10 +9,15 @@ tensors (plan once per step); the kernel runs an item's rows in passes of 64 or 
 Variants (multiverse_kernels/variants.py, docs/design.md "Attention variants"), forward only, in both
 kernels: ``window`` (the plan's ``reader_lo``: the planner drops the chunks outside every row's window;
 the tensor-core kernel starts each row tile's KV blocks at the tile's smallest first visible token, so
-the tokens below it are not loaded, and every row masks ``lo <= t < limit``) and ``softcap``
-(``s = c tanh(s / c)`` on the scaled score, before the mask and the softmax). ``sinks`` are the op's
-(merged into the kernel's output); fp8 KV caches are not declared (the kernel binding refuses them), nor
-is a backward (``auto`` takes another backend's).
+the tokens below it are not loaded, and every row masks ``lo <= t < limit``), ``softcap``
+(``s = c tanh(s / c)`` on the scaled score, before the mask and the softmax), and ``fp8`` KV caches
+(``float8_e4m3fn`` / ``float8_e5m2`` with float16 / bfloat16 q and float32 ``k_scale`` / ``v_scale`` of
+shape ``[1]`` or ``[Hk]``): the tensor-core kernel streams the fp8 bytes with the same 16-byte cp.async
+copies (16 elements each) into a double-buffered staging area and converts each KV block into q's dtype
+before its mma loop (exact: every fp8 value is an fp16 and a bf16 value); the scales are folded into the
+score scale (``k_scale`` of the CTA's KV head) and the output (``v_scale``) in fp32, the SIMT kernel
+converts at each load (same folding); both count 1 byte per fp8 element. ``sinks`` are the op's (merged
+into the kernel's output); no backward is declared (``auto`` takes another backend's; fp8 is forward only).
 """
 
 from __future__ import annotations
@@ -69,8 +74,8 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
     """q [total_q, Hq, D]; caches [num_pages, page_size, Hk, D] -> (out like q, lse [total_q, Hq] f32).
 
     ``plan``: a precomputed plan for ``meta`` (built with the call's ``window``); default: the cached
-    plan of ``meta`` (tiny nodes absorbed, not with a window). ``variant``: window and softcap (sinks are
-    the op's)."""
+    plan of ``meta`` (tiny nodes absorbed, not with a window). ``variant``: window, softcap and fp8 caches
+    (``k_scale`` / ``v_scale``; sinks are the op's)."""
     if q.dtype not in _NATIVE or q.shape[-1] > 256:
         return _ref_attention(q, k_cache, v_cache, meta, sm_scale, variant=variant)
     _warn_if_misaligned(q, k_cache, v_cache)
@@ -78,20 +83,24 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMeta
         meta, plan = _run_plan(q, k_cache, meta, variant.window)
     else:
         check_plan_window(plan, variant.window)
-    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap)
+    return run_tree_attention(q, k_cache, v_cache, meta, sm_scale, plan, softcap=variant.softcap,
+                              k_scale=variant.k_scale, v_scale=variant.v_scale)
 
 
 tree_attention.supports_plan = True
-tree_attention.variants = frozenset({"window", "softcap"})
+tree_attention.variants = frozenset({"window", "softcap", "fp8"})
 
 
 def tree_attention_kv_bytes(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
-                            sm_scale: float, window: int | None = None) -> int:
+                            sm_scale: float, window: int | None = None, k_scale: Tensor | None = None,
+                            v_scale: Tensor | None = None) -> int:
     """K+V bytes the CUDA kernel loads from the caches in one call (device atomic counter); ``window``:
-    with a sliding window (the tokens below a row tile's first visible one are not loaded)."""
+    with a sliding window (the tokens below a row tile's first visible one are not loaded); fp8 caches
+    take ``k_scale`` / ``v_scale`` and count 1 byte per element."""
     counter = torch.zeros(1, dtype=torch.int64, device=q.device)
     run_meta, plan = _run_plan(q, k_cache, meta, window)
-    run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter)
+    run_tree_attention(q, k_cache, v_cache, run_meta, sm_scale, plan, counter, k_scale=k_scale,
+                       v_scale=v_scale)
     return int(counter.item())
 
 
