@@ -18,14 +18,15 @@ Steps, in order:
   triton     tests/backends/test_gpu.py for backend triton (compiled kernels: every tile, dtypes, page
              sizes...) and the triton cases of tests/ops/test_<op>.py
   cuda       tests/backends/test_gpu.py for backend cuda, tests/backends/test_cuda_ops.py (kv-byte counter,
-             graph capture, sliding window / soft-cap on both kernels) and the cuda cases of
+             graph capture, sliding window / soft-cap / fp8 KV caches on both kernels) and the cuda cases of
              tests/ops/test_<op>.py (test_variants.py: each variant equals the reference or is refused)
   graph      CUDA-graph capture of the public op, replayed with another step's plan copied in; device
              guard and current stream (part of the two steps above, run on their own for a clear line)
   vllm       the vLLM backend (attention_backend="CUSTOM") on the GPU: tests/integrations/test_vllm.py
              and a short decode benchmark vs vLLM's own backend; skipped, with the reason, when vLLM is
              not importable on the machine
-  memcheck   compute-sanitizer --tool memcheck over a small workload (both backends, fp16/bf16/fp32)
+  memcheck   compute-sanitizer --tool memcheck over a small workload (both backends, fp16/bf16/fp32,
+             window + soft-cap, fp8 caches)
   racecheck  compute-sanitizer --tool racecheck over the same workload (shared-memory races)
   bench      the main job on the GPU (fp16): CUDA graphs + events, L2 flushed, copy-bandwidth share
   bench-bf16 the same in bf16
@@ -210,7 +211,9 @@ def run_step(step: Step, results: str, dry_reason: str | None) -> bool:
 
 def sanitizer_workload() -> int:
     """A small workload for compute-sanitizer: every kernel of both backends once per dtype, plain and with
-    a sliding window + soft-cap (the variant kernels: windowed tiles start their loads inside a chunk)."""
+    a sliding window + soft-cap (the variant kernels: windowed tiles start their loads inside a chunk), and
+    with fp8 caches (e4m3fn / e5m2, fp16 / bf16 q, per-KV-head scales; the CUDA tensor-core kernel's fp8
+    byte staging and conversion), plain and windowed + soft-capped."""
     import torch
 
     import multiverse_kernels as mk
@@ -226,6 +229,13 @@ def sanitizer_workload() -> int:
                 q, k, v = make_inputs(meta, f.num_pages, 8, 2, d, dtype, device="cuda")
                 mk.tree_attention(q, k, v, meta, backend=b)
                 mk.tree_attention(q, k, v, meta, backend=b, window=5, softcap=4.0)
+                if dtype != torch.float32:
+                    sc = torch.full((2,), 0.5, device="cuda")
+                    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+                        k8, v8 = (k * 2).to(fp8), (v * 2).to(fp8)
+                        mk.tree_attention(q, k8, v8, meta, backend=b, k_scale=sc, v_scale=sc)
+                        mk.tree_attention(q, k8, v8, meta, backend=b, k_scale=sc, v_scale=sc, window=5,
+                                          softcap=4.0)
                 vv = torch.randn(16, 3, 8, d, device="cuda").to(dtype)
                 mk.merge_states(vv, torch.randn(16, 3, 8, device="cuda"), backend=b)
         torch.cuda.synchronize()
