@@ -133,18 +133,45 @@ template <class V, class I> MV_INL V vtanh(V x) {
 
 // ---------------------------------------------------------------------------------- cache-row loads
 // N fp8 bytes -> N floats, exact: fp8_e4m3_to_f32 / fp8_e5m2_to_f32 (convert.h, which explain the bit
-// layouts) on vectors. The bytes are widened to 32-bit lanes (vpmovzxbd on AVX2 / AVX-512); a normal
+// layouts) on vectors. The bytes are widened to 32-bit lanes (widen_u8); a normal
 // value is its exponent + mantissa bits shifted into the float's fields plus the bias difference, a
 // subnormal (exponent field 0) the integer mantissa times 2^-9 (e4m3) / 2^-16 (e5m2) (an int -> float
 // conversion: no float subnormal is ever formed, so DAZ/FTZ cannot flush it), then the special values
 // (e4m3: S.1111.111 NaN; e5m2: exponent 31, inf / NaN) and the sign bit.
+// N bytes zero-extended to N 32-bit lanes (GCC 12 scalarises __builtin_convertvector of a byte vector:
+// byte by byte through general registers, so x86 uses vpmovzxbd / SSE2 unpacks).
+template <int N> MV_INL typename VT<N>::UI widen_u8(const uint8_t* src) {
+  using U = typename VT<N>::UI;
+#if MV_LEVEL >= 2
+  if constexpr (N == 16) {
+    return (U)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else
+#endif
+#if MV_LEVEL >= 1
+  if constexpr (N == 8) {
+    return (U)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  } else
+#endif
+#if defined(MULTIVERSE_X86_ISAS) && defined(__SSE2__)
+  if constexpr (N == 4) {
+    int32_t w;
+    __builtin_memcpy(&w, src, 4);
+    const __m128i z = _mm_setzero_si128();
+    return (U)_mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(w), z), z);
+  } else
+#endif
+  {
+    typename VT<N>::B b;
+    __builtin_memcpy(&b, src, N);
+    return __builtin_convertvector(b, U);
+  }
+}
+
 template <class E, int N> MV_INL typename VT<N>::V fp8_to_f32_vec(const uint8_t* src) {
   using V = typename VT<N>::V;
   using I = typename VT<N>::I;
   using U = typename VT<N>::UI;
-  typename VT<N>::B b;
-  __builtin_memcpy(&b, src, N);
-  const U x = __builtin_convertvector(b, U);
+  const U x = widen_u8<N>(src);
   const U sign = (x & 0x80u) << 24;
   const U em = x & 0x7fu;  // exponent + mantissa
   U r;
