@@ -14,7 +14,7 @@ from .absorption import absorb_tiny_nodes
 from .metadata import ForestMetadata
 from .planning import TreePlan, plan_tree_attention
 
-__all__ = ["cached_plan", "cached_run_plan"]
+__all__ = ["cached_plan", "cached_run_plan", "run_plan"]
 
 _CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None,
                   tuple[ForestMetadata, TreePlan]]] = []
@@ -59,17 +59,32 @@ def cached_run_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, 
                    kv_elem_size if window is None else None, window)
 
 
+def run_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
+             kv_elem_size: int = 2, chunk_tokens: int | None = None, rows_per_tile: int | None = None,
+             num_workers: int | None = None, window: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+    """:func:`cached_run_plan` without the cache: for a caller that keeps the step's plan itself (the
+    vLLM backend's metadata) and would only pay for the cache's key and content copies."""
+    return _build(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
+                  kv_elem_size if window is None else None, window)
+
+
+def _build(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+           chunk_tokens: int | None, rows_per_tile: int | None, num_workers: int | None,
+           absorb_elem: int | None, window: int | None) -> tuple[ForestMetadata, TreePlan]:
+    run = meta
+    if absorb_elem is not None:
+        run = absorb_tiny_nodes(meta, num_qo_heads, num_kv_heads, head_dim=head_dim, kv_elem_size=absorb_elem)
+    return run, plan_tree_attention(run, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
+                                    rows_per_tile=rows_per_tile, head_dim=head_dim, num_workers=num_workers,
+                                    window=window)
+
+
 def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int,
             chunk_tokens: int | None, rows_per_tile: int | None, num_workers: int | None,
             absorb_elem: int | None, window: int | None = None) -> tuple[ForestMetadata, TreePlan]:
     def build() -> tuple[ForestMetadata, TreePlan]:
-        run = meta
-        if absorb_elem is not None:
-            run = absorb_tiny_nodes(meta, num_qo_heads, num_kv_heads, head_dim=head_dim,
-                                    kv_elem_size=absorb_elem)
-        return run, plan_tree_attention(run, num_qo_heads, num_kv_heads, chunk_tokens=chunk_tokens,
-                                        rows_per_tile=rows_per_tile, head_dim=head_dim,
-                                        num_workers=num_workers, window=window)
+        return _build(meta, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
+                      absorb_elem, window)
 
     ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
     if window is not None:  # the window measures in node_pos (default positions: from the tensors)

@@ -24,7 +24,7 @@ import multiverse_kernels as mk
 from multiverse_kernels.absorption import MAX_ABSORBED_TOKENS, _cpp_absorber, absorb_tiny_nodes
 from multiverse_kernels.forest import KVForest
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
-from multiverse_kernels.plan_cache import cached_run_plan
+from multiverse_kernels.plan_cache import cached_run_plan, run_plan
 from multiverse_kernels.planning import (
     plan_kv_tokens,
     plan_loaded_tokens,
@@ -222,6 +222,13 @@ def test_default_path_absorbs_and_caches():
     again = cached_run_plan(meta, 4, 2, head_dim=64, kv_elem_size=4)
     assert again[0] is run and again[1] is plan
     assert plan_kv_tokens(run) >= plan_kv_tokens(meta)
+    # run_plan: the same absorbed forest and plan, built afresh (no cache entry returned)
+    fresh, fresh_plan = run_plan(meta, 4, 2, head_dim=64, kv_elem_size=4)
+    assert fresh is not run and fresh_plan is not plan
+    got, want = [*fresh.tensors(), *fresh_plan.tensors()], [*run.tensors(), *plan.tensors()]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert fresh_plan.ints() == plan.ints()
+    assert run_plan(meta, 4, 2, head_dim=64, window=8)[0] is meta  # a window absorbs nothing
 
 
 @pytest.mark.parametrize("backend", backend_params(exclude=("reference",)))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..._native import load_extension
 from ...metadata import ForestMetadata
-from ...plan_cache import cached_plan, cached_run_plan
+from ...plan_cache import cached_plan, cached_run_plan, run_plan
 from ...planning import TreePlan, check_plan_window
 from ...variants import PLAIN, Variant
 from .. import register
@@ -62,14 +62,14 @@ def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata, window: int | None =
                        chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
 
 
-def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata,
-              window: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata, window: int | None = None, *,
+              cached: bool = True) -> tuple[ForestMetadata, TreePlan]:
     """The forward's default: tiny nodes absorbed (plan_cache.cached_run_plan; not with a window), then
-    planned."""
+    planned. ``cached=False``: plan_cache.run_plan (for a caller that keeps the step's plan itself)."""
     group = q.shape[1] // k_cache.shape[2]
-    return cached_run_plan(meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2],
-                           kv_elem_size=k_cache.element_size(), chunk_tokens=CHUNK_TOKENS,
-                           rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
+    return (cached_run_plan if cached else run_plan)(
+        meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2], kv_elem_size=k_cache.element_size(),
+        chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
