@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -47,7 +47,8 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from ..metadata import ForestMetadata
 from ..ops import tree_attention
-from .vllm_sharing import SharingStats, forest_from_block_table
+from ..ops.tree_attention import add_sinks
+from .vllm_sharing import ForestCache, SharingStats, forest_from_block_table
 
 __all__ = [
     "register",
@@ -188,6 +189,9 @@ class MultiverseAttentionMetadata:
     num_actual_tokens: int
     forest: ForestMetadata
     sharing: SharingStats | None = None
+    plans: dict = field(default_factory=dict)
+    """The step's C++ CPU plans, one per layer configuration (heads, head size, KV element size, window):
+    the first layer plans, the others reuse it (filled by the impl's CPU path)."""
 
 
 class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAttentionMetadata]):
@@ -200,6 +204,7 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
         self.block_size = kv_cache_spec.block_size
         self.share = _flag("MULTIVERSE_VLLM_SHARE", True)
         self.last_stats: SharingStats | None = None
+        self.forests = ForestCache()  # decode steps between block boundaries reuse the last forest
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MultiverseAttentionMetadata:
@@ -208,8 +213,12 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
             raise NotImplementedError("multiverse_kernels' vLLM backend runs causal decoder attention only")
         R = cm.num_reqs
         qsl = cm.query_start_loc[: R + 1]
-        forest, stats = forest_from_block_table(cm.block_table_tensor, cm.seq_lens[:R], qsl,
-                                                self.block_size, share=self.share, stats=True)
+        if cm.block_table_tensor.is_cuda:
+            forest, stats = forest_from_block_table(cm.block_table_tensor, cm.seq_lens[:R], qsl,
+                                                    self.block_size, share=self.share, stats=True)
+        else:
+            forest, stats = self.forests(cm.block_table_tensor, cm.seq_lens[:R], qsl, self.block_size,
+                                         share=self.share)
         self.last_stats = stats
         STATS["steps"] += 1
         STATS["listed_blocks"] += stats.listed_blocks
@@ -221,6 +230,20 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
 
 
 _IMPLS_LOGGED: set[tuple] = set()
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ cpu kernel's (backends/cpu)
+_CPU_KERNEL: tuple | None = None
+
+
+def _cpu_kernel() -> tuple:
+    """(the cpu backend's forward planner, the C++ run op's wrapper), imported on first use (importing the
+    cpu backend loads the C++ library)."""
+    global _CPU_KERNEL
+    if _CPU_KERNEL is None:
+        from ..backends.cpu import _run_plan
+        from ..backends.cpu._ext import run_tree_attention
+
+        _CPU_KERNEL = (_run_plan, run_tree_attention)
+    return _CPU_KERNEL
 
 
 class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
@@ -275,12 +298,18 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
                 key[:n], value[:n], k_cache, v_cache, slot_mapping, self.kv_cache_dtype,
                 layer._k_scale, layer._v_scale)
             return
-        slots = slot_mapping.long()
-        keep = slots >= 0
-        if not bool(keep.all()):
-            slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
-        else:
-            key, value = key[:n], value[:n]
+        key, value, slots = key[:n], value[:n], slot_mapping
+        if n and int(slots.min()) < 0:  # padding slots (-1) are not written
+            keep = slots >= 0
+            key, value, slots = key[keep], value[keep], slots[keep]
+        kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]
+        if kv.is_contiguous():  # LBNHC: one [Hk, 2D] row per slot, K then V: one indexed copy
+            flat = kv.view(-1, kv.shape[2], kv.shape[3])
+            shape = (key.shape[0], kv.shape[2], self.head_size)
+            flat.index_copy_(0, slots.long(), torch.cat([key.reshape(shape), value.reshape(shape)], -1)
+                             .to(flat.dtype))
+            return
+        slots = slots.long()
         bs = k_cache.shape[1]
         blk, off = slots // bs, slots % bs
         k_cache[blk, off] = key.to(k_cache.dtype)
@@ -299,8 +328,28 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         sinks = self.sinks
         if sinks is not None and sinks.dtype != torch.float32:
             sinks = self.sinks = sinks.float()
-        out = tree_attention(query[:n], k_cache, v_cache, attn_metadata.forest, sm_scale=self.scale,
-                             backend=self.kernel, validate=False, window=self.window,
-                             softcap=self.softcap, sinks=sinks)
+        q = query[:n]
+        if self.kernel in ("auto", "cpu") and q.device.type == "cpu" and q.dtype in _CPU_DTYPES:
+            out = self._cpu_forward(q, k_cache, v_cache, attn_metadata, sinks)
+        else:
+            out = tree_attention(q, k_cache, v_cache, attn_metadata.forest, sm_scale=self.scale,
+                                 backend=self.kernel, validate=False, window=self.window,
+                                 softcap=self.softcap, sinks=sinks)
         output[:n].copy_(out.view_as(output[:n]))
         return output
+
+    def _cpu_forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: MultiverseAttentionMetadata, sinks: torch.Tensor | None) -> torch.Tensor:
+        """What ``tree_attention(..., backend="cpu", validate=False)`` runs, without the per-call dispatch
+        (custom op, argument checks, backend lookup, plan-cache lookup: ~0.1 ms a layer, as much as the
+        kernel itself on a short decode step): the step's plan from ``meta.plans`` (made by the first
+        layer with the cpu backend's own planner), the C++ kernel, and the op's sink epilogue."""
+        plan_fn, run_fn = _cpu_kernel()
+        key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
+        run = meta.plans.get(key)
+        if run is None:
+            run = meta.plans[key] = plan_fn(q, k_cache, meta.forest, self.window, cached=False)
+        out, lse = run_fn(q, k_cache, v_cache, run[0], self.scale, run[1], softcap=self.softcap)
+        if sinks is not None:
+            out, _ = add_sinks(out, lse, sinks)
+        return out

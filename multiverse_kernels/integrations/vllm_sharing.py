@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..metadata import ForestMetadata
 
-__all__ = ["forest_from_block_table", "SharingStats"]
+__all__ = ["forest_from_block_table", "SharingStats", "ForestCache"]
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,11 @@ def forest_from_block_table(block_table: Tensor, seq_lens: Tensor, query_start_l
 
     # Only full blocks before the first query token can be shared (their K/V is final).
     nshare = torch.clamp((seq - qlen) // block_size, min=0)
+    if not share or R < 2:
+        return done(_unshared(tab, nblk, seq, qo, block_size, valid), listed, 0)
     shareable = col[None, :] < nshare[:, None]
     cand = tab[shareable]
-    if not share or cand.numel() < 2:
+    if cand.numel() < 2:
         return done(_unshared(tab, nblk, seq, qo, block_size, valid), listed, 0)
     count = torch.bincount(cand)
     cnt = torch.where(shareable, count[tab.clamp(min=0) * shareable], 0)
@@ -163,3 +166,59 @@ def forest_from_block_table(block_table: Tensor, seq_lens: Tensor, query_start_l
         node_pos=node_pos.to(i32),
     )
     return done(meta, int(torch.unique(tab[valid]).numel()), Ns)
+
+
+class ForestCache:
+    """:func:`forest_from_block_table` for a step whose block tables are the last step's (CPU tensors).
+
+    In decode the tables change only when a request crosses into a new block, joins or leaves; between
+    those steps every request's sequence grows by its query rows, and the forest differs from the last one
+    only in its own nodes' lengths (``seq_len - node_pos``: own nodes start at the request's first
+    unshared block) and the query rows (``qo_indptr``). One entry (the last step), keyed by everything
+    else the conversion reads: the block size, ``share``, each request's listed blocks (the table up to
+    ``ceil(seq_len / block_size)``, padding masked out), its block count and its shareable block count
+    (``(seq_len - q_len) // block_size``). A miss runs :func:`forest_from_block_table`. Index tensors on
+    other devices are converted each call (a key would sync).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._entry: tuple[ForestMetadata, SharingStats, np.ndarray, np.ndarray] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor, block_size: int, *,
+                 share: bool = True) -> tuple[ForestMetadata, SharingStats]:
+        if block_table.device.type != "cpu" or seq_lens.device.type != "cpu" \
+                or query_start_loc.device.type != "cpu":
+            return forest_from_block_table(block_table, seq_lens, query_start_loc, block_size, share=share,
+                                           stats=True)
+        R = seq_lens.numel()
+        seq = seq_lens.numpy().astype(np.int64)
+        qo = query_start_loc[: R + 1].numpy().astype(np.int32)
+        nblk = (seq + (block_size - 1)) // block_size
+        nshare = np.maximum((seq - (qo[1:] - qo[:-1])) // block_size, 0)
+        M = int(nblk.max()) if R else 0
+        listed = block_table[:R, :M].numpy().copy()
+        listed[np.arange(M)[None, :] >= nblk[:, None]] = -1  # padding past each request's blocks
+        key = (block_size, share, R, M, listed.tobytes(), nblk.tobytes(), nshare.tobytes())
+        if key == self._key and self._entry is not None:
+            self.hits += 1
+            meta, stats, shared_len, own_pos = self._entry
+            # shared nodes first, then one own node per request in batch order (own nodes start at
+            # node_pos = the request's first unshared token)
+            node_len = torch.from_numpy(np.concatenate([shared_len, (seq - own_pos).astype(np.int32)]))
+            meta = ForestMetadata(node_page_indptr=meta.node_page_indptr,
+                                  node_page_indices=meta.node_page_indices, node_len=node_len,
+                                  qo_indptr=torch.from_numpy(qo), vis_indptr=meta.vis_indptr,
+                                  vis_nodes=meta.vis_nodes, page_size=meta.page_size, own_full=meta.own_full,
+                                  node_pos=meta.node_pos)
+            return meta, stats
+        self.misses += 1
+        meta, stats = forest_from_block_table(block_table, seq_lens, query_start_loc, block_size, share=share,
+                                              stats=True)
+        ns = meta.num_nodes - R
+        self._key = key
+        self._entry = (meta, stats, meta.node_len[:ns].numpy().copy(),
+                       meta.node_pos[ns:].numpy().astype(np.int64))
+        return meta, stats

@@ -84,6 +84,38 @@ def test_block_tables_share_prefixes_exactly(seed):
     torch.testing.assert_close(shared.positions(), shared.default_node_pos())
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_forest_cache_equals_a_fresh_conversion(seed):
+    """ForestCache (the builder's, CPU): over decode steps (every request one token longer, crossing block
+    boundaries, a request leaving), a table changed in place, and share on/off, every step's forest equals
+    forest_from_block_table's, and steps inside a block are hits."""
+    from dataclasses import fields
+
+    from multiverse_kernels.integrations.vllm_sharing import ForestCache
+
+    bs = 16
+    tab, seq, qo, _ = _tables(seed, bs)
+    cache = ForestCache()
+    steps = [(tab, seq, qo, True)]
+    R = seq.numel()
+    for k in range(1, 7):
+        steps.append((tab, seq + k, torch.arange(R + 1, dtype=torch.int32), True))
+    steps.append((tab[1:], (seq + 6)[1:], torch.arange(R, dtype=torch.int32), True))  # request 0 finished
+    changed = tab.clone()
+    changed[0, 0] = 99  # rewritten in place
+    steps.append((changed, seq + 6, torch.arange(R + 1, dtype=torch.int32), True))
+    steps.append((changed, seq + 6, torch.arange(R + 1, dtype=torch.int32), False))
+    for t, s, q, share in steps:
+        got, st = cache(t, s, q, bs, share=share)
+        want, st_want = forest_from_block_table(t, s, q, bs, share=share, stats=True)
+        assert st == st_want
+        for f in fields(want):
+            a, b = getattr(got, f.name), getattr(want, f.name)
+            same = (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(b, torch.Tensor) else a == b
+            assert same, f.name
+    assert cache.hits > 0 and cache.misses >= 4
+
+
 def test_block_tables_known_split():
     bs = 4
     # three requests on a 2-block prompt; two of them share one more block; one unrelated request
@@ -280,6 +312,20 @@ def _seeded(n: int, seed: int, tokens: int = 8, **kw):
 
     return SamplingParams(n=n, temperature=1.0, seed=seed, max_tokens=tokens, logprobs=1, detokenize=False,
                           **kw)
+
+
+def test_public_op_path_matches(vllm_mod, tmp_path, monkeypatch):
+    """MULTIVERSE_VLLM_KERNEL=reference: the impl calls the public tree_attention op (the path GPU
+    kernels take) instead of its direct C++ CPU path; the same tokens as CPU_ATTN."""
+    from vllm import SamplingParams
+
+    path = _save_tiny(tmp_path)
+    system = _prompts(80, 6)
+    jobs = [([system] * 3 + [system + [1, 2]], SamplingParams(temperature=0, max_tokens=5, logprobs=1,
+                                                               detokenize=False))]
+    theirs = _run_engine(path, None, jobs)
+    monkeypatch.setenv("MULTIVERSE_VLLM_KERNEL", "reference")
+    _compare(_run_engine(path, "CUSTOM", jobs), theirs, atol=1e-3)
 
 
 def test_seeded_sampling_n_1_to_32(vllm_mod, tmp_path):
