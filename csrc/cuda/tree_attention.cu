@@ -105,18 +105,42 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Two e4m3fn values (the low two bytes of x, lowest address first) -> a half2 word, exact. sm_89+ has
+// the hardware conversion (its NaN S.1111.111 -> an fp16 NaN, exact elsewhere); older targets (the
+// compute_80 PTX of the build) decode the bits: normal S.EEEE.MMM (bias 7) is the fp16 S.(E+8).MMM0000000
+// (bias 15), a subnormal M * 2^-9 is a normal fp16 (exact through float), S.1111.111 is NaN.
+__device__ __forceinline__ uint32_t e4m3x2_to_half2(uint32_t x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  uint32_t out = 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t b = (x >> (8 * i)) & 0xffu;
+    const uint32_t s = (b & 0x80u) << 8, e = (b >> 3) & 0xfu, m = b & 0x7u;
+    uint32_t h;
+    if ((b & 0x7fu) == 0x7fu) h = s | 0x7e00u;
+    else if (e != 0) h = s | ((e + 8u) << 10) | (m << 7);
+    else h = s | __half_as_ushort(__float2half_rn(static_cast<float>(m) * 0.001953125f));
+    out |= h << (16 * i);
+  }
+  return out;
+#else
+  uint32_t h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(static_cast<uint16_t>(x & 0xffffu)));
+  return h;
+#endif
+}
+
 // Four fp8 values (bytes of x, lowest address first) -> four fp16 values, exact: (lo, hi) half2 words.
 // e5m2 is the top byte of an fp16 (same exponent bias and width: every value, subnormals, Inf and NaN
-// included, is that fp16), so a byte permute places it; e4m3fn by the hardware conversion (sm_89+),
-// which maps its NaN (S.1111.111) to an fp16 NaN and is exact elsewhere.
+// included, is that fp16), so a byte permute places it; e4m3fn by e4m3x2_to_half2.
 template <bool E5>
 __device__ __forceinline__ void fp8x4_to_half2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
   if constexpr (E5) {
     lo = __byte_perm(x, 0u, 0x1404);  // bytes (0, x0, 0, x1)
     hi = __byte_perm(x, 0u, 0x3424);  // bytes (0, x2, 0, x3)
   } else {
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(lo) : "h"(static_cast<uint16_t>(x & 0xffffu)));
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(hi) : "h"(static_cast<uint16_t>(x >> 16)));
+    lo = e4m3x2_to_half2(x & 0xffffu);
+    hi = e4m3x2_to_half2(x >> 16);
   }
 }
 // Two fp16 values -> two of T (fp16: as they are; bf16: through float, exact for fp8-born values).
@@ -139,7 +163,7 @@ __device__ __forceinline__ uint4 fp8x8_to(uint2 x) {
 __device__ __forceinline__ float fp8_to_float(uint8_t x, bool e5) {
   uint32_t h;
   if (e5) h = static_cast<uint32_t>(x) << 8;
-  else asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(static_cast<uint16_t>(x)));
+  else h = e4m3x2_to_half2(x);
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xffffu)));
 }
 
