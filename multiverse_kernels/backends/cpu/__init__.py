@@ -63,13 +63,15 @@ def _plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata, window: int | None =
 
 
 def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata, window: int | None = None, *,
-              cached: bool = True) -> tuple[ForestMetadata, TreePlan]:
+              cached: bool = True, num_workers: int | None = None) -> tuple[ForestMetadata, TreePlan]:
     """The forward's default: tiny nodes absorbed (plan_cache.cached_run_plan; not with a window), then
-    planned. ``cached=False``: plan_cache.run_plan (for a caller that keeps the step's plan itself)."""
+    planned. ``cached=False``: plan_cache.run_plan (for a caller that keeps the step's plan itself);
+    ``num_workers``: the planner's (default: the thread count)."""
     group = q.shape[1] // k_cache.shape[2]
     return (cached_run_plan if cached else run_plan)(
         meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2], kv_elem_size=k_cache.element_size(),
-        chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group), window=window)
+        chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group), num_workers=num_workers,
+        window=window)
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ForestMetadata,
