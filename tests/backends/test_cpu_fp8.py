@@ -15,8 +15,6 @@ build this machine can run (baseline, AVX2, AVX-512: MULTIVERSE_CPU_ISA forced a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from _strategies import NUM_PAGES, forests
@@ -39,56 +37,21 @@ from multiverse_kernels.variants import FP8_DTYPES, Variant
 
 cpu_backend = import_cpu_backend_or_skip()
 
+from _fp8 import fp8_inputs  # noqa: E402
+
 from multiverse_kernels.backends.reference import tree_attention as ref_attention  # noqa: E402
-from multiverse_kernels.info import ISA_NAMES  # noqa: E402 (after the skip)
-from multiverse_kernels.info import kernel_isa as cpu_isa  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 FP8_IDS = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 
 
-def _supported() -> int:
-    env = os.environ.pop("MULTIVERSE_CPU_ISA", None)
-    try:
-        return int(torch.ops.multiverse_C.cpu_isa()[1])
-    finally:
-        if env is not None:
-            os.environ["MULTIVERSE_CPU_ISA"] = env
-
-
-@pytest.fixture(params=ISA_NAMES)
-def isa(request, monkeypatch) -> str:
-    name = request.param
-    best = _supported()
-    if ISA_NAMES.index(name) > best:
-        pytest.skip(f"this CPU runs at most {ISA_NAMES[best]}: the {name} kernel cannot run here")
-    monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
-    assert cpu_isa()[0] == name
-    return name
-
-
-def _fp8_inputs(meta, num_pages: int, hq: int, hk: int, d: int, qdtype: torch.dtype, fp8: torch.dtype,
-                scales: str, seed: int):
-    """q (qdtype) and fp8 caches quantized from random K/V with random scales: ``scales`` "tensor"
-    ([1] both), "head" ([hk] both) or "mixed" (k_scale [1], v_scale [hk])."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(meta.total_q, hq, d, generator=g).to(qdtype)
-    k = torch.randn(num_pages, meta.page_size, hk, d, generator=g) * 2
-    v = torch.randn(k.shape, generator=g)
-    nk = 1 if scales == "tensor" else hk
-    nv = hk if scales in ("head", "mixed") else 1
-    ks = torch.rand(nk, generator=g) * 0.5 + 0.05
-    vs = torch.rand(nv, generator=g) * 0.5 + 0.05
-    kq = (k / ks.reshape(-1, 1)).to(fp8)
-    vq = (v / vs.reshape(-1, 1)).to(fp8)
-    return q, kq, vq, ks, vs
 
 
 def _check_fp8(meta, num_pages: int, hq: int, hk: int, d: int, qdtype: torch.dtype, fp8: torch.dtype,
                scales: str, seed: int, **variant) -> None:
     """cpu (out, lse) with fp8 caches against the float64 reference on the same fp8 bytes and scales
     (the reference backend called directly: float64 math, dequantized at the load)."""
-    q, kq, vq, ks, vs = _fp8_inputs(meta, num_pages, hq, hk, d, qdtype, fp8, scales, seed)
+    q, kq, vq, ks, vs = fp8_inputs(meta, num_pages, hq, hk, d, qdtype, fp8, scales, seed)
     sm = d ** -0.5
     out, lse = mk.tree_attention(q, kq, vq, meta, sm_scale=sm, backend="cpu", return_lse=True, k_scale=ks,
                                  v_scale=vs, **variant)
@@ -178,12 +141,12 @@ def test_fp8_kv_bytes_one_byte_per_element_every_isa(isa: str) -> None:
     f, groups = multiverse_forest(prefix=333, paths=4, path_len=50, concl_len=3)
     meta = f.metadata(groups)
     for fp8 in FP8_DTYPES:
-        q, kq, vq, ks, vs = _fp8_inputs(meta, f.num_pages, 8, 2, 64, torch.bfloat16, fp8, "head", 0)
+        q, kq, vq, ks, vs = fp8_inputs(meta, f.num_pages, 8, 2, 64, torch.bfloat16, fp8, "head", 0)
         assert hook(q, kq, vq, meta, 0.125, k_scale=ks, v_scale=vs) == plan_kv_tokens(meta) * 2 * 2 * 64
     root_forest = mk.KVForest(200, 16)
     root = root_forest.new_sequence(2000)
     meta = root_forest.metadata([(root, 1)])
-    q, kq, vq, ks, vs = _fp8_inputs(meta, root_forest.num_pages, 8, 2, 64, torch.float16, torch.float8_e5m2,
+    q, kq, vq, ks, vs = fp8_inputs(meta, root_forest.num_pages, 8, 2, 64, torch.float16, torch.float8_e5m2,
                                     "tensor", 1)
     assert hook(q, kq, vq, meta, 0.125, window=64, k_scale=ks, v_scale=vs) == 64 * 2 * 2 * 64
     assert hook(q, kq, vq, meta, 0.125, k_scale=ks, v_scale=vs) == 2000 * 2 * 2 * 64
@@ -196,7 +159,7 @@ def test_fp8_nan_policy(isa: str, fp8: torch.dtype) -> None:
     the output dims of the rows that see it; nothing crosses the mask (docs/errors.md)."""
     f, groups = random_forest(7450, page_size=4, max_len=30, max_q_len=4)
     meta = f.metadata(groups)
-    q, kq, vq, ks, vs = _fp8_inputs(meta, f.num_pages, 4, 2, 64, torch.float16, fp8, "head", 5)
+    q, kq, vq, ks, vs = fp8_inputs(meta, f.num_pages, 4, 2, 64, torch.float16, fp8, "head", 5)
     specials = [0x7F, 0xFF] if fp8 == torch.float8_e4m3fn else [0x7F, 0x7C, 0xFC]  # NaN (, +inf, -inf)
     lens = meta.node_len.tolist()
     node = max(range(meta.num_nodes), key=lambda n: (meta.vis_nodes == n).sum().item() * (lens[n] > 0))
@@ -242,7 +205,7 @@ def test_fuzz_fp8_forests(meta, heads, d, qdtype, fp8, scales, window, softcap, 
 def _small():
     f, groups = random_forest(3, page_size=4)
     meta = f.metadata(groups)
-    q, kq, vq, ks, vs = _fp8_inputs(meta, f.num_pages, 4, 2, 64, torch.float16, torch.float8_e4m3fn, "head",
+    q, kq, vq, ks, vs = fp8_inputs(meta, f.num_pages, 4, 2, 64, torch.float16, torch.float8_e4m3fn, "head",
                                     0)
     plan = plan_tree_attention(meta, 4, 2, head_dim=64)
     return meta, plan, q, kq, vq, ks, vs

@@ -14,8 +14,6 @@ sub-chunks of 256 tokens, row blocks of 32 packed rows and head dims padded to 1
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -34,6 +32,8 @@ from multiverse_kernels.testing import (
 
 cpu_backend = import_cpu_backend_or_skip()
 
+from _cpu_isa import supported_isa  # noqa: E402
+
 from multiverse_kernels.backends.cpu._ext import run_tree_attention_backward  # noqa: E402
 from multiverse_kernels.info import ISA_NAMES  # noqa: E402 (after the skip)
 from multiverse_kernels.info import kernel_isa as cpu_isa  # noqa: E402
@@ -41,24 +41,7 @@ from multiverse_kernels.info import kernel_isa as cpu_isa  # noqa: E402
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _supported() -> int:
-    env = os.environ.pop("MULTIVERSE_CPU_ISA", None)
-    try:
-        return int(torch.ops.multiverse_C.cpu_isa()[1])
-    finally:
-        if env is not None:
-            os.environ["MULTIVERSE_CPU_ISA"] = env
 
-
-@pytest.fixture(params=ISA_NAMES)
-def isa(request, monkeypatch) -> str:
-    name = request.param
-    best = _supported()
-    if ISA_NAMES.index(name) > best:
-        pytest.skip(f"this CPU runs at most {ISA_NAMES[best]}: the {name} kernel cannot run here")
-    monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
-    assert cpu_isa()[0] == name
-    return name
 
 
 def _check(meta: ForestMetadata, num_pages: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int,
@@ -193,7 +176,7 @@ def test_forced_isa_errors_name_the_variable(monkeypatch) -> None:
     monkeypatch.setenv("MULTIVERSE_CPU_ISA", "sse9")
     with pytest.raises((RuntimeError, ValueError), match="MULTIVERSE_CPU_ISA"):
         tree_attention(q, k, v, meta, backend="cpu")
-    best = _supported()
+    best = supported_isa()
     if best < len(ISA_NAMES) - 1:  # asking for more than the CPU has is an error, not a silent fallback
         monkeypatch.setenv("MULTIVERSE_CPU_ISA", ISA_NAMES[best + 1])
         with pytest.raises((RuntimeError, ValueError), match="at most"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _fp8 import fp8_inputs
 
 from multiverse_kernels import KVForest
 from multiverse_kernels.ops import tree_attention
@@ -267,21 +268,6 @@ def test_window_loads_only_the_window(dtype):
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_IDS = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 QDTYPES = (torch.float16, torch.bfloat16)
-
-
-def fp8_inputs(meta, num_pages: int, hq: int, hk: int, d: int, qdtype: torch.dtype, fp8: torch.dtype,
-               scales: str, seed: int):
-    """q (qdtype) and fp8 caches quantized from random K/V with random scales, on the CPU: ``scales``
-    "tensor" ([1] both), "head" ([hk] both) or "mixed" (k_scale [1], v_scale [hk])."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(meta.total_q, hq, d, generator=g).to(qdtype)
-    k = torch.randn(num_pages, meta.page_size, hk, d, generator=g) * 2
-    v = torch.randn(k.shape, generator=g)
-    nk = 1 if scales == "tensor" else hk
-    nv = hk if scales in ("head", "mixed") else 1
-    ks = torch.rand(nk, generator=g) * 0.5 + 0.05
-    vs = torch.rand(nv, generator=g) * 0.5 + 0.05
-    return q, (k / ks.reshape(-1, 1)).to(fp8), (v / vs.reshape(-1, 1)).to(fp8), ks, vs
 
 
 def check_fp8(meta, num_pages: int, hq: int, hk: int, d: int, qdtype: torch.dtype, fp8: torch.dtype,
