@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -43,9 +46,26 @@ def process_group(backend: str, rank: int, world: int, init: str) -> Iterator[No
         dist.destroy_process_group()
 
 
+def _rank_main(rank: int, fn: Callable, args: tuple) -> None:
+    """One rank: ``fn(rank, *args)``, then leave without interpreter finalization.
+
+    A gloo worker thread can still hold the last reference to a finished collective's work object (and
+    through it tensors with Python wrappers) after ``destroy_process_group``; if that reference is dropped
+    while the interpreter is being torn down, the thread's GIL acquire aborts the process ("terminate
+    called without an active exception", SIGABRT: seen in CI after every assertion had passed). A rank
+    that finished its body therefore exits with ``os._exit(0)`` once its output is flushed. A rank whose
+    body raised returns through ``mp.spawn`` as usual, so its traceback reaches the parent.
+    """
+    fn(rank, *args)
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(fn: Callable, args: tuple, world: int, timeout: float) -> None:
     """Run ``fn(rank, *args)`` in ``world`` processes; fail (and kill them) after ``timeout`` seconds."""
-    ctx = mp.spawn(fn, args=args, nprocs=world, join=False)
+    ctx = mp.spawn(_rank_main, args=(fn, args), nprocs=world, join=False)
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -3,6 +3,7 @@ rates in the step's dtype."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import multiverse_kernels as mk
@@ -38,10 +39,29 @@ def test_measure_rates_and_header():
     assert r.gemm_flops > 0 and r.read_bw > 0 and r.threads == torch.get_num_threads()
     assert r.dtype == torch.float32 and "fp32 GEMM" in r.describe()
     rb = roofline.measure_rates("cpu", gemm_n=128, bw_bytes=8 << 20, min_run_time=0.01, dtype=torch.bfloat16)
-    assert rb.dtype == torch.bfloat16 and rb.gemm_flops > 0 and "bf16 GEMM" in rb.describe()
-    assert "bf16 GEMM" in roofline.describe_roofline(10**6, 10**9, rb)
+    assert rb.dtype == torch.bfloat16 and rb.gemm_flops > 0
+    # the compute roof is the faster of the bf16 GEMM and the fp32 GEMM (bf16 inputs can be widened): the
+    # header names the one it used (on a CPU without bf16 matrix units the fp32 GEMM wins)
+    assert rb.gemm_dtype in (torch.bfloat16, torch.float32)
+    want = "bf16 GEMM" if rb.gemm_dtype == torch.bfloat16 else "fp32 GEMM (faster than bf16's)"
+    assert want in rb.describe() and want in roofline.describe_roofline(10**6, 10**9, rb)
     line = roofline.describe_cpu()
     assert "ISA" in line and "threads" in line
+
+
+@pytest.mark.parametrize("bf16_rate", [1e9, 1e12])
+def test_half_precision_roof_takes_the_faster_gemm(monkeypatch, bf16_rate):
+    """Both ways the comparison can go, whatever this CPU does: the roof is the faster GEMM, and the
+    header says which dtype it was measured in."""
+    monkeypatch.setattr(roofline, "gemm_rate",
+                        lambda dev, dt, n, t: bf16_rate if dt == torch.bfloat16 else 1e11)
+    rb = roofline.measure_rates("cpu", gemm_n=16, bw_bytes=1 << 20, min_run_time=0.001, dtype=torch.bfloat16)
+    assert rb.gemm_flops == max(bf16_rate, 1e11)
+    if bf16_rate > 1e11:
+        assert rb.gemm_dtype == torch.bfloat16
+        assert "bf16 GEMM" in rb.describe() and "faster" not in rb.describe()
+    else:
+        assert rb.gemm_dtype == torch.float32 and "fp32 GEMM (faster than bf16's)" in rb.describe()
 
 
 def test_rates_are_timed_with_the_callers_thread_count(monkeypatch):
