@@ -33,11 +33,24 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
 #endif
 }
 
-// Runs worker() once on each of min(threads, n) threads (ATen's pool, OpenMP, or inline).
+// How many workers run_workers(n, ...) starts: min(threads, n) (1 without a thread pool).
+inline int64_t worker_count(int64_t n) {
+#if defined(MULTIVERSE_WITH_ATEN)
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+#elif defined(_OPENMP)
+  (void)n;
+  return std::max(1, omp_get_max_threads());
+#else
+  (void)n;
+  return 1;
+#endif
+}
+
+// Runs worker() once on each of worker_count(n) threads (ATen's pool, OpenMP, or inline).
 template <class W>
 void run_workers(int64_t n, const W& worker) {
 #if defined(MULTIVERSE_WITH_ATEN)
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t nt = worker_count(n);
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) worker();
   });
@@ -55,17 +68,31 @@ void run_workers(int64_t n, const W& worker) {
 // body(task, next_task, state), where next_task (-1 when none) is the task the same worker runs next, so
 // the body can prefetch its data; `State` is the worker's own scratch. Work items differ a lot in cost
 // (a shared prefix chunk has many readers, a leaf chunk one), so a static split would leave threads idle.
+//
+// A worker claims its next task before running the current one only while at least one unclaimed task
+// stays for every other worker: a worker that the pool starts late (threads wake up one by one) must
+// still find work. (Claiming unconditionally let the first worker take both tasks of a two-task step -
+// a one-request decode step with two KV heads - while the second thread found the queue empty.) Near
+// the end of the queue a worker runs its task without a look-ahead and claims the next one after.
 template <class State, class F>
 void parallel_tasks_lookahead(int64_t n, const F& body) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
+  const int64_t workers = worker_count(n);
   run_workers(n, [&]() {
     thread_local State st;  // scratch survives across calls: no page faults per step
     int64_t cur = next.fetch_add(1, std::memory_order_relaxed);
     while (cur < n) {
-      const int64_t nxt = next.fetch_add(1, std::memory_order_relaxed);
-      body(cur, nxt < n ? nxt : -1, st);
-      cur = nxt;
+      // after claiming `ahead`, n - ahead - 1 tasks stay unclaimed: claim only if that is >= workers - 1
+      int64_t ahead = next.load(std::memory_order_relaxed), nxt = -1;
+      while (ahead + workers <= n) {
+        if (next.compare_exchange_weak(ahead, ahead + 1, std::memory_order_relaxed)) {
+          nxt = ahead;
+          break;
+        }
+      }
+      body(cur, nxt, st);
+      cur = nxt >= 0 ? nxt : next.fetch_add(1, std::memory_order_relaxed);
     }
   });
 }

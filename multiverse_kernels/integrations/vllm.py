@@ -348,12 +348,7 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
         run = meta.plans.get(key)
         if run is None:
-            # Twice the threads as planner workers: the kernel's task queue lets a worker claim its next
-            # task before running the current one, so a step of <= threads + 1 tasks (one decode request:
-            # one task per KV head) runs on one thread; 2x workers splits it into >= 2 tasks per thread.
-            threads = torch.get_num_threads()
-            run = meta.plans[key] = plan_fn(q, k_cache, meta.forest, self.window, cached=False,
-                                            num_workers=2 * threads if threads > 1 else None)
+            run = meta.plans[key] = plan_fn(q, k_cache, meta.forest, self.window, cached=False)
         out, lse = run_fn(q, k_cache, v_cache, run[0], self.scale, run[1], softcap=self.softcap)
         if sinks is not None:
             out, _ = add_sinks(out, lse, sinks)
