@@ -28,7 +28,7 @@ from .backends import _IMPLS, _LOAD_ERRORS, BACKENDS, _load, available_backends
 
 __all__ = ["collect", "cpu_flags", "cpu_isa", "cpu_model", "kernel_isa", "ISA_NAMES", "main"]
 
-ISA_NAMES = ("baseline", "avx2", "avx512")
+ISA_NAMES = ("baseline", "avx2", "avx512", "avx512_bf16")
 """The C++ CPU kernel's ISA paths by the index ``torch.ops.multiverse_C.cpu_isa`` reports."""
 
 # x86-64 micro-architecture levels (the psABI's): the flags /proc/cpuinfo must show for each.
@@ -64,7 +64,7 @@ def cpu_isa() -> dict[str, Any]:
 
     ``kernel_isa`` comes from the extension when it reports it (``torch.ops.multiverse_C.cpu_isa``);
     otherwise it is derived from the CPU flags, which is what the kernel's cpuid dispatch selects on
-    (avx512 ~ x86-64-v4 > avx2 ~ v3 > baseline).
+    (avx512_bf16: v4 + the avx512_bf16 flag > avx512 ~ x86-64-v4 > avx2 ~ v3 > baseline).
     """
     flags = cpu_flags()
     machine = platform.machine()
@@ -94,7 +94,8 @@ def cpu_isa() -> dict[str, Any]:
 
 def kernel_isa() -> tuple[str, str]:
     """(ISA path the C++ CPU kernel dispatches to now, widest path this CPU supports); ("-", "-") when
-    the library is not built. ``MULTIVERSE_CPU_ISA=avx512|avx2|baseline`` forces a lower one."""
+    the library is not built. ``MULTIVERSE_CPU_ISA=avx512_bf16|avx512|avx2|baseline`` forces a
+    lower one."""
     try:
         load_extension("_C")
     except (ImportError, OSError, RuntimeError):

@@ -23,7 +23,7 @@ namespace multiverse::cpu {
 namespace {
 
 // Indexed by CpuIsa.
-constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
 constexpr int kNumIsas = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
 
 // The kernel table of each CpuIsa (nullptr: not built for this target).
@@ -32,7 +32,9 @@ const IsaKernels* const kTables[kNumIsas] = {
 #if defined(MULTIVERSE_X86_ISAS)
     &kKernelsAvx2,
     &kKernelsAvx512,
+    &kKernelsAvx512Bf16,
 #else
+    nullptr,
     nullptr,
     nullptr,
 #endif
@@ -57,8 +59,11 @@ CpuIsa detect_isa() {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return CpuIsa::kBaseline;
   if (!(b & (1u << 5))) return CpuIsa::kBaseline;  // AVX2
   const bool f512 = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
-  if (f512 && dq && bw && vl && (xcr0 & 0xe0) == 0xe0) return CpuIsa::kAvx512;  // OS saves zmm/k state
-  return CpuIsa::kAvx2;
+  if (!(f512 && dq && bw && vl && (xcr0 & 0xe0) == 0xe0)) return CpuIsa::kAvx2;  // OS saves zmm/k state
+  // AVX512_BF16: cpuid leaf 7 subleaf 1, eax bit 5 (leaf 7's eax gives the highest subleaf)
+  unsigned a1 = 0, b1, c1, d1;
+  if (a >= 1 && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5))) return CpuIsa::kAvx512Bf16;
+  return CpuIsa::kAvx512;
 #else
   return CpuIsa::kBaseline;
 #endif

@@ -144,6 +144,7 @@ struct IsaKernels {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MULTIVERSE_X86_ISAS 1
 extern const IsaKernels kKernelsAvx512;  // kernels_avx512.cpp
+extern const IsaKernels kKernelsAvx512Bf16;  // kernels_avx512bf16.cpp
 extern const IsaKernels kKernelsAvx2;    // kernels_avx2.cpp
 #endif
 extern const IsaKernels kKernelsBaseline;  // kernels_baseline.cpp

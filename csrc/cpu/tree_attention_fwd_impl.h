@@ -21,6 +21,13 @@
 //
 // Element types: run_task<EQ, EKV> reads q and writes out as EQ (fp32 / fp16 / bf16) and reads the
 // caches as EKV (EQ itself, or fp8 e4m3 / e5m2 with fp16 / bf16 q: TreeAttentionParams::kv_dtype).
+//
+// bf16 dot products (MV_LEVEL 3, AVX512-BF16; kDotBf16<EQ, EKV>: bf16 q and caches): S^T = K Q^T by
+// vdpbf16ps, which multiplies the two bf16 halves of each 32-bit lane pairwise and adds both products to
+// the fp32 lane - two head dims per instruction, the products exact (8-bit x 8-bit mantissas fit fp32's
+// 24), the sums fp32 as on the other paths. Q^T is then stored as 32-bit pairs (q[2e], q[2e+1]) of the
+// unscaled bf16 q (sm_scale multiplies the scores instead), and the chunk's K rows are copied as bf16
+// (no conversion) into the same scratch rows. P V stays fp32 (P is not rounded to bf16).
 #pragma once
 
 #ifndef MV_LEVEL
@@ -110,9 +117,18 @@ template <class E> struct Prefetch2 {
 // Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads
 // (fp8 rows dequantized here, times c.ks / c.vs). With v_direct (fp32) only K is copied, and
 // vrows[t - a] points at token t's V row in the cache (read there by P V). Returns the bytes read.
-template <class E> inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const float** vrows) {
+// DOT (bf16 dot products): K rows are copied as bf16 into the start of their scratch rows (zero at D
+// when D is odd: the tiles read head dims in pairs).
+template <class E, bool DOT = false>
+inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const float** vrows) {
   for (int t = a; t < b; ++t) {
-    pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp, c.ks);
+    if constexpr (DOT) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(c.kb + static_cast<size_t>(t) * c.dp);
+      __builtin_memcpy(dst, k_row<E>(c, t), static_cast<size_t>(c.D) * sizeof(uint16_t));
+      if (c.D & 1) dst[c.D] = 0;
+    } else {
+      pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp, c.ks);
+    }
     if constexpr (std::is_same_v<E, F32>) {
       if (v_direct) {
         vrows[t - a] = v_row<E>(c, t);
@@ -144,6 +160,52 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
   MV_UNROLL(24) for (int j = 0; j < TB; ++j)
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v]);
 }
+
+#if MV_LEVEL >= 3
+template <class EQ, class EKV>
+inline constexpr bool kDotBf16 = std::is_same_v<EQ, BF16> && std::is_same_v<EKV, BF16>;
+
+// acc + a.lo * b.lo + a.hi * b.hi per 32-bit lane (bf16 halves; vdpbf16ps: exact products, fp32 sums).
+template <int N>
+MV_INL typename VT<N>::V dot2_bf16(typename VT<N>::V acc, typename VT<N>::UI a, typename VT<N>::UI b) {
+  using V = typename VT<N>::V;
+  if constexpr (N == 16) {
+    return (V)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+  } else {
+    static_assert(N == 8, "bf16 dot products on 16 or 8 lanes");
+    return (V)_mm256_dpbf16_ps((__m256)acc, (__m256bh)a, (__m256bh)b);
+  }
+}
+
+// S^T[j][0 : NV*N] = scale * sum_e dot2(K[j][2e : 2e + 2], Q2[e][0 : NV*N]) for j < TB, e < E2 (head-dim
+// pairs). k: bf16 rows, ldk elements apart, zero at D when D is odd; q2: [E2][ldq] pairs (low half
+// q[row][2e], high half q[row][2e + 1]). Each step broadcasts one token's pair against NV vectors of rows.
+template <int N, int NV, int TB>
+MV_INL void qk_tile_bf16(const uint16_t* __restrict k, int ldk, const uint32_t* __restrict q2, int ldq, int E2,
+                         float* __restrict s, int lds, float scale) {
+  using V = typename VT<N>::V;
+  using UI = typename VT<N>::UI;
+  V acc[TB][NV];
+  MV_UNROLL(24) for (int j = 0; j < TB; ++j)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+  for (int e = 0; e < E2; ++e) {
+    UI qv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v)
+      __builtin_memcpy(&qv[v], q2 + static_cast<size_t>(e) * ldq + v * N, sizeof(UI));
+    MV_UNROLL(24) for (int j = 0; j < TB; ++j) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, k + static_cast<size_t>(j) * ldk + 2 * e, sizeof(pair));
+      const UI kv = UI{} + pair;
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[j][v] = dot2_bf16<N>(acc[j][v], kv, qv[v]);
+    }
+  }
+  const V sv = vbcast<V>(scale);
+  MV_UNROLL(24) for (int j = 0; j < TB; ++j)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v] * sv);
+}
+#else
+template <class EQ, class EKV> inline constexpr bool kDotBf16 = false;
+#endif
 
 // ---------------------------------------------------------------------------------- online softmax
 // Columns c0 .. c0+N (rows of the row block), tokens [t0, t_end) of one token block, S^T rows stored
@@ -305,7 +367,9 @@ template <class EQ, class EKV>
 int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t next_item, int32_t next_kh,
                  const TaskScratch& sc) {
   using T = typename EQ::T;
+  constexpr bool kDot = kDotBf16<EQ, EKV>;  // S^T by bf16 dot products (see the top of this file)
   const int D = p.head_dim;
+  const int E2 = (D + 1) / 2;  // head-dim pairs of the bf16 dot products
   const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t nr = p.item_num_readers[item];
   const int M = nr * group;
@@ -409,15 +473,29 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     if (has_lo)
       for (int i = 0; i < mb; ++i) tmin = imin(tmin, lo[m0 + i]);
     // Q^T of the block, pre-scaled by sm_scale (so scores and lse include it); pad columns 0.
+    // (kDot: [E2][lds] 32-bit pairs of the unscaled bf16 q, in the same scratch.)
     float* qt = sc.qt;
+    uint32_t* qt2 = reinterpret_cast<uint32_t*>(sc.qt);
     for (int i = 0; i < mb; ++i) {
       const int m = m0 + i;
       const int32_t row = p.reader_row[r0 + packed_reader(m, group)];
       const T* src = qp + row * p.q_stride_row + static_cast<int64_t>(head[m]) * p.q_stride_head;
-      for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = EQ::load(src[d]) * p.sm_scale;
+      if constexpr (kDot) {
+        for (int e = 0; e < E2; ++e) {
+          const uint32_t hi = 2 * e + 1 < D ? src[2 * e + 1] : 0;
+          qt2[static_cast<size_t>(e) * lds + i] = static_cast<uint32_t>(src[2 * e]) | hi << 16;
+        }
+      } else {
+        for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = EQ::load(src[d]) * p.sm_scale;
+      }
     }
-    for (int i = mb; i < mbp; ++i)
-      for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
+    for (int i = mb; i < mbp; ++i) {
+      if constexpr (kDot) {
+        for (int e = 0; e < E2; ++e) qt2[static_cast<size_t>(e) * lds + i] = 0;
+      } else {
+        for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
+      }
+    }
     for (int i = 0; i < mbp; ++i) {
       sc.mx[i] = -__builtin_inff();
       sc.sum[i] = 0.0f;
@@ -444,7 +522,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
           c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
         }
-        bytes += pack_rows<EKV>(c, tb0, tb1, v_direct, vrows);
+        bytes += pack_rows<EKV, kDot>(c, tb0, tb1, v_direct, vrows);
         pf.own = Prefetcher<EKV>{&c, tb1, imin(tb1 + tbk, max_vis)};
         for (int t = tb1; t < tb0 + tbk; ++t)  // tiles past the chunk read zeros
           for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
@@ -463,13 +541,26 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         const float* kp = c.kb + static_cast<size_t>(tb0) * dp;
         if (big) {
           for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp) {
-            qk_tile<W, 2, QK_TB>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col, lds);
+            float* sp = sc.st + static_cast<size_t>(t0 - tb0) * lds + col;
+#if MV_LEVEL >= 3
+            if constexpr (kDot)
+              qk_tile_bf16<W, 2, QK_TB>(reinterpret_cast<const uint16_t*>(kp), 2 * dp, qt2 + col, lds, E2, sp, lds,
+                                        p.sm_scale);
+            else
+#endif
+              qk_tile<W, 2, QK_TB>(kp, dp, qt + col, lds, D, sp, lds);
             pf.step(pf_rows);
           }
         } else {
           for (int t0 = tb0; t0 < tend; t0 += QK_TB_SMALL, kp += QK_TB_SMALL * dp) {
-            qk_tile<G, 1, QK_TB_SMALL>(kp, dp, qt + col, lds, D, sc.st + static_cast<size_t>(t0 - tb0) * lds + col,
-                                       lds);
+            float* sp = sc.st + static_cast<size_t>(t0 - tb0) * lds + col;
+#if MV_LEVEL >= 3
+            if constexpr (kDot)
+              qk_tile_bf16<G, 1, QK_TB_SMALL>(reinterpret_cast<const uint16_t*>(kp), 2 * dp, qt2 + col, lds, E2, sp,
+                                              lds, p.sm_scale);
+            else
+#endif
+              qk_tile<G, 1, QK_TB_SMALL>(kp, dp, qt + col, lds, D, sp, lds);
             pf.step(pf_rows);
           }
         }

@@ -1,8 +1,9 @@
 """Every micro-kernel build of the C++ CPU tree attention this machine can run, forward and backward,
 against the reference.
 
-The forward and backward kernels are compiled for AVX-512, AVX2+FMA+F16C and the baseline target
-(csrc/cpu/kernels_{avx512,avx2,baseline}.cpp) and picked by one dispatch (csrc/cpu/isa_dispatch.cpp:
+The forward and backward kernels are compiled for AVX-512 with AVX512-BF16 (bf16 scores by vdpbf16ps),
+AVX-512, AVX2+FMA+F16C and the baseline target (csrc/cpu/kernels_{avx512bf16,avx512,avx2,baseline}.cpp)
+and picked by one dispatch (csrc/cpu/isa_dispatch.cpp:
 cpuid, capped by MULTIVERSE_CPU_ISA) for both passes. Each test runs once per ISA; an ISA this CPU
 cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as skipped, not
 passed). Forward shapes are chosen to cross every tiling boundary of the kernel: row blocks of 128
@@ -76,10 +77,34 @@ def test_extend_many_rows_every_isa(isa: str, dtype: torch.dtype) -> None:
     _check(f.metadata(groups), f.num_pages, 8, 2, 64, dtype, 2)
 
 
-@pytest.mark.parametrize("d", [16, 24, 72, 256])
-def test_head_dims_every_isa(isa: str, d: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [16, 24, 33, 72, 256])
+def test_head_dims_every_isa(isa: str, d: int, dtype: torch.dtype) -> None:
+    """Head dims off the vector widths; an odd one too (the bf16 dot products read head dims in pairs)."""
     f, groups = multiverse_forest(prefix=100, paths=3, path_len=30, concl_len=3, page_size=4, concl_q=2)
-    _check(f.metadata(groups), f.num_pages, 4, 2, d, torch.float32, d)
+    _check(f.metadata(groups), f.num_pages, 4, 2, d, dtype, d)
+
+
+def test_bf16_dot_path_runs_where_the_cpu_has_it(monkeypatch) -> None:
+    """On a CPU with AVX512-BF16 the avx512_bf16 path computes bf16 scores with vdpbf16ps (other fp32
+    summation order than the avx512 path's FMAs): its lse bits differ from the avx512 path's on the same
+    single-threaded step, and both agree with the reference (check_tree_attention above)."""
+    if supported_isa() < ISA_NAMES.index("avx512_bf16"):
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: no avx512_bf16 path here")
+    f, groups = multiverse_forest(prefix=200, paths=4, path_len=40, concl_len=3, page_size=16)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 128, torch.bfloat16, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lse = {}
+        for name in ("avx512", "avx512_bf16"):
+            monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
+            lse[name] = tree_attention(q, k, v, meta, backend="cpu", return_lse=True)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(lse["avx512"], lse["avx512_bf16"]), "MULTIVERSE_CPU_ISA=avx512 changed nothing"
+    torch.testing.assert_close(lse["avx512"], lse["avx512_bf16"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk,tile", [(1, 1), (7, 2), (100, 3)])

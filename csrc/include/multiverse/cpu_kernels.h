@@ -11,12 +11,13 @@ enum class CpuIsa : int32_t {
   kBaseline = 0,  // the build's default target (SSE2 on x86-64), 4-float vectors
   kAvx2 = 1,      // AVX2 + FMA + F16C, 8-float vectors, tiles for 16 ymm registers
   kAvx512 = 2,    // AVX-512 F/VL/BW/DQ, 16-float vectors, tiles for 32 zmm registers
+  kAvx512Bf16 = 3,  // AVX-512 + AVX512_BF16: bf16 steps' scores by vdpbf16ps (the rest as kAvx512)
 };
-const char* cpu_isa_name(CpuIsa isa);  // "baseline", "avx2", "avx512"
+const char* cpu_isa_name(CpuIsa isa);  // "baseline", "avx2", "avx512", "avx512_bf16"
 // The widest ISA this CPU (and OS) supports, by cpuid.
 CpuIsa cpu_isa_supported();
 // The ISA tree_attention and tree_attention_backward dispatch to: cpu_isa_supported(), or the variable
-// MULTIVERSE_CPU_ISA=avx512|avx2|baseline (read per call) forcing a lower one. Throws
+// MULTIVERSE_CPU_ISA=avx512_bf16|avx512|avx2|baseline (read per call) forcing a lower one. Throws
 // std::invalid_argument for an unknown name or an ISA this CPU cannot run.
 CpuIsa cpu_isa_selected();
 
