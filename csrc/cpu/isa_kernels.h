@@ -24,6 +24,7 @@ struct TaskScratch {
   float* kv;      // packed fp32 K then V of the chunk: 2 x [tokens_pad][dp]
   float* qt;      // [D][kRowBlock] queries of a row block, transposed, times sm_scale
   float* st;      // [kTokenBlock][kRowBlock] S^T, then P^T, of one token block
+  uint32_t* p2;   // [kTokenBlock / 2][kRowBlock] P^T as bf16 token pairs (the avx512_bf16 path's P V)
   float* o;       // [kRowBlock][dp] unnormalised output rows of the row block
   float* mx;      // [kRowBlock] running max of each row
   float* sum;     // [kRowBlock] running softmax denominator of each row
@@ -37,6 +38,7 @@ struct TaskScratch {
 // scores of a (row block, token block) pair are [kTokenBlock x kRowBlock] floats (24 KiB), in L1.
 constexpr int kRowBlock = 128;
 constexpr int kTokenBlock = 48;  // tokens loaded (and prefetched ahead) per step; a multiple of every tile
+static_assert(kTokenBlock % 2 == 0, "token blocks start on a token pair (bf16 pair packing)");
 constexpr int kDimPad = 16;      // packed K/V/O rows are padded to a multiple of this (zeros)
 
 inline int64_t round_up64(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -54,8 +56,8 @@ inline int64_t task_tokens_pad(int64_t tokens) { return round_up64(tokens < 1 ? 
 // Floats of scratch a task with `tokens` chunk tokens needs (TaskScratch order).
 inline int64_t task_scratch_floats(int64_t tokens, int64_t head_dim) {
   const int64_t dp = round_up64(head_dim, kDimPad);
-  return 2 * task_tokens_pad(tokens) * dp + head_dim * kRowBlock + kTokenBlock * kRowBlock + kRowBlock * dp +
-         3 * kRowBlock;
+  return 2 * task_tokens_pad(tokens) * dp + head_dim * kRowBlock + kTokenBlock * kRowBlock +
+         kTokenBlock / 2 * kRowBlock + kRowBlock * dp + 3 * kRowBlock;
 }
 
 // One task; returns the K+V bytes it loaded from the caches (counted where it loads them). The chunk of

@@ -29,7 +29,8 @@ struct Scratch {
     s.kv = align64(f.data());
     s.qt = s.kv + 2 * tp * dp;
     s.st = s.qt + static_cast<int64_t>(head_dim) * kRowBlock;
-    s.o = s.st + static_cast<int64_t>(kTokenBlock) * kRowBlock;
+    s.p2 = reinterpret_cast<uint32_t*>(s.st + static_cast<int64_t>(kTokenBlock) * kRowBlock);
+    s.o = s.st + static_cast<int64_t>(kTokenBlock) * kRowBlock + kTokenBlock / 2 * kRowBlock;
     s.mx = s.o + kRowBlock * dp;
     s.sum = s.mx + kRowBlock;
     s.alpha = s.sum + kRowBlock;

@@ -27,7 +27,11 @@
 // the fp32 lane - two head dims per instruction, the products exact (8-bit x 8-bit mantissas fit fp32's
 // 24), the sums fp32 as on the other paths. Q^T is then stored as 32-bit pairs (q[2e], q[2e+1]) of the
 // unscaled bf16 q (sm_scale multiplies the scores instead), and the chunk's K rows are copied as bf16
-// (no conversion) into the same scratch rows. P V stays fp32 (P is not rounded to bf16).
+// (no conversion) into the same scratch rows. P V too: V is stored as token pairs (row t even holds
+// (V[t][d], V[t + 1][d]) per d), P^T of the block is rounded to bf16 pairs (vcvtneps2bf16) and
+// pv_tile_bf16 takes two tokens per instruction where every row of the tile sees both; tokens some row
+// cannot see (causal edges, window starts) are taken one at a time in fp32 from the pairs and skipped
+// for that row, as in pv_tile (NaN policy). l, the softmax denominator, stays the fp32 sum.
 #pragma once
 
 #ifndef MV_LEVEL
@@ -114,11 +118,27 @@ template <class E> struct Prefetch2 {
   }
 };
 
+#if MV_LEVEL >= 3
+// Two bf16 rows -> dp 32-bit pairs (r0[d] low half, r1[d] high half; r1 nullptr: zeros), zeros past D.
+MV_INL void pack_pair_row(const uint16_t* __restrict r0, const uint16_t* __restrict r1, uint32_t* __restrict dst,
+                          int D, int dp) {
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + d)));
+    const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + d)))
+                          : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+  for (; d < D; ++d) dst[d] = static_cast<uint32_t>(r0[d]) | (r1 ? static_cast<uint32_t>(r1[d]) << 16 : 0u);
+  for (; d < dp; ++d) dst[d] = 0;
+}
+#endif
+
 // Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads
 // (fp8 rows dequantized here, times c.ks / c.vs). With v_direct (fp32) only K is copied, and
 // vrows[t - a] points at token t's V row in the cache (read there by P V). Returns the bytes read.
 // DOT (bf16 dot products): K rows are copied as bf16 into the start of their scratch rows (zero at D
-// when D is odd: the tiles read head dims in pairs).
+// when D is odd: the tiles read head dims in pairs), V rows packed in token pairs (a is even).
 template <class E, bool DOT = false>
 inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const float** vrows) {
   for (int t = a; t < b; ++t) {
@@ -129,6 +149,14 @@ inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const fl
     } else {
       pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp, c.ks);
     }
+#if MV_LEVEL >= 3
+    if constexpr (DOT) {  // V as token pairs: at row t (even) the dp pairs (V[t][d], V[t + 1][d])
+      if ((t - a) & 1) continue;
+      pack_pair_row(v_row<E>(c, t), t + 1 < b ? v_row<E>(c, t + 1) : nullptr,
+                    reinterpret_cast<uint32_t*>(c.vb + static_cast<size_t>(t) * c.dp), c.D, c.dp);
+      continue;
+    }
+#endif
     if constexpr (std::is_same_v<E, F32>) {
       if (v_direct) {
         vrows[t - a] = v_row<E>(c, t);
@@ -316,9 +344,91 @@ MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const flo
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W, acc[r][v]);
 }
 
-template <int RB>
-inline void pv_rows(const float* const* vr, int dp, int D, const float* pt, int lds, int t0, int t1, const int32_t* vis,
-                    const int32_t* lo, float* o, const float* alpha, int rb) {
+#if MV_LEVEL >= 3
+// P^T rows [0, 2 * pairs) of the block (fp32, columns [0, mbp), mbp a multiple of 8) -> bf16 pairs
+// p2[e][col] = bf16(P^T[2e][col]) | bf16(P^T[2e + 1][col]) << 16, rounded to nearest even.
+MV_INL void pack_p_pairs(const float* __restrict st, int lds, int mbp, int pairs, uint32_t* __restrict p2) {
+  for (int e = 0; e < pairs; ++e) {
+    const float* a = st + static_cast<size_t>(2 * e) * lds;
+    const float* b = a + lds;
+    uint32_t* dst = p2 + static_cast<size_t>(e) * lds;
+    int col = 0;
+    for (; col + 16 <= mbp; col += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + col)));
+      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + col)));
+      _mm512_storeu_si512(dst + col, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    for (; col < mbp; col += 8) {
+      const __m256i lo = _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps(a + col)));
+      const __m256i hi = _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps(b + col)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + col), _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// pv_tile on the bf16 path: v2 holds the block's V in token pairs (pair e = tokens t0 + 2e, t0 + 2e + 1
+// at v2 + e * ldv, dp 32-bit lanes), p2 the block's P^T in bf16 pairs (pack_p_pairs). Pairs inside
+// [tlo, tfull), which every row of the tile sees, take one vdpbf16ps per row and vector; every other
+// token is taken alone in fp32 (its V half widened, P^T from pt), masked per row as in pv_tile.
+template <int RB, int NV>
+MV_INL void pv_tile_bf16(const uint32_t* __restrict v2, int dp, int d0, const float* __restrict pt,
+                         const uint32_t* __restrict p2, int lds, int t0, int tlo, int tfull, int t1,
+                         const int32_t* __restrict vis, const int32_t* __restrict lo, float* __restrict o,
+                         const float* __restrict alpha, int rb) {
+  using V = typename VT<W>::V;
+  using UI = typename VT<W>::UI;
+  const size_t ldv = 2 * static_cast<size_t>(dp);  // pair e sits in the scratch row of token t0 + 2e
+  V acc[RB][NV];
+  MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+    const V al = vbcast<V>(alpha[rb + r]);
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v)
+      acc[r][v] = vld<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W) * al;
+  }
+  // token t alone: its half of the pair widened to fp32 (bf16 -> fp32 is a 16-bit shift); mask 0: every
+  // row sees it, 1: rows with lo <= t < vis (below tlo: lo is set), 2: rows with t < vis (past tfull)
+  auto single = [&](int t, int mask) __attribute__((always_inline)) {
+    const uint32_t* vp = v2 + ((t - t0) >> 1) * ldv + d0;
+    const bool high = (t - t0) & 1;
+    V vv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) {
+      UI w;
+      __builtin_memcpy(&w, vp + v * W, sizeof(UI));
+      vv[v] = (V)(high ? (w & 0xffff0000u) : (w << 16));
+    }
+    const float* pp = pt + static_cast<size_t>(t - t0) * lds + rb;
+    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+      if ((mask == 1 && !(t >= lo[rb + r] && t < vis[rb + r])) || (mask == 2 && t >= vis[rb + r])) continue;
+      const V pb = vbcast<V>(pp[r]);
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
+    }
+  };
+  int t = t0;
+  for (; t < tlo; ++t) single(t, 1);
+  if (((t - t0) & 1) && t < tfull) single(t++, 0);
+  for (; t + 1 < tfull; t += 2) {
+    const int e = (t - t0) >> 1;
+    const uint32_t* vp = v2 + e * ldv + d0;
+    const uint32_t* pp = p2 + static_cast<size_t>(e) * lds + rb;
+    UI vv[NV];
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) __builtin_memcpy(&vv[v], vp + v * W, sizeof(UI));
+    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+      const UI pb = UI{} + pp[r];
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = dot2_bf16<W>(acc[r][v], pb, vv[v]);
+    }
+  }
+  for (; t < tfull; ++t) single(t, 0);
+  for (; t < t1; ++t) single(t, 2);
+  MV_UNROLL(12) for (int r = 0; r < RB; ++r)
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v)
+      vst<W>(o + static_cast<size_t>(rb + r) * dp + d0 + v * W, acc[r][v]);
+}
+#endif
+
+// DOT: the bf16 path (pv_tile_bf16 on v2 / p2; vr unused), else pv_tile on vr (v2 / p2 unused).
+template <int RB, bool DOT>
+inline void pv_rows(const float* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D, const float* pt,
+                    int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o, const float* alpha,
+                    int rb) {
   int tfull = t1, tlo = t0;
   for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
   if (lo != nullptr) {
@@ -327,22 +437,33 @@ inline void pv_rows(const float* const* vr, int dp, int D, const float* pt, int 
     tfull = imax(tfull, tlo);
   }
   int d0 = 0;
+#if MV_LEVEL >= 3
+  if constexpr (DOT) {  // (pairs are zero up to dp >= D rounded up to W)
+    for (; d0 + 2 * W <= D; d0 += 2 * W)
+      pv_tile_bf16<RB, 2>(v2, dp, d0, pt, p2, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
+    for (; d0 < D; d0 += W) pv_tile_bf16<RB, 1>(v2, dp, d0, pt, p2, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
+    return;
+  }
+#endif
+  (void)v2;
+  (void)p2;
   for (; d0 + 2 * W <= D; d0 += 2 * W)  // never past D: fp32 V rows may be the cache's own
     pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
   for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
 }
 
 // `rows` (1 .. RB) rows starting at block-local rb.
-template <int RB>
-inline void pv_dispatch(int rows, const float* const* vr, int dp, int D, const float* pt, int lds, int t0, int t1,
-                        const int32_t* vis, const int32_t* lo, float* o, const float* alpha, int rb) {
+template <int RB, bool DOT>
+inline void pv_dispatch(int rows, const float* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D,
+                        const float* pt, int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o,
+                        const float* alpha, int rb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<RB - 1>(rows, vr, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
+      pv_dispatch<RB - 1, DOT>(rows, vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
       return;
     }
   }
-  pv_rows<RB>(vr, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
+  pv_rows<RB, DOT>(vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
 }
 
 // The online softmax of one (row block, token block): full-width vectors over the big tiles' columns,
@@ -576,12 +697,19 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       else
         softmax_block<true, true>(sc, lds, mbp, nbig, bvis, blo, tb0, te, bad, p.softcap);
       // O = alpha O + P V in tiles of PV_RB rows (rows that see nothing of this block keep alpha = 1).
+      // (kDot: P^T's token pairs below te rounded to bf16 first.)
+      const uint32_t* v2 = reinterpret_cast<const uint32_t*>(c.vb + static_cast<size_t>(tb0) * dp);
+#if MV_LEVEL >= 3
+      if constexpr (kDot) pack_p_pairs(sc.st, lds, mbp, (te - tb0) / 2, sc.p2);
+#endif
       for (int rb = 0; rb < mb; rb += PV_RB) {
         const int rows = imin(PV_RB, mb - rb);
         int tb = 0;
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
-        if (t1 > tb0) pv_dispatch<PV_RB>(rows, vrows, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha, rb);
+        if (t1 > tb0)
+          pv_dispatch<PV_RB, kDot>(rows, vrows, v2, sc.p2, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha,
+                                   rb);
         pf.step(pf_rows);
       }
     }

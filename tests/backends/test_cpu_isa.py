@@ -277,3 +277,27 @@ def test_window_loads_only_the_window_every_isa(isa: str) -> None:
     q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, torch.float32)
     assert hook(q, k, v, meta, 0.125, window=64) == 64 * 2 * 2 * 64 * 4
     assert hook(q, k, v, meta, 0.125) == 2000 * 2 * 2 * 64 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_nan_in_v_stays_out_every_isa(isa: str, dtype: torch.dtype) -> None:
+    """NaN policy (docs/errors.md) on each path: a NaN in the V row of a token only some rows of a tile
+    see (the last token of each branch in a causal extend: its last query row only) reaches exactly the
+    rows that see it. The bf16 path takes two tokens per instruction where every row of a tile sees both;
+    such a masked token must be taken alone, never as 0 x NaN."""
+    f, groups = sampling_forest(prompt=70, samples=3, gen_len=30, page_size=16)
+    groups = [(n, 9) for n, _ in groups]
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, dtype, seed=3)
+    clean = tree_attention(q, k, v, meta, backend="cpu")
+    v = v.clone()
+    for n, _ in groups:  # the last token of every branch
+        slot = int(meta.node_token_slots(n)[-1])
+        v.view(-1, 2, 64)[slot, 0, 5] = float("nan")
+    out = tree_attention(q, k, v, meta, backend="cpu")
+    last = torch.tensor([qo - 1 for qo in meta.qo_indptr.tolist()[1:]])
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[last] = False
+    assert bool(torch.isnan(out[last][:, :4, 5]).all())  # query heads 0-3 read KV head 0
+    assert bool(torch.isfinite(out[others]).all())
+    torch.testing.assert_close(out[others], clean[others], atol=0, rtol=0)
