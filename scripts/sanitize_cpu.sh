@@ -7,7 +7,8 @@
 # Also builds the existing smoke test with the sanitizers. Uses $CXX (default g++), OpenMP threads so
 # the parallel paths run too. One build (every per-ISA kernel unit, csrc/cpu/kernels_*.cpp); the corpus
 # runs once per kernel build this CPU can run, selected by MULTIVERSE_CPU_ISA as in the shipped library
-# (the widest, then avx2 when the CPU has it, then the portable baseline).
+# (the widest, then avx512 when the widest is avx512_bf16, avx2 when the CPU has it, then the portable
+# baseline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${1:-600}
@@ -29,6 +30,8 @@ echo "sanitizer build: $(( $(date +%s) - t0 )) s"
 ISAS="widest baseline"
 if grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && grep -qw f16c /proc/cpuinfo; then
   ISAS="widest avx2 baseline"
+  # the widest is then avx512_bf16: the avx512 unit (the widest on AVX-512 CPUs without it) runs too
+  if grep -qw avx512_bf16 /proc/cpuinfo && grep -qw avx512f /proc/cpuinfo; then ISAS="widest avx512 avx2 baseline"; fi
 fi
 for isa in $ISAS; do
   t0=$(date +%s)
