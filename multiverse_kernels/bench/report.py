@@ -106,7 +106,7 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int, backends
     # attention layer after layer, so a first call after a pause is not one).
     timers = [lambda i, step=step: time_fn(step, dev, per_round, warmup=1) for _, step in timed]
     paired = roofline.paired_rounds(w.meta, tuple(w.q.shape), w.k_cache.shape[2], w.unique_kv_bytes, timers,
-                                    dev, rounds, dtype=dtype,
+                                    dev, rounds, dtype=w.q.dtype,  # the step's (the fp8 forest: bf16 q)
                                     on_round=(lambda i: bar.update(1)) if bar is not None else None,
                                     window=w.variant.get("window"))
     for (row, _), r in zip(timed, paired, strict=True):

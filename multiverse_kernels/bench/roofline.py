@@ -145,8 +145,8 @@ def cpu_peaks(min_run_time: float = 0.25) -> dict[str, float]:
     """The CPU's compute peaks, one entry per path (flop/s, ``torch.get_num_threads()`` threads):
 
     * ``fma <isa>``: :func:`fma_peak` on every ISA path of the C++ kernel this CPU runs (forced with
-      ``MULTIVERSE_CPU_ISA``; the fp32 FMA rate of that build: every path computes P V, and all but
-      avx512_bf16 also the scores of bf16 steps, in fp32 FMAs);
+      ``MULTIVERSE_CPU_ISA``; the fp32 FMA rate of that build: every path but avx512_bf16 computes
+      every dtype in fp32 FMAs; avx512_bf16 computes bf16 steps with bf16 dot products, twice that rate);
     * ``gemm <dtype>``: torch's GEMM in fp32, bf16 and fp16 (:func:`measure_rates`): on CPUs with matrix
       units torch (oneDNN) runs bf16/fp16 on AMX tiles or AVX512-BF16 dot products, so these are the
       matrix-unit rates the honest roofline of a bf16/fp16 step uses.
@@ -180,8 +180,8 @@ def describe_cpu_peaks(peaks: dict[str, float]) -> str:
     sel, _ = kernel_isa()
     cells = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
     if sel == "avx512_bf16":
-        half = ("bf16 -> scores by AVX512-BF16 dot products (vdpbf16ps), P V in fp32 FMAs; fp16 -> converted "
-                "to fp32 at the load, fp32 FMAs")
+        half = ("bf16 -> scores and P V by AVX512-BF16 dot products (vdpbf16ps); fp16 -> converted to fp32 "
+                "at the load, fp32 FMAs")
     else:
         half = f"bf16/fp16 -> converted to fp32 at the load, {sel} fp32 FMAs"
     return (f"CPU peaks (GFLOP/s, {torch.get_num_threads()} thread(s)): {cells}; matrix units: "
