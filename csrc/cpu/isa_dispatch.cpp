@@ -1,9 +1,9 @@
 // DISPATCHER: the one runtime ISA dispatch of the CPU kernels, forward and backward. Reads cpuid (and
 // the OS's saved register state) once, applies the MULTIVERSE_CPU_ISA cap (read per call), and hands
 // the drivers (tree_attention.cpp, tree_attention_backward.cpp) the IsaKernels table of the selected
-// ISA (isa_kernels.h; one per kernel unit, kernels_{avx512,avx2,baseline}.cpp).
+// ISA (isa_kernels.h; one per kernel unit, kernels_{avx512bf16,avx512,avx2,baseline}.cpp).
 //
-// Adding an ISA (e.g. AMX or AVX512-BF16): a CpuIsa value (multiverse/cpu_kernels.h), its name in
+// Adding an ISA (e.g. AMX; avx512_bf16 was added so): a CpuIsa value (multiverse/cpu_kernels.h), its name in
 // kIsaNames, its cpuid test in detect_isa, a kernel unit exporting its table, and its row in kTables.
 #include <atomic>
 #include <chrono>
