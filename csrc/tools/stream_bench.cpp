@@ -75,8 +75,9 @@ int main(int argc, char** argv) {
     return total;
   });
   std::printf("%-44s %7.1f GB/s  100%%\n", "contiguous", contiguous);
-  // 2. one head's rows at a time (stride heads * row), prefetching `dist` rows ahead (all their lines)
-  for (const int dist : {0, 1, 2, 4, 8, 16, 32}) {
+  // One head's rows at a time (heads split over threads), prefetching `dist` rows ahead (all their
+  // lines); row_at(h, t) is the byte offset of head h's token t in the layout being read.
+  auto rows = [&](const char* layout, int dist, auto row_at) {
     const double gbs = best([&] {
       float total = 0;
 #pragma omp parallel for schedule(static) reduction(+ : total)
@@ -84,42 +85,25 @@ int main(int argc, char** argv) {
         __m256 acc = _mm256_setzero_ps();
         for (size_t t = 0; t < tokens; ++t) {
           if (dist > 0 && t + dist < tokens) {
-            const char* pf = buf + ((t + dist) * heads + h) * row;
+            const char* pf = buf + row_at(h, t + dist);
             for (size_t o = 0; o < row; o += 64) _mm_prefetch(pf + o, _MM_HINT_T1);
           }
-          acc = sum_bytes(buf + (t * heads + h) * row, row, acc);
+          acc = sum_bytes(buf + row_at(h, t), row, acc);
         }
         total += hsum(acc);
       }
       return total;
     });
     char name[64];
-    std::snprintf(name, sizeof(name), "strided rows, prefetch %d rows ahead", dist);
+    std::snprintf(name, sizeof(name), "%s rows, prefetch %d rows ahead", layout, dist);
     std::printf("%-44s %7.1f GB/s  %3.0f%%\n", name, gbs, 100 * gbs / contiguous);
-  }
+  };
+  // 2. token-major ([tokens][heads][row]: a head's rows heads * row bytes apart, the paged cache's layout)
+  for (const int dist : {0, 1, 2, 4, 8, 16, 32})
+    rows("strided", dist, [&](size_t h, size_t t) { return (t * heads + h) * row; });
   // 3. the same rows stored head-major ([heads][tokens][row]: a head's rows contiguous, vLLM's CPU layout
-  // within a block), read the same way
-  for (const int dist : {0, 8}) {
-    const double gbs = best([&] {
-      float total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-      for (size_t h = 0; h < heads; ++h) {
-        __m256 acc = _mm256_setzero_ps();
-        for (size_t t = 0; t < tokens; ++t) {
-          if (dist > 0 && t + dist < tokens) {
-            const char* pf = buf + (h * tokens + t + dist) * row;
-            for (size_t o = 0; o < row; o += 64) _mm_prefetch(pf + o, _MM_HINT_T1);
-          }
-          acc = sum_bytes(buf + (h * tokens + t) * row, row, acc);
-        }
-        total += hsum(acc);
-      }
-      return total;
-    });
-    char name[64];
-    std::snprintf(name, sizeof(name), "head-major rows, prefetch %d rows ahead", dist);
-    std::printf("%-44s %7.1f GB/s  %3.0f%%\n", name, gbs, 100 * gbs / contiguous);
-  }
+  // within a block)
+  for (const int dist : {0, 8}) rows("head-major", dist, [&](size_t h, size_t t) { return (h * tokens + t) * row; });
   std::printf("(checksum %g)\n", static_cast<double>(sink));
   std::free(buf);
   return 0;
