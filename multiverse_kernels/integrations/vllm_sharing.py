@@ -19,15 +19,18 @@ attention: when the check fails the step falls back to no sharing (each request 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..metadata import ForestMetadata
+from ..metadata import ForestMetadata, MetadataError
+from ..planning import PlanCapacity, TreePlan, default_num_workers, default_rows_per_tile, plan_tree_attention
 
-__all__ = ["forest_from_block_table", "SharingStats", "ForestCache"]
+__all__ = ["forest_from_block_table", "SharingStats", "ForestCache", "FixedStepBuffers",
+           "fixed_plan_capacity", "GRAPH_DEPTH"]
 
 
 @dataclass(frozen=True)
@@ -222,3 +225,167 @@ class ForestCache:
         self._entry = (meta, stats, meta.node_len[:ns].numpy().copy(),
                        meta.node_pos[ns:].numpy().astype(np.int64))
         return meta, stats
+
+
+# ----------------------------------------------------------------- fixed buffers (CUDA graphs)
+
+GRAPH_DEPTH = 4
+"""Nodes a query row sees on average (its shared prefixes + its own node) in a step run from fixed
+buffers: the plan capacity holds ``GRAPH_DEPTH x rows`` readers. A step with more readers runs unshared
+(exact; each request reads its own blocks)."""
+
+
+def fixed_plan_capacity(total_q: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, num_workers: int,
+                        depth: int = GRAPH_DEPTH) -> PlanCapacity:
+    """A :class:`PlanCapacity` that bounds the default plan (:func:`plan_tree_attention`, automatic chunks
+    for ``num_workers``) of every forest with ``total_q`` query rows and at most ``depth x total_q``
+    readers (row, node seen), whatever the node lengths.
+
+    Why it bounds (``r_n`` readers of node ``n``, ``rpt`` readers per item, ``tiles_n = ceil(r_n / rpt)``,
+    ``span_n`` its tokens, ``chunk_n >= base >= work / num_workers`` where ``work = Hk * sum_n tiles_n *
+    span_n`` (planning.auto_chunk_tokens), or ``chunk_n >= span_n``):
+
+    * readers ``R = sum_n r_n <= depth * total_q``;
+    * items ``sum_n tiles_n * ceil(span_n / chunk_n) <= sum_n tiles_n * span_n / base + sum_n tiles_n
+      <= ceil(num_workers / Hk) + R / rpt + (nodes with readers)``, and nodes with readers ``<= R``;
+    * partial slots ``sum_n r_n * ceil(span_n / chunk_n) <= num_workers * rpt / Hk + R`` (the same
+      argument with ``tiles_n >= r_n / rpt``);
+    * merged rows ``<= total_q``.
+    """
+    rpt = default_rows_per_tile(num_qo_heads, num_kv_heads, head_dim)
+    readers = depth * total_q
+    spread = -(-num_workers // num_kv_heads)
+    items = spread + -(-readers // rpt) + readers + 1
+    partials = -(-num_workers * rpt // num_kv_heads) + readers
+    return PlanCapacity(readers=readers, items=items, partials=partials, merge_rows=max(total_q, 1))
+
+
+PlanKey = tuple[int, int, int, int]
+"""(num_qo_heads, num_kv_heads, head_dim, window or 0): one plan per distinct layer configuration."""
+
+_FOREST_FIELDS = ("node_page_indptr", "node_page_indices", "node_len", "qo_indptr", "vis_indptr",
+                  "vis_nodes", "node_pos")
+
+
+class FixedStepBuffers:
+    """The step's forest and plans in buffers that never move: what a captured CUDA graph reads.
+
+    A CUDA graph replays the kernels it captured with the same pointers and the same grid, so every step
+    that may run as a replay must hand the kernels its forest and plans at the same addresses, padded to
+    sizes fixed by the graph's token count: the attention kernels read the forest's page lists
+    (``node_page_indptr``, ``node_page_indices``) and the plan; the grid is the plan's padded item
+    count (padding items have no readers). :meth:`fill` copies a step's forest into the forest buffers
+    and plans it, for every layer configuration, into the plan buffers, padded to
+    :func:`fixed_plan_capacity` of the step's token count (a prefix of each buffer: the same address for
+    every token count). Rows past the forest's last query row (a graph's padding tokens) go to one extra
+    group whose own node is empty: they see nothing (out 0, lse -inf). A step that does not fit (more
+    than ``depth x rows`` readers) runs on the unshared forest, which always fits.
+
+    Args:
+        max_tokens: the largest token count a step filled here may have (the largest graph).
+        max_pages: the largest number of block-table entries the step's requests list.
+        device: where the buffers live.
+        num_workers: the planner's ``num_workers`` (default: the device's).
+        depth: :data:`GRAPH_DEPTH`.
+    """
+
+    def __init__(self, max_tokens: int, max_pages: int, device: torch.device | str, *,
+                 num_workers: int | None = None, depth: int = GRAPH_DEPTH) -> None:
+        self.max_tokens = int(max_tokens)
+        self.depth = int(depth)
+        self.device = torch.device(device)
+        self.num_workers = num_workers or default_num_workers(self.device)
+        nodes = 2 * self.max_tokens + 2  # shared (< requests) + own (requests <= tokens) + the padding group
+        vis = self.depth * (self.max_tokens + 1)
+        sizes = dict(node_page_indptr=nodes + 1, node_page_indices=max(int(max_pages), 1), node_len=nodes,
+                     qo_indptr=self.max_tokens + 2, vis_indptr=self.max_tokens + 2, vis_nodes=vis,
+                     node_pos=nodes)
+        self._forest = {f: torch.zeros(n, dtype=torch.int32, device=self.device) for f, n in sizes.items()}
+        self._plans: dict[PlanKey, dict[str, Tensor]] = {}
+        self.fallbacks = 0
+        """Steps that did not fit shared and ran on the unshared forest."""
+
+    def fill(self, forest: ForestMetadata, total_q: int, keys: list[PlanKey],
+             unshared: Callable[[], ForestMetadata]) -> tuple[ForestMetadata, dict[PlanKey, TreePlan]]:
+        """Copy ``forest`` (``total_q`` rows, the step's padded token count, >= its query rows) into the
+        buffers and plan it for every key; ``unshared()`` gives the step's unshared forest (used when the
+        shared one does not fit). Returns the forest and plans as views of the buffers."""
+        if total_q > self.max_tokens:
+            raise MetadataError(f"total_q: expected at most {self.max_tokens} rows (the buffers' size), got "
+                                f"{total_q}")
+        try:
+            return self._fill(forest, total_q, keys)
+        except MetadataError:
+            self.fallbacks += 1
+            return self._fill(unshared(), total_q, keys)
+
+    def _fill(self, forest: ForestMetadata, total_q: int,
+              keys: list[PlanKey]) -> tuple[ForestMetadata, dict[PlanKey, TreePlan]]:
+        forest = _pad_rows(forest, total_q)
+        src = {f: getattr(forest, f) for f in _FOREST_FIELDS}
+        if src["node_pos"] is None:
+            src["node_pos"] = forest.positions()
+        views = {}
+        for f, t in src.items():
+            buf = self._forest[f]
+            if t.numel() > buf.numel():
+                raise MetadataError(f"{f}: the step needs {t.numel()} entries, the fixed buffer holds "
+                                    f"{buf.numel()}")
+            views[f] = buf[: t.numel()]
+            views[f].copy_(t.to(torch.int32))
+        meta = ForestMetadata(page_size=forest.page_size, own_full=forest.own_full, **views)
+        plans = {}
+        for key in keys:
+            hq, hk, d, window = key
+            cap = fixed_plan_capacity(total_q, hq, hk, d, self.num_workers, self.depth)
+            plan = plan_tree_attention(meta, hq, hk, head_dim=d, capacity=cap, window=window or None,
+                                       num_workers=self.num_workers)
+            bufs = self._plans.get(key)
+            if bufs is None:  # sized for the largest step, allocated once
+                big = plan_tree_attention_sizes(fixed_plan_capacity(self.max_tokens, hq, hk, d,
+                                                                    self.num_workers, self.depth),
+                                                self.max_tokens)
+                bufs = self._plans[key] = {f: torch.zeros(n, dtype=torch.int32, device=self.device)
+                                           for f, n in big.items()}
+            ts = []
+            for f, t in zip(TreePlan.TENSOR_FIELDS, plan.tensors(), strict=True):
+                v = bufs[f][: t.numel()]
+                v.copy_(t)
+                ts.append(v)
+            plans[key] = TreePlan.from_lists(ts, plan.ints())
+        return meta, plans
+
+
+def plan_tree_attention_sizes(capacity: PlanCapacity, total_q: int) -> dict[str, int]:
+    """Entries of each tensor field of a plan padded to ``capacity`` for ``total_q`` rows."""
+    sizes = {f: capacity.items for f in TreePlan.TENSOR_FIELDS if f.startswith("item_")}
+    sizes.update(reader_row=capacity.readers, reader_limit=capacity.readers, reader_lo=capacity.readers,
+                 row_partial_indptr=total_q + 1, row_partial_indices=capacity.partials + total_q,
+                 merge_rows=capacity.merge_rows)
+    return sizes
+
+
+def _pad_rows(forest: ForestMetadata, total_q: int) -> ForestMetadata:
+    """``forest`` with rows up to ``total_q``: the rows past its last query row become one more group
+    whose own node is empty (they see nothing)."""
+    have = forest.total_q
+    if have == total_q:
+        return forest
+    if have > total_q:
+        raise MetadataError(f"total_q: expected at least the forest's {have} query rows, got {total_q}")
+    i32 = dict(dtype=torch.int32, device=forest.device)
+    n = forest.num_nodes
+    last_page = forest.node_page_indptr[-1:]
+    pos = forest.positions()
+    return ForestMetadata(
+        node_page_indptr=torch.cat([forest.node_page_indptr, last_page]),
+        node_page_indices=forest.node_page_indices,
+        node_len=torch.cat([forest.node_len, torch.zeros(1, **i32)]),
+        qo_indptr=torch.cat([forest.qo_indptr, torch.full((1,), total_q, **i32)]),
+        vis_indptr=torch.cat([forest.vis_indptr, forest.vis_indptr[-1:] + 1]),
+        vis_nodes=torch.cat([forest.vis_nodes, torch.full((1,), n, **i32)]),
+        page_size=forest.page_size,
+        own_full=None if forest.own_full is None else torch.cat(
+            [forest.own_full, torch.zeros(1, dtype=forest.own_full.dtype, device=forest.device)]),
+        node_pos=torch.cat([pos, torch.zeros(1, **i32)]),
+    )
