@@ -119,7 +119,9 @@ def steps(sanitizer: str = "compute-sanitizer") -> list[Step]:
               _pytest("-m", "gpu and not slow", *OP_TESTS, "-k", "cuda")], env=compiled),
         Step("graph", "CUDA graphs of the public op with a new plan copied in; device guard; stream",
              [_pytest("-m", "gpu", "tests/backends/test_gpu.py", "tests/backends/test_cuda_ops.py", "-k",
-                      "graph or device or stream")], env=compiled),
+                      "graph or device or stream"),
+              # the vLLM backend's fixed buffers (no vLLM needed): captured once, replayed with new steps
+              _pytest("-m", "gpu", "tests/integrations/test_vllm_fixed_buffers.py")], env=compiled),
         Step("vllm", "vLLM with attention_backend=\"CUSTOM\" on the GPU: generations vs vLLM's own backend, "
              "decode throughput", [
                  _pytest("-m", "slow or not slow", "tests/integrations/test_vllm.py"),

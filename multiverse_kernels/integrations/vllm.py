@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from vllm.config import get_layers_from_vllm_config
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -48,7 +50,8 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from ..metadata import ForestMetadata
 from ..ops import tree_attention
 from ..ops.tree_attention import add_sinks
-from .vllm_sharing import ForestCache, SharingStats, forest_from_block_table
+from ..planning import TreePlan
+from .vllm_sharing import FixedStepBuffers, ForestCache, PlanKey, SharingStats, forest_from_block_table
 
 __all__ = [
     "register",
@@ -63,10 +66,12 @@ __all__ = [
 
 log = logging.getLogger("vllm.multiverse_kernels")  # under vLLM's logger: its handlers and level apply
 
-STATS = {"steps": 0, "listed_blocks": 0, "unique_blocks": 0, "shared_nodes": 0, "fallbacks": 0}
+STATS = {"steps": 0, "listed_blocks": 0, "unique_blocks": 0, "shared_nodes": 0, "fallbacks": 0,
+         "fixed_steps": 0, "capacity_fallbacks": 0}
 """Totals over the metadata builds of this process (what sharing the block tables had): block-table
 entries listed, unique blocks among them (the blocks one step reads), shared nodes, steps whose tables
-failed the sharing check (run unshared)."""
+failed the sharing check (run unshared); steps built into the fixed (CUDA-graph) buffers, and those of
+them whose shared forest exceeded the buffers' capacity (run unshared)."""
 
 BACKEND_PATH = "multiverse_kernels.integrations.vllm.MultiverseAttentionBackend"
 HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
@@ -192,12 +197,36 @@ class MultiverseAttentionMetadata:
     plans: dict = field(default_factory=dict)
     """The step's C++ CPU plans, one per layer configuration (heads, head size, KV element size, window):
     the first layer plans, the others reuse it (filled by the impl's CPU path)."""
+    fixed_plans: dict[PlanKey, TreePlan] | None = None
+    """Set when the step was built into the builder's fixed buffers (CUDA graphs): one padded plan per
+    layer configuration (:meth:`MultiverseAttentionImpl.plan_key`), ``forest`` then lives in the same
+    buffers and has one padding group for the rows past the real query rows."""
+
+
+def _fixed_tokens(vllm_config, device) -> int:
+    """Largest step (tokens) built into fixed buffers: vLLM's largest CUDA-graph capture size when full
+    graphs are on (CUDA), ``MULTIVERSE_VLLM_FIXED_BUFFERS`` (tokens) when set (any device; tests), else 0."""
+    forced = os.environ.get("MULTIVERSE_VLLM_FIXED_BUFFERS", "").strip()
+    if forced:
+        if not forced.isdigit():
+            raise ValueError(f"MULTIVERSE_VLLM_FIXED_BUFFERS: expected a token count, got {forced!r}")
+        return int(forced)
+    cc = vllm_config.compilation_config
+    if torch.device(device).type != "cuda" or not cc.cudagraph_mode.has_full_cudagraphs():
+        return 0
+    return int(cc.max_cudagraph_capture_size or 0)
 
 
 class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAttentionMetadata]):
-    """Block tables -> one forest per step (shared prefix blocks become shared nodes)."""
+    """Block tables -> one forest per step (shared prefix blocks become shared nodes).
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    CUDA graphs (``UNIFORM_BATCH``: vLLM captures full graphs of decode steps, speculative ones included,
+    and runs mixed prefill/decode steps eagerly): every step of at most the largest capture size is built
+    into :class:`~multiverse_kernels.integrations.vllm_sharing.FixedStepBuffers`, so a replay reads the
+    step's forest and plans at the captured addresses with the captured grid; the plans are made here,
+    one per layer configuration, never inside the forward."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -205,6 +234,17 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
         self.share = _flag("MULTIVERSE_VLLM_SHARE", True)
         self.last_stats: SharingStats | None = None
         self.forests = ForestCache()  # decode steps between block boundaries reuse the last forest
+        self.fixed_tokens = _fixed_tokens(vllm_config, device)
+        self.fixed: FixedStepBuffers | None = None  # allocated at the first step (needs the table width)
+        self._keys: list[PlanKey] | None = None
+
+    def plan_keys(self) -> list[PlanKey]:
+        """The distinct layer configurations of this builder's layers (what the fixed plans cover)."""
+        if self._keys is None:
+            layers = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase, self.layer_names)
+            self._keys = sorted({layer.impl.plan_key() for layer in layers.values()
+                                 if isinstance(layer.impl, MultiverseAttentionImpl)})
+        return self._keys
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MultiverseAttentionMetadata:
@@ -225,8 +265,20 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
         STATS["unique_blocks"] += stats.unique_blocks
         STATS["shared_nodes"] += stats.shared_nodes
         STATS["fallbacks"] += int(stats.fallback)
-        return MultiverseAttentionMetadata(num_actual_tokens=cm.num_actual_tokens, forest=forest,
-                                           sharing=stats)
+        n = cm.num_actual_tokens
+        if n > self.fixed_tokens:
+            return MultiverseAttentionMetadata(num_actual_tokens=n, forest=forest, sharing=stats)
+        # fixed buffers (CUDA graphs): the step's forest and plans at addresses that never move
+        tab = cm.block_table_tensor
+        if self.fixed is None:
+            self.fixed = FixedStepBuffers(self.fixed_tokens, self.fixed_tokens * tab.shape[1], tab.device)
+        before = self.fixed.fallbacks
+        forest, plans = self.fixed.fill(forest, n, self.plan_keys(), lambda: forest_from_block_table(
+            tab, cm.seq_lens[:R], qsl, self.block_size, share=False))
+        STATS["fixed_steps"] += 1
+        STATS["capacity_fallbacks"] += self.fixed.fallbacks - before
+        return MultiverseAttentionMetadata(num_actual_tokens=n, forest=forest, sharing=stats,
+                                           fixed_plans=plans)
 
 
 _IMPLS_LOGGED: set[tuple] = set()
@@ -282,6 +334,10 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
             log.info("multiverse_kernels: attention with %d query / %d KV heads of size %d, window %s, "
                      "soft-cap %s, sinks %s, kernel %s", *what)
 
+    def plan_key(self) -> PlanKey:
+        """(query heads, KV heads, head size, window or 0): the layers that can share one plan."""
+        return (self.num_heads, self.num_kv_heads, self.head_size, self.window or 0)
+
     def _caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]
         D = self.head_size
@@ -329,24 +385,28 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         if sinks is not None and sinks.dtype != torch.float32:
             sinks = self.sinks = sinks.float()
         q = query[:n]
+        fixed = attn_metadata.fixed_plans
+        plan = None if fixed is None else fixed[self.plan_key()]
         if self.kernel in ("auto", "cpu") and q.device.type == "cpu" and q.dtype in _CPU_DTYPES:
-            out = self._cpu_forward(q, k_cache, v_cache, attn_metadata, sinks)
-        else:
+            out = self._cpu_forward(q, k_cache, v_cache, attn_metadata, sinks, plan)
+        else:  # with a fixed plan: no planning, no sync (capturable)
             out = tree_attention(q, k_cache, v_cache, attn_metadata.forest, sm_scale=self.scale,
                                  backend=self.kernel, validate=False, window=self.window,
-                                 softcap=self.softcap, sinks=sinks)
+                                 softcap=self.softcap, sinks=sinks, plan=plan)
         output[:n].copy_(out.view_as(output[:n]))
         return output
 
     def _cpu_forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: MultiverseAttentionMetadata, sinks: torch.Tensor | None) -> torch.Tensor:
+                     meta: MultiverseAttentionMetadata, sinks: torch.Tensor | None,
+                     plan: TreePlan | None = None) -> torch.Tensor:
         """What ``tree_attention(..., backend="cpu", validate=False)`` runs, without the per-call dispatch
         (custom op, argument checks, backend lookup, plan-cache lookup: ~0.1 ms a layer, as much as the
-        kernel itself on a short decode step): the step's plan from ``meta.plans`` (made by the first
-        layer with the cpu backend's own planner), the C++ kernel, and the op's sink epilogue."""
+        kernel itself on a short decode step): the step's plan (``plan``, a fixed-buffer plan, or from
+        ``meta.plans``, made by the first layer with the cpu backend's own planner), the C++ kernel, and
+        the op's sink epilogue."""
         plan_fn, run_fn = _cpu_kernel()
         key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
-        run = meta.plans.get(key)
+        run = (meta.forest, plan) if plan is not None else meta.plans.get(key)
         if run is None:
             run = meta.plans[key] = plan_fn(q, k_cache, meta.forest, self.window, cached=False)
         out, lse = run_fn(q, k_cache, v_cache, run[0], self.scale, run[1], softcap=self.softcap)

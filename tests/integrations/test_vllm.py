@@ -402,6 +402,38 @@ def test_variant_models_match_cpu_attn(vllm_mod, tmp_path, monkeypatch, arch):
     _compare(ours, theirs, atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_oss"])
+def test_fixed_buffers_match_cpu_attn(vllm_mod, tmp_path, monkeypatch, arch):
+    """The CUDA-graph path's metadata, forced on CPU (MULTIVERSE_VLLM_FIXED_BUFFERS=64): every step of at
+    most 64 tokens is built into FixedStepBuffers (forest and one padded plan per layer configuration,
+    made by the builder; GPT-OSS: sinks, windowed and full layers) and run from those buffers; longer
+    steps (the prefills) take the usual path. The same tokens and log-probs as CPU_ATTN, with sharing."""
+    from vllm import SamplingParams
+
+    from multiverse_kernels.integrations import vllm as mv
+
+    path = _save_tiny(tmp_path, arch, **VARIANT_MODELS.get(arch, {}))
+    system = _prompts(100, 40)
+    greedy = SamplingParams(temperature=0, max_tokens=8, logprobs=1, detokenize=False)
+    jobs = [([system] * 3 + [system + [1, 2, 3], _prompts(70, 41)], greedy), ([system + [5]], _seeded(8, 17))]
+    theirs = _run_engine(path, None, jobs)
+    monkeypatch.setenv("MULTIVERSE_VLLM_FIXED_BUFFERS", "64")
+    before = dict(mv.STATS)
+    ours = _run_engine(path, "CUSTOM", jobs)
+    stats = {k: mv.STATS[k] - before[k] for k in before}
+    assert stats["fixed_steps"] > 0 and stats["shared_nodes"] > 0, stats
+    assert stats["fixed_steps"] < stats["steps"], stats  # the prefills took the usual path
+    _compare(ours, theirs, atol=1e-3)
+
+
+def test_fixed_buffers_env_is_checked(vllm_mod, monkeypatch):
+    from multiverse_kernels.integrations import vllm as mv
+
+    monkeypatch.setenv("MULTIVERSE_VLLM_FIXED_BUFFERS", "yes")
+    with pytest.raises(ValueError, match="MULTIVERSE_VLLM_FIXED_BUFFERS: expected a token count"):
+        mv._fixed_tokens(None, "cpu")
+
+
 def test_preemption_and_recompute(vllm_mod, tmp_path, monkeypatch):
     """A KV cache of 16 blocks of 32 tokens for requests that need ~24: vLLM preempts running requests
     (frees their blocks) and recomputes them later (prefix-cache hits on what survived); greedy requests on

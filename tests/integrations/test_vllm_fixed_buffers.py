@@ -169,6 +169,7 @@ def test_fill_refuses_more_rows_than_its_buffers():
         bufs.fill(forest, 2, [(4, 2, 64, 0)], lambda: forest)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_cuda_graph_replays_new_steps(backend):

@@ -32,10 +32,13 @@ def _merge_kernel(
     h = tl.program_id(1)
     r = tl.load(MergeRows + i)
     ok = r >= 0  # -1 marks a padding entry (plan capacity)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # the store masks as blocks compared directly (Triton 3.9's interpreter gives `scalar & block` int32)
+    ok_d = (tl.zeros([HEAD_DIM], tl.int32) + r) >= 0
+    ok_1 = (tl.zeros([1], tl.int32) + r) >= 0
     r = tl.maximum(r, 0).to(tl.int64)
     start = tl.load(RowIndptr + r)
     end = tl.where(ok, tl.load(RowIndptr + r + 1), start)
-    offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([1], float("-inf"), tl.float32)
     den = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
@@ -63,8 +66,8 @@ def _merge_kernel(
     out = tl.where(bad > 0, float("nan"), out)
     lse = tl.where(bad > 0, float("nan"), lse)
     tl.store(Out + r * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=ok & (offs_d < HEAD_DIM))
-    tl.store(Lse + r * stride_lt + h + tl.zeros([1], tl.int32), lse, mask=ok)
+             mask=ok_d)
+    tl.store(Lse + r * stride_lt + h + tl.zeros([1], tl.int32), lse, mask=ok_1)
 
 
 class MergeConfig(NamedTuple):
