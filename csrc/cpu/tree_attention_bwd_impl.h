@@ -24,6 +24,15 @@
 // All five products are one register-tiled kernel, C[i][j..j+kBwdPad) += sum_k A[i, k] * B[k][j..)
 // (A read through two strides, so A^T costs nothing; B rows contiguous): RT rows x kBwdPad columns of
 // accumulators (BV-float vectors), one B vector load per vector and RT broadcasts per k.
+//
+// bf16 dot products (MV_LEVEL 3, AVX512-BF16; kBwdDot<E>: bf16 inputs): the five products by
+// vdpbf16ps (gemm2: two k per instruction, exact bf16 products, fp32 sums), as FlashAttention-2 does on
+// tensor cores: q, dO, K, V enter as their bf16 values (unscaled q: sm_scale multiplies S instead), P
+// and dS are rounded to bf16 (round to nearest even) for dV += P^T dO, dK += (sm_scale dS)^T q and
+// dQ = dS K; S, P, dP, dS, delta and every accumulator stay fp32. Operands are stored as 32-bit pairs
+// along the reduced dimension: K^T and V^T as [D/2][T] (a row's adjacent head dims), K as [T/2][D]
+// (token pairs), q and dO as [rows][D/2] (row-major, as they are) and [rows/2][D] (row pairs), P and
+// sm_scale dS as [rows/2][T] (row pairs), dS as [rows][T/2] (token pairs).
 #pragma once
 
 #ifndef MV_LEVEL
@@ -86,6 +95,68 @@ MV_INL void gemm(int rows, int cols, int K, const float* __restrict A, int64_t l
   }
 }
 
+#if MV_LEVEL >= 3
+template <class E> inline constexpr bool kBwdDot = std::is_same_v<E, BF16>;
+
+// gemm's register tile for bf16 pairs: C[i0 + r][j0 .. j0 + 16) (+)= sum_k dot2(A[i0 + r][k], B[k][j0 ..)),
+// each element a 32-bit pair of bf16 (vdpbf16ps: both halves multiplied and added to the fp32 lane).
+template <int R, bool kTransA>
+MV_INL void tile2(int K2, const uint32_t* __restrict A, int64_t lda, const uint32_t* __restrict B, int64_t ldb,
+                  float* __restrict C, int64_t ldc, bool accumulate) {
+  __m512 c[R];
+  MV_UNROLL(8) for (int r = 0; r < R; ++r) c[r] = _mm512_setzero_ps();
+  for (int k = 0; k < K2; ++k) {
+    const __m512i b = _mm512_loadu_si512(B + k * ldb);
+    MV_UNROLL(8) for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(kTransA ? A[k * lda + r] : A[r * lda + k]));
+      c[r] = _mm512_dpbf16_ps(c[r], (__m512bh)a, (__m512bh)b);
+    }
+  }
+  MV_UNROLL(8) for (int r = 0; r < R; ++r) {
+    float* cr = C + r * ldc;
+    if (accumulate) c[r] = _mm512_add_ps(c[r], _mm512_loadu_ps(cr));
+    _mm512_storeu_ps(cr, c[r]);
+  }
+}
+
+// gemm over pairs: K2 pairs of the reduced dimension; rows a multiple of 2, cols of 16.
+template <bool kTransA>
+MV_INL void gemm2(int rows, int cols, int K2, const uint32_t* __restrict A, int64_t lda,
+                  const uint32_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+  const int64_t ai = kTransA ? 1 : lda;
+  for (int j0 = 0; j0 < cols; j0 += 16) {
+    int i0 = 0;
+    for (; i0 + 8 <= rows; i0 += 8)
+      tile2<8, kTransA>(K2, A + i0 * ai, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 + 4 <= rows; i0 += 4)
+      tile2<4, kTransA>(K2, A + i0 * ai, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 + 2 <= rows; i0 += 2)
+      tile2<2, kTransA>(K2, A + i0 * ai, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, accumulate);
+  }
+}
+
+// dst[j] = (bf16(scale r0[j]), bf16(scale r1[j])) for j < n (n % 16 == 0). dst may be r0 (each block of
+// 16 is loaded from both rows before it is stored).
+MV_INL void pair_rows_bf16(const float* r0, const float* r1, float scale, uint32_t* dst, int n) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int j = 0; j < n; j += 16) {
+    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(r0 + j), sv)));
+    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(r1 + j), sv)));
+    _mm512_storeu_si512(dst + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+// A bf16 row of D elements as D2 = Dp / 2 pairs (zero past D).
+MV_INL void row_pairs(const uint16_t* src, int D, int Dp, uint32_t* dst) {
+  for (int e = 0; e < Dp / 2; ++e) {
+    const uint32_t lo = 2 * e < D ? src[2 * e] : 0, hi = 2 * e + 1 < D ? src[2 * e + 1] : 0;
+    dst[e] = lo | hi << 16;
+  }
+}
+#else
+template <class E> inline constexpr bool kBwdDot = false;
+#endif
+
 template <class E>
 void delta_rows_t(const TreeAttentionBackwardParams& p, int64_t b, int64_t e) {
   using T = typename E::T;
@@ -121,12 +192,35 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
   std::memset(sc.vt, 0, sizeof(float) * Tp * Dp);
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
+  // (kBwdDot: K^T and V^T as [Dp/2][Tp] pairs in kt / vt, K as [Tp/2][Dp] token pairs in k.)
+#if MV_LEVEL >= 3
+  uint32_t* const kt2 = reinterpret_cast<uint32_t*>(sc.kt);
+  uint32_t* const vt2 = reinterpret_cast<uint32_t*>(sc.vt);
+  uint32_t* const k2 = reinterpret_cast<uint32_t*>(sc.k);
+  const T* kprev = nullptr;  // kBwdDot: the K row of the even token before t
+#endif
   for (int t = 0; t < tmax; ++t) {
     const int32_t tok = tok0 + t;
     const T* kp = kc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
                                     p.k_stride_page, p.k_stride_slot, p.k_stride_head);
     const T* vp = vc + cache_offset(p.node_page_indptr, p.node_page_indices, node, tok, p.page_size, kh,
                                     p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+#if MV_LEVEL >= 3
+    if constexpr (kBwdDot<E>) {
+      uint32_t* kr2 = reinterpret_cast<uint32_t*>(sc.vrow);  // one row's pairs, then transposed
+      row_pairs(kp, D, Dp, kr2);
+      for (int e = 0; e < Dp / 2; ++e) kt2[static_cast<size_t>(e) * Tp + t] = kr2[e];
+      row_pairs(vp, D, Dp, kr2);
+      for (int e = 0; e < Dp / 2; ++e) vt2[static_cast<size_t>(e) * Tp + t] = kr2[e];
+      if (t & 1) {
+        fwd::pack_pair_row(kprev, kp, k2 + static_cast<size_t>(t / 2) * Dp, D, Dp);
+      } else {
+        kprev = kp;
+        if (t + 1 == tmax) fwd::pack_pair_row(kp, nullptr, k2 + static_cast<size_t>(t / 2) * Dp, D, Dp);
+      }
+      continue;
+    }
+#endif
     float* kr = sc.k + static_cast<size_t>(t) * Dp;
     pack_row<E>(kp, kr, D, Dp);
     pack_row<E>(vp, sc.vrow, D, Dp);
@@ -152,7 +246,39 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
     for (int i = 0; i < nb; ++i) bvis = imax(bvis, sc.svis[b0 + i]);
     const int Tb = round_up(bvis, VL);
     // sm_scale q and dO of the block's rows (pad rows 0: they see nothing below).
-    for (int i = 0; i < nbp; ++i) {
+    // (kBwdDot: q and dO as [nbp][Dp/2] pairs, unscaled, then as [nbp/2][Dp] row pairs after them.)
+#if MV_LEVEL >= 3
+    uint32_t* const q2 = reinterpret_cast<uint32_t*>(qb);
+    uint32_t* const o2 = reinterpret_cast<uint32_t*>(ob);
+    uint32_t* const qv2 = q2 + static_cast<size_t>(MB) * Dp / 2;
+    uint32_t* const ov2 = o2 + static_cast<size_t>(MB) * Dp / 2;
+    if constexpr (kBwdDot<E>) {
+      for (int i = 0; i < nbp; i += 2) {
+        const T* qr[2] = {nullptr, nullptr};
+        const T* gr[2] = {nullptr, nullptr};
+        for (int u = 0; u < 2; ++u) {
+          if (i + u >= nb) {
+            for (int e = 0; e < Dp / 2; ++e) q2[(i + u) * Dp / 2 + e] = o2[(i + u) * Dp / 2 + e] = 0;
+            continue;
+          }
+          const int64_t row = sc.row[sc.sub[b0 + i + u]], head = sc.head[sc.sub[b0 + i + u]];
+          qr[u] = qsrc + row * p.q_stride_row + head * p.q_stride_head;
+          gr[u] = gsrc + row * p.go_stride_row + head * p.go_stride_head;
+          row_pairs(qr[u], D, Dp, q2 + static_cast<size_t>(i + u) * Dp / 2);
+          row_pairs(gr[u], D, Dp, o2 + static_cast<size_t>(i + u) * Dp / 2);
+        }
+        uint32_t* qd = qv2 + static_cast<size_t>(i / 2) * Dp;
+        uint32_t* od = ov2 + static_cast<size_t>(i / 2) * Dp;
+        if (qr[0] == nullptr) {
+          for (int d = 0; d < Dp; ++d) qd[d] = od[d] = 0;
+        } else {
+          fwd::pack_pair_row(qr[0], qr[1], qd, D, Dp);
+          fwd::pack_pair_row(gr[0], gr[1], od, D, Dp);
+        }
+      }
+    }
+#endif
+    for (int i = 0; !kBwdDot<E> && i < nbp; ++i) {
       float* qd = qb + static_cast<size_t>(i) * Dp;
       float* od = ob + static_cast<size_t>(i) * Dp;
       if (i < nb) {
@@ -166,8 +292,19 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
       }
     }
     // S = (sm_scale q) K^T and dP = dO V^T, [nbp][Tb] with row stride Tp.
-    gemm<false>(nbp, Tb, D, qb, Dp, sc.kt, Tp, sb, Tp, false);
-    gemm<false>(nbp, Tb, D, ob, Dp, sc.vt, Tp, dsb, Tp, false);
+    float sscale = 1.0f;  // what S is multiplied by (sm_scale when q entered unscaled)
+#if MV_LEVEL >= 3
+    if constexpr (kBwdDot<E>) {
+      gemm2<false>(nbp, Tb, Dp / 2, q2, Dp / 2, kt2, Tp, sb, Tp, false);
+      gemm2<false>(nbp, Tb, Dp / 2, o2, Dp / 2, vt2, Tp, dsb, Tp, false);
+      sscale = p.sm_scale;
+    } else
+#endif
+    {
+      gemm<false>(nbp, Tb, D, qb, Dp, sc.kt, Tp, sb, Tp, false);
+      gemm<false>(nbp, Tb, D, ob, Dp, sc.vt, Tp, dsb, Tp, false);
+    }
+    const V ssv = vbcast<V>(sscale);
     // P = exp(S - lse) where visible (else 0); dS = P * (dP - delta).
     I iota;
     for (int j = 0; j < BV; ++j) iota[j] = j;
@@ -184,7 +321,7 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
       const float dl = i < nb ? sc.delta[sc.sub[b0 + i]] : 0.0f;
       if (cap > 0.0f) {
         for (int t0 = 0; t0 < Tb; t0 += BV) {
-          const V th = vtanh<V, I>(vld<BV>(sr + t0) * inv_cap);
+          const V th = vtanh<V, I>(vld<BV>(sr + t0) * ssv * inv_cap);
           const I seen = ((iota + t0) < vis) & ((iota + t0) >= lo);
           const V pv = seen ? vexp<V, I>(capv * th - l) : V{};
           vst<BV>(sr + t0, pv);
@@ -193,16 +330,42 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
         continue;
       }
       for (int t0 = 0; t0 < Tb; t0 += BV) {
-        const V x = vld<BV>(sr + t0) - l;
+        const V x = vld<BV>(sr + t0) * ssv - l;
         const V pv = ((iota + t0) < vis) & ((iota + t0) >= lo) ? vexp<V, I>(x) : V{};
         vst<BV>(sr + t0, pv);
         vst<BV>(dr + t0, pv * (vld<BV>(dr + t0) - dl));
       }
     }
     // dV[t] += sum_i P[i][t] dO[i];  dK[t] += sum_i dS[i][t] (sm_scale q)[i];  dQ[i] = sum_t dS[i][t] K[t].
-    gemm<true>(Tb, Dp, nbp, sb, Tp, ob, Dp, sc.dv, Dp, true);
-    gemm<true>(Tb, Dp, nbp, dsb, Tp, qb, Dp, sc.dk, Dp, true);
-    gemm<false>(nbp, Dp, Tb, dsb, Tp, sc.k, Dp, dqb, Dp, false);
+#if MV_LEVEL >= 3
+    if constexpr (kBwdDot<E>) {
+      // bf16 operands: P as row pairs in place (row e of pairs overwrites P rows already read), dS as
+      // token pairs (its bf16 rows) in the free second half of sb, sm_scale dS as row pairs in place.
+      uint32_t* const p2 = reinterpret_cast<uint32_t*>(sb);
+      uint32_t* const ds2t = p2 + static_cast<size_t>(nbp / 2) * Tp;
+      uint32_t* const ds2r = reinterpret_cast<uint32_t*>(dsb);
+      for (int e = 0; e < nbp / 2; ++e)
+        pair_rows_bf16(sb + static_cast<size_t>(2 * e) * Tp, sb + static_cast<size_t>(2 * e + 1) * Tp, 1.0f,
+                       p2 + static_cast<size_t>(e) * Tp, Tb);
+      for (int i = 0; i < nbp; ++i) {
+        const float* dr = dsb + static_cast<size_t>(i) * Tp;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(ds2t + static_cast<size_t>(i) * (Tp / 2));
+        for (int j = 0; j < Tb; j += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dr + j)));
+      }
+      for (int e = 0; e < nbp / 2; ++e)
+        pair_rows_bf16(dsb + static_cast<size_t>(2 * e) * Tp, dsb + static_cast<size_t>(2 * e + 1) * Tp, p.sm_scale,
+                       ds2r + static_cast<size_t>(e) * Tp, Tb);
+      gemm2<true>(Tb, Dp, nbp / 2, p2, Tp, ov2, Dp, sc.dv, Dp, true);
+      gemm2<true>(Tb, Dp, nbp / 2, ds2r, Tp, qv2, Dp, sc.dk, Dp, true);
+      gemm2<false>(nbp, Dp, Tb / 2, ds2t, Tp / 2, k2, Dp, dqb, Dp, false);
+    } else
+#endif
+    {
+      gemm<true>(Tb, Dp, nbp, sb, Tp, ob, Dp, sc.dv, Dp, true);
+      gemm<true>(Tb, Dp, nbp, dsb, Tp, qb, Dp, sc.dk, Dp, true);
+      gemm<false>(nbp, Dp, Tb, dsb, Tp, sc.k, Dp, dqb, Dp, false);
+    }
     for (int i = 0; i < nb; ++i) {
       const int64_t row = sc.row[sc.sub[b0 + i]], head = sc.head[sc.sub[b0 + i]];
       const uint64_t key = static_cast<uint64_t>(row) * p.num_kv_heads + kh;

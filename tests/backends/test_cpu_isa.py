@@ -1,7 +1,7 @@
 """Every micro-kernel build of the C++ CPU tree attention this machine can run, forward and backward,
 against the reference.
 
-The forward and backward kernels are compiled for AVX-512 with AVX512-BF16 (bf16 scores by vdpbf16ps),
+The forward and backward kernels are compiled for AVX-512 with AVX512-BF16 (bf16 products by vdpbf16ps),
 AVX-512, AVX2+FMA+F16C and the baseline target (csrc/cpu/kernels_{avx512bf16,avx512,avx2,baseline}.cpp)
 and picked by one dispatch (csrc/cpu/isa_dispatch.cpp:
 cpuid, capped by MULTIVERSE_CPU_ISA) for both passes. Each test runs once per ISA; an ISA this CPU
@@ -167,6 +167,41 @@ def _backward_bits(seed: int = 5) -> tuple[torch.Tensor, ...]:
         return tuple(run_tree_attention_backward(go, None, q, k, v, out, lse, meta, 0.125, plan))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bf16_backward_dot_path_runs_where_the_cpu_has_it(monkeypatch) -> None:
+    """The backward's bf16 products by vdpbf16ps (P and dS rounded to bf16, FlashAttention-2 style): on
+    a CPU with AVX512-BF16 its dq/dk/dv bits differ from the avx512 path's (fp32 FMAs) on the same
+    single-threaded backward; both agree with the float64 reference (the tests above), and with each
+    other within bf16 rounding. Every dtype but bf16 keeps the fp32 products (fp32 bits equal)."""
+    if supported_isa() < ISA_NAMES.index("avx512_bf16"):
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: no avx512_bf16 path here")
+    f, groups = multiverse_forest(prefix=300, paths=3, path_len=40, concl_len=3, page_size=16)
+    meta = f.metadata(groups)
+    from multiverse_kernels.planning import plan_tree_attention
+
+    plan = plan_tree_attention(meta, 8, 2, head_dim=64)
+    grads = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            q, k, v = make_inputs(meta, f.num_pages, 8, 2, 64, dtype, seed=6)
+            out, lse = tree_attention(q, k, v, meta, return_lse=True, backend="reference")
+            go = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+            for name in ("avx512", "avx512_bf16"):
+                monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
+                grads[name, dtype] = run_tree_attention_backward(go, None, q, k, v, out.to(dtype), lse, meta,
+                                                                 0.125, plan)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = grads["avx512", torch.bfloat16], grads["avx512_bf16", torch.bfloat16]
+    assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), \
+        "the bf16 backward gave the avx512 path's bits on avx512_bf16: the dot path did not run"
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.float(), y.float(), rtol=3e-2, atol=3e-2)
+    f32 = grads["avx512", torch.float32], grads["avx512_bf16", torch.float32]
+    assert all(torch.equal(x, y) for x, y in zip(*f32, strict=True))
 
 
 def test_forced_isa_caps_the_backward(monkeypatch) -> None:
