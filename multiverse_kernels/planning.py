@@ -60,6 +60,18 @@ class PlanCapacity:
     partials: int
     merge_rows: int
 
+    def sizes(self, total_q: int) -> dict[str, tuple[int, int, str]]:
+        """(entries, padding value, capacity field) of each padded tensor field of a plan for ``total_q``
+        rows (``row_partial_indptr``, never padded, is not listed: it has ``total_q + 1``)."""
+        pad = dict(reader_row=(self.readers, 0, "readers"), reader_limit=(self.readers, 0, "readers"),
+                   reader_lo=(self.readers, 0, "readers"),
+                   row_partial_indices=(self.partials + total_q, -1, "partials"),
+                   merge_rows=(self.merge_rows, -1, "merge_rows"))
+        for f in ("item_node", "item_kv_start", "item_kv_len", "item_reader_start", "item_num_readers",
+                  "item_partial_start"):
+            pad[f] = (self.items, 0, "items")
+        return pad
+
 
 @dataclass(frozen=True)
 class TreePlan:
@@ -360,14 +372,7 @@ def invariant_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *
 
 def _pad_plan(plan: TreePlan, capacity: PlanCapacity, total_q: int) -> TreePlan:
     """Pad ``plan``'s arrays to ``capacity`` (fixed shapes for a captured CUDA graph)."""
-    pad = dict(reader_row=(capacity.readers, 0, "readers"),
-               reader_limit=(capacity.readers, 0, "readers"),
-               reader_lo=(capacity.readers, 0, "readers"),
-               row_partial_indices=(capacity.partials + total_q, -1, "partials"),
-               merge_rows=(capacity.merge_rows, -1, "merge_rows"))
-    for f in ("item_node", "item_kv_start", "item_kv_len", "item_reader_start",
-              "item_num_readers", "item_partial_start"):
-        pad[f] = (capacity.items, 0, "items")
+    pad = capacity.sizes(total_q)
     if plan.num_partials > capacity.partials:
         raise MetadataError(f"capacity.partials: plan needs {plan.num_partials}, capacity is "
                             f"{capacity.partials}")

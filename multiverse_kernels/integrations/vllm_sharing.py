@@ -342,11 +342,11 @@ class FixedStepBuffers:
                                        num_workers=self.num_workers)
             bufs = self._plans.get(key)
             if bufs is None:  # sized for the largest step, allocated once
-                big = plan_tree_attention_sizes(fixed_plan_capacity(self.max_tokens, hq, hk, d,
-                                                                    self.num_workers, self.depth),
-                                                self.max_tokens)
+                big = fixed_plan_capacity(self.max_tokens, hq, hk, d, self.num_workers, self.depth)
+                sizes = {f: n for f, (n, _, _) in big.sizes(self.max_tokens).items()}
+                sizes["row_partial_indptr"] = self.max_tokens + 1
                 bufs = self._plans[key] = {f: torch.zeros(n, dtype=torch.int32, device=self.device)
-                                           for f, n in big.items()}
+                                           for f, n in sizes.items()}
             ts = []
             for f, t in zip(TreePlan.TENSOR_FIELDS, plan.tensors(), strict=True):
                 v = bufs[f][: t.numel()]
@@ -354,15 +354,6 @@ class FixedStepBuffers:
                 ts.append(v)
             plans[key] = TreePlan.from_lists(ts, plan.ints())
         return meta, plans
-
-
-def plan_tree_attention_sizes(capacity: PlanCapacity, total_q: int) -> dict[str, int]:
-    """Entries of each tensor field of a plan padded to ``capacity`` for ``total_q`` rows."""
-    sizes = {f: capacity.items for f in TreePlan.TENSOR_FIELDS if f.startswith("item_")}
-    sizes.update(reader_row=capacity.readers, reader_limit=capacity.readers, reader_lo=capacity.readers,
-                 row_partial_indptr=total_q + 1, row_partial_indices=capacity.partials + total_q,
-                 merge_rows=capacity.merge_rows)
-    return sizes
 
 
 def _pad_rows(forest: ForestMetadata, total_q: int) -> ForestMetadata:
