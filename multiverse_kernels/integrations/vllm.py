@@ -205,16 +205,17 @@ class MultiverseAttentionMetadata:
 
 def _fixed_tokens(vllm_config, device) -> int:
     """Largest step (tokens) built into fixed buffers: vLLM's largest CUDA-graph capture size when full
-    graphs are on (CUDA), ``MULTIVERSE_VLLM_FIXED_BUFFERS`` (tokens) when set (any device; tests), else 0."""
+    graphs are on (CUDA), raised to ``MULTIVERSE_VLLM_FIXED_BUFFERS`` (tokens) when that is set (any
+    device; tests). The variable never lowers it: a captured step outside the buffers would plan inside
+    the graph."""
     forced = os.environ.get("MULTIVERSE_VLLM_FIXED_BUFFERS", "").strip()
-    if forced:
-        if not forced.isdigit():
-            raise ValueError(f"MULTIVERSE_VLLM_FIXED_BUFFERS: expected a token count, got {forced!r}")
-        return int(forced)
-    cc = vllm_config.compilation_config
-    if torch.device(device).type != "cuda" or not cc.cudagraph_mode.has_full_cudagraphs():
-        return 0
-    return int(cc.max_cudagraph_capture_size or 0)
+    if forced and not forced.isdigit():
+        raise ValueError(f"MULTIVERSE_VLLM_FIXED_BUFFERS: expected a token count, got {forced!r}")
+    graphs = 0
+    cc = vllm_config.compilation_config if vllm_config is not None else None
+    if cc is not None and torch.device(device).type == "cuda" and cc.cudagraph_mode.has_full_cudagraphs():
+        graphs = int(cc.max_cudagraph_capture_size or 0)
+    return max(graphs, int(forced or 0))
 
 
 class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAttentionMetadata]):

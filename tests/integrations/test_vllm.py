@@ -432,6 +432,16 @@ def test_fixed_buffers_env_is_checked(vllm_mod, monkeypatch):
     monkeypatch.setenv("MULTIVERSE_VLLM_FIXED_BUFFERS", "yes")
     with pytest.raises(ValueError, match="MULTIVERSE_VLLM_FIXED_BUFFERS: expected a token count"):
         mv._fixed_tokens(None, "cpu")
+    # on CUDA with full graphs the variable raises the buffers' size, never lowers it below the largest
+    # capture size (a captured step outside them would plan inside the graph)
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(compilation_config=SimpleNamespace(
+        cudagraph_mode=SimpleNamespace(has_full_cudagraphs=lambda: True), max_cudagraph_capture_size=512))
+    for forced, want in (("", 512), ("0", 512), ("64", 512), ("1024", 1024)):
+        monkeypatch.setenv("MULTIVERSE_VLLM_FIXED_BUFFERS", forced)
+        assert mv._fixed_tokens(cfg, "cuda") == want
+        assert mv._fixed_tokens(cfg, "cpu") == int(forced or 0)
 
 
 def test_preemption_and_recompute(vllm_mod, tmp_path, monkeypatch):
