@@ -14,6 +14,7 @@ from __future__ import annotations
 # the plan-driven drivers tree_attention{,_backward}.cpp, and one kernel unit per ISA (kernels_*.cpp).
 CPU_SOURCES = ("csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/absorb.cpp", "csrc/cpu/isa_dispatch.cpp",
                "csrc/cpu/tree_attention.cpp", "csrc/cpu/tree_attention_backward.cpp",
+               "csrc/cpu/kernels_amx.cpp", "csrc/cpu/kernels_amx_emulated.cpp",
                "csrc/cpu/kernels_avx512bf16.cpp", "csrc/cpu/kernels_avx512.cpp", "csrc/cpu/kernels_avx2.cpp",
                "csrc/cpu/kernels_baseline.cpp",
                "csrc/cpu/merge_states.cpp", "csrc/cpu/append_paged_kv.cpp")

@@ -26,10 +26,20 @@ from . import __version__
 from ._native import library_path, load_extension
 from .backends import _IMPLS, _LOAD_ERRORS, BACKENDS, _load, available_backends
 
-__all__ = ["collect", "cpu_flags", "cpu_isa", "cpu_model", "kernel_isa", "ISA_NAMES", "main"]
+__all__ = ["collect", "cpu_flags", "cpu_isa", "cpu_model", "isa_runnable", "kernel_isa", "ISA_NAMES", "main"]
 
-ISA_NAMES = ("baseline", "avx2", "avx512", "avx512_bf16")
-"""The C++ CPU kernel's ISA paths by the index ``torch.ops.multiverse_C.cpu_isa`` reports."""
+ISA_NAMES = ("baseline", "avx2", "avx512", "avx512_bf16", "amx", "amx_emulated")
+"""The C++ CPU kernel's ISA paths by the index ``torch.ops.multiverse_C.cpu_isa`` reports. Each runs where
+the widest supported path is at least it, except ``amx_emulated`` (the AMX code on a software model of
+the tile instructions), which runs wherever ``avx512_bf16`` does and only when asked for: see
+:func:`isa_runnable`."""
+
+
+def isa_runnable(name: str, best: str) -> bool:
+    """Whether ``MULTIVERSE_CPU_ISA=name`` can run where the widest supported path is ``best``."""
+    if name == "amx_emulated":
+        return ISA_NAMES.index(best) >= ISA_NAMES.index("avx512_bf16")
+    return ISA_NAMES.index(name) <= ISA_NAMES.index(best)
 
 # x86-64 micro-architecture levels (the psABI's): the flags /proc/cpuinfo must show for each.
 _X86_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"}
@@ -64,7 +74,8 @@ def cpu_isa() -> dict[str, Any]:
 
     ``kernel_isa`` comes from the extension when it reports it (``torch.ops.multiverse_C.cpu_isa``);
     otherwise it is derived from the CPU flags, which is what the kernel's cpuid dispatch selects on
-    (avx512_bf16: v4 + the avx512_bf16 flag > avx512 ~ x86-64-v4 > avx2 ~ v3 > baseline).
+    (amx: + amx_tile, amx_bf16 > avx512_bf16: v4 + the avx512_bf16 flag > avx512 ~ x86-64-v4 > avx2 ~ v3 >
+    baseline).
     """
     flags = cpu_flags()
     machine = platform.machine()
@@ -94,8 +105,8 @@ def cpu_isa() -> dict[str, Any]:
 
 def kernel_isa() -> tuple[str, str]:
     """(ISA path the C++ CPU kernel dispatches to now, widest path this CPU supports); ("-", "-") when
-    the library is not built. ``MULTIVERSE_CPU_ISA=avx512_bf16|avx512|avx2|baseline`` forces a
-    lower one."""
+    the library is not built. ``MULTIVERSE_CPU_ISA=amx|avx512_bf16|avx512|avx2|baseline`` forces a
+    lower one, ``amx_emulated`` the AMX code on a software model of the tiles (any avx512_bf16 CPU)."""
     try:
         load_extension("_C")
     except (ImportError, OSError, RuntimeError):

@@ -7,8 +7,8 @@
 # Also builds the existing smoke test with the sanitizers. Uses $CXX (default g++), OpenMP threads so
 # the parallel paths run too. One build (every per-ISA kernel unit, csrc/cpu/kernels_*.cpp); the corpus
 # runs once per kernel build this CPU can run, selected by MULTIVERSE_CPU_ISA as in the shipped library
-# (the widest, then avx512 when the widest is avx512_bf16, avx2 when the CPU has it, then the portable
-# baseline).
+# (the widest, then avx512_bf16 when the widest is amx, amx_emulated and avx512 when the CPU has
+# avx512_bf16, avx2 when it has it, then the portable baseline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${1:-600}
@@ -22,17 +22,28 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_strin
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 t0=$(date +%s)
+# every source compiled once (as many compilers at a time as the machine has cores), then both programs linked
+JOBS=$(nproc 2>/dev/null || echo 2)
+mkdir -p "$OUT/obj"
 # shellcheck disable=SC2086
-$CXX $FLAGS $SRCS csrc/tools/cpu_fuzz_driver.cpp -o "$OUT/cpu_fuzz_driver"
+printf '%s\n' $SRCS csrc/tools/cpu_fuzz_driver.cpp csrc/tools/cpu_smoke_test.cpp |
+  xargs -P "$JOBS" -I{} sh -c 'o="$1/obj/$(echo "$2" | tr / _).o"; $3 $4 -c "$2" -o "$o"' _ "$OUT" {} "$CXX" "$(echo $FLAGS)"
+OBJS=""
+for src in $SRCS; do OBJS="$OBJS $OUT/obj/$(echo "$src" | tr / _).o"; done
 # shellcheck disable=SC2086
-$CXX $FLAGS $SRCS csrc/tools/cpu_smoke_test.cpp -o "$OUT/cpu_smoke_test"
+$CXX $FLAGS $OBJS "$OUT/obj/csrc_tools_cpu_fuzz_driver.cpp.o" -o "$OUT/cpu_fuzz_driver"
+# shellcheck disable=SC2086
+$CXX $FLAGS $OBJS "$OUT/obj/csrc_tools_cpu_smoke_test.cpp.o" -o "$OUT/cpu_smoke_test"
 echo "sanitizer build: $(( $(date +%s) - t0 )) s"
-ISAS="widest baseline"
-if grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && grep -qw f16c /proc/cpuinfo; then
-  ISAS="widest avx2 baseline"
-  # the widest is then avx512_bf16: the avx512 unit (the widest on AVX-512 CPUs without it) runs too
-  if grep -qw avx512_bf16 /proc/cpuinfo && grep -qw avx512f /proc/cpuinfo; then ISAS="widest avx512 avx2 baseline"; fi
-fi
+ISAS="widest"
+has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null; }
+# the widest is then amx: the avx512_bf16 unit runs too
+if has amx_tile && has amx_bf16 && has avx512_bf16; then ISAS="$ISAS avx512_bf16"; fi
+# the AMX unit on its software model of the tiles (wherever avx512_bf16 runs), and the avx512 unit
+# (the widest on AVX-512 CPUs without AVX512_BF16)
+if has avx512_bf16 && has avx512f; then ISAS="$ISAS amx_emulated avx512"; fi
+if has avx2 && has fma && has f16c; then ISAS="$ISAS avx2"; fi
+ISAS="$ISAS baseline"
 for isa in $ISAS; do
   t0=$(date +%s)
   env=""

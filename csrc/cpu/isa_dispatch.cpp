@@ -3,8 +3,10 @@
 // the drivers (tree_attention.cpp, tree_attention_backward.cpp) the IsaKernels table of the selected
 // ISA (isa_kernels.h; one per kernel unit, kernels_{avx512bf16,avx512,avx2,baseline}.cpp).
 //
-// Adding an ISA (e.g. AMX; avx512_bf16 was added so): a CpuIsa value (multiverse/cpu_kernels.h), its name in
-// kIsaNames, its cpuid test in detect_isa, a kernel unit exporting its table, and its row in kTables.
+// Adding an ISA (amx and avx512_bf16 were added so): a CpuIsa value (multiverse/cpu_kernels.h), its name
+// in kIsaNames, its cpuid test in detect_isa, a kernel unit exporting its table, and its row in kTables.
+// amx_emulated (the AMX unit on a software model of the tiles) is the one ISA detect_isa never reports:
+// MULTIVERSE_CPU_ISA=amx_emulated selects it wherever avx512_bf16 runs.
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -17,13 +19,15 @@
 
 #if defined(MULTIVERSE_X86_ISAS)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace multiverse::cpu {
 namespace {
 
 // Indexed by CpuIsa.
-constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512", "avx512_bf16", "amx", "amx_emulated"};
 constexpr int kNumIsas = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
 
 // The kernel table of each CpuIsa (nullptr: not built for this target).
@@ -33,7 +37,11 @@ const IsaKernels* const kTables[kNumIsas] = {
     &kKernelsAvx2,
     &kKernelsAvx512,
     &kKernelsAvx512Bf16,
+    &kKernelsAmx,
+    &kKernelsAmxEmulated,
 #else
+    nullptr,
+    nullptr,
     nullptr,
     nullptr,
     nullptr,
@@ -45,6 +53,18 @@ uint64_t xgetbv0() {
   uint32_t lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+#endif
+
+#if defined(MULTIVERSE_X86_ISAS)
+bool request_tile_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023;  // asm/prctl.h
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 #endif
 
@@ -62,8 +82,14 @@ CpuIsa detect_isa() {
   if (!(f512 && dq && bw && vl && (xcr0 & 0xe0) == 0xe0)) return CpuIsa::kAvx2;  // OS saves zmm/k state
   // AVX512_BF16: cpuid leaf 7 subleaf 1, eax bit 5 (leaf 7's eax gives the highest subleaf)
   unsigned a1 = 0, b1, c1, d1;
-  if (a >= 1 && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5))) return CpuIsa::kAvx512Bf16;
-  return CpuIsa::kAvx512;
+  if (!(a >= 1 && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5)))) return CpuIsa::kAvx512;
+  // AMX: leaf 7 subleaf 0 edx bit 24 (AMX-TILE) and bit 22 (AMX-BF16), the OS saving the tile state
+  // (XCR0 bits 17 XTILECFG, 18 XTILEDATA), and Linux's per-process permission to use the tile data
+  // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, as torch and vLLM request it; granted for
+  // every thread of the process). Anything missing: the avx512_bf16 path.
+  const bool amx = (d & (1u << 24)) && (d & (1u << 22)) && (xcr0 & (3ull << 17)) == (3ull << 17);
+  if (amx && request_tile_permission()) return CpuIsa::kAmx;
+  return CpuIsa::kAvx512Bf16;
 #else
   return CpuIsa::kBaseline;
 #endif
@@ -93,6 +119,12 @@ CpuIsa cpu_isa_selected() {
     names += std::string(names.empty() ? "" : i == 0 ? " or " : ", ") + kIsaNames[i];
   }
   if (want < 0) throw std::invalid_argument("MULTIVERSE_CPU_ISA=" + v + ": expected " + names);
+  if (want == static_cast<int>(CpuIsa::kAmxEmulated)) {  // the software model needs avx512_bf16 only
+    if (static_cast<int>(best) < static_cast<int>(CpuIsa::kAvx512Bf16))
+      throw std::invalid_argument("MULTIVERSE_CPU_ISA=" + v + ": needs avx512_bf16; this CPU (or build) runs at most " +
+                                  cpu_isa_name(best));
+    return CpuIsa::kAmxEmulated;
+  }
   if (want > static_cast<int>(best))
     throw std::invalid_argument("MULTIVERSE_CPU_ISA=" + v + ": this CPU (or build) runs at most " +
                                 cpu_isa_name(best));

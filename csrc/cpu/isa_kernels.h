@@ -147,6 +147,8 @@ struct IsaKernels {
 #define MULTIVERSE_X86_ISAS 1
 extern const IsaKernels kKernelsAvx512;  // kernels_avx512.cpp
 extern const IsaKernels kKernelsAvx512Bf16;  // kernels_avx512bf16.cpp
+extern const IsaKernels kKernelsAmx;  // kernels_amx.cpp
+extern const IsaKernels kKernelsAmxEmulated;  // kernels_amx_emulated.cpp
 extern const IsaKernels kKernelsAvx2;    // kernels_avx2.cpp
 #endif
 extern const IsaKernels kKernelsBaseline;  // kernels_baseline.cpp

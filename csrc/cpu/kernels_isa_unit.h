@@ -6,8 +6,9 @@
 // points as one table, which isa_dispatch.cpp selects.
 //
 // MV_LEVEL: 0 baseline (the build's default target: SSE2 on x86-64), 1 AVX2 + FMA + F16C,
-// 2 AVX-512 F/VL/BW/DQ. Code tests `MV_LEVEL >= n`, so a later level (an AMX or AVX512-BF16 unit)
-// inherits everything of the levels below it and specialises only what it adds.
+// 2 AVX-512 F/VL/BW/DQ, 3 + AVX512-BF16, 4 + AMX tiles (amx.h; MV_AMX_EMULATE 1: its software model).
+// Code tests `MV_LEVEL >= n`, so a later level inherits everything of the levels below it and
+// specialises only what it adds.
 #ifndef MV_LEVEL
 #error "define MV_LEVEL before including kernels_isa_unit.h"
 #endif
@@ -19,6 +20,9 @@
 #endif
 
 #include "simd.h"
+#if MV_LEVEL >= 4
+#include "amx.h"
+#endif
 #include "tree_attention_fwd_impl.h"
 #include "tree_attention_bwd_impl.h"
 

@@ -235,6 +235,39 @@ MV_INL void qk_tile_bf16(const uint16_t* __restrict k, int ldk, const uint32_t* 
 template <class EQ, class EKV> inline constexpr bool kDotBf16 = false;
 #endif
 
+#if MV_LEVEL >= 4
+// AMX (amx.h): S^T[0:16][0:32] = scale * K Q^T for 16 tokens x 32 rows, D % 32 == 0. Per 32 head dims
+// one A tile (16 K rows of 32 bf16, ldk elements apart: the dot path's bf16 K rows) times two B tiles
+// (16 head-dim pairs x 16 rows of q2, ldq pairs apart: the dot path's Q^T pairs) accumulates into two
+// C tiles, which are S^T's layout (token rows, query-row columns) and are stored as such, then scaled.
+static_assert(kTokenBlock % 16 == 0, "AMX score tiles take 16 tokens of a token block");
+MV_INL void qk_tile_amx(const uint16_t* __restrict k, int ldk, const uint32_t* __restrict q2, int ldq, int D,
+                        float* __restrict s, int lds, float scale) {
+  const size_t a_stride = static_cast<size_t>(ldk) * sizeof(uint16_t);
+  const size_t b_stride = static_cast<size_t>(ldq) * sizeof(uint32_t);
+  MV_TILE_ZERO(0);
+  MV_TILE_ZERO(1);
+  for (int d0 = 0; d0 < D; d0 += 32) {
+    const uint32_t* b = q2 + static_cast<size_t>(d0 / 2) * ldq;
+    MV_TILE_LOAD(2, k + d0, a_stride);
+    MV_TILE_LOAD(3, b, b_stride);
+    MV_TILE_LOAD(4, b + 16, b_stride);
+    MV_TILE_DPBF16(0, 2, 3);
+    MV_TILE_DPBF16(1, 2, 4);
+  }
+  const size_t s_stride = static_cast<size_t>(lds) * sizeof(float);
+  MV_TILE_STORE(0, s, s_stride);
+  MV_TILE_STORE(1, s + 16, s_stride);
+  using V = typename VT<16>::V;
+  const V sv = vbcast<V>(scale);
+  MV_UNROLL(16) for (int j = 0; j < 16; ++j) {
+    float* row = s + static_cast<size_t>(j) * lds;
+    vst<16>(row, vld<16>(row) * sv);
+    vst<16>(row + 16, vld<16>(row + 16) * sv);
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------------- online softmax
 // Columns c0 .. c0+N (rows of the row block), tokens [t0, t_end) of one token block, S^T rows stored
 // from t0 (st row 0 = token t0). Per row: new max over its visible tokens of the block, the rescale
@@ -495,6 +528,13 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   const int32_t nr = p.item_num_readers[item];
   const int M = nr * group;
   if (M == 0) return 0;  // capacity padding item
+  // AMX score tiles (MV_LEVEL 4) for the row tiles of 32 rows when the head dim is whole 32-dim chunks;
+  // the G-lane remainder tiles and other head dims take the vdpbf16ps tiles.
+  constexpr bool kAmx = kDot && MV_LEVEL >= 4;
+  const bool amx_on = kAmx && D % 32 == 0 && M >= 32;
+#if MV_LEVEL >= 4
+  if (amx_on) amx::configure();
+#endif
   const int32_t r0 = p.item_reader_start[item];
   const int32_t slot0 = p.item_partial_start[item];
   TaskCtx c{&p, p.item_node[item], p.item_kv_start[item], kh, D, static_cast<int>(round_up64(D, kDimPad)),
@@ -660,7 +700,15 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         for (int i = 0; i < width; ++i) tt = imax(tt, bvis[col + i]);
         const int tend = imin(tt, te);
         const float* kp = c.kb + static_cast<size_t>(tb0) * dp;
-        if (big) {
+        if (big && amx_on) {
+#if MV_LEVEL >= 4
+          for (int t0 = tb0; t0 < tend; t0 += 16, kp += 16 * dp) {
+            qk_tile_amx(reinterpret_cast<const uint16_t*>(kp), 2 * dp, qt2 + col, lds, D,
+                        sc.st + static_cast<size_t>(t0 - tb0) * lds + col, lds, p.sm_scale);
+            pf.step(pf_rows);
+          }
+#endif
+        } else if (big) {
           for (int t0 = tb0; t0 < tend; t0 += QK_TB, kp += QK_TB * dp) {
             float* sp = sc.st + static_cast<size_t>(t0 - tb0) * lds + col;
 #if MV_LEVEL >= 3
@@ -733,6 +781,9 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       }
     }
   }
+#if MV_LEVEL >= 4
+  if (amx_on) amx::release();
+#endif
   return bytes;
 }
 

@@ -146,7 +146,8 @@ def cpu_peaks(min_run_time: float = 0.25) -> dict[str, float]:
 
     * ``fma <isa>``: :func:`fma_peak` on every ISA path of the C++ kernel this CPU runs (forced with
       ``MULTIVERSE_CPU_ISA``; the fp32 FMA rate of that build: every path but avx512_bf16 computes
-      every dtype in fp32 FMAs; avx512_bf16 computes bf16 steps with bf16 dot products, twice that rate);
+      every dtype in fp32 FMAs; avx512_bf16 computes bf16 steps with bf16 dot products, twice that rate,
+      and amx their scores on AMX tiles);
     * ``gemm <dtype>``: torch's GEMM in fp32, bf16 and fp16 (:func:`measure_rates`): on CPUs with matrix
       units torch (oneDNN) runs bf16/fp16 on AMX tiles or AVX512-BF16 dot products, so these are the
       matrix-unit rates the honest roofline of a bf16/fp16 step uses.
@@ -179,14 +180,19 @@ def describe_cpu_peaks(peaks: dict[str, float]) -> str:
              if flag in flags]
     sel, _ = kernel_isa()
     cells = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
-    if sel == "avx512_bf16":
+    if sel in ("amx", "amx_emulated"):
+        model = " (software model of the tiles)" if sel == "amx_emulated" else ""
+        half = (f"bf16 -> scores by AMX tiles (tdpbf16ps){model} in row tiles of 32 rows when d % 32 == 0, "
+                "else and P V by AVX512-BF16 dot products (vdpbf16ps); fp16 -> converted to fp32 at the "
+                "load, fp32 FMAs")
+    elif sel == "avx512_bf16":
         half = ("bf16 -> scores and P V by AVX512-BF16 dot products (vdpbf16ps); fp16 -> converted to fp32 "
                 "at the load, fp32 FMAs")
     else:
         half = f"bf16/fp16 -> converted to fp32 at the load, {sel} fp32 FMAs"
     return (f"CPU peaks (GFLOP/s, {torch.get_num_threads()} thread(s)): {cells}; matrix units: "
             f"{', '.join(units) or 'none'}\n"
-            f"cpu kernel paths: fp32 -> {sel} fp32 FMAs; {half} (no AMX path yet); "
+            f"cpu kernel paths: fp32 -> {sel} fp32 FMAs; {half}; "
             "compute roof of each step = torch's GEMM rate in its dtype")
 
 

@@ -1,16 +1,16 @@
 """Every micro-kernel build of the C++ CPU tree attention this machine can run, forward and backward,
 against the reference.
 
-The forward and backward kernels are compiled for AVX-512 with AVX512-BF16 (bf16 products by vdpbf16ps),
-AVX-512, AVX2+FMA+F16C and the baseline target (csrc/cpu/kernels_{avx512bf16,avx512,avx2,baseline}.cpp)
-and picked by one dispatch (csrc/cpu/isa_dispatch.cpp:
-cpuid, capped by MULTIVERSE_CPU_ISA) for both passes. Each test runs once per ISA; an ISA this CPU
-cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as skipped, not
-passed). Forward shapes are chosen to cross every tiling boundary of the kernel: row blocks of 128
-packed rows, token blocks of 48 (24 for tasks of at most 16 rows), register tiles (16/32 rows x 6/12
-tokens, 6/12 rows x 16/32 dims), head dims that are not multiples of the vector width (fp32 V is then
-packed, not read in place), causal extends, many readers, tiny chunks. Backward shapes cross its
-sub-chunks of 256 tokens, row blocks of 32 packed rows and head dims padded to 16.
+The forward and backward kernels are compiled for AMX (bf16 scores by tdpbf16ps tiles; also on a software
+model of the tiles: amx_emulated), AVX-512 with AVX512-BF16 (bf16 products by vdpbf16ps), AVX-512,
+AVX2+FMA+F16C and the baseline target (csrc/cpu/kernels_*.cpp) and picked by one dispatch
+(csrc/cpu/isa_dispatch.cpp: cpuid, capped by MULTIVERSE_CPU_ISA) for both passes. Each test runs once per ISA;
+an ISA this CPU cannot run is skipped with the reason (so an AVX2 machine reports the AVX-512 cases as
+skipped, not passed). Forward shapes are chosen to cross every tiling boundary of the kernel: row blocks of
+128 packed rows, token blocks of 48 (24 for tasks of at most 16 rows), register tiles (16/32 rows x 6/12
+tokens, 6/12 rows x 16/32 dims), head dims that are not multiples of the vector width (fp32 V is then packed,
+not read in place), causal extends, many readers, tiny chunks. Backward shapes cross its sub-chunks of 256
+tokens, row blocks of 32 packed rows and head dims padded to 16.
 """
 
 from __future__ import annotations
@@ -105,6 +105,31 @@ def test_bf16_dot_path_runs_where_the_cpu_has_it(monkeypatch) -> None:
         torch.set_num_threads(threads)
     assert not torch.equal(lse["avx512"], lse["avx512_bf16"]), "MULTIVERSE_CPU_ISA=avx512 changed nothing"
     torch.testing.assert_close(lse["avx512"], lse["avx512_bf16"], rtol=1e-5, atol=1e-5)
+
+
+def test_amx_tiles_run_where_asked(monkeypatch) -> None:
+    """The AMX path's score tiles run: on its software model (amx_emulated: each instruction's products
+    summed before they join the accumulator) the lse bits of a step with row tiles of 32 rows differ from
+    the vdpbf16ps path's, and agree with them to fp32 rounding; on a CPU with AMX the hardware's tiles
+    agree with the model the same way (the model is what the layout tests above check)."""
+    if supported_isa() < ISA_NAMES.index("avx512_bf16"):
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: the AMX model needs avx512_bf16")
+    f, groups = multiverse_forest(prefix=200, paths=10, path_len=40, concl_len=3, page_size=16)
+    meta = f.metadata(groups)
+    q, k, v = make_inputs(meta, f.num_pages, 8, 2, 128, torch.bfloat16, seed=5)
+    names = ["avx512_bf16", "amx_emulated"] + (["amx"] if supported_isa() >= ISA_NAMES.index("amx") else [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lse = {}
+        for name in names:
+            monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
+            lse[name] = tree_attention(q, k, v, meta, backend="cpu", return_lse=True)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(lse["avx512_bf16"], lse["amx_emulated"]), "amx_emulated ran no AMX tile"
+    for name in names[1:]:
+        torch.testing.assert_close(lse[name], lse["avx512_bf16"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk,tile", [(1, 1), (7, 2), (100, 3)])

@@ -11,14 +11,20 @@ enum class CpuIsa : int32_t {
   kBaseline = 0,  // the build's default target (SSE2 on x86-64), 4-float vectors
   kAvx2 = 1,      // AVX2 + FMA + F16C, 8-float vectors, tiles for 16 ymm registers
   kAvx512 = 2,    // AVX-512 F/VL/BW/DQ, 16-float vectors, tiles for 32 zmm registers
-  kAvx512Bf16 = 3,  // AVX-512 + AVX512_BF16: bf16 steps' scores by vdpbf16ps (the rest as kAvx512)
+  kAvx512Bf16 = 3,  // AVX-512 + AVX512_BF16: bf16 steps' scores and P V by vdpbf16ps (the rest as kAvx512)
+  kAmx = 4,         // kAvx512Bf16 + AMX-TILE/AMX-BF16: bf16 steps' scores by tdpbf16ps tiles
+  kAmxEmulated = 5, // kAmx's code on a software model of the tile instructions (CPUs with AVX512_BF16;
+                    // only when MULTIVERSE_CPU_ISA=amx_emulated asks for it: tests)
 };
-const char* cpu_isa_name(CpuIsa isa);  // "baseline", "avx2", "avx512", "avx512_bf16"
-// The widest ISA this CPU (and OS) supports, by cpuid.
+// "baseline", "avx2", "avx512", "avx512_bf16", "amx", "amx_emulated"
+const char* cpu_isa_name(CpuIsa isa);
+// The widest ISA this CPU (and OS) supports, by cpuid (kAmx only once the OS granted the process the
+// tile-data permission, requested here; never kAmxEmulated).
 CpuIsa cpu_isa_supported();
 // The ISA tree_attention and tree_attention_backward dispatch to: cpu_isa_supported(), or the variable
-// MULTIVERSE_CPU_ISA=avx512_bf16|avx512|avx2|baseline (read per call) forcing a lower one. Throws
-// std::invalid_argument for an unknown name or an ISA this CPU cannot run.
+// MULTIVERSE_CPU_ISA=amx|avx512_bf16|avx512|avx2|baseline (read per call) forcing a lower one, or
+// amx_emulated on any CPU that supports avx512_bf16. Throws std::invalid_argument for an unknown name
+// or an ISA this CPU cannot run.
 CpuIsa cpu_isa_selected();
 
 // FMA rate (flop/s) of the selected ISA's micro-kernel build: min(threads, pool size) workers of the

@@ -1,0 +1,19 @@
+// KERNEL UNIT (AMX): the AVX512-BF16 kernels, plus AMX tiles (tdpbf16ps, amx.h) for the scores
+// S^T = K Q^T of bf16 steps in row tiles of 32 rows when the head dim is a multiple of 32
+// (qk_tile_amx in tree_attention_fwd_impl.h). Everything else - P V, the backward, other dtypes and
+// head dims - is the avx512_bf16 code. Exports kKernelsAmx (isa_kernels.h); run only when the CPU has
+// AMX-TILE and AMX-BF16 and the OS granted the tile-data permission (isa_dispatch.cpp).
+#include "kernels_prelude.h"
+
+#if defined(MULTIVERSE_X86_ISAS)
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside avx512fintrin.h
+#endif
+MV_TARGET_PUSH("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")
+#define MV_LEVEL 4
+#define MV_AMX_EMULATE 0
+#define MV_ISA CpuIsa::kAmx
+#define MV_KERNELS kKernelsAmx
+#include "kernels_isa_unit.h"
+MV_TARGET_POP()
+#endif
