@@ -3,16 +3,18 @@
 // tree_attention_fwd_impl.h) use it through the MV_TILE_* macros below, which take literal tile numbers
 // (GCC's tile intrinsics stringify them into the instruction).
 //
-// The three instructions, as Intel's pseudo-code defines them (palette 1: 8 tiles of up to 16 rows x
-// 64 bytes; every tile here is configured 16 x 64):
-//   tileloadd   tmm, [base + stride]   row r of the tile = the 64 bytes at base + r * stride
-//   tdpbf16ps   c, a, b                c.fp32[m][n] += sum_{k < 16} a.bf16[m][2k] * b.bf16[k][2n]
+// The three instructions, as Intel's pseudo-code defines them (palette 1: 8 tiles, tile t configured
+// as rows[t] rows of colsb[t] bytes; see kTileShape):
+//   tileloadd   tmm, [base + stride]   row r of the tile = the colsb bytes at base + r * stride
+//   tdpbf16ps   c, a, b                c.fp32[m][n] += sum_{k < a.colsb / 4} a.bf16[m][2k] * b.bf16[k][2n]
 //                                                      + a.bf16[m][2k+1] * b.bf16[k][2n+1]
-//                                      (a: 16 x 32 bf16, b: 16 rows of 16 bf16 pairs, c: 16 x 16 fp32;
-//                                      bf16 denormal inputs read as zero, fp32 results flushed to zero)
+//                                      (b has a.colsb / 4 rows of bf16 pairs; bf16 denormal inputs read
+//                                      as zero, fp32 results flushed to zero)
 //   tilestored  [base + stride], tmm   the inverse of tileloadd
 // so for scores S^T = K Q^T: a = 16 tokens x 32 head dims of K (bf16 rows), b = 16 head-dim pairs x 16
-// query rows (the bf16 dot path's Q^T pairs, already in that layout), c = 16 tokens x 16 rows of S^T.
+// query rows (the bf16 dot path's Q^T pairs, already in that layout), c = 16 tokens x 16 rows of S^T;
+// and for O += P V: a = 16 rows x 16 (or 8) token pairs of P (the bf16 path's P^T pairs, transposed),
+// b = 16 (or 8) token pairs x 16 head dims of V (its token-pair rows), c = 16 rows x 16 dims.
 //
 // MV_AMX_EMULATE 1 replaces the instructions by that pseudo-code on a thread's 8 software tiles, so the
 // AMX path's layout logic (which bytes each tile reads and writes) runs in the normal tests on any CPU
@@ -30,7 +32,11 @@ namespace multiverse::cpu {
 namespace {
 namespace amx {
 
-// The 64-byte LDTILECFG operand: palette 1, tiles 0..7 each 16 rows x 64 bytes.
+// Tile shapes (rows, bytes per row): 0-4 full (C, A, B of 32-long dot products), 5 an A tile of 8
+// pairs (16 tokens of P), 6-7 B tiles of 8 pairs (16 tokens of V).
+constexpr int kTileShape[8][2] = {{16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 32}, {8, 64}, {8, 64}};
+
+// The 64-byte LDTILECFG operand: palette 1, tile t kTileShape[t].
 struct alignas(64) TileConfig {
   uint8_t palette;
   uint8_t start_row;
@@ -44,8 +50,8 @@ inline TileConfig full_tiles() {
   TileConfig c{};
   c.palette = 1;
   for (int t = 0; t < 8; ++t) {
-    c.colsb[t] = 64;
-    c.rows[t] = 16;
+    c.rows[t] = static_cast<uint8_t>(kTileShape[t][0]);
+    c.colsb[t] = static_cast<uint16_t>(kTileShape[t][1]);
   }
   return c;
 }
@@ -64,21 +70,28 @@ MV_INL float bf16_daz(uint16_t h) {
 }
 MV_INL float ftz(float f) { return __builtin_fabsf(f) < 1.17549435e-38f ? 0.0f : f; }
 
+// Only the configured rows x colsb bytes are read or written (the hardware's rule: ASan then sees
+// exactly the bytes the real instructions touch).
 inline void load(int t, const void* base, size_t stride) {
-  for (int r = 0; r < 16; ++r) __builtin_memcpy(g_tiles[t].b[r], static_cast<const char*>(base) + r * stride, 64);
+  for (int r = 0; r < kTileShape[t][0]; ++r)
+    __builtin_memcpy(g_tiles[t].b[r], static_cast<const char*>(base) + r * stride, kTileShape[t][1]);
 }
 inline void store(int t, void* base, size_t stride) {
-  for (int r = 0; r < 16; ++r) __builtin_memcpy(static_cast<char*>(base) + r * stride, g_tiles[t].b[r], 64);
+  for (int r = 0; r < kTileShape[t][0]; ++r)
+    __builtin_memcpy(static_cast<char*>(base) + r * stride, g_tiles[t].b[r], kTileShape[t][1]);
 }
 inline void zero(int t) { __builtin_memset(g_tiles[t].b, 0, sizeof(g_tiles[t].b)); }
 inline void dpbf16ps(int c, int a, int b) {
   Tile& C = g_tiles[c];
   const Tile& A = g_tiles[a];
   const Tile& B = g_tiles[b];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 16; ++n) {
-      float part = 0.0f;  // this instruction's 32 products, then added to c (see the top of the file)
-      for (int k = 0; k < 16; ++k) {
+  const int K = kTileShape[a][1] / 4;  // pairs per row of a = rows of b (the hardware faults otherwise)
+  if (K != kTileShape[b][0] || kTileShape[c][1] != kTileShape[b][1] || kTileShape[c][0] != kTileShape[a][0])
+    __builtin_trap();
+  for (int m = 0; m < kTileShape[c][0]; ++m)
+    for (int n = 0; n < kTileShape[c][1] / 4; ++n) {
+      float part = 0.0f;  // this instruction's products, then added to c (see the top of the file)
+      for (int k = 0; k < K; ++k) {
         uint16_t a0, a1, b0, b1;
         __builtin_memcpy(&a0, &A.b[m][4 * k], 2);
         __builtin_memcpy(&a1, &A.b[m][4 * k + 2], 2);

@@ -1,7 +1,8 @@
-// KERNEL UNIT (AMX): the AVX512-BF16 kernels, plus AMX tiles (tdpbf16ps, amx.h) for the scores
-// S^T = K Q^T of bf16 steps in row tiles of 32 rows when the head dim is a multiple of 32
-// (qk_tile_amx in tree_attention_fwd_impl.h). Everything else - P V, the backward, other dtypes and
-// head dims - is the avx512_bf16 code. Exports kKernelsAmx (isa_kernels.h); run only when the CPU has
+// KERNEL UNIT (AMX): the AVX512-BF16 kernels, plus AMX tiles (tdpbf16ps, amx.h) for the forward of
+// bf16 steps in tasks of at least 32 rows when the head dim is a multiple of 32: the scores
+// S^T = K Q^T in row tiles of 32 rows (qk_tile_amx) and P V over the tokens every row of a row block
+// sees (pv_amx; tree_attention_fwd_impl.h). Everything else - the backward, other dtypes and head
+// dims, masked tokens - is the avx512_bf16 code. Exports kKernelsAmx (isa_kernels.h); run only when the CPU has
 // AMX-TILE and AMX-BF16 and the OS granted the tile-data permission (isa_dispatch.cpp).
 #include "kernels_prelude.h"
 

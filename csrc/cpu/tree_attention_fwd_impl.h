@@ -32,6 +32,10 @@
 // pv_tile_bf16 takes two tokens per instruction where every row of the tile sees both; tokens some row
 // cannot see (causal edges, window starts) are taken one at a time in fp32 from the pairs and skipped
 // for that row, as in pv_tile (NaN policy). l, the softmax denominator, stays the fp32 sum.
+//
+// AMX (MV_LEVEL 4, amx.h; tasks of >= 32 rows, D % 32 == 0): the same layouts feed tdpbf16ps tiles -
+// qk_tile_amx for the scores of row tiles of 32 rows, pv_amx for P V over the tokens every row of the
+// row block sees (pv_tile_bf16 takes the rest); row blocks are padded to 16 rows.
 #pragma once
 
 #ifndef MV_LEVEL
@@ -403,11 +407,12 @@ MV_INL void pack_p_pairs(const float* __restrict st, int lds, int mbp, int pairs
 // at v2 + e * ldv, dp 32-bit lanes), p2 the block's P^T in bf16 pairs (pack_p_pairs). Pairs inside
 // [tlo, tfull), which every row of the tile sees, take one vdpbf16ps per row and vector; every other
 // token is taken alone in fp32 (its V half widened, P^T from pt), masked per row as in pv_tile.
+// Tokens [xa, xb) (xb > xa: pair-aligned, seen by every row of the block) are left to pv_amx.
 template <int RB, int NV>
 MV_INL void pv_tile_bf16(const uint32_t* __restrict v2, int dp, int d0, const float* __restrict pt,
                          const uint32_t* __restrict p2, int lds, int t0, int tlo, int tfull, int t1,
                          const int32_t* __restrict vis, const int32_t* __restrict lo, float* __restrict o,
-                         const float* __restrict alpha, int rb) {
+                         const float* __restrict alpha, int rb, int xa, int xb) {
   using V = typename VT<W>::V;
   using UI = typename VT<W>::UI;
   const size_t ldv = 2 * static_cast<size_t>(dp);  // pair e sits in the scratch row of token t0 + 2e
@@ -438,17 +443,24 @@ MV_INL void pv_tile_bf16(const uint32_t* __restrict v2, int dp, int d0, const fl
   int t = t0;
   for (; t < tlo; ++t) single(t, 1);
   if (((t - t0) & 1) && t < tfull) single(t++, 0);
-  for (; t + 1 < tfull; t += 2) {
-    const int e = (t - t0) >> 1;
-    const uint32_t* vp = v2 + e * ldv + d0;
-    const uint32_t* pp = p2 + static_cast<size_t>(e) * lds + rb;
-    UI vv[NV];
-    MV_UNROLL(2) for (int v = 0; v < NV; ++v) __builtin_memcpy(&vv[v], vp + v * W, sizeof(UI));
-    MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
-      const UI pb = UI{} + pp[r];
-      MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = dot2_bf16<W>(acc[r][v], pb, vv[v]);
+  auto pairs = [&](int end) __attribute__((always_inline)) {
+    for (; t + 1 < end; t += 2) {
+      const int e = (t - t0) >> 1;
+      const uint32_t* vp = v2 + e * ldv + d0;
+      const uint32_t* pp = p2 + static_cast<size_t>(e) * lds + rb;
+      UI vv[NV];
+      MV_UNROLL(2) for (int v = 0; v < NV; ++v) __builtin_memcpy(&vv[v], vp + v * W, sizeof(UI));
+      MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
+        const UI pb = UI{} + pp[r];
+        MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = dot2_bf16<W>(acc[r][v], pb, vv[v]);
+      }
     }
+  };
+  if (xb > xa) {  // (t <= xa here, on the same pair parity: the tile's tlo <= the block's)
+    pairs(xa);
+    t = xb;
   }
+  pairs(tfull);
   for (; t < tfull; ++t) single(t, 0);
   for (; t < t1; ++t) single(t, 2);
   MV_UNROLL(12) for (int r = 0; r < RB; ++r)
@@ -457,11 +469,63 @@ MV_INL void pv_tile_bf16(const uint32_t* __restrict v2, int dp, int d0, const fl
 }
 #endif
 
+#if MV_LEVEL >= 4
+// AMX (amx.h): O[rows][0, D) += P[rows][tokens] V[tokens][0, D) for every 16-row tile of the row block
+// (mbp rows, a multiple of 16) over npairs token pairs from pair e0 of the block (npairs = 8, 16 or 24:
+// 16-token pieces of a 48-token block; every row sees them all, so no mask and the NaN policy holds),
+// D % 32 == 0. A = the rows' P in bf16 pairs: the block's P^T pairs p2 [pair][row] transposed per
+// 16 rows into a16 (16 pairs, tile 2) and a8 (8 pairs, tile 5); B = V's token-pair rows (v2, ldv pairs
+// apart; tiles 3-4 of 16 pairs, 6-7 of 8), 16 head dims per tile; C = O's rows, loaded, accumulated,
+// stored back (after pv_tile_bf16 applied alpha and the other tokens).
+MV_INL void pv_amx(const uint32_t* __restrict v2, int dp, int D, const uint32_t* __restrict p2, int lds, int e0,
+                   int npairs, int mbp, float* __restrict o) {
+  const size_t b_stride = 2 * static_cast<size_t>(dp) * sizeof(uint32_t);  // pair e in token row 2e's scratch
+  const size_t o_stride = static_cast<size_t>(dp) * sizeof(float);
+  const bool p16 = npairs >= 16, p8 = npairs % 16 == 8;
+  alignas(64) uint32_t a16[16][16];
+  alignas(64) uint32_t a8[16][8];
+  for (int rb = 0; rb < mbp; rb += 16) {
+    int e = e0;
+    if (p16) {
+      for (int k = 0; k < 16; ++k)
+        for (int m = 0; m < 16; ++m) a16[m][k] = p2[static_cast<size_t>(e + k) * lds + rb + m];
+      e += 16;
+    }
+    if (p8)
+      for (int k = 0; k < 8; ++k)
+        for (int m = 0; m < 16; ++m) a8[m][k] = p2[static_cast<size_t>(e + k) * lds + rb + m];
+    float* orow = o + static_cast<size_t>(rb) * dp;
+    for (int d0 = 0; d0 < D; d0 += 32) {
+      MV_TILE_LOAD(0, orow + d0, o_stride);
+      MV_TILE_LOAD(1, orow + d0 + 16, o_stride);
+      const uint32_t* b = v2 + static_cast<size_t>(e0) * 2 * dp + d0;
+      if (p16) {
+        MV_TILE_LOAD(2, a16, sizeof(a16[0]));
+        MV_TILE_LOAD(3, b, b_stride);
+        MV_TILE_LOAD(4, b + 16, b_stride);
+        MV_TILE_DPBF16(0, 2, 3);
+        MV_TILE_DPBF16(1, 2, 4);
+        b += static_cast<size_t>(16) * 2 * dp;
+      }
+      if (p8) {
+        MV_TILE_LOAD(5, a8, sizeof(a8[0]));
+        MV_TILE_LOAD(6, b, b_stride);
+        MV_TILE_LOAD(7, b + 16, b_stride);
+        MV_TILE_DPBF16(0, 5, 6);
+        MV_TILE_DPBF16(1, 5, 7);
+      }
+      MV_TILE_STORE(0, orow + d0, o_stride);
+      MV_TILE_STORE(1, orow + d0 + 16, o_stride);
+    }
+  }
+}
+#endif
+
 // DOT: the bf16 path (pv_tile_bf16 on v2 / p2; vr unused), else pv_tile on vr (v2 / p2 unused).
 template <int RB, bool DOT>
 inline void pv_rows(const float* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D, const float* pt,
                     int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o, const float* alpha,
-                    int rb) {
+                    int rb, int xa, int xb) {
   int tfull = t1, tlo = t0;
   for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
   if (lo != nullptr) {
@@ -473,13 +537,16 @@ inline void pv_rows(const float* const* vr, const uint32_t* v2, const uint32_t* 
 #if MV_LEVEL >= 3
   if constexpr (DOT) {  // (pairs are zero up to dp >= D rounded up to W)
     for (; d0 + 2 * W <= D; d0 += 2 * W)
-      pv_tile_bf16<RB, 2>(v2, dp, d0, pt, p2, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
-    for (; d0 < D; d0 += W) pv_tile_bf16<RB, 1>(v2, dp, d0, pt, p2, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
+      pv_tile_bf16<RB, 2>(v2, dp, d0, pt, p2, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb, xa, xb);
+    for (; d0 < D; d0 += W)
+      pv_tile_bf16<RB, 1>(v2, dp, d0, pt, p2, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb, xa, xb);
     return;
   }
 #endif
   (void)v2;
   (void)p2;
+  (void)xa;
+  (void)xb;
   for (; d0 + 2 * W <= D; d0 += 2 * W)  // never past D: fp32 V rows may be the cache's own
     pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
   for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
@@ -489,14 +556,14 @@ inline void pv_rows(const float* const* vr, const uint32_t* v2, const uint32_t* 
 template <int RB, bool DOT>
 inline void pv_dispatch(int rows, const float* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D,
                         const float* pt, int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o,
-                        const float* alpha, int rb) {
+                        const float* alpha, int rb, int xa, int xb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<RB - 1, DOT>(rows, vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
+      pv_dispatch<RB - 1, DOT>(rows, vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb, xa, xb);
       return;
     }
   }
-  pv_rows<RB, DOT>(vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb);
+  pv_rows<RB, DOT>(vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb, xa, xb);
 }
 
 // The online softmax of one (row block, token block): full-width vectors over the big tiles' columns,
@@ -625,7 +692,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   pf.own.finish();
   for (int m0 = 0; m0 < M; m0 += kRowBlock) {
     const int mb = imin(kRowBlock, M - m0);
-    const int mbp = static_cast<int>(round_up64(mb, G));
+    const int mbp = static_cast<int>(round_up64(mb, amx_on ? 16 : G));  // (AMX P V: 16-row tiles)
     const int lds = mbp;  // S^T / Qt row stride
     const int32_t* bvis = vis + m0;
     const int32_t* blo = has_lo ? lo + m0 : nullptr;
@@ -750,6 +817,24 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
 #if MV_LEVEL >= 3
       if constexpr (kDot) pack_p_pairs(sc.st, lds, mbp, (te - tb0) / 2, sc.p2);
 #endif
+      // (AMX: tokens [xa, xb) - whole 16-token pieces from a pair boundary, seen by every row of the
+      // block - go through pv_amx after the tiles below, which skip them.)
+      int xa = tb0, xb = tb0;
+#if MV_LEVEL >= 4
+      if (amx_on) {
+        int lo_all = tb0, full_all = te;
+        for (int i = 0; i < mb; ++i) {
+          full_all = imin(full_all, bvis[i]);
+          if (has_lo) lo_all = imax(lo_all, blo[i]);
+        }
+        const int a = tb0 + ((lo_all - tb0 + 1) & ~1);
+        const int n = full_all > a ? (full_all - a) / 16 * 16 : 0;
+        if (n > 0) {
+          xa = a;
+          xb = a + n;
+        }
+      }
+#endif
       for (int rb = 0; rb < mb; rb += PV_RB) {
         const int rows = imin(PV_RB, mb - rb);
         int tb = 0;
@@ -757,9 +842,12 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         const int t1 = imin(tb, te);
         if (t1 > tb0)
           pv_dispatch<PV_RB, kDot>(rows, vrows, v2, sc.p2, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha,
-                                   rb);
+                                   rb, xa, xb);
         pf.step(pf_rows);
       }
+#if MV_LEVEL >= 4
+      if (xb > xa) pv_amx(v2, dp, D, sc.p2, lds, (xa - tb0) / 2, (xb - xa) / 2, mbp, sc.o);
+#endif
     }
     // Normalise and write: the row's only partial goes straight to out (q's dtype), else a partial.
     for (int i = 0; i < mb; ++i) {

@@ -147,7 +147,7 @@ def cpu_peaks(min_run_time: float = 0.25) -> dict[str, float]:
     * ``fma <isa>``: :func:`fma_peak` on every ISA path of the C++ kernel this CPU runs (forced with
       ``MULTIVERSE_CPU_ISA``; the fp32 FMA rate of that build: every path but avx512_bf16 computes
       every dtype in fp32 FMAs; avx512_bf16 computes bf16 steps with bf16 dot products, twice that rate,
-      and amx their scores on AMX tiles);
+      and amx their scores and P V on AMX tiles);
     * ``gemm <dtype>``: torch's GEMM in fp32, bf16 and fp16 (:func:`measure_rates`): on CPUs with matrix
       units torch (oneDNN) runs bf16/fp16 on AMX tiles or AVX512-BF16 dot products, so these are the
       matrix-unit rates the honest roofline of a bf16/fp16 step uses.
@@ -182,9 +182,9 @@ def describe_cpu_peaks(peaks: dict[str, float]) -> str:
     cells = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
     if sel in ("amx", "amx_emulated"):
         model = " (software model of the tiles)" if sel == "amx_emulated" else ""
-        half = (f"bf16 -> scores by AMX tiles (tdpbf16ps){model} in row tiles of 32 rows when d % 32 == 0, "
-                "else and P V by AVX512-BF16 dot products (vdpbf16ps); fp16 -> converted to fp32 at the "
-                "load, fp32 FMAs")
+        half = (f"bf16 -> scores and P V by AMX tiles (tdpbf16ps){model} in tasks of >= 32 rows when "
+                "d % 32 == 0, else by AVX512-BF16 dot products (vdpbf16ps); fp16 -> converted to fp32 at "
+                "the load, fp32 FMAs")
     elif sel == "avx512_bf16":
         half = ("bf16 -> scores and P V by AVX512-BF16 dot products (vdpbf16ps); fp16 -> converted to fp32 "
                 "at the load, fp32 FMAs")
