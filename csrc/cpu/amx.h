@@ -105,21 +105,30 @@ inline void dpbf16ps(int c, int a, int b) {
       __builtin_memcpy(&C.b[m][4 * n], &acc, 4);
     }
 }
-inline void configure() {}
-inline void release() {}
+inline void configure(TileConfig*) {}
+inline void restore(const TileConfig&) {}
 
 #define MV_TILE_LOAD(t, base, stride) amx::load(t, base, stride)
 #define MV_TILE_STORE(t, base, stride) amx::store(t, base, stride)
 #define MV_TILE_ZERO(t) amx::zero(t)
 #define MV_TILE_DPBF16(c, a, b) amx::dpbf16ps(c, a, b)
 #else
-// The tile registers are per thread and every task configures them (a pool thread may have run other
-// AMX code - oneDNN's - with another configuration in between) and releases them at its end.
-inline void configure() {
+// The tile configuration is per thread, and the pool's threads may be the ones other AMX code runs on
+// (oneDNN; torch's cpublas::brgemm keeps a thread's configuration loaded between its calls and reloads
+// it only when it changes). So every task saves the thread's configuration (STTILECFG: all zeros when
+// none is loaded), loads its own, and at its end restores the saved one, or releases the tiles when
+// there was none.
+inline void configure(TileConfig* saved) {
   static const TileConfig cfg = full_tiles();
+  _tile_storeconfig(saved);
   _tile_loadconfig(&cfg);
 }
-inline void release() { _tile_release(); }
+inline void restore(const TileConfig& saved) {
+  if (saved.palette != 0)
+    _tile_loadconfig(&saved);
+  else
+    _tile_release();
+}
 
 // GCC's tile macros are asm statements that do not tell the compiler which memory they read or write:
 // the empty asm with a memory clobber keeps ordinary loads and stores on the right side of them.

@@ -600,7 +600,8 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   constexpr bool kAmx = kDot && MV_LEVEL >= 4;
   const bool amx_on = kAmx && D % 32 == 0 && M >= 32;
 #if MV_LEVEL >= 4
-  if (amx_on) amx::configure();
+  amx::TileConfig saved_tiles;  // the thread's tile configuration before this task (amx.h)
+  if (amx_on) amx::configure(&saved_tiles);
 #endif
   const int32_t r0 = p.item_reader_start[item];
   const int32_t slot0 = p.item_partial_start[item];
@@ -870,7 +871,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     }
   }
 #if MV_LEVEL >= 4
-  if (amx_on) amx::release();
+  if (amx_on) amx::restore(saved_tiles);
 #endif
   return bytes;
 }
