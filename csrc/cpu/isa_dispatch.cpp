@@ -37,7 +37,11 @@ const IsaKernels* const kTables[kNumIsas] = {
     &kKernelsAvx2,
     &kKernelsAvx512,
     &kKernelsAvx512Bf16,
+#if defined(MULTIVERSE_AMX_ISA)
     &kKernelsAmx,
+#else
+    nullptr,  // (a compiler without AMX: the avx512_bf16 path is the widest)
+#endif
     &kKernelsAmxEmulated,
 #else
     nullptr,
@@ -88,7 +92,7 @@ CpuIsa detect_isa() {
   // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, as torch and vLLM request it; granted for
   // every thread of the process). Anything missing: the avx512_bf16 path.
   const bool amx = (d & (1u << 24)) && (d & (1u << 22)) && (xcr0 & (3ull << 17)) == (3ull << 17);
-  if (amx && request_tile_permission()) return CpuIsa::kAmx;
+  if (amx && kTables[static_cast<int>(CpuIsa::kAmx)] != nullptr && request_tile_permission()) return CpuIsa::kAmx;
   return CpuIsa::kAvx512Bf16;
 #else
   return CpuIsa::kBaseline;

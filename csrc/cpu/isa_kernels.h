@@ -147,9 +147,13 @@ struct IsaKernels {
 #define MULTIVERSE_X86_ISAS 1
 extern const IsaKernels kKernelsAvx512;  // kernels_avx512.cpp
 extern const IsaKernels kKernelsAvx512Bf16;  // kernels_avx512bf16.cpp
-extern const IsaKernels kKernelsAmx;  // kernels_amx.cpp
 extern const IsaKernels kKernelsAmxEmulated;  // kernels_amx_emulated.cpp
 extern const IsaKernels kKernelsAvx2;    // kernels_avx2.cpp
+// The AMX unit needs a compiler (and assembler) that knows the tile instructions: GCC 11, Clang 12.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define MULTIVERSE_AMX_ISA 1
+extern const IsaKernels kKernelsAmx;  // kernels_amx.cpp
+#endif
 #endif
 extern const IsaKernels kKernelsBaseline;  // kernels_baseline.cpp
 

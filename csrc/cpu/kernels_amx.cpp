@@ -6,7 +6,7 @@
 // AMX-TILE and AMX-BF16 and the OS granted the tile-data permission (isa_dispatch.cpp).
 #include "kernels_prelude.h"
 
-#if defined(MULTIVERSE_X86_ISAS)
+#if defined(MULTIVERSE_AMX_ISA)  // (isa_kernels.h: x86-64 and a compiler that knows AMX)
 #if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside avx512fintrin.h
 #endif
