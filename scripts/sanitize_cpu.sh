@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the torch-free C++ CPU library (csrc/plan.cpp, csrc/absorb.cpp, csrc/cpu/*.cpp) and the fuzz-corpus driver
 # (csrc/tools/cpu_fuzz_driver.cpp) with AddressSanitizer + UndefinedBehaviorSanitizer and run the corpus:
-# random valid forests and their host plans through tree_attention + merge_states, append_paged_kv and
+# random valid forests and their host plans through tree_attention + merge_states, tree_attention_backward
+# (fp32 / fp16 / bf16 cases), append_paged_kv and
 # dense merge_states, each compared with a naive reference. Fails on any sanitizer report or mismatch.
 #   bash scripts/sanitize_cpu.sh [num_cases=600]
 # Also builds the existing smoke test with the sanitizers. Uses $CXX (default g++), OpenMP threads so

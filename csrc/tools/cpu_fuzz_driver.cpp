@@ -3,7 +3,9 @@
 // a random valid KV forest (roots, forks, joins, empty and one-token nodes, page sizes 1..16, shuffled
 // pages, causal / own_full groups, GQA ratios, head dims 16..256, fp32/fp16/bf16), plans it with the host
 // planner (multiverse::plan_tree_attention, random chunk_tokens incl. the auto split / rows_per_tile), runs
-// cpu::tree_attention + cpu::merge_states and compares with a naive double-precision attention; then
+// cpu::tree_attention + cpu::merge_states and compares with a naive double-precision attention, then
+// (fp32 / fp16 / bf16, no NaN poison) cpu::tree_attention_backward of a random grad_out (and grad_lse)
+// over the same plan with a naive double-precision backward; then
 // cpu::append_paged_kv of random tokens against a naive scatter, and cpu::merge_states on random dense
 // states (empty states included) against a naive merge. Output buffers start NaN-poisoned, so an
 // unwritten element fails. One attention case in four puts a NaN into one K element and checks the NaN
@@ -104,6 +106,8 @@ int failures = 0;
 int absorbed_cases = 0;  // attention cases run on an absorbed forest (absorb_tiny_nodes changed it)
 int window_cases = 0, softcap_cases = 0;  // attention cases with a sliding window / a soft-cap
 int fp8_cases = 0;  // attention cases over fp8 KV caches
+int backward_cases = 0;  // attention cases whose backward was checked too
+double max_backward_err[3] = {0, 0, 0};  // worst backward error by q dtype (fp32, fp16, bf16)
 
 // The caches: random normal values in E, or for an fp8 E random finite fp8 bytes with |x| <= 2, and their
 // dequantized values x * scale[kv head] (scale: [Hk], all the same when per tensor) as float: what the
@@ -129,6 +133,11 @@ void fill_kv(std::vector<typename E::T>& dst, std::vector<float>& as_float, size
     fill<E>(dst, as_float, n, g);
   }
 }
+// Backward tolerances on max |got - want| / max(1, max |want|) per gradient (dq, dk, dv): the inputs are
+// rounded to the dtype, the kernels' P and dS to bf16 on the avx512_bf16 / amx paths' bf16 backward
+// (worst seen over seeds 0-599 on every ISA path: fp32 1.2e-6, fp16 9e-4, bf16 8e-3).
+constexpr double kBwdTolF32 = 1e-5, kBwdTolF16 = 5e-3, kBwdTolBF16 = 4e-2;
+
 void fail(const char* what, int seed, double err) {
   std::fprintf(stderr, "FAIL %s seed %d: error %g\n", what, seed, err);
   ++failures;
@@ -136,7 +145,8 @@ void fail(const char* what, int seed, double err) {
 
 // EQ: q / out element type (dtype dt); EKV: the caches' (EQ, or fp8 with kv dtype kvdt).
 template <class EQ, class EKV = EQ>
-void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double tol, DType kvdt = DType::kFloat32) {
+void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double tol, double btol,
+                    DType kvdt = DType::kFloat32) {
   using T = typename EQ::T;
   using TK = typename EKV::T;
   constexpr bool fp8 = cpu::kIsFp8<EKV>;
@@ -254,25 +264,30 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
   m.merge_rows = pl.merge_rows.data(); m.out = out.data(); m.lse = lse.data();
   m.num_rows = (int32_t)pl.num_merge_rows; m.num_heads = Hq; m.head_dim = D; m.v_dtype = DType::kFloat32; m.out_dtype = dt;
   cpu::merge_states(m);
-  // naive reference
-  double worst = 0;
-  for (int gi = 0; gi < G; ++gi) {
+  // naive reference. row_offs: the cache offsets (K and V alike) of the tokens row i of group gi sees in
+  // KV head kh, on the original forest.
+  auto row_offs = [&](int gi, int i, int kh) {
     const int q0 = f.qo_indptr[gi], ql = f.qo_indptr[gi + 1] - q0;
     const int own_node = f.vis_nodes[f.vis_indptr[gi + 1] - 1];
     const bool full = use_own && G <= 64 && own[gi];
+    std::vector<int64_t> offs;
+    for (int e = f.vis_indptr[gi]; e < f.vis_indptr[gi + 1]; ++e) {
+      const int n = f.vis_nodes[e];
+      const int lim = (n != own_node || full) ? f.node_len[n] : f.node_len[n] - ql + i + 1;
+      const int64_t rpos = (int64_t)node_pos[own_node] + f.node_len[own_node] - ql + i;
+      for (int t = 0; t < lim; ++t)
+        if (window == 0 || rpos - (node_pos[n] + t) < window)
+          offs.push_back(cache_offset(f.page_indptr.data(), f.page_indices.data(), n, t, PS, kh, p.k_stride_page,
+                                      p.k_stride_slot, p.k_stride_head));
+    }
+    return offs;
+  };
+  double worst = 0;
+  for (int gi = 0; gi < G; ++gi) {
+    const int q0 = f.qo_indptr[gi], ql = f.qo_indptr[gi + 1] - q0;
     for (int i = 0; i < ql; ++i)
       for (int h = 0; h < Hq; ++h) {
-        const int kh = h / group;
-        std::vector<int64_t> offs;
-        for (int e = f.vis_indptr[gi]; e < f.vis_indptr[gi + 1]; ++e) {
-          const int n = f.vis_nodes[e];
-          const int lim = (n != own_node || full) ? f.node_len[n] : f.node_len[n] - ql + i + 1;
-          const int64_t rpos = (int64_t)node_pos[own_node] + f.node_len[own_node] - ql + i;
-          for (int t = 0; t < lim; ++t)
-            if (window == 0 || rpos - (node_pos[n] + t) < window)
-            offs.push_back(cache_offset(f.page_indptr.data(), f.page_indices.data(), n, t, PS, kh, p.k_stride_page,
-                                        p.k_stride_slot, p.k_stride_head));
-        }
+        const std::vector<int64_t> offs = row_offs(gi, i, h / group);
         const int r = q0 + i;
         bool sees_nan = false;
         for (int64_t o : offs) sees_nan |= kpois >= o && kpois < o + D;
@@ -314,6 +329,98 @@ void attention_case(const Forest& f, int seed, std::mt19937& g, DType dt, double
       }
   }
   if (worst > tol) fail("tree_attention", seed, worst);
+
+  // The backward (q / cache dtypes that have one: not fp8; not with the NaN poison): the gradients of a
+  // random grad_out, and a random grad_lse in one case of two, through cpu::tree_attention_backward over
+  // the same plan and the forward's out / lse, against a naive double-precision backward (dS = P (dP -
+  // (dO . O - dlse)), times the soft-cap's 1 - (s / cap)^2). dq / dk / dv start zero (the contract), the
+  // delta workspace NaN-poisoned. Error: max |got - want| over max(1, max |want|), per tensor.
+  if constexpr (!fp8) {
+    if (kpois >= 0) return;
+    ++backward_cases;
+    std::vector<T> go;
+    std::vector<float> gof;
+    fill<EQ>(go, gof, out.size(), g);
+    const bool with_glse = g() % 2 == 0;
+    std::vector<float> glse(lse.size());
+    {
+      std::normal_distribution<float> nd;
+      for (float& x : glse) x = nd(g);
+    }
+    std::vector<float> dq(q.size(), 0.0f), dk(kc.size(), 0.0f), dv(vc.size(), 0.0f), delta(lse.size(), NAN);
+    TreeAttentionBackwardParams b{};
+    b.q = q.data(); b.k_cache = kc.data(); b.v_cache = vc.data(); b.out = out.data(); b.grad_out = go.data();
+    b.lse = lse.data(); b.grad_lse = with_glse ? glse.data() : nullptr;
+    b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.delta = delta.data();
+    b.node_page_indptr = p.node_page_indptr; b.node_page_indices = p.node_page_indices;
+    b.reader_row = p.reader_row; b.reader_limit = p.reader_limit; b.reader_lo = p.reader_lo;
+    b.item_node = p.item_node; b.item_kv_start = p.item_kv_start; b.item_kv_len = p.item_kv_len;
+    b.item_reader_start = p.item_reader_start; b.item_num_readers = p.item_num_readers;
+    b.q_stride_row = p.q_stride_row; b.q_stride_head = p.q_stride_head;
+    b.k_stride_page = b.v_stride_page = p.k_stride_page;
+    b.k_stride_slot = b.v_stride_slot = p.k_stride_slot;
+    b.k_stride_head = b.v_stride_head = p.k_stride_head;
+    b.out_stride_row = b.go_stride_row = (int64_t)Hq * D;
+    b.out_stride_head = b.go_stride_head = D;
+    b.total_q = total_q; b.num_items = p.num_items; b.num_qo_heads = Hq; b.num_kv_heads = Hk; b.head_dim = D;
+    b.page_size = PS; b.sm_scale = p.sm_scale; b.softcap = softcap; b.dtype = dt;
+    cpu::tree_attention_backward(b);
+    std::vector<double> rdq(dq.size(), 0.0), rdk(dk.size(), 0.0), rdv(dv.size(), 0.0);
+    for (int gi = 0; gi < G; ++gi) {
+      const int q0 = f.qo_indptr[gi], ql = f.qo_indptr[gi + 1] - q0;
+      for (int i = 0; i < ql; ++i)
+        for (int h = 0; h < Hq; ++h) {
+          const std::vector<int64_t> offs = row_offs(gi, i, h / group);
+          if (offs.empty()) continue;
+          const size_t rh = (size_t)(q0 + i) * Hq + h;
+          const float* qr = &qf[rh * D];
+          const float* dO = &gof[rh * D];
+          std::vector<double> s;
+          double mx = -INFINITY;
+          for (int64_t o : offs) {
+            double d = 0;
+            for (int x = 0; x < D; ++x) d += (double)qr[x] * kf[o + x];
+            d *= p.sm_scale;
+            if (softcap > 0) d = softcap * std::tanh(d / softcap);
+            s.push_back(d);
+            mx = std::max(mx, d);
+          }
+          double den = 0;
+          for (double v : s) den += std::exp(v - mx);
+          std::vector<double> pr(s.size()), o(D, 0.0);
+          for (size_t j = 0; j < s.size(); ++j) {
+            pr[j] = std::exp(s[j] - mx) / den;
+            for (int x = 0; x < D; ++x) o[x] += pr[j] * vf[offs[j] + x];
+          }
+          double dl = with_glse ? -(double)glse[rh] : 0.0;  // dO . O - dlse
+          for (int x = 0; x < D; ++x) dl += (double)dO[x] * o[x];
+          for (size_t j = 0; j < s.size(); ++j) {
+            double dp = 0;
+            for (int x = 0; x < D; ++x) dp += (double)dO[x] * vf[offs[j] + x];
+            double ds = pr[j] * (dp - dl);
+            if (softcap > 0) ds *= 1.0 - (s[j] / softcap) * (s[j] / softcap);
+            for (int x = 0; x < D; ++x) {
+              rdq[rh * D + x] += p.sm_scale * ds * kf[offs[j] + x];
+              rdk[offs[j] + x] += p.sm_scale * ds * qr[x];
+              rdv[offs[j] + x] += pr[j] * dO[x];
+            }
+          }
+        }
+    }
+    double bworst = 0;
+    for (auto [got, want] : {std::make_pair(&dq, &rdq), std::make_pair(&dk, &rdk), std::make_pair(&dv, &rdv)}) {
+      double scale = 1.0, err = 0.0;
+      for (double w : *want) scale = std::max(scale, std::fabs(w));
+      for (size_t x = 0; x < want->size(); ++x) {
+        const double e = std::fabs((double)(*got)[x] - (*want)[x]);
+        err = std::isnan(e) ? 1e9 : std::max(err, e);
+      }
+      bworst = std::max(bworst, err / scale);
+    }
+    max_backward_err[dt == DType::kFloat32 ? 0 : dt == DType::kFloat16 ? 1 : 2] =
+        std::max(max_backward_err[dt == DType::kFloat32 ? 0 : dt == DType::kFloat16 ? 1 : 2], bworst);
+    if (bworst > btol) fail("tree_attention_backward", seed, bworst);
+  }
 }
 
 void append_case(const Forest& f, int seed, std::mt19937& g) {
@@ -398,23 +505,25 @@ int main(int argc, char** argv) {
     const Forest f = random_forest(g);
     const bool alt = (seed / 5) % 2 == 1;  // fp8 seeds alternate the q dtype
     switch (seed % 5) {
-      case 0: attention_case<cpu::F32>(f, seed, g, DType::kFloat32, 2e-4); break;
-      case 1: attention_case<cpu::F16>(f, seed, g, DType::kFloat16, 4e-3); break;
-      case 2: attention_case<cpu::BF16>(f, seed, g, DType::kBFloat16, 3e-2); break;
+      case 0: attention_case<cpu::F32>(f, seed, g, DType::kFloat32, 2e-4, kBwdTolF32); break;
+      case 1: attention_case<cpu::F16>(f, seed, g, DType::kFloat16, 4e-3, kBwdTolF16); break;
+      case 2: attention_case<cpu::BF16>(f, seed, g, DType::kBFloat16, 3e-2, kBwdTolBF16); break;
       case 3:
-        if (alt) attention_case<cpu::BF16, cpu::FP8E4M3>(f, seed, g, DType::kBFloat16, 3e-2, DType::kFloat8E4M3);
-        else attention_case<cpu::F16, cpu::FP8E4M3>(f, seed, g, DType::kFloat16, 4e-3, DType::kFloat8E4M3);
+        if (alt) attention_case<cpu::BF16, cpu::FP8E4M3>(f, seed, g, DType::kBFloat16, 3e-2, 0, DType::kFloat8E4M3);
+        else attention_case<cpu::F16, cpu::FP8E4M3>(f, seed, g, DType::kFloat16, 4e-3, 0, DType::kFloat8E4M3);
         break;
       default:
-        if (alt) attention_case<cpu::F16, cpu::FP8E5M2>(f, seed, g, DType::kFloat16, 4e-3, DType::kFloat8E5M2);
-        else attention_case<cpu::BF16, cpu::FP8E5M2>(f, seed, g, DType::kBFloat16, 3e-2, DType::kFloat8E5M2);
+        if (alt) attention_case<cpu::F16, cpu::FP8E5M2>(f, seed, g, DType::kFloat16, 4e-3, 0, DType::kFloat8E5M2);
+        else attention_case<cpu::BF16, cpu::FP8E5M2>(f, seed, g, DType::kBFloat16, 3e-2, 0, DType::kFloat8E5M2);
         break;
     }
     append_case(f, seed, g);
     merge_case(seed, g);
   }
   std::printf("cpu_fuzz_driver: %d cases from seed %d (%d attention cases on an absorbed forest, %d with a "
-              "sliding window, %d with a soft-cap, %d over fp8 KV caches), %d failures\n",
-              cases, first, absorbed_cases, window_cases, softcap_cases, fp8_cases, failures);
+              "sliding window, %d with a soft-cap, %d over fp8 KV caches; %d backward cases, worst normalised "
+              "error fp32 %.2g, fp16 %.2g, bf16 %.2g), %d failures\n",
+              cases, first, absorbed_cases, window_cases, softcap_cases, fp8_cases, backward_cases,
+              max_backward_err[0], max_backward_err[1], max_backward_err[2], failures);
   return failures == 0 ? 0 : 1;
 }
