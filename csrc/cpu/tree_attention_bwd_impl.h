@@ -33,6 +33,10 @@
 // along the reduced dimension: K^T and V^T as [D/2][T] (a row's adjacent head dims), K as [T/2][D]
 // (token pairs), q and dO as [rows][D/2] (row-major, as they are) and [rows/2][D] (row pairs), P and
 // sm_scale dS as [rows/2][T] (row pairs), dS as [rows][T/2] (token pairs).
+//
+// AMX (MV_LEVEL 4, amx.h): the same five products and layouts on tdpbf16ps tiles (gemm_amx; the two
+// products whose A is given transposed - P^T and (sm_scale dS)^T as row pairs - transpose each 16-row
+// slice into a local tile first); the rows of a block are then padded to 16.
 #pragma once
 
 #ifndef MV_LEVEL
@@ -157,6 +161,71 @@ MV_INL void row_pairs(const uint16_t* src, int D, int Dp, uint32_t* dst) {
 template <class E> inline constexpr bool kBwdDot = false;
 #endif
 
+#if MV_LEVEL >= 4
+// AMX (amx.h) for the bf16 products: C[i][j] (+)= sum_k dot2(A[i][k], B[k][j]) for i < rows (a multiple
+// of 16), j < cols (of 16), k < K2 pairs (of 8), one C tile of 16 x 16 at a time: per 16 pairs a full A
+// tile (tile 2: 16 rows x 16 pairs) and B tile (3: 16 pair rows x 16 columns), an 8-pair rest on the
+// half tiles (5: 16 x 8 pairs, 6: 8 pair rows). A row-major (lda pairs apart), or kTransA: given as A^T
+// (A[i][k] = At[k * lda + i]; K2 <= 16), each 16-row slice transposed once into a local tile.
+template <bool kTransA>
+MV_INL void gemm_amx(int rows, int cols, int K2, const uint32_t* __restrict A, int64_t lda,
+                     const uint32_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+  static_assert(kBwdPad % 16 == 0 && kBwdRowBlock % 16 == 0, "AMX tiles of 16 rows / columns");
+  const size_t sa = static_cast<size_t>(lda) * 4, sb = static_cast<size_t>(ldb) * 4, scs = static_cast<size_t>(ldc) * 4;
+  alignas(64) uint32_t at[16][16];  // kTransA: A[i0 .. i0 + 16)[0 .. 16) (pairs 0-7 also the half tile's)
+  alignas(64) uint32_t at8[16][8];
+  for (int i0 = 0; i0 < rows; i0 += 16) {
+    if constexpr (kTransA) {
+      const int kf = K2 / 16 * 16;
+      for (int k = 0; k < kf; ++k)
+        for (int i = 0; i < 16; ++i) at[i][k] = A[static_cast<size_t>(k) * lda + i0 + i];
+      for (int k = kf; k < K2; ++k)
+        for (int i = 0; i < 16; ++i) at8[i][k - kf] = A[static_cast<size_t>(k) * lda + i0 + i];
+    }
+    for (int j0 = 0; j0 < cols; j0 += 16) {
+      float* c = C + static_cast<size_t>(i0) * ldc + j0;
+      if (accumulate)
+        MV_TILE_LOAD(0, c, scs);
+      else
+        MV_TILE_ZERO(0);
+      int k = 0;
+      for (; k + 16 <= K2; k += 16) {
+        if constexpr (kTransA)
+          MV_TILE_LOAD(2, at, sizeof(at[0]));
+        else
+          MV_TILE_LOAD(2, A + static_cast<size_t>(i0) * lda + k, sa);
+        MV_TILE_LOAD(3, B + static_cast<size_t>(k) * ldb + j0, sb);
+        MV_TILE_DPBF16(0, 2, 3);
+      }
+      if (k < K2) {  // 8 pairs
+        if constexpr (kTransA)
+          MV_TILE_LOAD(5, at8, sizeof(at8[0]));
+        else
+          MV_TILE_LOAD(5, A + static_cast<size_t>(i0) * lda + k, sa);
+        MV_TILE_LOAD(6, B + static_cast<size_t>(k) * ldb + j0, sb);
+        MV_TILE_DPBF16(0, 5, 6);
+      }
+      MV_TILE_STORE(0, c, scs);
+    }
+  }
+}
+
+// The bf16 products: on AMX tiles (MV_LEVEL 4) or by vdpbf16ps (gemm2).
+template <bool kTransA>
+MV_INL void gemm_bf16(int rows, int cols, int K2, const uint32_t* __restrict A, int64_t lda,
+                      const uint32_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+  gemm_amx<kTransA>(rows, cols, K2, A, lda, B, ldb, C, ldc, accumulate);
+}
+#elif MV_LEVEL >= 3
+template <bool kTransA>
+MV_INL void gemm_bf16(int rows, int cols, int K2, const uint32_t* __restrict A, int64_t lda,
+                      const uint32_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+  gemm2<kTransA>(rows, cols, K2, A, lda, B, ldb, C, ldc, accumulate);
+}
+#endif
+// Rows of a block are padded to a multiple of this (AMX: whole 16-row tiles).
+constexpr int kRowPad = MV_LEVEL >= 4 ? 16 : RPAD;
+
 template <class E>
 void delta_rows_t(const TreeAttentionBackwardParams& p, int64_t b, int64_t e) {
   using T = typename E::T;
@@ -241,7 +310,7 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
 
   for (int b0 = 0; b0 < A; b0 += MB) {
     const int nb = imin(MB, A - b0);
-    const int nbp = round_up(nb, RPAD);
+    const int nbp = round_up(nb, kBwdDot<E> ? kRowPad : RPAD);
     int32_t bvis = 0;
     for (int i = 0; i < nb; ++i) bvis = imax(bvis, sc.svis[b0 + i]);
     const int Tb = round_up(bvis, VL);
@@ -295,8 +364,8 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
     float sscale = 1.0f;  // what S is multiplied by (sm_scale when q entered unscaled)
 #if MV_LEVEL >= 3
     if constexpr (kBwdDot<E>) {
-      gemm2<false>(nbp, Tb, Dp / 2, q2, Dp / 2, kt2, Tp, sb, Tp, false);
-      gemm2<false>(nbp, Tb, Dp / 2, o2, Dp / 2, vt2, Tp, dsb, Tp, false);
+      gemm_bf16<false>(nbp, Tb, Dp / 2, q2, Dp / 2, kt2, Tp, sb, Tp, false);
+      gemm_bf16<false>(nbp, Tb, Dp / 2, o2, Dp / 2, vt2, Tp, dsb, Tp, false);
       sscale = p.sm_scale;
     } else
 #endif
@@ -356,9 +425,9 @@ void run_subchunk(const TreeAttentionBackwardParams& p, int32_t node, int32_t to
       for (int e = 0; e < nbp / 2; ++e)
         pair_rows_bf16(dsb + static_cast<size_t>(2 * e) * Tp, dsb + static_cast<size_t>(2 * e + 1) * Tp, p.sm_scale,
                        ds2r + static_cast<size_t>(e) * Tp, Tb);
-      gemm2<true>(Tb, Dp, nbp / 2, p2, Tp, ov2, Dp, sc.dv, Dp, true);
-      gemm2<true>(Tb, Dp, nbp / 2, ds2r, Tp, qv2, Dp, sc.dk, Dp, true);
-      gemm2<false>(nbp, Dp, Tb / 2, ds2t, Tp / 2, k2, Dp, dqb, Dp, false);
+      gemm_bf16<true>(Tb, Dp, nbp / 2, p2, Tp, ov2, Dp, sc.dv, Dp, true);
+      gemm_bf16<true>(Tb, Dp, nbp / 2, ds2r, Tp, qv2, Dp, sc.dk, Dp, true);
+      gemm_bf16<false>(nbp, Dp, Tb / 2, ds2t, Tp / 2, k2, Dp, dqb, Dp, false);
     } else
 #endif
     {
@@ -429,6 +498,10 @@ void run_task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, co
     tmax = imax(tmax, vis);
   }
   if (A == 0) return;
+#if MV_LEVEL >= 4
+  amx::TileConfig saved_tiles;  // bf16: the products on AMX tiles (the thread's configuration restored below)
+  if constexpr (kBwdDot<E>) amx::configure(&saved_tiles);
+#endif
   // The chunk in sub-chunks of kBwdSubChunk tokens (FlashAttention-2's KV blocks): K, K^T, V^T, dK, dV
   // and the S/dS blocks of one sub-chunk stay in L2 however long the plan's chunk is (the forward's plan
   // may give a whole node to one item so that its rows write no partial states).
@@ -446,6 +519,9 @@ void run_task(const TreeAttentionBackwardParams& p, int32_t item, int32_t kh, co
     if (n == 0) continue;
     run_subchunk<E>(p, node, kv_start + s0, kh, n, sc, row_locks, slot_locks);
   }
+#if MV_LEVEL >= 4
+  if constexpr (kBwdDot<E>) amx::restore(saved_tiles);
+#endif
 }
 
 // ---------------------------------------------------------------------------------- entry points

@@ -147,7 +147,7 @@ def cpu_peaks(min_run_time: float = 0.25) -> dict[str, float]:
     * ``fma <isa>``: :func:`fma_peak` on every ISA path of the C++ kernel this CPU runs (forced with
       ``MULTIVERSE_CPU_ISA``; the fp32 FMA rate of that build: every path but avx512_bf16 computes
       every dtype in fp32 FMAs; avx512_bf16 computes bf16 steps with bf16 dot products, twice that rate,
-      and amx their scores and P V on AMX tiles);
+      and amx their products on AMX tiles);
     * ``gemm <dtype>``: torch's GEMM in fp32, bf16 and fp16 (:func:`measure_rates`): on CPUs with matrix
       units torch (oneDNN) runs bf16/fp16 on AMX tiles or AVX512-BF16 dot products, so these are the
       matrix-unit rates the honest roofline of a bf16/fp16 step uses.

@@ -229,6 +229,39 @@ def test_bf16_backward_dot_path_runs_where_the_cpu_has_it(monkeypatch) -> None:
     assert all(torch.equal(x, y) for x, y in zip(*f32, strict=True))
 
 
+def test_bf16_backward_amx_tiles_run_where_asked(monkeypatch) -> None:
+    """The bf16 backward's products on AMX tiles: on the tiles' software model (amx_emulated) dq/dk/dv
+    bits differ from the vdpbf16ps path's (each tile instruction's products summed first) and agree with
+    them to fp32 rounding of the sums (same bf16 operands); on an AMX CPU the hardware agrees with the
+    model the same way. The float64 reference checks every path above."""
+    if supported_isa() < ISA_NAMES.index("avx512_bf16"):
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: the AMX model needs avx512_bf16")
+    f, groups = multiverse_forest(prefix=300, paths=5, path_len=40, concl_len=3, page_size=16)
+    meta = f.metadata(groups)
+    from multiverse_kernels.planning import plan_tree_attention
+
+    plan = plan_tree_attention(meta, 8, 2, head_dim=80)
+    names = ["avx512_bf16", "amx_emulated"] + (["amx"] if supported_isa() >= ISA_NAMES.index("amx") else [])
+    grads = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, k, v = make_inputs(meta, f.num_pages, 8, 2, 80, torch.bfloat16, seed=7)
+        out, lse = tree_attention(q, k, v, meta, return_lse=True, backend="reference")
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+        for name in names:
+            monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
+            grads[name] = run_tree_attention_backward(go, None, q, k, v, out, lse, meta, 0.125, plan)
+    finally:
+        torch.set_num_threads(threads)
+    dot, model = grads["avx512_bf16"], grads["amx_emulated"]
+    assert not all(torch.equal(x, y) for x, y in zip(dot, model, strict=True)), \
+        "amx_emulated gave the vdpbf16ps path's bits: the backward's tiles did not run"
+    for name in names[1:]:
+        for x, y in zip(grads["avx512_bf16"], grads[name], strict=True):
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-3, atol=1e-3)
+
+
 def test_forced_isa_caps_the_backward(monkeypatch) -> None:
     """MULTIVERSE_CPU_ISA selects the backward's kernels too (one dispatch): an unknown name fails the
     backward naming the variable, an ISA above the CPU's fails it with "at most", and the baseline
