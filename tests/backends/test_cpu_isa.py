@@ -1,7 +1,7 @@
 """Every micro-kernel build of the C++ CPU tree attention this machine can run, forward and backward,
 against the reference.
 
-The forward and backward kernels are compiled for AMX (bf16 scores by tdpbf16ps tiles; also on a software
+The forward and backward kernels are compiled for AMX (bf16 products by tdpbf16ps tiles; also on a software
 model of the tiles: amx_emulated), AVX-512 with AVX512-BF16 (bf16 products by vdpbf16ps), AVX-512,
 AVX2+FMA+F16C and the baseline target (csrc/cpu/kernels_*.cpp) and picked by one dispatch
 (csrc/cpu/isa_dispatch.cpp: cpuid, capped by MULTIVERSE_CPU_ISA) for both passes. Each test runs once per ISA;
