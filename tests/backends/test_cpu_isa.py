@@ -337,7 +337,7 @@ VARIANT_CASES = [dict(window=1), dict(softcap=2.5), dict(window=9, softcap=5.0)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_window_softcap_random_forests_every_isa(isa: str, variant: dict, dtype: torch.dtype) -> None:
     if isa == "amx_emulated" and dtype != torch.bfloat16:  # (the real amx path runs every dtype here)
-        pytest.skip("amx_emulated differs from avx512_bf16 only in bf16 score tiles: its fp32 / fp16 steps "
+        pytest.skip("amx_emulated differs from avx512_bf16 only in bf16 steps: its fp32 / fp16 steps "
                     "are the avx512_bf16 code, run by the avx512_bf16 case")
     for seed, (page_size, (hq, hk, d)) in enumerate([(1, (8, 2, 64)), (16, (4, 4, 128))]):
         f, groups = random_forest(7300 + seed, page_size=page_size, max_len=[40, 100][seed],
