@@ -336,9 +336,6 @@ VARIANT_CASES = [dict(window=1), dict(softcap=2.5), dict(window=9, softcap=5.0)]
 @pytest.mark.parametrize("variant", VARIANT_CASES, ids=lambda v: "+".join(f"{a}{b}" for a, b in v.items()))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_window_softcap_random_forests_every_isa(isa: str, variant: dict, dtype: torch.dtype) -> None:
-    if isa == "amx_emulated" and dtype != torch.bfloat16:  # (the real amx path runs every dtype here)
-        pytest.skip("amx_emulated differs from avx512_bf16 only in bf16 steps: its fp32 / fp16 steps "
-                    "are the avx512_bf16 code, run by the avx512_bf16 case")
     for seed, (page_size, (hq, hk, d)) in enumerate([(1, (8, 2, 64)), (16, (4, 4, 128))]):
         f, groups = random_forest(7300 + seed, page_size=page_size, max_len=[40, 100][seed],
                                   max_q_len=[4, 20][seed])
