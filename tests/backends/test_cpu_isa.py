@@ -36,7 +36,7 @@ cpu_backend = import_cpu_backend_or_skip()
 from _cpu_isa import supported_isa  # noqa: E402
 
 from multiverse_kernels.backends.cpu._ext import run_tree_attention_backward  # noqa: E402
-from multiverse_kernels.info import ISA_NAMES  # noqa: E402 (after the skip)
+from multiverse_kernels.info import ISA_NAMES, isa_runnable  # noqa: E402 (after the skip)
 from multiverse_kernels.info import kernel_isa as cpu_isa  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -273,8 +273,9 @@ def test_forced_isa_caps_the_backward(monkeypatch) -> None:
     monkeypatch.setenv("MULTIVERSE_CPU_ISA", "sse9")
     with pytest.raises((RuntimeError, ValueError), match="MULTIVERSE_CPU_ISA"):
         _backward_bits()
-    if ISA_NAMES.index(best) < len(ISA_NAMES) - 1:
-        monkeypatch.setenv("MULTIVERSE_CPU_ISA", ISA_NAMES[ISA_NAMES.index(best) + 1])
+    beyond = _isas_beyond(best)
+    if beyond:
+        monkeypatch.setenv("MULTIVERSE_CPU_ISA", beyond[0])
         with pytest.raises((RuntimeError, ValueError), match="at most"):
             _backward_bits()
     if best != "baseline":
@@ -287,6 +288,12 @@ def test_forced_isa_caps_the_backward(monkeypatch) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _isas_beyond(best: str) -> list[str]:
+    """The ISA names this CPU cannot run (above its widest; amx_emulated where it lacks avx512_bf16; none on
+    an AMX CPU, where amx_emulated runs too)."""
+    return [n for n in ISA_NAMES[ISA_NAMES.index(best) + 1:] if not isa_runnable(n, best)]
+
+
 def test_forced_isa_errors_name_the_variable(monkeypatch) -> None:
     f, groups = random_forest(3)
     meta = f.metadata(groups)
@@ -295,8 +302,8 @@ def test_forced_isa_errors_name_the_variable(monkeypatch) -> None:
     with pytest.raises((RuntimeError, ValueError), match="MULTIVERSE_CPU_ISA"):
         tree_attention(q, k, v, meta, backend="cpu")
     best = supported_isa()
-    if best < len(ISA_NAMES) - 1:  # asking for more than the CPU has is an error, not a silent fallback
-        monkeypatch.setenv("MULTIVERSE_CPU_ISA", ISA_NAMES[best + 1])
+    for name in _isas_beyond(ISA_NAMES[best]):  # more than the CPU has: an error, not a silent fallback
+        monkeypatch.setenv("MULTIVERSE_CPU_ISA", name)
         with pytest.raises((RuntimeError, ValueError), match="at most"):
             tree_attention(q, k, v, meta, backend="cpu")
     monkeypatch.delenv("MULTIVERSE_CPU_ISA")
