@@ -1,7 +1,8 @@
 // AMX tiles (MV_LEVEL 4: kernels_amx.cpp on the hardware, kernels_amx_emulated.cpp as a software model).
-// Included by kernels_isa_unit.h after simd.h; the forward's score tiles (qk_tile_amx in
-// tree_attention_fwd_impl.h) use it through the MV_TILE_* macros below, which take literal tile numbers
-// (GCC's tile intrinsics stringify them into the instruction).
+// Included by kernels_isa_unit.h after simd.h; the forward's tiles (qk_tile_amx, pv_amx in
+// tree_attention_fwd_impl.h) and the backward's (gemm_amx in tree_attention_bwd_impl.h) use it through
+// the MV_TILE_* macros below, which take literal tile numbers (GCC's tile intrinsics stringify them into
+// the instruction; so the full- and half-tile variants in those functions stay written out).
 //
 // The three instructions, as Intel's pseudo-code defines them (palette 1: 8 tiles, tile t configured
 // as rows[t] rows of colsb[t] bytes; see kTileShape):

@@ -1,7 +1,7 @@
 // DISPATCHER: the one runtime ISA dispatch of the CPU kernels, forward and backward. Reads cpuid (and
 // the OS's saved register state) once, applies the MULTIVERSE_CPU_ISA cap (read per call), and hands
 // the drivers (tree_attention.cpp, tree_attention_backward.cpp) the IsaKernels table of the selected
-// ISA (isa_kernels.h; one per kernel unit, kernels_{avx512bf16,avx512,avx2,baseline}.cpp).
+// ISA (isa_kernels.h; one per kernel unit, kernels_*.cpp).
 //
 // Adding an ISA (amx and avx512_bf16 were added so): a CpuIsa value (multiverse/cpu_kernels.h), its name
 // in kIsaNames, its cpuid test in detect_isa, a kernel unit exporting its table, and its row in kTables.

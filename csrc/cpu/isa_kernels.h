@@ -1,6 +1,6 @@
 // INTERFACE between the plan-driven drivers (tree_attention.cpp: forward, tree_attention_backward.cpp:
 // backward), the ISA dispatcher (isa_dispatch.cpp) and the per-ISA kernel units
-// (kernels_{avx512bf16,avx512,avx2,baseline}.cpp). Each kernel unit compiles the forward and backward kernels
+// (kernels_*.cpp). Each kernel unit compiles the forward and backward kernels
 // (tree_attention_fwd_impl.h, tree_attention_bwd_impl.h, on the SIMD helpers of simd.h) for one target
 // and exports one IsaKernels table of entry points; the dispatcher picks the table of the selected ISA
 // (cpuid, capped by MULTIVERSE_CPU_ISA) for both passes.

@@ -1,4 +1,4 @@
-// The body of one per-ISA kernel unit: kernels_{avx512bf16,avx512,avx2,baseline}.cpp include kernels_prelude.h,
+// The body of one per-ISA kernel unit: kernels_*.cpp include kernels_prelude.h,
 // open their target pragma, define MV_LEVEL (the ISA's level, see below) and MV_KERNELS (the name of
 // the IsaKernels table to export, see isa_kernels.h), then include this. It compiles the shared SIMD
 // helpers (simd.h), the forward kernels (tree_attention_fwd_impl.h) and the backward kernels

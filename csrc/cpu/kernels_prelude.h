@@ -1,4 +1,4 @@
-// Headers every per-ISA kernel unit (kernels_{avx512bf16,avx512,avx2,baseline}.cpp) includes BEFORE its target
+// Headers every per-ISA kernel unit (kernels_*.cpp) includes BEFORE its target
 // pragma, so that library and header-inline code keeps the default target (see isa_kernels.h).
 #pragma once
 

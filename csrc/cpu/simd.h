@@ -2,7 +2,7 @@
 // tree_attention_bwd_impl.h): vector types, loads/stores, FMA, broadcast, exp, and cache-row loads with
 // dtype conversion (fp32/fp16/bf16 -> fp32). The one definition of each; there is no other copy.
 //
-// Compiled once per ISA: a per-ISA kernel unit (kernels_{avx512bf16,avx512,avx2,baseline}.cpp, through
+// Compiled once per ISA: a per-ISA kernel unit (kernels_*.cpp, through
 // kernels_isa_unit.h) includes this after its target pragma with MV_LEVEL defined (see isa_kernels.h
 // for the levels). Everything here has internal linkage (each ISA unit has its own copy, compiled for
 // its target) and uses no std containers (see isa_kernels.h).

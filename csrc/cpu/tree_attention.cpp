@@ -1,7 +1,7 @@
 // DRIVER (forward): CPU tree attention over a plan (docs/plan.md): one task per (work item, KV head),
 // pulled by worker threads from a shared counter, each with its per-thread scratch (owned here). The
 // task itself is the selected ISA's forward kernel (tree_attention_fwd_impl.h, compiled once per ISA by
-// kernels_{avx512bf16,avx512,avx2,baseline}.cpp), called through the one dispatch (isa_dispatch.cpp:
+// kernels_*.cpp), called through the one dispatch (isa_dispatch.cpp:
 // cpu_isa_kernels(), cpuid capped by MULTIVERSE_CPU_ISA).
 #include <cstdint>
 #include <stdexcept>

@@ -4,7 +4,7 @@
 // (work item, KV head) pulled by worker threads from a shared counter, each with its per-thread scratch
 // (owned here), and owns the striped spin locks under which the tasks add into dq / dk / dv. The delta
 // rows and the tasks are the selected ISA's backward kernels (tree_attention_bwd_impl.h, compiled once
-// per ISA by kernels_{avx512bf16,avx512,avx2,baseline}.cpp), called through the one dispatch (isa_dispatch.cpp:
+// per ISA by kernels_*.cpp), called through the one dispatch (isa_dispatch.cpp:
 // cpu_isa_kernels(), cpuid capped by MULTIVERSE_CPU_ISA, as for the forward).
 #include <cstdint>
 #include <memory>

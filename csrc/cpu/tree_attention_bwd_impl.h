@@ -1,5 +1,5 @@
 // KERNEL (backward): the CPU tree-attention backward kernels, compiled once per ISA. A per-ISA kernel
-// unit (kernels_{avx512bf16,avx512,avx2,baseline}.cpp, through kernels_isa_unit.h) includes this after its target
+// unit (kernels_*.cpp, through kernels_isa_unit.h) includes this after its target
 // pragma, with MV_LEVEL defined and simd.h (the shared SIMD helpers) included. The driver is
 // tree_attention_backward.cpp (delta pass, threads, scratch, locks), which calls delta_rows and task
 // through the ISA table (isa_dispatch.cpp). Everything here has internal linkage and uses no std
