@@ -75,19 +75,47 @@ struct TaskCtx {
   float* kb;  // [tp][dp]
   float* vb;  // [tp][dp]
   float ks, vs;  // fp8 caches: the KV head's dequantization scales (1 otherwise, unused)
+  // The row lookup's per-task constants (bind_rows): the node's page list, log2(page_size) when it is a
+  // power of two (-1 otherwise: a division per row), the head's element offset in each cache.
+  const int32_t* pages = nullptr;
+  int ps_shift = -1;
+  int64_t k_head = 0, v_head = 0;
 };
+
+// Fill the row lookup's constants of c (after node / kh are set).
+MV_INL void bind_rows(TaskCtx& c) {
+  const TreeAttentionParams& p = *c.p;
+  c.pages = p.node_page_indices + p.node_page_indptr[c.node];
+  c.ps_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(p.page_size)) : -1;
+  c.k_head = static_cast<int64_t>(c.kh) * p.k_stride_head;
+  c.v_head = static_cast<int64_t>(c.kh) * p.v_stride_head;
+}
+
+// Element offset of chunk token t's row in a cache (page table walk as index_math.h cache_offset, with
+// the task's constants: no division for power-of-two page sizes).
+MV_INL int64_t row_offset(const TaskCtx& c, int t, int64_t stride_page, int64_t stride_slot, int64_t head) {
+  const int32_t tok = c.kv_start + t;
+  const int32_t ps = c.p->page_size;
+  int32_t pg, sl;
+  if (c.ps_shift >= 0) {
+    pg = tok >> c.ps_shift;
+    sl = tok & (ps - 1);
+  } else {
+    pg = tok / ps;
+    sl = tok - pg * ps;
+  }
+  return static_cast<int64_t>(c.pages[pg]) * stride_page + static_cast<int64_t>(sl) * stride_slot + head;
+}
 
 template <class E> MV_INL const typename E::T* k_row(const TaskCtx& c, int t) {
   const TreeAttentionParams& p = *c.p;
   return static_cast<const typename E::T*>(p.k_cache) +
-         cache_offset(p.node_page_indptr, p.node_page_indices, c.node, c.kv_start + t, p.page_size, c.kh,
-                      p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+         row_offset(c, t, p.k_stride_page, p.k_stride_slot, c.k_head);
 }
 template <class E> MV_INL const typename E::T* v_row(const TaskCtx& c, int t) {
   const TreeAttentionParams& p = *c.p;
   return static_cast<const typename E::T*>(p.v_cache) +
-         cache_offset(p.node_page_indptr, p.node_page_indices, c.node, c.kv_start + t, p.page_size, c.kh,
-                      p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+         row_offset(c, t, p.v_stride_page, p.v_stride_slot, c.v_head);
 }
 
 // Prefetches (into L2) of the next token block's K/V rows, spread over the current block's compute a
@@ -138,6 +166,18 @@ MV_INL void pack_pair_row(const uint16_t* __restrict r0, const uint16_t* __restr
 }
 #endif
 
+#if MV_LEVEL >= 3
+// n bf16 elements src -> dst (64-byte vectors, a masked tail).
+MV_INL void copy_bf16_row(const uint16_t* __restrict src, uint16_t* __restrict dst, int n) {
+  int d = 0;
+  for (; d + 32 <= n; d += 32) _mm512_storeu_si512(dst + d, _mm512_loadu_si512(src + d));
+  if (d < n) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (n - d)) - 1);
+    _mm512_mask_storeu_epi16(dst + d, m, _mm512_maskz_loadu_epi16(m, src + d));
+  }
+}
+#endif
+
 // Load tokens [a, b) of the chunk from the caches into packed fp32 K/V: the task's only cache reads
 // (fp8 rows dequantized here, times c.ks / c.vs). With v_direct (fp32) only K is copied, and
 // vrows[t - a] points at token t's V row in the cache (read there by P V). Returns the bytes read.
@@ -148,7 +188,11 @@ inline int64_t pack_rows(const TaskCtx& c, int a, int b, bool v_direct, const fl
   for (int t = a; t < b; ++t) {
     if constexpr (DOT) {
       uint16_t* dst = reinterpret_cast<uint16_t*>(c.kb + static_cast<size_t>(t) * c.dp);
+#if MV_LEVEL >= 3
+      copy_bf16_row(k_row<E>(c, t), dst, c.D);  // inline (a libc call per row costs more than the copy)
+#else
       __builtin_memcpy(dst, k_row<E>(c, t), static_cast<size_t>(c.D) * sizeof(uint16_t));
+#endif
       if (c.D & 1) dst[c.D] = 0;
     } else {
       pack_row<E>(k_row<E>(c, t), c.kb + static_cast<size_t>(t) * c.dp, c.D, c.dp, c.ks);
@@ -607,6 +651,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   const int32_t slot0 = p.item_partial_start[item];
   TaskCtx c{&p, p.item_node[item], p.item_kv_start[item], kh, D, static_cast<int>(round_up64(D, kDimPad)),
             nullptr, nullptr, 1.0f, 1.0f};
+  bind_rows(c);
   if constexpr (kIsFp8<EKV>) {  // per tensor ([1]) or per KV head ([num_kv_heads])
     const int si = p.kv_scale_per_head ? kh : 0;
     c.ks = p.k_scale[si];
@@ -679,6 +724,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     cn.node = p.item_node[next_item];
     cn.kv_start = p.item_kv_start[next_item];
     cn.kh = next_kh;
+    bind_rows(cn);
     next_len = p.item_kv_len[next_item];
     if (has_lo) {  // prefetch from the next task's first visible token
       int32_t shift = next_len;
