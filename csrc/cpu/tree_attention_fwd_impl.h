@@ -75,8 +75,8 @@ struct TaskCtx {
   float* kb;  // [tp][dp]
   float* vb;  // [tp][dp]
   float ks, vs;  // fp8 caches: the KV head's dequantization scales (1 otherwise, unused)
-  // The row lookup's per-task constants (bind_rows): the node's page list, log2(page_size) when it is a
-  // power of two (-1 otherwise: a division per row), the head's element offset in each cache.
+  // The row lookup's per-task constants (bind_rows; index_math.h paged_offset): the node's page list,
+  // page_shift(page_size) (-1 unless a power of two: a division per row), the head's element offsets.
   const int32_t* pages = nullptr;
   int ps_shift = -1;
   int64_t k_head = 0, v_head = 0;
@@ -86,36 +86,20 @@ struct TaskCtx {
 MV_INL void bind_rows(TaskCtx& c) {
   const TreeAttentionParams& p = *c.p;
   c.pages = p.node_page_indices + p.node_page_indptr[c.node];
-  c.ps_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(p.page_size)) : -1;
+  c.ps_shift = page_shift(p.page_size);
   c.k_head = static_cast<int64_t>(c.kh) * p.k_stride_head;
   c.v_head = static_cast<int64_t>(c.kh) * p.v_stride_head;
-}
-
-// Element offset of chunk token t's row in a cache (page table walk as index_math.h cache_offset, with
-// the task's constants: no division for power-of-two page sizes).
-MV_INL int64_t row_offset(const TaskCtx& c, int t, int64_t stride_page, int64_t stride_slot, int64_t head) {
-  const int32_t tok = c.kv_start + t;
-  const int32_t ps = c.p->page_size;
-  int32_t pg, sl;
-  if (c.ps_shift >= 0) {
-    pg = tok >> c.ps_shift;
-    sl = tok & (ps - 1);
-  } else {
-    pg = tok / ps;
-    sl = tok - pg * ps;
-  }
-  return static_cast<int64_t>(c.pages[pg]) * stride_page + static_cast<int64_t>(sl) * stride_slot + head;
 }
 
 template <class E> MV_INL const typename E::T* k_row(const TaskCtx& c, int t) {
   const TreeAttentionParams& p = *c.p;
   return static_cast<const typename E::T*>(p.k_cache) +
-         row_offset(c, t, p.k_stride_page, p.k_stride_slot, c.k_head);
+         paged_offset(c.pages, c.kv_start + t, p.page_size, c.ps_shift, p.k_stride_page, p.k_stride_slot, c.k_head);
 }
 template <class E> MV_INL const typename E::T* v_row(const TaskCtx& c, int t) {
   const TreeAttentionParams& p = *c.p;
   return static_cast<const typename E::T*>(p.v_cache) +
-         row_offset(c, t, p.v_stride_page, p.v_stride_slot, c.v_head);
+         paged_offset(c.pages, c.kv_start + t, p.page_size, c.ps_shift, p.v_stride_page, p.v_stride_slot, c.v_head);
 }
 
 // Prefetches (into L2) of the next token block's K/V rows, spread over the current block's compute a

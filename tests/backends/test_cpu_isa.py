@@ -64,7 +64,7 @@ def test_random_forests_every_isa(isa: str, seed: int, dtype: torch.dtype) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_page_sizes_not_powers_of_two_every_isa(isa: str, page_size: int, dtype: torch.dtype) -> None:
     """The kernel finds a row's page by a shift for power-of-two page sizes and by a division otherwise
-    (csrc/cpu/tree_attention_fwd_impl.h row_offset): the division path, with light (few rows) and heavy
+    (csrc/include/multiverse/index_math.h paged_offset): the division path, with light (few rows) and heavy
     tasks, chunks crossing pages, and the next task's prefetched rows."""
     f, groups = random_forest(7300 + page_size, page_size=page_size, max_len=90, max_q_len=6)
     _check(f.metadata(groups), f.num_pages, 8, 2, 64, dtype, page_size)

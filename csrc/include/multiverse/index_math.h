@@ -19,13 +19,36 @@ MV_HD int32_t token_page(const int32_t* node_page_indptr, const int32_t* node_pa
   return node_page_indices[node_page_indptr[node] + token / page_size];
 }
 
+// log2(page_size) when page_size is a power of two, else -1 (paged_offset then divides).
+MV_HD int32_t page_shift(int32_t page_size) {
+  int32_t s = 0;
+  while (s < 30 && (int32_t{1} << s) < page_size) ++s;
+  return (int32_t{1} << s) == page_size ? s : -1;
+}
+
+// Element offset of token `token` of a node whose page list starts at `node_pages`, in a cache with the
+// given page / slot strides, plus `head_offset` (kv_head * stride_head). `shift`: page_shift(page_size)
+// (a shift and a mask instead of a division; a caller looking up many rows binds it once) or -1.
+MV_HD int64_t paged_offset(const int32_t* node_pages, int32_t token, int32_t page_size, int32_t shift,
+                           int64_t stride_page, int64_t stride_slot, int64_t head_offset) {
+  int32_t page, slot;
+  if (shift >= 0) {
+    page = token >> shift;
+    slot = token & (page_size - 1);
+  } else {
+    page = token / page_size;
+    slot = token - page * page_size;
+  }
+  return static_cast<int64_t>(node_pages[page]) * stride_page + static_cast<int64_t>(slot) * stride_slot +
+         head_offset;
+}
+
 // Element offset of (token, kv head) of a node in a cache with the given strides.
 MV_HD int64_t cache_offset(const int32_t* node_page_indptr, const int32_t* node_page_indices,
                            int32_t node, int32_t token, int32_t page_size, int32_t kv_head,
                            int64_t stride_page, int64_t stride_slot, int64_t stride_head) {
-  const int64_t page = token_page(node_page_indptr, node_page_indices, node, token, page_size);
-  return page * stride_page + static_cast<int64_t>(token % page_size) * stride_slot +
-         static_cast<int64_t>(kv_head) * stride_head;
+  return paged_offset(node_page_indices + node_page_indptr[node], token, page_size, -1, stride_page,
+                      stride_slot, static_cast<int64_t>(kv_head) * stride_head);
 }
 
 // How many tokens of the chunk [kv_start, kv_start + kv_len) a reader with `limit` visible leading
