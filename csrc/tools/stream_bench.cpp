@@ -5,8 +5,8 @@
 // No torch, no library: build and run by hand, e.g.
 //   g++ -O3 -std=c++17 -mavx2 -fopenmp csrc/tools/stream_bench.cpp -o /tmp/stream_bench
 //   OMP_NUM_THREADS=1 /tmp/stream_bench [tokens=8192] [heads=8] [row_bytes=512]
-// Prints GB/s per pattern (best of 5 passes) and the share of the contiguous read; the last pattern
-// stores the same rows head-major. Each thread reads its own heads (heads split over threads), as the
+// Prints GB/s per pattern (best of 5 passes) and the share of the contiguous read; then the same rows
+// stored head-major, and token-major rows read a group of 2, 4, ... heads per task. Each thread reads its own heads (heads split over threads), as the
 // kernel's tasks (one per chunk and KV head) do.
 #include <omp.h>
 
@@ -104,6 +104,25 @@ int main(int argc, char** argv) {
   // 3. the same rows stored head-major ([heads][tokens][row]: a head's rows contiguous, vLLM's CPU layout
   // within a block)
   for (const int dist : {0, 8}) rows("head-major", dist, [&](size_t h, size_t t) { return (h * tokens + t) * row; });
+  // 4. token-major, a group of g heads per task (groups split over threads): per token the group's rows,
+  // g * row contiguous bytes of the token's heads * row (what a task over several KV heads reads)
+  for (size_t g = 2; g <= heads; g *= 2) {
+    const size_t groups = (heads + g - 1) / g;
+    const double gbs = best([&] {
+      float total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+      for (size_t gi = 0; gi < groups; ++gi) {
+        const size_t h0 = gi * g, nh = std::min(g, heads - h0);
+        __m256 acc = _mm256_setzero_ps();
+        for (size_t t = 0; t < tokens; ++t) acc = sum_bytes(buf + (t * heads + h0) * row, nh * row, acc);
+        total += hsum(acc);
+      }
+      return total;
+    });
+    char name[64];
+    std::snprintf(name, sizeof(name), "strided, %zu heads per task", g);
+    std::printf("%-44s %7.1f GB/s  %3.0f%%\n", name, gbs, 100 * gbs / contiguous);
+  }
   std::printf("(checksum %g)\n", static_cast<double>(sink));
   std::free(buf);
   return 0;

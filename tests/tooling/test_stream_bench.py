@@ -30,5 +30,6 @@ def test_stream_bench_builds_and_prints_every_pattern(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for pattern in ("contiguous", "strided rows, prefetch 0 rows ahead",
-                    "strided rows, prefetch 32 rows ahead", "head-major rows, prefetch 0 rows ahead"):
+                    "strided rows, prefetch 32 rows ahead", "head-major rows, prefetch 0 rows ahead",
+                    "strided, 2 heads per task", "strided, 4 heads per task"):
         assert pattern in r.stdout, r.stdout
