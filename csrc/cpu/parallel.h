@@ -69,32 +69,50 @@ void run_workers(int64_t n, const W& worker) {
 // the body can prefetch its data; `State` is the worker's own scratch. Work items differ a lot in cost
 // (a shared prefix chunk has many readers, a leaf chunk one), so a static split would leave threads idle.
 //
-// A worker claims its next task before running the current one only while at least one unclaimed task
-// stays for every other worker: a worker that the pool starts late (threads wake up one by one) must
-// still find work. (Claiming unconditionally let the first worker take both tasks of a two-task step -
-// a one-request decode step with two KV heads - while the second thread found the queue empty.) Near
-// the end of the queue a worker runs its task without a look-ahead and claims the next one after.
-template <class State, class F>
-void parallel_tasks_lookahead(int64_t n, const F& body) {
+// A worker claims its next task before running the current one only while the other workers keep at
+// least that task's cost each: the tasks left unclaimed after it plus the tasks the others have claimed
+// and not finished (suffix_cost(i): the summed cost of tasks i .. n-1, non-increasing, suffix_cost(n) =
+// 0; a shared counter adds up the cost of finished tasks). So a worker that the pool starts late
+// (threads wake up one by one) still finds work, and a step whose cost sits in a few tasks is shared
+// out: a one-request decode step - one long chunk per KV head, then the request's one-token node per KV
+// head - ran both long tasks on one thread while the other took the one-token ones when the rule only
+// counted unclaimed tasks (at least one per other worker); a long queue's tail (others still busy with
+// their long tasks) keeps its look-aheads. Without a cost (below), every task counts 1. Near the end of
+// the queue a worker runs its task without a look-ahead and claims the next one after.
+template <class State, class F, class C>
+void parallel_tasks_lookahead(int64_t n, const F& body, const C& suffix_cost) {
   if (n <= 0) return;
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> next{0}, done{0};
   const int64_t workers = worker_count(n);
+  const int64_t total = suffix_cost(0);
   run_workers(n, [&]() {
     thread_local State st;  // scratch survives across calls: no page faults per step
     int64_t cur = next.fetch_add(1, std::memory_order_relaxed);
     while (cur < n) {
-      // after claiming `ahead`, n - ahead - 1 tasks stay unclaimed: claim only if that is >= workers - 1
+      const int64_t own = suffix_cost(cur) - suffix_cost(cur + 1);
+      // claiming `ahead` leaves tasks ahead + 1 .. n - 1 (at least one per other worker) and the
+      // others' unfinished claimed tasks (claimed before `ahead`, not done, not this worker's current)
       int64_t ahead = next.load(std::memory_order_relaxed), nxt = -1;
       while (ahead + workers <= n) {
+        const int64_t at = suffix_cost(ahead), after = suffix_cost(ahead + 1);
+        const int64_t busy = total - at - done.load(std::memory_order_relaxed) - own;
+        if (after + busy < (workers - 1) * (at - after)) break;
         if (next.compare_exchange_weak(ahead, ahead + 1, std::memory_order_relaxed)) {
           nxt = ahead;
           break;
         }
       }
       body(cur, nxt, st);
+      done.fetch_add(own, std::memory_order_relaxed);
       cur = nxt >= 0 ? nxt : next.fetch_add(1, std::memory_order_relaxed);
     }
   });
+}
+
+// Every task of cost 1.
+template <class State, class F>
+void parallel_tasks_lookahead(int64_t n, const F& body) {
+  parallel_tasks_lookahead<State>(n, body, [n](int64_t i) { return n - i; });
 }
 
 // The same schedule without the look-ahead: body(task, state).

@@ -57,6 +57,24 @@ void tree_attention(const TreeAttentionParams& p) {
   const int32_t group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t hk = p.num_kv_heads;
   const int64_t tasks = static_cast<int64_t>(p.num_items) * hk;
+  // A task's cost for the queue's look-ahead rule (parallel.h): its chunk's tokens x (its packed rows +
+  // kCostRows), between a memory-bound task's (tokens) and a compute-bound one's (tokens x rows).
+  // item_after[it]: the summed cost of items it .. num_items - 1, each hk tasks.
+  constexpr int64_t kCostRows = 16;
+  thread_local std::vector<int64_t> item_cost, item_after;
+  item_cost.resize(p.num_items);
+  item_after.assign(static_cast<size_t>(p.num_items) + 1, 0);
+  for (int32_t it = p.num_items - 1; it >= 0; --it) {
+    item_cost[it] = static_cast<int64_t>(p.item_kv_len[it]) * (p.item_num_readers[it] * group + kCostRows);
+    item_after[it] = item_after[it + 1] + hk * item_cost[it];
+  }
+  const int64_t* cost = item_cost.data();
+  const int64_t* after = item_after.data();
+  auto suffix_cost = [cost, after, hk, tasks](int64_t i) -> int64_t {
+    if (i >= tasks) return 0;
+    const int64_t it = i / hk;
+    return after[it + 1] + (hk - i % hk) * cost[it];
+  };
   // Tasks in plan order (a node's chunks and heads together); each worker prefetches the chunk of the
   // task it runs next while computing the current one, so a compute-bound task hides the loads of the
   // next (possibly memory-bound) one.
@@ -70,7 +88,7 @@ void tree_attention(const TreeAttentionParams& p) {
                              tn >= 0 ? static_cast<int32_t>(tn % hk) : 0, s);
     if (p.kv_bytes_loaded != nullptr && bytes > 0)
       __atomic_fetch_add(p.kv_bytes_loaded, bytes, __ATOMIC_RELAXED);
-  });
+  }, suffix_cost);
 }
 
 }  // namespace multiverse::cpu
