@@ -115,10 +115,18 @@ void parallel_tasks_lookahead(int64_t n, const F& body) {
   parallel_tasks_lookahead<State>(n, body, [n](int64_t i) { return n - i; });
 }
 
-// The same schedule without the look-ahead: body(task, state).
+// The same schedule without the look-ahead: body(task, state); a worker claims a task only when it is
+// free to run it (a claimed look-ahead that nothing prefetches could only unbalance the workers).
 template <class State, class F>
 void parallel_tasks(int64_t n, const F& body) {
-  parallel_tasks_lookahead<State>(n, [&](int64_t t, int64_t, State& st) { body(t, st); });
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  run_workers(n, [&]() {
+    thread_local State st;  // scratch survives across calls: no page faults per step
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      body(t, st);
+  });
 }
 
 }  // namespace multiverse::cpu
