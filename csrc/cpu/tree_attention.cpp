@@ -59,21 +59,18 @@ void tree_attention(const TreeAttentionParams& p) {
   const int64_t tasks = static_cast<int64_t>(p.num_items) * hk;
   // A task's cost for the queue's look-ahead rule (parallel.h): its chunk's tokens x (its packed rows +
   // kCostRows), between a memory-bound task's (tokens) and a compute-bound one's (tokens x rows).
-  // item_after[it]: the summed cost of items it .. num_items - 1, each hk tasks.
+  // item_after[it]: the summed cost of items it .. num_items - 1, each hk tasks of one cost.
   constexpr int64_t kCostRows = 16;
-  thread_local std::vector<int64_t> item_cost, item_after;
-  item_cost.resize(p.num_items);
+  thread_local std::vector<int64_t> item_after;
   item_after.assign(static_cast<size_t>(p.num_items) + 1, 0);
-  for (int32_t it = p.num_items - 1; it >= 0; --it) {
-    item_cost[it] = static_cast<int64_t>(p.item_kv_len[it]) * (p.item_num_readers[it] * group + kCostRows);
-    item_after[it] = item_after[it + 1] + hk * item_cost[it];
-  }
-  const int64_t* cost = item_cost.data();
+  for (int32_t it = p.num_items - 1; it >= 0; --it)
+    item_after[it] = item_after[it + 1] + hk * static_cast<int64_t>(p.item_kv_len[it]) *
+                                              (p.item_num_readers[it] * group + kCostRows);
   const int64_t* after = item_after.data();
-  auto suffix_cost = [cost, after, hk, tasks](int64_t i) -> int64_t {
+  auto suffix_cost = [after, hk, tasks](int64_t i) -> int64_t {  // tasks i .. tasks - 1
     if (i >= tasks) return 0;
     const int64_t it = i / hk;
-    return after[it + 1] + (hk - i % hk) * cost[it];
+    return after[it + 1] + (hk - i % hk) * ((after[it] - after[it + 1]) / hk);
   };
   // Tasks in plan order (a node's chunks and heads together); each worker prefetches the chunk of the
   // task it runs next while computing the current one, so a compute-bound task hides the loads of the

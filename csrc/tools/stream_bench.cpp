@@ -6,8 +6,9 @@
 //   g++ -O3 -std=c++17 -mavx2 -fopenmp csrc/tools/stream_bench.cpp -o /tmp/stream_bench
 //   OMP_NUM_THREADS=1 /tmp/stream_bench [tokens=8192] [heads=8] [row_bytes=512]
 // Prints GB/s per pattern (best of 5 passes) and the share of the contiguous read; then the same rows
-// stored head-major, and token-major rows read a group of 2, 4, ... heads per task. Each thread reads its own heads (heads split over threads), as the
-// kernel's tasks (one per chunk and KV head) do.
+// stored head-major, and token-major rows read a group of 2, 4, ... heads per task. Each thread reads
+// its own heads (heads, or head groups, split over threads), as the kernel's tasks (one per chunk and KV
+// head) do.
 #include <omp.h>
 
 #include <algorithm>
