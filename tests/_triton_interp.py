@@ -20,15 +20,38 @@ What the interpreter covers and what it does not (docs/design.md §5):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
+import numpy as np
 import pytest
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON: tuple[str, ...] = ("triton",) if HAS_TRITON else ()
 """``("triton",)`` when Triton is installed, else ``()``: splice into a test's backend list."""
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (e.g. a CPU-only torch)")
+
+
+@functools.lru_cache(maxsize=1)
+def numpy_matmul_row_invariant() -> bool:
+    """Whether numpy's float32 matmul - the interpreter's ``tl.dot`` - gives a row of the left operand the
+    same bits wherever the row sits in it (tile shapes of the kernels: 16-64 rows, K and N 16-128).
+    Bitwise claims about which rows share a tile (plan invariance) need it. It depends on the BLAS
+    kernel numpy picks for the CPU: OpenBLAS's AVX2 (Haswell / Zen) sgemm kernels handle the row
+    remainder with other kernels and so sum in another order, measured on an AMD EPYC Zen 3."""
+    rng = np.random.default_rng(0)
+    for m, k, n in ((16, 32, 16), (16, 64, 32), (32, 64, 32), (32, 128, 64), (64, 64, 64)):
+        for _ in range(8):
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            whole = a @ b
+            for src, dst in ((m - 1, 0), (0, m // 2 + 1)):
+                moved = np.zeros_like(a)
+                moved[dst] = a[src]
+                if not np.array_equal((moved @ b)[dst], whole[src]):
+                    return False
+    return True
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_interp import TRITON, needs_triton, triton_interpreter  # noqa: F401  (module fixture)
+from _triton_interp import (  # noqa: F401  (module fixture)
+    TRITON,
+    needs_triton,
+    numpy_matmul_row_invariant,
+    triton_interpreter,
+)
 
 import multiverse_kernels as mk
 from multiverse_kernels.metadata import ForestMetadata, MetadataError
@@ -271,7 +276,9 @@ def test_invariant_plan_branch_invariance_triton_interpreter(dtype):
     """invariant_plan on the Triton kernels IN THE INTERPRETER (numpy on the CPU; this says nothing
     about the compiled kernels on a GPU, whose tensor-core reductions it does not model): a group alone
     is bitwise its rows of the whole step, with 64-token chunks; the same chunks without the pinned
-    max_item_readers are not (the row tile, and so the KV block, follows the step's busiest node)."""
+    max_item_readers are not (the row tile, and so the KV block, follows the step's busiest node).
+    Skipped, with the reason, where the outputs differ and numpy's matmul itself is not row-position
+    invariant on the CPU (numpy_matmul_row_invariant)."""
     from multiverse_kernels.backends.triton.tree_attention import attn_config
 
     f, groups = _triton_forest()
@@ -281,5 +288,11 @@ def test_invariant_plan_branch_invariance_triton_interpreter(dtype):
     whole, alone = f.metadata(groups), _only_group(f, groups, 0)
     cfg = lambda p: attn_config(D, dtype, HQ // HK, p.max_item_readers, torch.device("cpu"))
     assert cfg(unpinned(whole)) != cfg(unpinned(alone)) and cfg(inv(whole)) == cfg(inv(alone))
-    assert _alone_vs_whole(f, groups, "triton", dtype, inv, check=gs) == [True] * len(gs)
+    same = _alone_vs_whole(f, groups, "triton", dtype, inv, check=gs)
+    if same != [True] * len(gs) and not numpy_matmul_row_invariant():
+        pytest.skip("numpy's float32 matmul (the interpreter's tl.dot; OpenBLAS's kernel for this CPU) "
+                    "gives a row other bits at another row position of a tile, so the interpreter cannot "
+                    "show bitwise plan invariance here (the plans' row tiles were checked above); "
+                    "tests/_triton_interp.py numpy_matmul_row_invariant")
+    assert same == [True] * len(gs)
     assert _alone_vs_whole(f, groups, "triton", dtype, unpinned, check=gs[:1]) == [False]
