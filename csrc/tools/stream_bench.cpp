@@ -4,12 +4,16 @@
 // apart, 4 KiB for 8 heads x 128 fp32), row by row, with software prefetches `distance` rows ahead.
 // No torch, no library: build and run by hand, e.g.
 //   g++ -O3 -std=c++17 -mavx2 -fopenmp csrc/tools/stream_bench.cpp -o /tmp/stream_bench
-//   OMP_NUM_THREADS=1 /tmp/stream_bench [tokens=8192] [heads=8] [row_bytes=512]
+//   OMP_NUM_THREADS=1 /tmp/stream_bench [tokens=8192] [heads=8] [row_bytes=512] [huge]
+// "huge" backs the buffer with 2 MiB transparent huge pages (madvise(MADV_HUGEPAGE); THP "madvise" or
+// "always" in /sys/kernel/mm/transparent_hugepage/enabled): what a KV cache allocated so would read (torch
+// does it for large CPU tensors with THP_MEM_ALLOC_ENABLE=1).
 // Prints GB/s per pattern (best of 5 passes) and the share of the contiguous read; then the same rows
 // stored head-major, and token-major rows read a group of 2, 4, ... heads per task. Each thread reads
 // its own heads (heads, or head groups, split over threads), as the kernel's tasks (one per chunk and KV
 // head) do.
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
@@ -49,11 +53,14 @@ int main(int argc, char** argv) {
   const size_t heads = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 8;
   const size_t row = argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 512;
   const size_t bytes = tokens * heads * row;
-  char* buf = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  const bool huge = argc > 4 && std::strcmp(argv[4], "huge") == 0;
+  const size_t align = huge ? size_t{1} << 21 : 4096, alloc = (bytes + align - 1) / align * align;
+  char* buf = static_cast<char*>(std::aligned_alloc(align, alloc));
+  if (huge && madvise(buf, alloc, MADV_HUGEPAGE) != 0) std::perror("madvise(MADV_HUGEPAGE)");
   for (size_t i = 0; i < bytes; i += 4) *reinterpret_cast<float*>(buf + i) = 1.0f;  // first touch
   const int nt = omp_get_max_threads();
-  std::printf("stream_bench: %zu tokens x %zu heads x %zu-byte rows = %.1f MB, %d thread(s)\n", tokens, heads,
-              row, bytes / 1e6, nt);
+  std::printf("stream_bench: %zu tokens x %zu heads x %zu-byte rows = %.1f MB, %d thread(s), %s pages\n", tokens,
+              heads, row, bytes / 1e6, nt, huge ? "2 MiB (THP)" : "4 KiB");
   float sink = 0;
   auto best = [&](auto&& pass) {
     double b = 1e30;
