@@ -1,0 +1,96 @@
+"""``tree_attention[cpu]`` on three memory layouts of the same paged K/V cache, same process.
+
+``tree_attention`` takes ``k_cache`` / ``v_cache`` as ``[pages, page_size, Hk, D]`` views with any strides
+(only ``D`` contiguous), so the bytes behind them can be laid out as
+
+* **token-major** (``[pages, page_size, Hk, D]`` contiguous: the main job's layout): a KV head's
+  consecutive rows are ``Hk * D * elem`` bytes apart (4 KiB at 8 heads x 128 fp32);
+* **head-major** (``[pages, Hk, page_size, D]`` contiguous, passed as ``.transpose(1, 2)``): a head's rows
+  of a page contiguous (``page_size * D * elem`` bytes);
+* **vLLM backend** (``[pages, Hk, page_size, 2 * D]``, K then V in the last dim: the tensor vLLM allocates
+  for :mod:`multiverse_kernels.integrations.vllm`, read in place as ``kv.transpose(1, 2)[..., :D]`` and
+  ``[..., D:]``): a head's K and V rows of a page interleaved in one contiguous run.
+
+Every layout holds the same values and gives bitwise the same output (asserted). Steps: the main job's
+decode forests and the single unshared sequence of ``benchmarks/vllm_cpu_peer.py`` (its ``make_step``),
+cold (``bench.timing.time_fn``: the caches flushed before each call), in interleaved rounds, the median
+over rounds::
+
+    python benchmarks/cache_layouts.py                       # single, multiverse, sampling16; fp32, bf16
+    python benchmarks/cache_layouts.py --forests single --page-size 16 --rounds 8
+
+A plain script, not a ``test_*.py`` file: pytest does not collect it (benchmarks/conftest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+from multiverse_kernels import tree_attention
+from multiverse_kernels.bench.timing import time_fn
+from multiverse_kernels.info import cpu_model, kernel_isa
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vllm_cpu_peer import describe, make_step  # noqa: E402  (a sibling script, not a package)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LAYOUTS = ("token-major", "head-major", "vLLM backend")
+
+
+def layouts(k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The same ``[pages, page_size, Hk, D]`` K/V values as views of the three layouts."""
+    d = k.shape[-1]
+    kv = torch.cat([k, v], -1).transpose(1, 2).contiguous()  # [pages, Hk, page_size, 2D]
+    return {
+        "token-major": (k.contiguous(), v.contiguous()),
+        "head-major": (k.transpose(1, 2).contiguous().transpose(1, 2),
+                       v.transpose(1, 2).contiguous().transpose(1, 2)),
+        "vLLM backend": (kv.transpose(1, 2)[..., :d], kv.transpose(1, 2)[..., d:]),
+    }
+
+
+def bench(name: str, dtype: torch.dtype, page_size: int, rounds: int, iters: int) -> dict[str, float]:
+    """Median ms per layout over ``rounds`` interleaved rounds (the order alternating)."""
+    w = make_step(name, dtype, page_size)
+    fns = {key: (lambda kc=kc, vc=vc: tree_attention(w.q, kc, vc, w.meta, backend="cpu", **w.variant))
+           for key, (kc, vc) in layouts(w.k_cache, w.v_cache).items()}
+    outs = {key: fn() for key, fn in fns.items()}
+    for key, out in outs.items():
+        assert torch.equal(out, outs["token-major"]), f"{name} {dtype}: {key} differs from token-major"
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for r in range(rounds):
+        for key in LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]:
+            times[key].append(time_fn(fns[key], "cpu", iters, warmup=1))
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--forests", default="single,multiverse,sampling16")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--page-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=4, help="calls per round")
+    args = ap.parse_args(argv)
+    isa, supported = kernel_isa()
+    print(f"tree_attention[cpu] on three cache layouts | {cpu_model()}, {os.cpu_count()} logical CPUs, "
+          f"{torch.get_num_threads()} torch threads | ISA path {isa} (CPU supports {supported}) | "
+          f"page size {args.page_size} | "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n| step | dtype | " + " | ".join(f"{k} ms" for k in LAYOUTS) + " | token-major / head-major |")
+    print("|---|---|" + "---|" * len(LAYOUTS) + "---|")
+    for name in args.forests.split(","):
+        for dt in args.dtypes.split(","):
+            ms = bench(name, DTYPES[dt], args.page_size, args.rounds, args.iters)
+            print(f"| {describe(name)} | {dt} | " + " | ".join(f"{ms[k]:.2f}" for k in LAYOUTS) +
+                  f" | {ms['token-major'] / ms['head-major']:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
