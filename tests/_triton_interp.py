@@ -36,7 +36,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 @functools.lru_cache(maxsize=1)
 def numpy_matmul_row_invariant() -> bool:
     """Whether numpy's float32 matmul - the interpreter's ``tl.dot`` - gives a row of the left operand the
-    same bits wherever the row sits in it (tile shapes of the kernels: 16-64 rows, K and N 16-128).
+    same bits wherever the row sits in it (probed on tile-like shapes: 16-64 rows, K and N 16-128).
     Bitwise claims about which rows share a tile (plan invariance) need it. It depends on the BLAS
     kernel numpy picks for the CPU: OpenBLAS's AVX2 (Haswell / Zen) sgemm kernels handle the row
     remainder with other kernels and so sum in another order, measured on an AMD EPYC Zen 3."""
