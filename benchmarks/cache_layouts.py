@@ -36,7 +36,7 @@ from multiverse_kernels.bench.timing import time_fn
 from multiverse_kernels.info import cpu_model, kernel_isa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vllm_cpu_peer import describe, make_step  # noqa: E402  (a sibling script, not a package)
+from vllm_cpu_peer import FORESTS, describe, make_step  # noqa: E402  (a sibling script, not a package)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = ("token-major", "head-major", "vLLM backend")
@@ -77,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--iters", type=int, default=4, help="calls per round")
     args = ap.parse_args(argv)
+    forests, dtypes = args.forests.split(","), args.dtypes.split(",")
+    for name in forests:
+        if name not in FORESTS:
+            ap.error(f"--forests: unknown step {name!r}; expected a comma-separated subset of "
+                     f"{', '.join(FORESTS)}")
+    for dt in dtypes:
+        if dt not in DTYPES:
+            ap.error(f"--dtypes: unknown dtype {dt!r}; expected a comma-separated subset of "
+                     f"{', '.join(DTYPES)}")
+    if args.page_size < 1 or args.rounds < 1 or args.iters < 1:
+        ap.error("--page-size, --rounds and --iters must be >= 1")
     isa, supported = kernel_isa()
     print(f"tree_attention[cpu] on three cache layouts | {cpu_model()}, {os.cpu_count()} logical CPUs, "
           f"{torch.get_num_threads()} torch threads | ISA path {isa} (CPU supports {supported}) | "
@@ -84,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n| step | dtype | " + " | ".join(f"{k} ms" for k in LAYOUTS) + " | token-major / head-major |")
     print("|---|---|" + "---|" * len(LAYOUTS) + "---|")
-    for name in args.forests.split(","):
-        for dt in args.dtypes.split(","):
+    for name in forests:
+        for dt in dtypes:
             ms = bench(name, DTYPES[dt], args.page_size, args.rounds, args.iters)
             print(f"| {describe(name)} | {dt} | " + " | ".join(f"{ms[k]:.2f}" for k in LAYOUTS) +
                   f" | {ms['token-major'] / ms['head-major']:.2f}x |", flush=True)
