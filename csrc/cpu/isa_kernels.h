@@ -29,6 +29,8 @@ struct TaskScratch {
   float* mx;      // [kRowBlock] running max of each row
   float* sum;     // [kRowBlock] running softmax denominator of each row
   float* alpha;   // [kRowBlock] rescale of each row's output for the current token block
+  float* heads;   // [kMaxTaskHeads] states of a task of several KV heads (FwdHeadsFn), each
+                  // task_head_floats: its q rows, o rows, mx, sum, alpha, NaN flags
   int32_t* rows;  // 5 x [rows_pad] (visible tokens, partial slot, query head, direct output row or -1,
                   // first visible token), then
                   // [kRowBlock] flags: the row saw a NaN/Inf score (NaN policy)
@@ -54,10 +56,18 @@ inline int64_t task_row_ints(int64_t rows) { return 5 * task_rows_pad(rows) + kR
 inline int64_t task_tokens_pad(int64_t tokens) { return round_up64(tokens < 1 ? 1 : tokens, kTokenBlock); }
 
 // Floats of scratch a task with `tokens` chunk tokens needs (TaskScratch order).
+// A task of several KV heads (FwdHeadsFn) has at most kHeadsRows packed rows and kMaxTaskHeads heads;
+// each head's state: q rows and o rows [kHeadsRows][dp], mx / sum / alpha / NaN flags [kHeadsRows].
+constexpr int kHeadsRows = 16;
+constexpr int kMaxTaskHeads = 8;
+inline int64_t task_head_floats(int64_t head_dim) {
+  return 2 * kHeadsRows * round_up64(head_dim, kDimPad) + 4 * kHeadsRows;
+}
+
 inline int64_t task_scratch_floats(int64_t tokens, int64_t head_dim) {
   const int64_t dp = round_up64(head_dim, kDimPad);
   return 2 * task_tokens_pad(tokens) * dp + head_dim * kRowBlock + kTokenBlock * kRowBlock +
-         kTokenBlock / 2 * kRowBlock + kRowBlock * dp + 3 * kRowBlock;
+         kTokenBlock / 2 * kRowBlock + kRowBlock * dp + 3 * kRowBlock + kMaxTaskHeads * task_head_floats(head_dim);
 }
 
 // One task; returns the K+V bytes it loaded from the caches (counted where it loads them). The chunk of
@@ -66,6 +76,10 @@ using FwdTaskFn = int64_t (*)(const TreeAttentionParams& p, int32_t item, int32_
                               int32_t next_kh, const TaskScratch& s);
 // The ISA's register-resident FMA loop (the compute roof, cpu_fma_peak): returns a value that depends
 // on every chain; *flops gets the flops done.
+// A task of KV heads kh0 .. kh0 + nh - 1 of one work item (nh <= kMaxTaskHeads), for ISAs that read the
+// heads of a token together (nullptr elsewhere); only for items heads_task_ok accepts.
+using FwdHeadsFn = int64_t (*)(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32_t nh,
+                               const TaskScratch& s);
 using FmaLoopFn = float (*)(int64_t iters, int64_t* flops);
 
 // =========================================================================================== backward
@@ -138,6 +152,7 @@ using BwdTaskFn = void (*)(const TreeAttentionBackwardParams& p, int32_t item, i
 struct IsaKernels {
   CpuIsa isa;
   FwdTaskFn fwd_task;
+  FwdHeadsFn fwd_heads;  // nullptr: one KV head per task
   FmaLoopFn fma_loop;
   BwdDeltaFn bwd_delta;
   BwdTaskFn bwd_task;

@@ -1,8 +1,10 @@
-// DRIVER (forward): CPU tree attention over a plan (docs/plan.md): one task per (work item, KV head),
-// pulled by worker threads from a shared counter, each with its per-thread scratch (owned here). The
-// task itself is the selected ISA's forward kernel (tree_attention_fwd_impl.h, compiled once per ISA by
-// kernels_*.cpp), called through the one dispatch (isa_dispatch.cpp:
-// cpu_isa_kernels(), cpuid capped by MULTIVERSE_CPU_ISA).
+// DRIVER (forward): CPU tree attention over a plan (docs/plan.md): one task per (work item, KV head), or
+// per (work item, group of KV heads) where every item is light (heads_per_task), pulled by worker
+// threads from a shared counter, each with its per-thread scratch (owned here). The task itself is the
+// selected ISA's forward kernel (tree_attention_fwd_impl.h, compiled once per ISA by kernels_*.cpp),
+// called through the one dispatch (isa_dispatch.cpp: cpu_isa_kernels(), cpuid capped by
+// MULTIVERSE_CPU_ISA).
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -34,10 +36,32 @@ struct Scratch {
     s.mx = s.o + kRowBlock * dp;
     s.sum = s.mx + kRowBlock;
     s.alpha = s.sum + kRowBlock;
+    s.heads = s.alpha + kRowBlock;
     s.rows = i.data();
     return s;
   }
 };
+
+// KV heads per task of FwdHeadsFn tasks, 0 for one-head FwdTaskFn tasks. FwdHeadsFn where the ISA has
+// them (AVX2) and every item is one for them (caches in q's dtype, not fp8; head_dim % 8 == 0; at most
+// kHeadsRows packed rows: a lone sequence, independent sequences, small sampling groups): then the most
+// heads (a power of two dividing num_kv_heads, <= kMaxTaskHeads) that keeps the largest task within an
+// even share of the step's work over the workers, at least 1. Results do not depend on the count
+// (task_heads: per head the arithmetic of a one-head task), so neither on the thread count.
+int32_t heads_per_task(const TreeAttentionParams& p, bool has_heads_fn, int32_t group) {
+  if (!has_heads_fn || dtype_is_fp8(p.kv_dtype) || p.head_dim % 8 != 0) return 0;
+  int64_t total = 0, longest = 0;
+  for (int32_t it = 0; it < p.num_items; ++it) {
+    if (static_cast<int64_t>(p.item_num_readers[it]) * group > kHeadsRows) return 0;
+    total += p.item_kv_len[it];
+    longest = std::max<int64_t>(longest, p.item_kv_len[it]);
+  }
+  const int64_t workers = worker_count(static_cast<int64_t>(p.num_items) * p.num_kv_heads);
+  int32_t nh = 1;
+  for (int32_t h = 2; h <= kMaxTaskHeads && p.num_kv_heads % h == 0; h *= 2)
+    if (longest * h * workers <= total * p.num_kv_heads) nh = h;
+  return nh;
+}
 
 }  // namespace
 
@@ -54,9 +78,12 @@ void tree_attention(const TreeAttentionParams& p) {
       throw std::invalid_argument("tree_attention: an fp8 KV cache (kv_dtype) needs k_scale and v_scale");
   }
   const FwdTaskFn fn = cpu_isa_kernels().fwd_task;
+  const FwdHeadsFn fn_heads = cpu_isa_kernels().fwd_heads;
   const int32_t group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t hk = p.num_kv_heads;
-  const int64_t tasks = static_cast<int64_t>(p.num_items) * hk;
+  const int32_t nh = heads_per_task(p, fn_heads != nullptr, group);
+  const int32_t per_item = hk / (nh > 0 ? nh : 1);  // tasks per item
+  const int64_t tasks = static_cast<int64_t>(p.num_items) * per_item;
   // A task's cost for the queue's look-ahead rule (parallel.h): its chunk's tokens x (its packed rows +
   // kCostRows), between a memory-bound task's (tokens) and a compute-bound one's (tokens x rows).
   // item_after[it]: the summed cost of items it .. num_items - 1, each hk tasks of one cost.
@@ -67,12 +94,23 @@ void tree_attention(const TreeAttentionParams& p) {
     item_after[it] = item_after[it + 1] + hk * static_cast<int64_t>(p.item_kv_len[it]) *
                                               (p.item_num_readers[it] * group + kCostRows);
   const int64_t* after = item_after.data();
-  auto suffix_cost = [after, hk, tasks](int64_t i) -> int64_t {  // tasks i .. tasks - 1
+  auto suffix_cost = [after, per_item, tasks](int64_t i) -> int64_t {  // tasks i .. tasks - 1
     if (i >= tasks) return 0;
-    const int64_t it = i / hk;
-    return after[it + 1] + (hk - i % hk) * ((after[it] - after[it + 1]) / hk);
+    const int64_t it = i / per_item;
+    return after[it + 1] + (per_item - i % per_item) * ((after[it] - after[it + 1]) / per_item);
   };
-  // Tasks in plan order (a node's chunks and heads together); each worker prefetches the chunk of the
+  if (nh > 0) {  // tasks of nh KV heads (each prefetches its own next block; no look-ahead task)
+    parallel_tasks_lookahead<Scratch>(tasks, [&](int64_t i, int64_t, Scratch& sc) {
+      const int32_t item = static_cast<int32_t>(i / per_item);
+      const TaskScratch s = sc.view(p.item_kv_len[item], p.head_dim, p.item_num_readers[item] * group);
+      const int64_t bytes = fn_heads(p, item, static_cast<int32_t>(i % per_item) * nh, nh, s);
+      if (p.kv_bytes_loaded != nullptr && bytes > 0)
+        __atomic_fetch_add(p.kv_bytes_loaded, bytes, __ATOMIC_RELAXED);
+    }, suffix_cost);
+    return;
+  }
+  // Otherwise one task per (item, KV head), in plan order (a node's chunks and heads together); each
+  // worker prefetches the chunk of the
   // task it runs next while computing the current one, so a compute-bound task hides the loads of the
   // next (possibly memory-bound) one.
   parallel_tasks_lookahead<Scratch>(tasks, [&](int64_t i, int64_t next, Scratch& sc) {

@@ -16,8 +16,9 @@
 // in token blocks of kTokenBlock (kLightTokenBlock for tasks with few rows): converted (fp16 with
 // F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit shift, fp8 by the bit rebuild of simd.h fp8_to_f32_vec
 // times the task's KV-head scale) or copied to packed fp32 scratch while the next block is prefetched,
-// except fp32 V rows, which the P V tiles read in place (run_task); the byte counter is incremented per
-// block where its rows are taken (the caches' element size: 1 byte per fp8 element).
+// except fp32 V rows, which the P V tiles read in place (run_task; on AVX2 light tasks fp32 K rows too,
+// qk_rows_direct); the byte counter is incremented per block where its rows are taken (the caches'
+// element size: 1 byte per fp8 element).
 //
 // Element types: run_task<EQ, EKV> reads q and writes out as EQ (fp32 / fp16 / bf16) and reads the
 // caches as EKV (EQ itself, or fp8 e4m3 / e5m2 with fp16 / bf16 q: TreeAttentionParams::kv_dtype).
@@ -220,6 +221,48 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
   MV_UNROLL(24) for (int j = 0; j < TB; ++j)
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v]);
 }
+
+#if MV_LEVEL == 1
+// Light tasks on AVX2 (k_direct in run_task, task_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with
+// head dims in vector lanes, from each token's fp32 K row kr[t - t0] (D % 8 == 0): for fp32 caches the
+// cache's own row - no packed copy of K, whose store waits on the strided load - and all 8 lanes busy
+// where the row-lane tile would use 4 of 8 for a GQA group of 4. qr: [R4][ld] the rows' scaled queries
+// (rows past M zero), R4 a multiple of 4. Per 2 tokens x 4 rows: 8 accumulators of 8 partial sums over
+// d, reduced by a tree of horizontal adds into one vector [t][r0..r3], [t + 1][r0..r3] (a different
+// summation order than the row-lane tiles: both are fp32 sums over d, compared against the reference by
+// the tests).
+MV_INL __m256 hsum8x(const __m256 a[8]) {  // lane i = the sum of a[i]'s lanes
+  const __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 h01 = _mm256_hadd_ps(h0, h1), h23 = _mm256_hadd_ps(h2, h3);  // 128-bit halves: lo / hi sums
+  return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
+}
+
+MV_INL void qk_rows_direct(const float* const* __restrict kr, const float* __restrict qr, int ld, int R4, int D,
+                           int t0, int t1, float* __restrict st, int lds) {
+  for (int t = t0; t < t1; t += 2) {
+    const float* k0 = kr[t - t0];
+    const float* k1 = t + 1 < t1 ? kr[t + 1 - t0] : k0;  // an odd last token: computed twice, stored once
+    for (int r0 = 0; r0 < R4; r0 += 4) {
+      const float* q = qr + static_cast<size_t>(r0) * ld;
+      __m256 acc[8];
+      MV_UNROLL(8) for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) {
+        const __m256 a = _mm256_loadu_ps(k0 + d), b = _mm256_loadu_ps(k1 + d);
+        MV_UNROLL(4) for (int r = 0; r < 4; ++r) {
+          const __m256 qv = _mm256_loadu_ps(q + static_cast<size_t>(r) * ld + d);
+          acc[r] = _mm256_fmadd_ps(a, qv, acc[r]);
+          acc[4 + r] = _mm256_fmadd_ps(b, qv, acc[4 + r]);
+        }
+      }
+      const __m256 s = hsum8x(acc);
+      float* sp = st + static_cast<size_t>(t - t0) * lds + r0;
+      _mm_storeu_ps(sp, _mm256_castps256_ps128(s));
+      if (t + 1 < t1) _mm_storeu_ps(sp + lds, _mm256_extractf128_ps(s, 1));
+    }
+  }
+}
+#endif
 
 #if MV_LEVEL >= 3
 template <class EQ, class EKV>
@@ -610,6 +653,33 @@ inline void softmax_block(const TaskScratch& sc, int lds, int mbp, int nbig, con
   }
 }
 
+// Normalise rows m0 .. m0 + mb - 1 of a row block (state in sc: o, mx, sum; bad the block's NaN flags)
+// and write them: a row's only partial goes straight to out (q's dtype), else to its partial slot.
+template <class EQ>
+MV_INL void write_rows(const TreeAttentionParams& p, const TaskScratch& sc, int m0, int mb, int dp,
+                       const int32_t* orow, const int32_t* slot, const int32_t* head, const int32_t* bad) {
+  using T = typename EQ::T;
+  const int D = p.head_dim;
+  for (int i = 0; i < mb; ++i) {
+    const int m = m0 + i;
+    const float l = sc.sum[i];
+    const bool seen = l > 0.0f;
+    float inv = seen ? 1.0f / l : 0.0f;
+    float lse = seen ? sc.mx[i] + __builtin_logf(l) : -__builtin_inff();
+    if (bad[i]) inv = lse = __builtin_nanf("");  // NaN policy (docs/errors.md): the whole row NaN
+    const float* orow_p = sc.o + static_cast<size_t>(i) * dp;
+    if (orow[m] >= 0) {
+      p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = lse;
+      T* dst = static_cast<T*>(p.out) + partial_out_offset(orow[m], head[m], p.num_qo_heads, D);
+      for (int d = 0; d < D; ++d) dst[d] = EQ::store(orow_p[d] * inv);
+    } else {
+      p.partial_lse[partial_lse_offset(slot[m], head[m], p.num_qo_heads)] = lse;
+      float* dst = p.partial_out + partial_out_offset(slot[m], head[m], p.num_qo_heads, D);
+      for (int d = 0; d < D; ++d) dst[d] = orow_p[d] * inv;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------- one task
 // EQ: q / out element type; EKV: the caches' (EQ, or fp8 with fp16 / bf16 EQ).
 template <class EQ, class EKV>
@@ -663,6 +733,15 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   // for fp16 / bf16 / fp8 caches (their rows are converted, and fp8 ones scaled, into the scratch).
   const bool v_direct = std::is_same_v<EKV, F32> && window && D % W == 0;
   const float* vrows[kTokenBlock];  // the current token block's V rows (packed or cache)
+  // Light tasks on AVX2 take their scores from qk_rows_direct (q kept row-major), on K rows read in
+  // place (fp32: no packed copy) or converted into the scratch (fp16 / bf16); task_heads does the same.
+#if MV_LEVEL == 1
+  constexpr bool kDirectK = !kIsFp8<EKV>;
+#else
+  constexpr bool kDirectK = false;
+#endif
+  const bool k_direct = kDirectK && window && M <= kLightRows && D % 8 == 0;
+  const float* krows[kTokenBlock];  // k_direct: the current token block's K rows (cache or scratch)
   // Tokens per block: a light task (one row tile: at most kLightRows rows) copies a block of
   // kLightTokenBlock so that its K/V window (1 KiB per token at d = 128 fp32) stays in L1 while it is
   // packed and read; a task with many rows amortises the per-block softmax and output rescale over the
@@ -744,6 +823,8 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           const uint32_t hi = 2 * e + 1 < D ? src[2 * e + 1] : 0;
           qt2[static_cast<size_t>(e) * lds + i] = static_cast<uint32_t>(src[2 * e]) | hi << 16;
         }
+      } else if (k_direct) {  // row-major [mbp][dp] (qk_rows_direct)
+        for (int d = 0; d < D; ++d) qt[static_cast<size_t>(i) * dp + d] = EQ::load(src[d]) * p.sm_scale;
       } else {
         for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = EQ::load(src[d]) * p.sm_scale;
       }
@@ -751,6 +832,8 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     for (int i = mb; i < mbp; ++i) {
       if constexpr (kDot) {
         for (int e = 0; e < E2; ++e) qt2[static_cast<size_t>(e) * lds + i] = 0;
+      } else if (k_direct) {
+        for (int d = 0; d < D; ++d) qt[static_cast<size_t>(i) * dp + d] = 0.0f;
       } else {
         for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
       }
@@ -781,7 +864,22 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
           c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
         }
-        bytes += pack_rows<EKV, kDot>(c, tb0, tb1, v_direct, vrows);
+        bool packed = true;
+        if constexpr (std::is_same_v<EKV, F32> && kDirectK) {
+          if (k_direct) {  // (v_direct too: D % 8 == 0 = W)
+            for (int t = tb0; t < tb1; ++t) {
+              krows[t - tb0] = k_row<EKV>(c, t);
+              vrows[t - tb0] = v_row<EKV>(c, t);
+            }
+            bytes += 2 * static_cast<int64_t>(tb1 - tb0) * D * static_cast<int64_t>(sizeof(float));
+            packed = false;
+          }
+        }
+        if (packed) {
+          bytes += pack_rows<EKV, kDot>(c, tb0, tb1, v_direct, vrows);
+          if (k_direct)
+            for (int t = tb0; t < tb1; ++t) krows[t - tb0] = c.kb + static_cast<size_t>(t) * dp;
+        }
         pf.own = Prefetcher<EKV>{&c, tb1, imin(tb1 + tbk, max_vis)};
         for (int t = tb1; t < tb0 + tbk; ++t)  // tiles past the chunk read zeros
           for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
@@ -791,7 +889,18 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       if (tb0 >= tmax || tb0 + tbk <= tmin) continue;  // nothing of the block's rows in this block
       const int te = imin(tmax, tb0 + tbk);
       // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
-      for (int col = 0; col < mbp;) {
+#if MV_LEVEL == 1
+      if (k_direct) {
+        const int r4 = (mb + 3) & ~3;
+        for (int t0 = tb0; t0 < te; t0 += 2) {  // the next block's prefetches spread over the token pairs
+          const int t1 = imin(t0 + 2, te);
+          qk_rows_direct(krows + (t0 - tb0), sc.qt, dp, r4, D, t0, t1, sc.st + static_cast<size_t>(t0 - tb0) * lds,
+                         lds);
+          pf.step(2);
+        }
+      }
+#endif
+      for (int col = 0; col < mbp && !k_direct;) {
         const bool big = col < nbig * 2 * W;
         const int width = big ? 2 * W : G;
         int tt = 0;
@@ -880,31 +989,177 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       if (xb > xa) pv_amx(v2, dp, D, sc.p2, lds, (xa - tb0) / 2, (xb - xa) / 2, mbp, sc.o);
 #endif
     }
-    // Normalise and write: the row's only partial goes straight to out (q's dtype), else a partial.
-    for (int i = 0; i < mb; ++i) {
-      const int m = m0 + i;
-      const float l = sc.sum[i];
-      const bool seen = l > 0.0f;
-      float inv = seen ? 1.0f / l : 0.0f;
-      float lse = seen ? sc.mx[i] + __builtin_logf(l) : -__builtin_inff();
-      if (bad[i]) inv = lse = __builtin_nanf("");  // NaN policy (docs/errors.md): the whole row NaN
-      const float* orow_p = sc.o + static_cast<size_t>(i) * dp;
-      if (orow[m] >= 0) {
-        p.lse[partial_lse_offset(orow[m], head[m], p.num_qo_heads)] = lse;
-        T* dst = static_cast<T*>(p.out) + partial_out_offset(orow[m], head[m], p.num_qo_heads, D);
-        for (int d = 0; d < D; ++d) dst[d] = EQ::store(orow_p[d] * inv);
-      } else {
-        p.partial_lse[partial_lse_offset(slot[m], head[m], p.num_qo_heads)] = lse;
-        float* dst = p.partial_out + partial_out_offset(slot[m], head[m], p.num_qo_heads, D);
-        for (int d = 0; d < D; ++d) dst[d] = orow_p[d] * inv;
-      }
-    }
+    write_rows<EQ>(p, sc, m0, mb, dp, orow, slot, head, bad);
   }
 #if MV_LEVEL >= 4
   if (amx_on) amx::restore(saved_tiles);
 #endif
   return bytes;
 }
+
+#if MV_LEVEL == 1
+// ---------------------------------------------------------------------------------- several KV heads
+// A light task over KV heads kh0 .. kh0 + nh - 1 of one work item (isa_kernels.h FwdHeadsFn; the driver
+// sends only items of at most kHeadsRows packed rows, caches in q's dtype, D % 8 == 0): token block by
+// token block, each head of the block in turn, with run_task's light path per head (qk_rows_direct on
+// the block's K rows, the online softmax, P V; fp32 rows read in place, fp16 / bf16 ones converted into
+// the scratch first). In a token-major cache a token's rows of those heads are adjacent (nh x D x elem
+// bytes), so the task reads whole runs of each token row - what the hardware prefetchers follow -
+// instead of one head's rows a page apart (csrc/tools/stream_bench.cpp: "strided, N heads per task"
+// against "strided rows"). Each head keeps its own q rows, o rows and softmax state
+// (TaskScratch::heads); the arithmetic per head is run_task's light path, so the results are bitwise
+// those of nh one-head tasks.
+static_assert(kLightRows == kHeadsRows, "a task of several heads is a light task");
+template <class E>
+int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32_t nh, const TaskScratch& sc) {
+  using T = typename E::T;
+  const int D = p.head_dim;
+  const int group = gqa_group(p.num_qo_heads, p.num_kv_heads);
+  const int32_t nr = p.item_num_readers[item];
+  const int M = nr * group;
+  if (M == 0) return 0;  // capacity padding item
+  const int32_t r0 = p.item_reader_start[item];
+  const int32_t slot0 = p.item_partial_start[item];
+  const int dp = static_cast<int>(round_up64(D, kDimPad));
+  int32_t kv_start = p.item_kv_start[item];
+  int32_t len = p.item_kv_len[item];
+  const bool has_lo = p.reader_lo != nullptr;
+  if (has_lo) {  // from the smallest first visible token of the readers (as run_task)
+    int32_t shift = len;
+    for (int32_t j = 0; j < nr; ++j) shift = imin(shift, window_lo_in_chunk(p.reader_lo, r0 + j, kv_start));
+    kv_start += shift;
+    len -= shift;
+  }
+  TaskCtx c[kMaxTaskHeads];
+  for (int h = 0; h < nh; ++h) {
+    c[h] = TaskCtx{&p, p.item_node[item], kv_start, kh0 + h, D, dp, nullptr, nullptr, 1.0f, 1.0f};
+    bind_rows(c[h]);
+  }
+  const int rp = static_cast<int>(task_rows_pad(M));
+  int32_t* vis = sc.rows;
+  int32_t* slot = vis + rp;
+  int32_t* head = slot + rp;  // query heads of the current KV head
+  int32_t* orow = head + rp;
+  int32_t* lo = orow + rp;
+  int max_vis = 0;
+  for (int m = 0; m < M; ++m) {
+    const int32_t rd = r0 + packed_reader(m, group);
+    vis[m] = visible_in_chunk(p.reader_limit[rd], kv_start, len);
+    lo[m] = window_lo_in_chunk(p.reader_lo, rd, kv_start);
+    slot[m] = slot0 + packed_reader(m, group);
+    const int32_t qrow = p.reader_row[rd];
+    orow[m] = p.row_partial_indptr[qrow + 1] - p.row_partial_indptr[qrow] == 1 ? qrow : -1;
+    max_vis = imax(max_vis, vis[m]);
+  }
+  int tmin = has_lo ? max_vis : 0;  // the rows see tokens [tmin, max_vis) at most (as run_task)
+  if (has_lo)
+    for (int m = 0; m < M; ++m) tmin = imin(tmin, lo[m]);
+  const int mbp = static_cast<int>(round_up64(M, G)), lds = mbp, nbig = mbp / (2 * W), r4 = (M + 3) & ~3;
+  for (int m = M; m < mbp; ++m) vis[m] = lo[m] = 0;
+  const int32_t* blo = has_lo ? lo : nullptr;
+  // Per head: q rows [kHeadsRows][dp] (times sm_scale; rows M .. r4 zero), then run_task's row-block state.
+  const T* qp = static_cast<const T*>(p.q);
+  TaskScratch hs[kMaxTaskHeads];
+  float* qr[kMaxTaskHeads];
+  int32_t* bad[kMaxTaskHeads];
+  for (int h = 0; h < nh; ++h) {
+    float* base = sc.heads + h * task_head_floats(D);
+    qr[h] = base;
+    hs[h] = sc;
+    hs[h].o = base + kHeadsRows * dp;
+    hs[h].mx = hs[h].o + kHeadsRows * dp;
+    hs[h].sum = hs[h].mx + kHeadsRows;
+    hs[h].alpha = hs[h].sum + kHeadsRows;
+    bad[h] = reinterpret_cast<int32_t*>(hs[h].alpha + kHeadsRows);
+    for (int m = 0; m < r4; ++m) {
+      float* dst = qr[h] + static_cast<size_t>(m) * dp;
+      if (m >= M) {
+        for (int d = 0; d < D; ++d) dst[d] = 0.0f;
+        continue;
+      }
+      const int32_t row = p.reader_row[r0 + packed_reader(m, group)];
+      const int64_t qh = packed_head(m, group, kh0 + h);
+      const T* src = qp + row * p.q_stride_row + qh * p.q_stride_head;
+      for (int d = 0; d < D; ++d) dst[d] = E::load(src[d]) * p.sm_scale;
+    }
+    for (int i = 0; i < mbp; ++i) {
+      hs[h].mx[i] = -__builtin_inff();
+      hs[h].sum[i] = 0.0f;
+      bad[h][i] = 0;
+    }
+    for (int64_t i = 0; i < static_cast<int64_t>(mbp) * dp; ++i) hs[h].o[i] = 0.0f;
+  }
+  constexpr int tbk = kLightTokenBlock;
+  for (int h = 0; h < nh; ++h) Prefetcher<E>{&c[h], 0, imin(tbk, max_vis)}.finish();
+  float* const kbuf = sc.kv;  // fp16 / bf16: the head's block converted to fp32 rows (K, then V)
+  float* const vbuf = sc.kv + static_cast<size_t>(tbk) * dp;
+  const float* krows[tbk];
+  const float* vrows[tbk];
+  int64_t bytes = 0;
+  for (int tb0 = 0; tb0 < max_vis; tb0 += tbk) {
+    const int te = imin(tb0 + tbk, max_vis);
+    bytes += 2 * static_cast<int64_t>(te - tb0) * D * nh * static_cast<int64_t>(sizeof(T));
+    const bool skip = tb0 + tbk <= tmin;  // below every row's window: loaded by run_task, not computed
+    for (int h = 0; h < nh; ++h) {
+      Prefetcher<E> pf{&c[h], te, imin(te + tbk, max_vis)};  // this head's next block
+      if (skip) {
+        pf.finish();
+        continue;
+      }
+      for (int t = tb0; t < te; ++t) {
+        if constexpr (std::is_same_v<E, F32>) {  // read in place
+          krows[t - tb0] = k_row<E>(c[h], t);
+          vrows[t - tb0] = v_row<E>(c[h], t);
+        } else {
+          float* kd = kbuf + static_cast<size_t>(t - tb0) * dp;
+          float* vd = vbuf + static_cast<size_t>(t - tb0) * dp;
+          pack_row<E>(k_row<E>(c[h], t), kd, D, dp);
+          pack_row<E>(v_row<E>(c[h], t), vd, D, dp);
+          krows[t - tb0] = kd;
+          vrows[t - tb0] = vd;
+        }
+      }
+      for (int t0 = tb0; t0 < te; t0 += 2) {
+        qk_rows_direct(krows + (t0 - tb0), qr[h], dp, r4, D, t0, imin(t0 + 2, te),
+                       sc.st + static_cast<size_t>(t0 - tb0) * lds, lds);
+        pf.step(2);
+      }
+      pf.finish();
+      if (!has_lo && p.softcap <= 0.0f)
+        softmax_block<false, false>(hs[h], lds, mbp, nbig, vis, blo, tb0, te, bad[h], p.softcap);
+      else if (p.softcap <= 0.0f)
+        softmax_block<true, false>(hs[h], lds, mbp, nbig, vis, blo, tb0, te, bad[h], p.softcap);
+      else if (!has_lo)
+        softmax_block<false, true>(hs[h], lds, mbp, nbig, vis, blo, tb0, te, bad[h], p.softcap);
+      else
+        softmax_block<true, true>(hs[h], lds, mbp, nbig, vis, blo, tb0, te, bad[h], p.softcap);
+      for (int rb = 0; rb < M; rb += PV_RB) {
+        const int rows = imin(PV_RB, M - rb);
+        int tb = 0;
+        for (int r = 0; r < rows; ++r) tb = imax(tb, vis[rb + r]);
+        const int t1 = imin(tb, te);
+        if (t1 > tb0)
+          pv_dispatch<PV_RB, false>(rows, vrows, nullptr, nullptr, dp, D, sc.st, lds, tb0, t1, vis, blo, hs[h].o,
+                                    hs[h].alpha, rb, tb0, tb0);
+      }
+    }
+  }
+  for (int h = 0; h < nh; ++h) {
+    for (int m = 0; m < M; ++m) head[m] = packed_head(m, group, kh0 + h);
+    write_rows<E>(p, hs[h], 0, M, dp, orow, slot, head, bad[h]);
+  }
+  return bytes;
+}
+
+int64_t task_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32_t nh, const TaskScratch& s) {
+  switch (p.dtype) {  // (the driver sends q's dtype for the caches, never fp8: heads_per_task)
+    case DType::kFloat32: return run_heads<F32>(p, item, kh0, nh, s);
+    case DType::kFloat16: return run_heads<F16>(p, item, kh0, nh, s);
+    case DType::kBFloat16: return run_heads<BF16>(p, item, kh0, nh, s);
+    default: return 0;
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------- entry points
 // One task of any dtype combination (isa_kernels.h FwdTaskFn): q's dtype, and the caches' (kv_dtype:

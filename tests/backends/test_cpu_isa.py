@@ -18,9 +18,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from multiverse_kernels.forest import KVForest
 from multiverse_kernels.metadata import ForestMetadata
 from multiverse_kernels.ops import tree_attention
-from multiverse_kernels.planning import plan_kv_tokens
+from multiverse_kernels.planning import invariant_plan, plan_kv_tokens
 from multiverse_kernels.testing import (
     check_tree_attention,
     check_tree_attention_backward,
@@ -96,6 +97,40 @@ def test_head_dims_every_isa(isa: str, d: int, dtype: torch.dtype) -> None:
     """Head dims off the vector widths; an odd one too (the bf16 dot products read head dims in pairs)."""
     f, groups = multiverse_forest(prefix=100, paths=3, path_len=30, concl_len=3, page_size=4, concl_q=2)
     _check(f.metadata(groups), f.num_pages, 4, 2, d, dtype, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tasks_of_several_kv_heads_match_one_head_tasks(monkeypatch, dtype: torch.dtype) -> None:
+    """The avx2 path runs a step whose items are all light (at most 16 packed rows) as tasks of several KV
+    heads (task_heads; csrc/cpu/tree_attention.cpp heads_per_task), and a step with a heavier item as
+    one-head tasks (run_task, its light path for the light items). A lone sequence's rows are bitwise the
+    same computed alone (heads per task: 8 at one thread, 4 at two) and next to a 10-way sampling group
+    (whose prompt item has 20 packed rows), and agree with the reference."""
+    if supported_isa() < ISA_NAMES.index("avx2"):
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: no avx2 path here")
+    monkeypatch.setenv("MULTIVERSE_CPU_ISA", "avx2")
+    hq, hk, d = 16, 8, 64
+    f = KVForest(64, page_size=16)
+    lone = f.new_sequence(300)
+    kids = f.fork(f.new_sequence(100), 10)
+    for kid in kids:
+        f.append(kid, 5)
+    groups = [(lone, 1)] + [(kid, 1) for kid in kids]
+    meta_all, meta_lone = f.metadata(groups), f.metadata(groups[:1])
+    q, k, v = make_inputs(meta_all, f.num_pages, hq, hk, d, dtype, seed=11)
+    plan = lambda m: invariant_plan(m, hq, hk, head_dim=d, chunk_tokens=96, rows_per_tile=64)  # noqa: E731
+    out_all = tree_attention(q, k, v, meta_all, backend="cpu", plan=plan(meta_all))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = tree_attention(q[:1], k, v, meta_lone, backend="cpu", plan=plan(meta_lone))
+            assert torch.equal(out, out_all[:1]), f"{n} thread(s): the lone sequence's rows differ"
+    finally:
+        torch.set_num_threads(threads)
+    ref = tree_attention(q, k, v, meta_all, backend="reference")
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out_all.float(), ref.float(), rtol=tol, atol=tol)
 
 
 def test_bf16_dot_path_runs_where_the_cpu_has_it(monkeypatch) -> None:
