@@ -222,10 +222,28 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v]);
 }
 
+// W elements of a cache row of E -> W floats, exact (fp32; fp16 / bf16 on AVX2 only): rows read in place.
+template <class E> MV_INL typename VT<W>::V vld_elem(const typename E::T* src) {
+  using V = typename VT<W>::V;
+  if constexpr (std::is_same_v<E, F32>) {
+    return vld<W>(src);
+  } else {
+#if MV_LEVEL == 1
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    if constexpr (std::is_same_v<E, F16>) return (V)_mm256_cvtph_ps(h);
+    static_assert(std::is_same_v<E, BF16> || std::is_same_v<E, F16>, "fp32 / fp16 / bf16 rows");
+    return (V)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16: the high half
+#else
+    static_assert(std::is_same_v<E, F32>, "16-bit rows are read in place on AVX2 only");
+#endif
+  }
+}
+
 #if MV_LEVEL == 1
 // Light tasks on AVX2 (k_direct in run_task, task_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with
-// head dims in vector lanes, from each token's fp32 K row kr[t - t0] (D % 8 == 0): for fp32 caches the
-// cache's own row - no packed copy of K, whose store waits on the strided load - and all 8 lanes busy
+// head dims in vector lanes, from each token's K row kr[t - t0] of E (D % 8 == 0; converted in registers,
+// vld_elem): the cache's own row - no packed copy of K, whose store waits on the strided load (run_task
+// passes its converted fp16 / bf16 scratch rows, E = F32: the same values) - and all 8 lanes busy
 // where the row-lane tile would use 4 of 8 for a GQA group of 4. qr: [R4][ld] the rows' scaled queries
 // (rows past M zero), R4 a multiple of 4. Per 2 tokens x 4 rows: 8 accumulators of 8 partial sums over
 // d, reduced by a tree of horizontal adds into one vector [t][r0..r3], [t + 1][r0..r3] (a different
@@ -238,17 +256,18 @@ MV_INL __m256 hsum8x(const __m256 a[8]) {  // lane i = the sum of a[i]'s lanes
   return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
 }
 
-MV_INL void qk_rows_direct(const float* const* __restrict kr, const float* __restrict qr, int ld, int R4, int D,
-                           int t0, int t1, float* __restrict st, int lds) {
+template <class E>
+MV_INL void qk_rows_direct(const typename E::T* const* __restrict kr, const float* __restrict qr, int ld, int R4,
+                           int D, int t0, int t1, float* __restrict st, int lds) {
   for (int t = t0; t < t1; t += 2) {
-    const float* k0 = kr[t - t0];
-    const float* k1 = t + 1 < t1 ? kr[t + 1 - t0] : k0;  // an odd last token: computed twice, stored once
+    const typename E::T* k0 = kr[t - t0];
+    const typename E::T* k1 = t + 1 < t1 ? kr[t + 1 - t0] : k0;  // an odd last token: twice, stored once
     for (int r0 = 0; r0 < R4; r0 += 4) {
       const float* q = qr + static_cast<size_t>(r0) * ld;
       __m256 acc[8];
       MV_UNROLL(8) for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
       for (int d = 0; d < D; d += 8) {
-        const __m256 a = _mm256_loadu_ps(k0 + d), b = _mm256_loadu_ps(k1 + d);
+        const __m256 a = (__m256)vld_elem<E>(k0 + d), b = (__m256)vld_elem<E>(k1 + d);
         MV_UNROLL(4) for (int r = 0; r < 4; ++r) {
           const __m256 qv = _mm256_loadu_ps(q + static_cast<size_t>(r) * ld + d);
           acc[r] = _mm256_fmadd_ps(a, qv, acc[r]);
@@ -399,15 +418,15 @@ MV_INL void softmax_cols(float* st, int lds, int c0, const int32_t* vis, const i
 
 // ---------------------------------------------------------------------------------- O = P V
 // O[r][d0 : d0 + NV*W] = alpha[r] * O[r][...] + sum_{t0 <= t < t1} P^T[t - t0][r] V[t][...] for RB rows r
-// (block-local rb + r); o: [rows][dp] fp32 scratch; vr[t - t0]: token t's V row (fp32: the packed
-// scratch row, or the fp32 cache row itself, see run_task).
+// (block-local rb + r); o: [rows][dp] fp32 scratch; vr[t - t0]: token t's V row of EV (fp32: the packed
+// scratch row, or the fp32 cache row itself, see run_task; fp16 / bf16: the cache row, task_heads).
 // Tokens [tlo, tfull) every row of the tile sees; tokens [t0, tlo) and [tfull, t1) only rows r with
 // lo[r] <= t < vis[r] (NaN policy: a masked token is skipped, never multiplied by 0, so a NaN/Inf in V
 // cannot cross the mask). Without a window tlo = t0.
-template <int RB, int NV>
-MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const float* __restrict pt, int lds, int t0,
-                    int tlo, int tfull, int t1, const int32_t* __restrict vis, const int32_t* __restrict lo,
-                    float* __restrict o, const float* __restrict alpha, int rb) {
+template <int RB, int NV, class EV = F32>
+MV_INL void pv_tile(const typename EV::T* const* __restrict vr, int dp, int d0, const float* __restrict pt,
+                    int lds, int t0, int tlo, int tfull, int t1, const int32_t* __restrict vis,
+                    const int32_t* __restrict lo, float* __restrict o, const float* __restrict alpha, int rb) {
   using V = typename VT<W>::V;
   V acc[RB][NV];
   MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
@@ -418,9 +437,9 @@ MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const flo
   const float* pp = pt + rb;
   int t = t0;
   for (; t < tlo; ++t, pp += lds) {  // below some row's window start
-    const float* vp = vr[t - t0] + d0;
+    const typename EV::T* vp = vr[t - t0] + d0;
     V vv[NV];
-    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld_elem<EV>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
       if (t >= lo[rb + r] && t < vis[rb + r]) {
         const V pb = vbcast<V>(pp[r]);
@@ -429,18 +448,18 @@ MV_INL void pv_tile(const float* const* __restrict vr, int dp, int d0, const flo
     }
   }
   for (; t < tfull; ++t, pp += lds) {
-    const float* vp = vr[t - t0] + d0;
+    const typename EV::T* vp = vr[t - t0] + d0;
     V vv[NV];
-    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld_elem<EV>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
       const V pb = vbcast<V>(pp[r]);
       MV_UNROLL(2) for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pb, vv[v], acc[r][v]);
     }
   }
   for (; t < t1; ++t, pp += lds) {
-    const float* vp = vr[t - t0] + d0;
+    const typename EV::T* vp = vr[t - t0] + d0;
     V vv[NV];
-    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld<W>(vp + v * W);
+    MV_UNROLL(2) for (int v = 0; v < NV; ++v) vv[v] = vld_elem<EV>(vp + v * W);
     MV_UNROLL(12) for (int r = 0; r < RB; ++r) {
       if (t < vis[rb + r]) {
         const V pb = vbcast<V>(pp[r]);
@@ -593,10 +612,10 @@ MV_INL void pv_amx(const uint32_t* __restrict v2, int dp, int D, const uint32_t*
 #endif
 
 // DOT: the bf16 path (pv_tile_bf16 on v2 / p2; vr unused), else pv_tile on vr (v2 / p2 unused).
-template <int RB, bool DOT>
-inline void pv_rows(const float* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D, const float* pt,
-                    int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o, const float* alpha,
-                    int rb, int xa, int xb) {
+template <int RB, bool DOT, class EV = F32>
+inline void pv_rows(const typename EV::T* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D,
+                    const float* pt, int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o,
+                    const float* alpha, int rb, int xa, int xb) {
   int tfull = t1, tlo = t0;
   for (int r = 0; r < RB; ++r) tfull = imin(tfull, imax(vis[rb + r], t0));
   if (lo != nullptr) {
@@ -619,22 +638,22 @@ inline void pv_rows(const float* const* vr, const uint32_t* v2, const uint32_t* 
   (void)xa;
   (void)xb;
   for (; d0 + 2 * W <= D; d0 += 2 * W)  // never past D: fp32 V rows may be the cache's own
-    pv_tile<RB, 2>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
-  for (; d0 < D; d0 += W) pv_tile<RB, 1>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
+    pv_tile<RB, 2, EV>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
+  for (; d0 < D; d0 += W) pv_tile<RB, 1, EV>(vr, dp, d0, pt, lds, t0, tlo, tfull, t1, vis, lo, o, alpha, rb);
 }
 
 // `rows` (1 .. RB) rows starting at block-local rb.
-template <int RB, bool DOT>
-inline void pv_dispatch(int rows, const float* const* vr, const uint32_t* v2, const uint32_t* p2, int dp, int D,
-                        const float* pt, int lds, int t0, int t1, const int32_t* vis, const int32_t* lo, float* o,
-                        const float* alpha, int rb, int xa, int xb) {
+template <int RB, bool DOT, class EV = F32>
+inline void pv_dispatch(int rows, const typename EV::T* const* vr, const uint32_t* v2, const uint32_t* p2, int dp,
+                        int D, const float* pt, int lds, int t0, int t1, const int32_t* vis, const int32_t* lo,
+                        float* o, const float* alpha, int rb, int xa, int xb) {
   if constexpr (RB > 1) {
     if (rows < RB) {
-      pv_dispatch<RB - 1, DOT>(rows, vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb, xa, xb);
+      pv_dispatch<RB - 1, DOT, EV>(rows, vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb, xa, xb);
       return;
     }
   }
-  pv_rows<RB, DOT>(vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb, xa, xb);
+  pv_rows<RB, DOT, EV>(vr, v2, p2, dp, D, pt, lds, t0, t1, vis, lo, o, alpha, rb, xa, xb);
 }
 
 // The online softmax of one (row block, token block): full-width vectors over the big tiles' columns,
@@ -733,15 +752,17 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   // for fp16 / bf16 / fp8 caches (their rows are converted, and fp8 ones scaled, into the scratch).
   const bool v_direct = std::is_same_v<EKV, F32> && window && D % W == 0;
   const float* vrows[kTokenBlock];  // the current token block's V rows (packed or cache)
-  // Light tasks on AVX2 take their scores from qk_rows_direct (q kept row-major), on K rows read in
-  // place (fp32: no packed copy) or converted into the scratch (fp16 / bf16); task_heads does the same.
+  // Light tasks on AVX2 read their K and V rows in place (fp32 / fp16 / bf16: no packed copy, whose
+  // stores wait on the strided loads; 16-bit rows converted in registers) and take their scores from
+  // qk_rows_direct (q kept row-major); task_heads does the same.
 #if MV_LEVEL == 1
   constexpr bool kDirectK = !kIsFp8<EKV>;
 #else
   constexpr bool kDirectK = false;
 #endif
   const bool k_direct = kDirectK && window && M <= kLightRows && D % 8 == 0;
-  const float* krows[kTokenBlock];  // k_direct: the current token block's K rows (cache or scratch)
+  const typename EKV::T* krows[kTokenBlock];  // k_direct: the current token block's K / V rows (cache)
+  const typename EKV::T* vrows_e[kTokenBlock];
   // Tokens per block: a light task (one row tile: at most kLightRows rows) copies a block of
   // kLightTokenBlock so that its K/V window (1 KiB per token at d = 128 fp32) stays in L1 while it is
   // packed and read; a task with many rows amortises the per-block softmax and output rescale over the
@@ -864,21 +885,14 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
           c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
         }
-        bool packed = true;
-        if constexpr (std::is_same_v<EKV, F32> && kDirectK) {
-          if (k_direct) {  // (v_direct too: D % 8 == 0 = W)
-            for (int t = tb0; t < tb1; ++t) {
-              krows[t - tb0] = k_row<EKV>(c, t);
-              vrows[t - tb0] = v_row<EKV>(c, t);
-            }
-            bytes += 2 * static_cast<int64_t>(tb1 - tb0) * D * static_cast<int64_t>(sizeof(float));
-            packed = false;
+        if (k_direct) {
+          for (int t = tb0; t < tb1; ++t) {
+            krows[t - tb0] = k_row<EKV>(c, t);
+            vrows_e[t - tb0] = v_row<EKV>(c, t);
           }
-        }
-        if (packed) {
+          bytes += 2 * static_cast<int64_t>(tb1 - tb0) * D * static_cast<int64_t>(sizeof(typename EKV::T));
+        } else {
           bytes += pack_rows<EKV, kDot>(c, tb0, tb1, v_direct, vrows);
-          if (k_direct)
-            for (int t = tb0; t < tb1; ++t) krows[t - tb0] = c.kb + static_cast<size_t>(t) * dp;
         }
         pf.own = Prefetcher<EKV>{&c, tb1, imin(tb1 + tbk, max_vis)};
         for (int t = tb1; t < tb0 + tbk; ++t)  // tiles past the chunk read zeros
@@ -890,13 +904,14 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       const int te = imin(tmax, tb0 + tbk);
       // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
 #if MV_LEVEL == 1
-      if (k_direct) {
-        const int r4 = (mb + 3) & ~3;
-        for (int t0 = tb0; t0 < te; t0 += 2) {  // the next block's prefetches spread over the token pairs
-          const int t1 = imin(t0 + 2, te);
-          qk_rows_direct(krows + (t0 - tb0), sc.qt, dp, r4, D, t0, t1, sc.st + static_cast<size_t>(t0 - tb0) * lds,
-                         lds);
-          pf.step(2);
+      if constexpr (kDirectK) {
+        if (k_direct) {
+          const int r4 = (mb + 3) & ~3;
+          for (int t0 = tb0; t0 < te; t0 += 2) {  // the next block's prefetches spread over the token pairs
+            qk_rows_direct<EKV>(krows + (t0 - tb0), sc.qt, dp, r4, D, t0, imin(t0 + 2, te),
+                                sc.st + static_cast<size_t>(t0 - tb0) * lds, lds);
+            pf.step(2);
+          }
         }
       }
 #endif
@@ -980,9 +995,16 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         int tb = 0;
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
-        if (t1 > tb0)
-          pv_dispatch<PV_RB, kDot>(rows, vrows, v2, sc.p2, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha,
-                                   rb, xa, xb);
+        if (t1 > tb0) {
+          if constexpr (kDirectK) {
+            if (k_direct)
+              pv_dispatch<PV_RB, false, EKV>(rows, vrows_e, nullptr, nullptr, dp, D, sc.st, lds, tb0, t1, bvis, blo,
+                                             sc.o, sc.alpha, rb, xa, xb);
+          }
+          if (!k_direct)
+            pv_dispatch<PV_RB, kDot>(rows, vrows, v2, sc.p2, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha,
+                                     rb, xa, xb);
+        }
         pf.step(pf_rows);
       }
 #if MV_LEVEL >= 4
@@ -1002,8 +1024,8 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
 // A light task over KV heads kh0 .. kh0 + nh - 1 of one work item (isa_kernels.h FwdHeadsFn; the driver
 // sends only items of at most kHeadsRows packed rows, caches in q's dtype, D % 8 == 0): token block by
 // token block, each head of the block in turn, with run_task's light path per head (qk_rows_direct on
-// the block's K rows, the online softmax, P V; fp32 rows read in place, fp16 / bf16 ones converted into
-// the scratch first). In a token-major cache a token's rows of those heads are adjacent (nh x D x elem
+// the block's K rows, the online softmax, P V; every row read in place, fp16 / bf16 converted in
+// registers). In a token-major cache a token's rows of those heads are adjacent (nh x D x elem
 // bytes), so the task reads whole runs of each token row - what the hardware prefetchers follow -
 // instead of one head's rows a page apart (csrc/tools/stream_bench.cpp: "strided, N heads per task"
 // against "strided rows"). Each head keeps its own q rows, o rows and softmax state
@@ -1091,10 +1113,8 @@ int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32
   }
   constexpr int tbk = kLightTokenBlock;
   for (int h = 0; h < nh; ++h) Prefetcher<E>{&c[h], 0, imin(tbk, max_vis)}.finish();
-  float* const kbuf = sc.kv;  // fp16 / bf16: the head's block converted to fp32 rows (K, then V)
-  float* const vbuf = sc.kv + static_cast<size_t>(tbk) * dp;
-  const float* krows[tbk];
-  const float* vrows[tbk];
+  const T* krows[tbk];  // the current head's K / V rows of the block, in the cache
+  const T* vrows[tbk];
   int64_t bytes = 0;
   for (int tb0 = 0; tb0 < max_vis; tb0 += tbk) {
     const int te = imin(tb0 + tbk, max_vis);
@@ -1107,20 +1127,11 @@ int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32
         continue;
       }
       for (int t = tb0; t < te; ++t) {
-        if constexpr (std::is_same_v<E, F32>) {  // read in place
-          krows[t - tb0] = k_row<E>(c[h], t);
-          vrows[t - tb0] = v_row<E>(c[h], t);
-        } else {
-          float* kd = kbuf + static_cast<size_t>(t - tb0) * dp;
-          float* vd = vbuf + static_cast<size_t>(t - tb0) * dp;
-          pack_row<E>(k_row<E>(c[h], t), kd, D, dp);
-          pack_row<E>(v_row<E>(c[h], t), vd, D, dp);
-          krows[t - tb0] = kd;
-          vrows[t - tb0] = vd;
-        }
+        krows[t - tb0] = k_row<E>(c[h], t);
+        vrows[t - tb0] = v_row<E>(c[h], t);
       }
       for (int t0 = tb0; t0 < te; t0 += 2) {
-        qk_rows_direct(krows + (t0 - tb0), qr[h], dp, r4, D, t0, imin(t0 + 2, te),
+        qk_rows_direct<E>(krows + (t0 - tb0), qr[h], dp, r4, D, t0, imin(t0 + 2, te),
                        sc.st + static_cast<size_t>(t0 - tb0) * lds, lds);
         pf.step(2);
       }
@@ -1139,7 +1150,7 @@ int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32
         for (int r = 0; r < rows; ++r) tb = imax(tb, vis[rb + r]);
         const int t1 = imin(tb, te);
         if (t1 > tb0)
-          pv_dispatch<PV_RB, false>(rows, vrows, nullptr, nullptr, dp, D, sc.st, lds, tb0, t1, vis, blo, hs[h].o,
+          pv_dispatch<PV_RB, false, E>(rows, vrows, nullptr, nullptr, dp, D, sc.st, lds, tb0, t1, vis, blo, hs[h].o,
                                     hs[h].alpha, rb, tb0, tb0);
       }
     }
