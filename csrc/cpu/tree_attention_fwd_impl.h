@@ -16,9 +16,9 @@
 // in token blocks of kTokenBlock (kLightTokenBlock for tasks with few rows): converted (fp16 with
 // F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit shift, fp8 by the bit rebuild of simd.h fp8_to_f32_vec
 // times the task's KV-head scale) or copied to packed fp32 scratch while the next block is prefetched,
-// except fp32 V rows, which the P V tiles read in place (run_task; on AVX2 light tasks fp32 K rows too,
-// qk_rows_direct); the byte counter is incremented per block where its rows are taken (the caches'
-// element size: 1 byte per fp8 element).
+// except fp32 V rows, which the P V tiles read in place (run_task; on AVX2 a light task reads all of its
+// fp32 / fp16 / bf16 K and V rows in place, qk_rows_direct and vld_elem); the byte counter is incremented
+// per block where its rows are taken (the caches' element size: 1 byte per fp8 element).
 //
 // Element types: run_task<EQ, EKV> reads q and writes out as EQ (fp32 / fp16 / bf16) and reads the
 // caches as EKV (EQ itself, or fp8 e4m3 / e5m2 with fp16 / bf16 q: TreeAttentionParams::kv_dtype).
@@ -242,10 +242,9 @@ template <class E> MV_INL typename VT<W>::V vld_elem(const typename E::T* src) {
 #if MV_LEVEL == 1
 // Light tasks on AVX2 (k_direct in run_task, task_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with
 // head dims in vector lanes, from each token's K row kr[t - t0] of E (D % 8 == 0; converted in registers,
-// vld_elem): the cache's own row - no packed copy of K, whose store waits on the strided load (run_task
-// passes its converted fp16 / bf16 scratch rows, E = F32: the same values) - and all 8 lanes busy
-// where the row-lane tile would use 4 of 8 for a GQA group of 4. qr: [R4][ld] the rows' scaled queries
-// (rows past M zero), R4 a multiple of 4. Per 2 tokens x 4 rows: 8 accumulators of 8 partial sums over
+// vld_elem): the cache's own row - no packed copy of K, whose store waits on the strided load - and all
+// 8 lanes busy where the row-lane tile would use 4 of 8 for a GQA group of 4. qr: [R4][ld] the rows'
+// scaled queries (rows past M zero), R4 a multiple of 4. Per 2 tokens x 4 rows: 8 accumulators of 8 partial sums over
 // d, reduced by a tree of horizontal adds into one vector [t][r0..r3], [t + 1][r0..r3] (a different
 // summation order than the row-lane tiles: both are fp32 sums over d, compared against the reference by
 // the tests).
