@@ -86,7 +86,7 @@ void tree_attention(const TreeAttentionParams& p) {
   const int64_t tasks = static_cast<int64_t>(p.num_items) * per_item;
   // A task's cost for the queue's look-ahead rule (parallel.h): its chunk's tokens x (its packed rows +
   // kCostRows), between a memory-bound task's (tokens) and a compute-bound one's (tokens x rows).
-  // item_after[it]: the summed cost of items it .. num_items - 1, each hk tasks of one cost.
+  // item_after[it]: the summed cost of items it .. num_items - 1, each per_item tasks of one cost.
   constexpr int64_t kCostRows = 16;
   thread_local std::vector<int64_t> item_after;
   item_after.assign(static_cast<size_t>(p.num_items) + 1, 0);
@@ -99,7 +99,7 @@ void tree_attention(const TreeAttentionParams& p) {
     const int64_t it = i / per_item;
     return after[it + 1] + (per_item - i % per_item) * ((after[it] - after[it + 1]) / per_item);
   };
-  if (nh > 0) {  // tasks of nh KV heads (each prefetches its own next block; no look-ahead task)
+  if (nh > 0) {  // tasks of nh KV heads (each prefetches its own next blocks, not the next task's)
     parallel_tasks_lookahead<Scratch>(tasks, [&](int64_t i, int64_t, Scratch& sc) {
       const int32_t item = static_cast<int32_t>(i / per_item);
       const TaskScratch s = sc.view(p.item_kv_len[item], p.head_dim, p.item_num_readers[item] * group);
@@ -110,9 +110,8 @@ void tree_attention(const TreeAttentionParams& p) {
     return;
   }
   // Otherwise one task per (item, KV head), in plan order (a node's chunks and heads together); each
-  // worker prefetches the chunk of the
-  // task it runs next while computing the current one, so a compute-bound task hides the loads of the
-  // next (possibly memory-bound) one.
+  // worker prefetches the chunk of the task it runs next while computing the current one, so a
+  // compute-bound task hides the loads of the next (possibly memory-bound) one.
   parallel_tasks_lookahead<Scratch>(tasks, [&](int64_t i, int64_t next, Scratch& sc) {
     const int64_t t = i;
     const int32_t item = static_cast<int32_t>(t / hk);
