@@ -240,7 +240,7 @@ template <class E> MV_INL typename VT<W>::V vld_elem(const typename E::T* src) {
 }
 
 #if MV_LEVEL == 1
-// Light tasks on AVX2 (k_direct in run_task, task_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with
+// Light tasks on AVX2 (run_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with
 // head dims in vector lanes, from each token's K row kr[t - t0] of E (D % 8 == 0; converted in registers,
 // vld_elem): the cache's own row - no packed copy of K, whose store waits on the strided load - and all
 // 8 lanes busy where the row-lane tile would use 4 of 8 for a GQA group of 4. qr: [R4][ld] the rows'
@@ -698,6 +698,11 @@ MV_INL void write_rows(const TreeAttentionParams& p, const TaskScratch& sc, int 
   }
 }
 
+#if MV_LEVEL == 1
+template <class E>
+int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32_t nh, const TaskScratch& sc);
+#endif
+
 // ---------------------------------------------------------------------------------- one task
 // EQ: q / out element type; EKV: the caches' (EQ, or fp8 with fp16 / bf16 EQ).
 template <class EQ, class EKV>
@@ -711,6 +716,12 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   const int32_t nr = p.item_num_readers[item];
   const int M = nr * group;
   if (M == 0) return 0;  // capacity padding item
+#if MV_LEVEL == 1
+  // On AVX2 a light task with caches in q's dtype is the one-head case of a task of several KV heads
+  // (run_heads: rows read in place, scores by qk_rows_direct), so both compute alike.
+  if constexpr (std::is_same_v<EQ, EKV>)
+    if (M <= kLightRows && D % 8 == 0) return run_heads<EQ>(p, item, kh, 1, sc);
+#endif
   // AMX score tiles (MV_LEVEL 4) for the row tiles of 32 rows when the head dim is whole 32-dim chunks;
   // the G-lane remainder tiles and other head dims take the vdpbf16ps tiles.
   constexpr bool kAmx = kDot && MV_LEVEL >= 4;
@@ -751,17 +762,6 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   // for fp16 / bf16 / fp8 caches (their rows are converted, and fp8 ones scaled, into the scratch).
   const bool v_direct = std::is_same_v<EKV, F32> && window && D % W == 0;
   const float* vrows[kTokenBlock];  // the current token block's V rows (packed or cache)
-  // Light tasks on AVX2 read their K and V rows in place (fp32 / fp16 / bf16: no packed copy, whose
-  // stores wait on the strided loads; 16-bit rows converted in registers) and take their scores from
-  // qk_rows_direct (q kept row-major); task_heads does the same.
-#if MV_LEVEL == 1
-  constexpr bool kDirectK = !kIsFp8<EKV>;
-#else
-  constexpr bool kDirectK = false;
-#endif
-  const bool k_direct = kDirectK && window && M <= kLightRows && D % 8 == 0;
-  const typename EKV::T* krows[kTokenBlock];  // k_direct: the current token block's K / V rows (cache)
-  const typename EKV::T* vrows_e[kTokenBlock];
   // Tokens per block: a light task (one row tile: at most kLightRows rows) copies a block of
   // kLightTokenBlock so that its K/V window (1 KiB per token at d = 128 fp32) stays in L1 while it is
   // packed and read; a task with many rows amortises the per-block softmax and output rescale over the
@@ -843,8 +843,6 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           const uint32_t hi = 2 * e + 1 < D ? src[2 * e + 1] : 0;
           qt2[static_cast<size_t>(e) * lds + i] = static_cast<uint32_t>(src[2 * e]) | hi << 16;
         }
-      } else if (k_direct) {  // row-major [mbp][dp] (qk_rows_direct)
-        for (int d = 0; d < D; ++d) qt[static_cast<size_t>(i) * dp + d] = EQ::load(src[d]) * p.sm_scale;
       } else {
         for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = EQ::load(src[d]) * p.sm_scale;
       }
@@ -852,8 +850,6 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
     for (int i = mb; i < mbp; ++i) {
       if constexpr (kDot) {
         for (int e = 0; e < E2; ++e) qt2[static_cast<size_t>(e) * lds + i] = 0;
-      } else if (k_direct) {
-        for (int d = 0; d < D; ++d) qt[static_cast<size_t>(i) * dp + d] = 0.0f;
       } else {
         for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * lds + i] = 0.0f;
       }
@@ -884,15 +880,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
           c.kb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(kbase) - shift * sizeof(float));
           c.vb = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(vbase) - shift * sizeof(float));
         }
-        if (k_direct) {
-          for (int t = tb0; t < tb1; ++t) {
-            krows[t - tb0] = k_row<EKV>(c, t);
-            vrows_e[t - tb0] = v_row<EKV>(c, t);
-          }
-          bytes += 2 * static_cast<int64_t>(tb1 - tb0) * D * static_cast<int64_t>(sizeof(typename EKV::T));
-        } else {
-          bytes += pack_rows<EKV, kDot>(c, tb0, tb1, v_direct, vrows);
-        }
+        bytes += pack_rows<EKV, kDot>(c, tb0, tb1, v_direct, vrows);
         pf.own = Prefetcher<EKV>{&c, tb1, imin(tb1 + tbk, max_vis)};
         for (int t = tb1; t < tb0 + tbk; ++t)  // tiles past the chunk read zeros
           for (int d = 0; d < dp; ++d) c.kb[static_cast<size_t>(t) * dp + d] = 0.0f;
@@ -902,19 +890,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
       if (tb0 >= tmax || tb0 + tbk <= tmin) continue;  // nothing of the block's rows in this block
       const int te = imin(tmax, tb0 + tbk);
       // S^T[t - tb0][:] for the block's row tiles (each up to its own last visible token).
-#if MV_LEVEL == 1
-      if constexpr (kDirectK) {
-        if (k_direct) {
-          const int r4 = (mb + 3) & ~3;
-          for (int t0 = tb0; t0 < te; t0 += 2) {  // the next block's prefetches spread over the token pairs
-            qk_rows_direct<EKV>(krows + (t0 - tb0), sc.qt, dp, r4, D, t0, imin(t0 + 2, te),
-                                sc.st + static_cast<size_t>(t0 - tb0) * lds, lds);
-            pf.step(2);
-          }
-        }
-      }
-#endif
-      for (int col = 0; col < mbp && !k_direct;) {
+      for (int col = 0; col < mbp;) {
         const bool big = col < nbig * 2 * W;
         const int width = big ? 2 * W : G;
         int tt = 0;
@@ -994,16 +970,9 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
         int tb = 0;
         for (int r = 0; r < rows; ++r) tb = imax(tb, bvis[rb + r]);
         const int t1 = imin(tb, te);
-        if (t1 > tb0) {
-          if constexpr (kDirectK) {
-            if (k_direct)
-              pv_dispatch<PV_RB, false, EKV>(rows, vrows_e, nullptr, nullptr, dp, D, sc.st, lds, tb0, t1, bvis, blo,
-                                             sc.o, sc.alpha, rb, xa, xb);
-          }
-          if (!k_direct)
-            pv_dispatch<PV_RB, kDot>(rows, vrows, v2, sc.p2, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha,
-                                     rb, xa, xb);
-        }
+        if (t1 > tb0)
+          pv_dispatch<PV_RB, kDot>(rows, vrows, v2, sc.p2, dp, D, sc.st, lds, tb0, t1, bvis, blo, sc.o, sc.alpha,
+                                   rb, xa, xb);
         pf.step(pf_rows);
       }
 #if MV_LEVEL >= 4
@@ -1020,15 +989,15 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
 
 #if MV_LEVEL == 1
 // ---------------------------------------------------------------------------------- several KV heads
-// A light task over KV heads kh0 .. kh0 + nh - 1 of one work item (isa_kernels.h FwdHeadsFn; the driver
-// sends only items of at most kHeadsRows packed rows, caches in q's dtype, D % 8 == 0): token block by
-// token block, each head of the block in turn, with run_task's light path per head (qk_rows_direct on
-// the block's K rows, the online softmax, P V; every row read in place, fp16 / bf16 converted in
+// A light task over KV heads kh0 .. kh0 + nh - 1 of one work item (items of at most kHeadsRows packed
+// rows, caches in q's dtype, D % 8 == 0: isa_kernels.h FwdHeadsFn for nh >= 1, and run_task's light
+// tasks as nh = 1): token block by token block, each head of the block in turn (qk_rows_direct on the
+// block's K rows, the online softmax, P V; every row read in place, fp16 / bf16 converted in
 // registers). In a token-major cache a token's rows of those heads are adjacent (nh x D x elem
 // bytes), so the task reads whole runs of each token row - what the hardware prefetchers follow -
 // instead of one head's rows a page apart (csrc/tools/stream_bench.cpp: "strided, N heads per task"
 // against "strided rows"). Each head keeps its own q rows, o rows and softmax state
-// (TaskScratch::heads); the arithmetic per head is run_task's light path, so the results are bitwise
+// (TaskScratch::heads); the arithmetic per head does not depend on nh, so the results are bitwise
 // those of nh one-head tasks.
 static_assert(kLightRows == kHeadsRows, "a task of several heads is a light task");
 template <class E>
@@ -1078,7 +1047,7 @@ int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32
   const int mbp = static_cast<int>(round_up64(M, G)), lds = mbp, nbig = mbp / (2 * W), r4 = (M + 3) & ~3;
   for (int m = M; m < mbp; ++m) vis[m] = lo[m] = 0;
   const int32_t* blo = has_lo ? lo : nullptr;
-  // Per head: q rows [kHeadsRows][dp] (times sm_scale; rows M .. r4 zero), then run_task's row-block state.
+  // Per head: q rows [kHeadsRows][dp] (times sm_scale; rows M .. r4 zero), then its row-block state.
   const T* qp = static_cast<const T*>(p.q);
   TaskScratch hs[kMaxTaskHeads];
   float* qr[kMaxTaskHeads];
@@ -1118,7 +1087,7 @@ int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32
   for (int tb0 = 0; tb0 < max_vis; tb0 += tbk) {
     const int te = imin(tb0 + tbk, max_vis);
     bytes += 2 * static_cast<int64_t>(te - tb0) * D * nh * static_cast<int64_t>(sizeof(T));
-    const bool skip = tb0 + tbk <= tmin;  // below every row's window: loaded by run_task, not computed
+    const bool skip = tb0 + tbk <= tmin;  // below every row's window: counted as loaded, not computed
     for (int h = 0; h < nh; ++h) {
       Prefetcher<E> pf{&c[h], te, imin(te + tbk, max_vis)};  // this head's next block
       if (skip) {
