@@ -187,6 +187,19 @@ template <class E, int N> MV_INL typename VT<N>::V fp8_to_f32_vec(const uint8_t*
   return (V)(r | sign);
 }
 
+#if MV_LEVEL >= 1
+// 8 fp16 / bf16 elements -> 8 floats, exact (F16C vcvtph2ps; bf16: the 16 bits are the float's high half).
+template <class E> MV_INL __m256 cvt8_ps(const typename E::T* src) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  if constexpr (std::is_same_v<E, F16>) {
+    return _mm256_cvtph_ps(h);
+  } else {
+    static_assert(std::is_same_v<E, BF16>, "fp16 / bf16 elements");
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+#endif
+
 // One row of D elements of E (a K/V cache row, a q / grad_out row) -> dp floats, zeros past D. An fp8
 // row (kIsFp8<E>: a K/V cache row) is dequantized: float(x) * scale (one rounding, as the reference's
 // cache.float() * scale); other types ignore scale.
@@ -208,8 +221,7 @@ MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst,
     for (; d + 16 <= D; d += 16)
       _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d))));
 #endif
-    for (; d + 8 <= D; d += 8)
-      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, cvt8_ps<E>(src + d));
   }
   if constexpr (std::is_same_v<E, BF16>) {
 #if MV_LEVEL >= 2
@@ -218,10 +230,7 @@ MV_INL void pack_row(const typename E::T* __restrict src, float* __restrict dst,
       _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
     }
 #endif
-    for (; d + 8 <= D; d += 8) {
-      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
-      _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, cvt8_ps<E>(src + d));
   }
 #endif
   for (; d < D; ++d) dst[d] = E::load(src[d]);

@@ -229,10 +229,7 @@ template <class E> MV_INL typename VT<W>::V vld_elem(const typename E::T* src) {
     return vld<W>(src);
   } else {
 #if MV_LEVEL == 1
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-    if constexpr (std::is_same_v<E, F16>) return (V)_mm256_cvtph_ps(h);
-    static_assert(std::is_same_v<E, BF16> || std::is_same_v<E, F16>, "fp32 / fp16 / bf16 rows");
-    return (V)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16: the high half
+    return (V)cvt8_ps<E>(src);  // (simd.h)
 #else
     static_assert(std::is_same_v<E, F32>, "16-bit rows are read in place on AVX2 only");
 #endif
