@@ -12,7 +12,7 @@ from torch import Tensor
 from ..backends import available_backends, resolve
 from ..variants import Variant, variant_names
 
-__all__ = ["impl_for", "op_variant"]
+__all__ = ["impl_for", "op_variant", "direct_call_ok"]
 
 
 def op_variant(window: int, softcap: float, sinks: Tensor | None, k_scale: Tensor | None,
@@ -20,6 +20,27 @@ def op_variant(window: int, softcap: float, sinks: Tensor | None, k_scale: Tenso
     """The op's flat variant arguments (0 / 0.0: off) as a :class:`Variant`."""
     return Variant(window=window or None, softcap=softcap or None, sinks=sinks, k_scale=k_scale,
                    v_scale=v_scale)
+
+
+def direct_call_ok(*tensors: Tensor | None) -> bool:
+    """Whether a public wrapper may run its op's implementation function directly, skipping torch's
+    dispatcher (~50 us a call in Python, more with cold caches: as much as the kernel of a short decode
+    step). Only where the dispatcher would add nothing: eager (not tracing or compiling), no gradient
+    wanted from any of ``tensors`` (the autograd formula is the op's), plain tensors (no subclass, no
+    functorch transform), no torch-function or dispatch mode (FakeTensorMode, FlopCounterMode, a
+    ``torch.device`` context, ...) and the profiler off (so that its traces keep the op's name).
+    Everything else goes through the op, which computes the same thing by the same function."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def impl_for(op: str, backend: str, device: torch.device, variant: Variant) -> Callable:

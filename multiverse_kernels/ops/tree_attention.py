@@ -25,7 +25,7 @@ from ._checks import (
     fake_checks,
     op_metadata,
 )
-from ._dispatch import impl_for, op_variant
+from ._dispatch import direct_call_ok, impl_for, op_variant
 from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
@@ -46,8 +46,7 @@ _SINKS_ARG = 17
 
 
 
-@torch.library.custom_op("multiverse::tree_attention", mutates_args=(), schema=_SCHEMA)
-def _tree_attention_op(
+def _tree_attention_impl(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
@@ -86,6 +85,12 @@ def _tree_attention_op(
     if kernel_variant.sinks is None and sinks is not None:
         out, lse = add_sinks(out, lse, sinks)
     return out, lse
+
+
+# The op runs _tree_attention_impl; the public wrapper calls the function itself where the dispatcher would
+# add nothing (ops/_dispatch.py, direct_call_ok).
+_tree_attention_op = torch.library.custom_op("multiverse::tree_attention", mutates_args=(),
+                                             schema=_SCHEMA)(_tree_attention_impl)
 
 
 def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,18 +266,17 @@ def tree_attention(
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is rejected by the op
     variant = Variant(window, softcap, sinks, k_scale, v_scale)
+    # eager inference (no gradient, no tracing, no mode): the op's function without the dispatcher
+    run = _tree_attention_impl if direct_call_ok(q, k_cache, v_cache, sinks) else _tree_attention_op
+    args = (q, k_cache, v_cache, *meta.tensors(), meta.own_full, float(sm_scale), backend, validate)
     if variant:
         if not torch.compiler.is_compiling():
             check_variant(variant, q, k_cache, v_cache)
         node_pos = meta.positions() if window is not None else None
         pt, pi = (plan.tensors(), plan.ints()) if plan is not None else (None, None)
-        out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
-                                      float(sm_scale), backend, validate, pt, pi, window or 0,
-                                      float(softcap or 0.0), sinks, node_pos, k_scale, v_scale)
+        out, lse = run(*args, pt, pi, window or 0, float(softcap or 0.0), sinks, node_pos, k_scale, v_scale)
     elif plan is None:
-        out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
-                                      float(sm_scale), backend, validate)
+        out, lse = run(*args)
     else:
-        out, lse = _tree_attention_op(q, k_cache, v_cache, *meta.tensors(), meta.own_full,
-                                      float(sm_scale), backend, validate, plan.tensors(), plan.ints())
+        out, lse = run(*args, plan.tensors(), plan.ints())
     return (out, lse) if return_lse else out

@@ -3,6 +3,7 @@
 import torch
 
 import multiverse_kernels as mk
+from multiverse_kernels.planning import plan_tree_attention
 from multiverse_kernels.testing import make_inputs, multiverse_forest
 
 
@@ -63,3 +64,51 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
     torch.testing.assert_close(k2, k1)
+
+
+def test_eager_inference_calls_the_ops_function_directly(monkeypatch):
+    """tree_attention skips torch's dispatcher only where it would add nothing (ops/_dispatch.py,
+    direct_call_ok): plain eager calls with no gradient wanted run the op's function directly, with the
+    same result; a gradient, a dispatch mode or the profiler send the call through the op."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mod = importlib.import_module("multiverse_kernels.ops.tree_attention")
+    m, q, k, v = _example()
+    want = mk.tree_attention(q, k, v, m, backend="cpu")
+    calls = []
+    real_op = mod._tree_attention_op
+    monkeypatch.setattr(mod, "_tree_attention_op", lambda *a: calls.append(1) or real_op(*a))
+    for plan in (None, plan_tree_attention(m, q.shape[1], k.shape[2], head_dim=q.shape[2])):
+        got = mk.tree_attention(q, k, v, m, backend="cpu", plan=plan, validate=False)
+        assert torch.equal(got, want) and not calls
+    got = mk.tree_attention(q, k, v, m, backend="cpu", softcap=30.0, sinks=torch.zeros(q.shape[1]))
+    assert not calls
+    with torch.no_grad():
+        mk.tree_attention(q, k, v, m, backend="cpu", validate=False)
+    assert not calls
+    qg = q.clone().requires_grad_()
+    assert torch.equal(mk.tree_attention(qg, k, v, m, backend="cpu"), want) and len(calls) == 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mk.tree_attention(q, k, v, m, backend="cpu")
+    assert len(calls) == 2 and any("multiverse::tree_attention" in e.name for e in prof.events())
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fm = mk.ForestMetadata(*(mode.from_tensor(t) for t in m.tensors()), m.page_size)
+        out = mk.tree_attention(fq, fk, fv, fm, backend="cpu", validate=False)
+    assert len(calls) == 3 and out.shape == q.shape
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        got = mk.tree_attention(q, k, v, m, backend="cpu", validate=False)
+    assert len(calls) == 4 and "multiverse.tree_attention.default" in seen and torch.equal(got, want)
+    with torch.device("cpu"):  # a torch-function mode
+        mk.tree_attention(q, k, v, m, backend="cpu", validate=False)
+    assert len(calls) == 5
