@@ -16,7 +16,8 @@ from .planning import TreePlan, plan_tree_attention
 
 __all__ = ["cached_plan", "cached_run_plan", "run_plan"]
 
-_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple[Tensor, ...] | None,
+# entries (parameters, tensors, their _stamp, a copy of CPU tensors' contents, (run_meta, plan)), newest first
+_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple, tuple[Tensor, ...] | None,
                   tuple[ForestMetadata, TreePlan]]] = []
 _CACHE_SIZE = 8
 _CACHE_LOCK = threading.Lock()
@@ -89,23 +90,28 @@ def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim
     ts = meta.tensors() + ((meta.own_full,) if meta.own_full is not None else ())
     if window is not None:  # the window measures in node_pos (default positions: from the tensors)
         ts = ts + ((meta.node_pos,) if meta.node_pos is not None else ())
-    on_cpu = all(t.device.type == "cpu" for t in ts)
-    inference = any(t.is_inference() for t in ts)
-    if inference and not on_cpu:
-        return build()
-    key = (tuple(id(t) for t in ts), tuple(t.data_ptr() for t in ts),
-           tuple(-1 if inference else t._version for t in ts), meta.page_size, num_qo_heads,
-           num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers, absorb_elem, window,
-           window is not None and meta.node_pos is not None)
-    with _CACHE_LOCK:
-        for i, (k, held, copy, entry) in enumerate(_CACHE):
-            if k == key and all(a is b for a, b in zip(held, ts, strict=True)) and (
-                    copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts, strict=True))):
+    params = (meta.page_size, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
+              absorb_elem, window, window is not None and meta.node_pos is not None)
+    stamp = None
+    with _CACHE_LOCK:  # a hit: the same parameters, tensor objects, data pointers, versions (and contents)
+        for i, (held_params, held, held_stamp, copy, entry) in enumerate(_CACHE):
+            if held_params != params or len(held) != len(ts) or not all(a is b for a, b in zip(held, ts)):
+                continue
+            stamp = stamp or _stamp(ts)
+            if held_stamp == stamp and (copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts))):
                 _CACHE.insert(0, _CACHE.pop(i))
                 return entry
+    on_cpu = all(t.device.type == "cpu" for t in ts)
+    if not on_cpu and any(t.is_inference() for t in ts):
+        return build()
     entry = build()
     copy = tuple(t.clone() for t in ts) if on_cpu else None
     with _CACHE_LOCK:
-        _CACHE.insert(0, (key, ts, copy, entry))
+        _CACHE.insert(0, (params, ts, stamp or _stamp(ts), copy, entry))
         del _CACHE[_CACHE_SIZE:]
     return entry
+
+
+def _stamp(ts: tuple[Tensor, ...]) -> tuple:
+    """The tensors' data pointers and version counters (-1 for an inference tensor: it has none)."""
+    return (tuple(t.data_ptr() for t in ts), tuple(-1 if t.is_inference() else t._version for t in ts))

@@ -371,6 +371,16 @@ def test_cached_plan_keys_on_tensors():
     assert p2 is not p1 and torch.equal(p2.item_node, p1.item_node)
     meta2 = f.metadata(groups)  # equal values, new tensors
     assert cached_plan(meta2, 4, 2, head_dim=64) is not p2
+    p3 = cached_plan(meta2, 4, 2, head_dim=64)
+    assert cached_plan(meta2, 4, 2, head_dim=64) is p3
+    meta2.node_len.numpy()[0] += 1  # changed behind the version counter: the content compare sees it
+    assert cached_plan(meta2, 4, 2, head_dim=64) is not p3
+    with torch.inference_mode():  # inference tensors (no version counter): keyed on identity and contents
+        meta3 = f.metadata(groups)
+        p4 = cached_plan(meta3, 4, 2, head_dim=64)
+        assert cached_plan(meta3, 4, 2, head_dim=64) is p4
+        meta3.node_len.numpy()[0] += 1
+        assert cached_plan(meta3, 4, 2, head_dim=64) is not p4
 
 
 # ---------------------------------------------------------------------------------- sliding window
