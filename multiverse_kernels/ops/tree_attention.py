@@ -77,7 +77,7 @@ def _tree_attention_impl(
     # Sinks run on every backend: one whose kernels do not add exp(sink) to the denominator computes the
     # attention without them, and the epilogue below adds the sink as one more log-sum-exp state with a
     # zero value (exact: the sink is in the denominator only).
-    base = dataclasses.replace(variant, sinks=None)
+    base = dataclasses.replace(variant, sinks=None) if sinks is not None else variant
     impl = impl_for("tree_attention", backend, q.device, base)
     kernel_variant = variant if "sinks" in variant_names(impl) else base
     out, lse = _run(impl, q, k_cache, v_cache, meta, sm_scale, kernel_variant, plan_tensors, plan_ints,
