@@ -1,7 +1,7 @@
-"""The per-step plan cache: :func:`cached_plan` and :func:`cached_run_plan` (tiny nodes absorbed, then
-planned), memoised on the metadata's tensors so that the per-layer calls of one step plan once. It sits
-above :mod:`~multiverse_kernels.planning` and :mod:`~multiverse_kernels.absorption` and below the backends
-and ops that call it."""
+"""The per-step caches: :func:`cached_plan` and :func:`cached_run_plan` (tiny nodes absorbed, then
+planned), and :func:`validate_once` (the metadata checks), memoised on the metadata's tensors so that the
+per-layer calls of one step plan and validate once. It sits above :mod:`~multiverse_kernels.planning` and
+:mod:`~multiverse_kernels.absorption` and below the backends and ops that call it."""
 
 from __future__ import annotations
 
@@ -14,13 +14,69 @@ from .absorption import absorb_tiny_nodes
 from .metadata import ForestMetadata
 from .planning import TreePlan, plan_tree_attention
 
-__all__ = ["cached_plan", "cached_run_plan", "run_plan"]
+__all__ = ["cached_plan", "cached_run_plan", "run_plan", "validate_once"]
 
-# entries (parameters, tensors, their _stamp, a copy of CPU tensors' contents, (run_meta, plan)), newest first
-_CACHE: list[tuple[tuple, tuple[Tensor, ...], tuple, tuple[Tensor, ...] | None,
-                  tuple[ForestMetadata, TreePlan]]] = []
-_CACHE_SIZE = 8
-_CACHE_LOCK = threading.Lock()
+
+class _StepMemo:
+    """A small LRU of values keyed on (parameters, index tensors), safe to use from several threads. A hit
+    needs equal parameters, the same tensor objects with the same data pointers and version counters
+    and, for CPU tensors, the same contents (an entry keeps a copy and compares it on every hit: cheap,
+    O(nodes + groups + pages) int32). Other devices are keyed without the contents (a compare would
+    sync); inference tensors there (no version counter) are never stored."""
+
+    def __init__(self, size: int) -> None:
+        # entries (parameters, tensors, their _stamp, a copy of CPU tensors' contents, value), newest first
+        self.entries: list[tuple[tuple, tuple[Tensor, ...], tuple, tuple[Tensor, ...] | None, object]] = []
+        self.size = size
+        self.lock = threading.Lock()
+
+    def get(self, params: tuple, ts: tuple[Tensor, ...]) -> object | None:
+        """The value stored for ``params`` and ``ts``, or None."""
+        stamp = None
+        with self.lock:
+            for i, (held_params, held, held_stamp, copy, value) in enumerate(self.entries):
+                if held_params != params or len(held) != len(ts) or not all(a is b for a, b in zip(held, ts)):
+                    continue
+                stamp = stamp or _stamp(ts)
+                if held_stamp == stamp and (copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts))):
+                    self.entries.insert(0, self.entries.pop(i))
+                    return value
+        return None
+
+    def put(self, params: tuple, ts: tuple[Tensor, ...], value: object) -> None:
+        on_cpu = all(t.device.type == "cpu" for t in ts)
+        if not on_cpu and any(t.is_inference() for t in ts):
+            return
+        copy = tuple(t.clone() for t in ts) if on_cpu else None
+        with self.lock:
+            self.entries.insert(0, (params, ts, _stamp(ts), copy, value))
+            del self.entries[self.size:]
+
+
+def _stamp(ts: tuple[Tensor, ...]) -> tuple:
+    """The tensors' data pointers and version counters (-1 for an inference tensor: it has none)."""
+    return (tuple(t.data_ptr() for t in ts), tuple(-1 if t.is_inference() else t._version for t in ts))
+
+
+_PLANS = _StepMemo(8)
+_VALIDATED = _StepMemo(8)
+
+
+def _all_tensors(meta: ForestMetadata) -> tuple[Tensor, ...]:
+    return meta.tensors() + tuple(t for t in (meta.own_full, meta.node_pos) if t is not None)
+
+
+def validate_once(meta: ForestMetadata, num_pages: int | None = None) -> None:
+    """``meta.validate(num_pages=num_pages)`` (every invariant of docs/design.md §2, page range included),
+    skipped when these very tensors passed it before (identity, pointers, versions and, on CPU, contents:
+    as :func:`cached_plan`'s hits), so a step's layers validate its metadata once (~0.3 ms a check on CPU;
+    a device sync on GPU). Changing GPU metadata behind torch's version counter defeats it, as it does the
+    plan cache."""
+    ts = _all_tensors(meta)
+    params = (meta.page_size, num_pages, meta.own_full is not None, meta.node_pos is not None)
+    if _VALIDATED.get(params, ts) is None:
+        meta.validate(num_pages=num_pages)
+        _VALIDATED.put(params, ts, True)
 
 
 def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,
@@ -92,26 +148,8 @@ def _cached(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim
         ts = ts + ((meta.node_pos,) if meta.node_pos is not None else ())
     params = (meta.page_size, num_qo_heads, num_kv_heads, head_dim, chunk_tokens, rows_per_tile, num_workers,
               absorb_elem, window, window is not None and meta.node_pos is not None)
-    stamp = None
-    with _CACHE_LOCK:  # a hit: the same parameters, tensor objects, data pointers, versions (and contents)
-        for i, (held_params, held, held_stamp, copy, entry) in enumerate(_CACHE):
-            if held_params != params or len(held) != len(ts) or not all(a is b for a, b in zip(held, ts)):
-                continue
-            stamp = stamp or _stamp(ts)
-            if held_stamp == stamp and (copy is None or all(torch.equal(a, b) for a, b in zip(copy, ts))):
-                _CACHE.insert(0, _CACHE.pop(i))
-                return entry
-    on_cpu = all(t.device.type == "cpu" for t in ts)
-    if not on_cpu and any(t.is_inference() for t in ts):
-        return build()
-    entry = build()
-    copy = tuple(t.clone() for t in ts) if on_cpu else None
-    with _CACHE_LOCK:
-        _CACHE.insert(0, (params, ts, stamp or _stamp(ts), copy, entry))
-        del _CACHE[_CACHE_SIZE:]
+    entry = _PLANS.get(params, ts)
+    if entry is None:
+        entry = build()
+        _PLANS.put(params, ts, entry)
     return entry
-
-
-def _stamp(ts: tuple[Tensor, ...]) -> tuple:
-    """The tensors' data pointers and version counters (-1 for an inference tensor: it has none)."""
-    return (tuple(t.data_ptr() for t in ts), tuple(-1 if t.is_inference() else t._version for t in ts))

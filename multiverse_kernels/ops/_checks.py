@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..metadata import INDEX_FIELDS, ForestMetadata, MetadataError
+from ..plan_cache import validate_once
 from ..variants import FP8_DTYPES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,7 +128,7 @@ def op_metadata(q: Tensor, k_cache: Tensor, v_cache: Tensor, node_page_indptr: T
                           vis_nodes, k_cache.shape[1], own_full, node_pos)
     check_attention_args(q, k_cache, v_cache)  # shapes/dtypes/devices only: no sync, always on
     if validate or debug_checks():
-        meta.validate(num_pages=k_cache.shape[0])
+        validate_once(meta, num_pages=k_cache.shape[0])  # once per step's metadata (plan_cache.py)
         if meta.total_q != q.shape[0]:
             raise MetadataError(f"q: expected {meta.total_q} rows (qo_indptr[-1]), got {q.shape[0]}")
     return meta

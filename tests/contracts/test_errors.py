@@ -103,6 +103,38 @@ def test_plan_cache_sees_changes_that_skip_the_version_counter(backend, route):
         mk.tree_attention(q, kc, vc, meta, backend=backend)
 
 
+def test_validation_runs_once_per_step_metadata(monkeypatch):
+    """validate=True checks a step's metadata once (plan_cache.validate_once): again only for other
+    tensors, another cache size, or contents changed, in place or behind the version counter."""
+    f = mk.KVForest(64, 4)
+    a = f.new_sequence(9)
+    b, c = f.fork(a, 2)
+    f.append(b, 3)
+    f.append(c, 6)
+    meta = f.metadata([(b, 1), (c, 2)])
+    q, kc, vc = _inputs(meta)
+    calls = []
+    real = mk.ForestMetadata.validate
+    monkeypatch.setattr(mk.ForestMetadata, "validate", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    for _ in range(3):
+        mk.tree_attention(q, kc, vc, meta, backend="cpu")
+    assert len(calls) == 1
+    mk.tree_attention(q, kc, vc, f.metadata([(b, 1), (c, 2)]), backend="cpu")  # new tensors
+    assert len(calls) == 2
+    mk.tree_attention(q, torch.cat([kc, kc]), torch.cat([vc, vc]), meta, backend="cpu")  # more pages
+    assert len(calls) == 3
+    with torch.no_grad():
+        meta.node_len[0] += 0  # the version counter moves
+    mk.tree_attention(q, kc, vc, meta, backend="cpu")
+    assert len(calls) == 4
+    meta.node_page_indices.numpy()[0] = 10_000  # behind the counter: checked again, and caught
+    with pytest.raises(MetadataError, match="node_page_indices"):
+        mk.tree_attention(q, kc, vc, meta, backend="cpu")
+    assert len(calls) == 5
+    with pytest.raises(MetadataError, match="node_page_indices"):  # a failed check is not remembered
+        mk.tree_attention(q, kc, vc, meta, backend="cpu")
+
+
 @pytest.mark.parametrize("backend", ("cpu", *TRITON))
 def test_plan_for_another_step_is_rejected(backend):
     f = mk.KVForest(64, 4)
