@@ -400,11 +400,11 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
     def _cpu_forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: MultiverseAttentionMetadata, sinks: torch.Tensor | None,
                      plan: TreePlan | None = None) -> torch.Tensor:
-        """What ``tree_attention(..., backend="cpu", validate=False)`` runs, without the per-call dispatch
-        (custom op, argument checks, backend lookup, plan-cache lookup: ~0.1 ms a layer, as much as the
-        kernel itself on a short decode step): the step's plan (``plan``, a fixed-buffer plan, or from
-        ``meta.plans``, made by the first layer with the cpu backend's own planner), the C++ kernel, and
-        the op's sink epilogue."""
+        """What ``tree_attention(..., backend="cpu", validate=False)`` runs, without the per-call Python
+        layers (argument checks, backend and plan-cache lookups: ~0.07 ms a layer, benchmarks/
+        call_overhead.py, as much as the kernel itself on a short decode step): the step's plan
+        (``plan``, a fixed-buffer plan, or from ``meta.plans``, made by the first layer with the cpu
+        backend's own planner), the C++ kernel, and the op's sink epilogue."""
         plan_fn, run_fn = _cpu_kernel()
         key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
         run = (meta.forest, plan) if plan is not None else meta.plans.get(key)

@@ -25,6 +25,16 @@ BACKENDS = ("reference", "cpu", *TRITON)
 D = 64  # a head_dim every backend runs
 
 
+def _fork() -> tuple[mk.KVForest, int, int]:
+    """A 9-token prompt forked into two branches of 3 and 6 tokens: (forest, branch b, branch c)."""
+    f = mk.KVForest(64, 4)
+    a = f.new_sequence(9)
+    b, c = f.fork(a, 2)
+    f.append(b, 3)
+    f.append(c, 6)
+    return f, b, c
+
+
 def _inputs(meta: ForestMetadata, hq: int = 4, hk: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     T = int(meta.qo_indptr[-1])
@@ -78,11 +88,7 @@ def test_append_meta_device_index(backend):
 @pytest.mark.parametrize("backend", ("cpu", *TRITON))
 @pytest.mark.parametrize("route", ("numpy", "data"))
 def test_plan_cache_sees_changes_that_skip_the_version_counter(backend, route):
-    f = mk.KVForest(64, 4)
-    a = f.new_sequence(9)
-    b, c = f.fork(a, 2)
-    f.append(b, 3)
-    f.append(c, 6)
+    f, b, c = _fork()
     meta = f.metadata([(b, 1), (c, 2)])
     q, kc, vc = _inputs(meta)
     first = mk.tree_attention(q, kc, vc, meta, backend=backend)  # plans and caches
@@ -106,16 +112,13 @@ def test_plan_cache_sees_changes_that_skip_the_version_counter(backend, route):
 def test_validation_runs_once_per_step_metadata(monkeypatch):
     """validate=True checks a step's metadata once (plan_cache.validate_once): again only for other
     tensors, another cache size, or contents changed, in place or behind the version counter."""
-    f = mk.KVForest(64, 4)
-    a = f.new_sequence(9)
-    b, c = f.fork(a, 2)
-    f.append(b, 3)
-    f.append(c, 6)
+    f, b, c = _fork()
     meta = f.metadata([(b, 1), (c, 2)])
     q, kc, vc = _inputs(meta)
     calls = []
     real = mk.ForestMetadata.validate
-    monkeypatch.setattr(mk.ForestMetadata, "validate", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    monkeypatch.setattr(mk.ForestMetadata, "validate",
+                        lambda self, **kw: calls.append(kw) or real(self, **kw))
     for _ in range(3):
         mk.tree_attention(q, kc, vc, meta, backend="cpu")
     assert len(calls) == 1
@@ -137,11 +140,7 @@ def test_validation_runs_once_per_step_metadata(monkeypatch):
 
 @pytest.mark.parametrize("backend", ("cpu", *TRITON))
 def test_plan_for_another_step_is_rejected(backend):
-    f = mk.KVForest(64, 4)
-    a = f.new_sequence(9)
-    b, c = f.fork(a, 2)
-    f.append(b, 3)
-    f.append(c, 6)
+    f, b, c = _fork()
     m1 = f.metadata([(b, 1), (c, 1)])
     f.append(b, 2)
     f.append(c, 1)
