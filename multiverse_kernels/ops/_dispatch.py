@@ -27,15 +27,16 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
     dispatcher (~50 us a call in Python, more with cold caches: as much as the kernel of a short decode
     step). Only where the dispatcher would add nothing: eager (not tracing or compiling), no gradient
     wanted from any of ``tensors`` (the autograd formula is the op's), plain tensors (no subclass, no
-    functorch transform), no torch-function or dispatch mode (FakeTensorMode, FlopCounterMode, a
-    ``torch.device`` context, ...) and the profiler off (so that its traces keep the op's name).
+    functorch transform, no ``torch.jit.trace``), no torch-function or dispatch mode (FakeTensorMode,
+    FlopCounterMode, a ``torch.device`` context, ...) and the profiler off (so that its traces keep the
+    op's name)
     Everything else goes through the op, which computes the same thing by the same function."""
     if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._are_functorch_transforms_active():
-        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None:
+        return False  # vmap / grad transforms; torch.jit.trace (records the op, not what it runs)
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):

@@ -1,5 +1,6 @@
 """torch.ops.multiverse.*: fake implementations, opcheck, torch.compile(fullgraph=True)."""
 
+import pytest
 import torch
 
 import multiverse_kernels as mk
@@ -66,6 +67,7 @@ def test_compile_fullgraph():
     torch.testing.assert_close(k2, k1)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the trace at the end)
 def test_eager_inference_calls_the_ops_function_directly(monkeypatch):
     """tree_attention skips torch's dispatcher only where it would add nothing (ops/_dispatch.py,
     direct_call_ok): plain eager calls with no gradient wanted run the op's function directly, with the
@@ -112,3 +114,6 @@ def test_eager_inference_calls_the_ops_function_directly(monkeypatch):
     with torch.device("cpu"):  # a torch-function mode
         mk.tree_attention(q, k, v, m, backend="cpu", validate=False)
     assert len(calls) == 5
+    traced = torch.jit.trace(lambda q: mk.tree_attention(q, k, v, m, backend="cpu", validate=False), (q,),
+                             check_trace=False)
+    assert len(calls) == 6 and "multiverse::tree_attention" in str(traced.graph)
