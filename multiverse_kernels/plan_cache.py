@@ -1,11 +1,13 @@
 """The per-step caches: :func:`cached_plan` and :func:`cached_run_plan` (tiny nodes absorbed, then
-planned), and :func:`validate_once` (the metadata checks), memoised on the metadata's tensors so that the
-per-layer calls of one step plan and validate once. It sits above :mod:`~multiverse_kernels.planning` and
-:mod:`~multiverse_kernels.absorption` and below the backends and ops that call it."""
+planned), and :func:`check_once` / :func:`validate_once` (the index tensors' checks), memoised on the
+index tensors so that the per-layer calls of one step plan and check once. It sits above
+:mod:`~multiverse_kernels.planning` and :mod:`~multiverse_kernels.absorption` and below the backends and
+ops that call it."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -14,7 +16,7 @@ from .absorption import absorb_tiny_nodes
 from .metadata import ForestMetadata
 from .planning import TreePlan, plan_tree_attention
 
-__all__ = ["cached_plan", "cached_run_plan", "run_plan", "validate_once"]
+__all__ = ["cached_plan", "cached_run_plan", "run_plan", "check_once", "validate_once"]
 
 
 class _StepMemo:
@@ -59,24 +61,28 @@ def _stamp(ts: tuple[Tensor, ...]) -> tuple:
 
 
 _PLANS = _StepMemo(8)
-_VALIDATED = _StepMemo(8)
+_CHECKED = _StepMemo(16)
 
 
 def _all_tensors(meta: ForestMetadata) -> tuple[Tensor, ...]:
     return meta.tensors() + tuple(t for t in (meta.own_full, meta.node_pos) if t is not None)
 
 
+def check_once(params: tuple, ts: tuple[Tensor, ...], check: Callable[[], None]) -> None:
+    """Run ``check()`` (data checks that raise on bad input) unless it passed before for equal ``params``
+    and these very tensors (identity, pointers, versions and, on CPU, contents: as :func:`cached_plan`'s
+    hits), so a step's layers check its index tensors once. A check that raised is not remembered.
+    Changing GPU tensors behind torch's version counter defeats it, as it does the plan cache."""
+    if _CHECKED.get(params, ts) is None:
+        check()
+        _CHECKED.put(params, ts, True)
+
+
 def validate_once(meta: ForestMetadata, num_pages: int | None = None) -> None:
-    """``meta.validate(num_pages=num_pages)`` (every invariant of docs/design.md §2, page range included),
-    skipped when these very tensors passed it before (identity, pointers, versions and, on CPU, contents:
-    as :func:`cached_plan`'s hits), so a step's layers validate its metadata once (~0.3 ms a check on CPU;
-    a device sync on GPU). Changing GPU metadata behind torch's version counter defeats it, as it does the
-    plan cache."""
-    ts = _all_tensors(meta)
-    params = (meta.page_size, num_pages, meta.own_full is not None, meta.node_pos is not None)
-    if _VALIDATED.get(params, ts) is None:
-        meta.validate(num_pages=num_pages)
-        _VALIDATED.put(params, ts, True)
+    """``meta.validate(num_pages=num_pages)`` (every invariant of docs/design.md §2, page range included)
+    through :func:`check_once`: once per step's metadata (~0.3 ms a check on CPU; a device sync on GPU)."""
+    params = ("forest", meta.page_size, num_pages, meta.own_full is not None, meta.node_pos is not None)
+    check_once(params, _all_tensors(meta), lambda: meta.validate(num_pages=num_pages))
 
 
 def cached_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, *, head_dim: int = 128,

@@ -7,7 +7,9 @@ from torch import Tensor
 
 from ..backends import resolve
 from ..metadata import MetadataError, _check_indptr
+from ..plan_cache import check_once
 from ._checks import FLOAT_DTYPES, check_tensor, debug_checks, fake_checks
+from ._dispatch import direct_call_ok
 
 __all__ = ["append_paged_kv"]
 
@@ -48,6 +50,14 @@ def _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, tok
             f"token_node/token_pos: expected {n} entries (one per row of k), got "
             f"{token_node.numel()} and {token_pos.numel()}"
         )
+    # the index tensors' data (host syncs): once per step's tensors (plan_cache.check_once)
+    check_once(("append", k_cache.shape[0], k_cache.shape[1]),
+               (page_indptr, page_indices, token_node, token_pos),
+               lambda: _validate_data(k_cache, page_indptr, page_indices, token_node, token_pos))
+
+
+def _validate_data(k_cache, page_indptr, page_indices, token_node, token_pos) -> None:
+    n = token_node.numel()
     # the page table itself: an indptr over page_indices (its last entry == len(page_indices))
     _check_indptr("page_indptr", page_indptr, page_indices.numel(), "page_indices")
     if page_indices.numel():
@@ -75,8 +85,7 @@ def _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, tok
         )
 
 
-@torch.library.custom_op("multiverse::append_paged_kv", mutates_args=("k_cache", "v_cache"))
-def _append_paged_kv_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
+def _append_paged_kv_impl(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
                         page_indices: Tensor, token_node: Tensor, token_pos: Tensor, backend: str,
                         validate: bool) -> None:
     _cheap_checks(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
@@ -84,6 +93,12 @@ def _append_paged_kv_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, 
         _validate(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos)
     resolve("append_paged_kv", backend, k.device)(k, v, k_cache, v_cache, page_indptr, page_indices,
                                                    token_node, token_pos)
+
+
+# The op runs _append_paged_kv_impl; the public wrapper calls the function itself where the dispatcher
+# would add nothing but the caches' version bump, which it then does itself (ops/_dispatch.py).
+_append_paged_kv_op = torch.library.custom_op("multiverse::append_paged_kv",
+                                              mutates_args=("k_cache", "v_cache"))(_append_paged_kv_impl)
 
 
 @_append_paged_kv_op.register_fake
@@ -115,5 +130,12 @@ def append_paged_kv(
             of a :class:`ForestMetadata`, or :meth:`KVForest.page_table`).
         token_node, token_pos: int32 [n] node id and position within that node of each new token.
     """
-    _append_paged_kv_op(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos,
-                        backend, validate)
+    if not direct_call_ok(k, v, k_cache, v_cache):
+        _append_paged_kv_op(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos,
+                            backend, validate)
+        return
+    _append_paged_kv_impl(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos, backend,
+                          validate)
+    for cache in (k_cache, v_cache):  # as the op's in-place registration does (not for inference tensors)
+        if not cache.is_inference():
+            torch.autograd.graph.increment_version(cache)

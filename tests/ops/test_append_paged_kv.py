@@ -61,3 +61,65 @@ def test_append_crossing_pages(backend, page_size, hk, d, dtype):
         nodes.append(nd)
         pos.append(ps)
     check_append_paged_kv(backend, f, torch.cat(nodes), torch.cat(pos), hk, d, torch.float32, dtype, seed=d)
+
+
+def test_eager_append_skips_the_dispatcher_and_bumps_the_caches_versions(monkeypatch):
+    """An eager append with no gradient wanted runs the op's function directly (ops/_dispatch.py) and
+    moves the caches' version counters as the op's in-place registration does (so autograd still sees a
+    cache written after a forward saved it); with a gradient wanted it goes through the op. Same bytes
+    either way."""
+    import importlib
+
+    mod = importlib.import_module("multiverse_kernels.ops.append_paged_kv")
+    f = mk.KVForest(16, 4)
+    n = f.new_sequence(5)
+    node, pos = f.append(n, 3)
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    calls = []
+    real = mod._append_paged_kv_op
+    monkeypatch.setattr(mod, "_append_paged_kv_op", lambda *a: calls.append(1) or real(*a))
+    for backend in ("cpu", "reference"):
+        kc, vc = torch.full((16, 4, 2, 8), float("nan")), torch.full((16, 4, 2, 8), float("nan"))
+        kr, vr = kc.clone(), vc.clone()
+        versions = kc._version, vc._version
+        mk.append_paged_kv(k, v, kc, vc, *f.page_table(), node, pos, backend=backend)
+        assert not calls and kc._version > versions[0] and vc._version > versions[1]
+        real(k, v, kr, vr, *f.page_table(), node, pos, backend, True)
+        assert torch.equal(kc.nan_to_num(7.0), kr.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0),
+                                                                                   vr.nan_to_num(7.0))
+    q = torch.randn(1, 4, 8, requires_grad=True)
+    m = f.metadata([(n, 1)])
+    out = mk.tree_attention(q, kc, vc, m, backend="cpu")  # saves the caches for its backward
+    mk.append_paged_kv(k, v, kc, vc, *f.page_table(), node, pos, backend="cpu")  # writes them again
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    kg = k.clone().requires_grad_()
+    mk.append_paged_kv(kg, v, kc, vc, *f.page_table(), node, pos, backend="cpu")
+    assert len(calls) == 1
+
+
+def test_append_checks_a_steps_index_tensors_once(monkeypatch):
+    """validate=True checks the page table and token ids once per step's tensors (plan_cache.check_once):
+    again for new tensors or changed contents (behind the version counter too), and a bad one raises."""
+    import importlib
+
+    mod = importlib.import_module("multiverse_kernels.ops.append_paged_kv")
+    f = mk.KVForest(16, 4)
+    n = f.new_sequence(5)
+    node, pos = f.append(n, 3)
+    k = torch.randn(3, 2, 8)
+    kc, vc = torch.zeros(16, 4, 2, 8), torch.zeros(16, 4, 2, 8)
+    calls = []
+    real = mod._validate_data
+    monkeypatch.setattr(mod, "_validate_data", lambda *a: calls.append(1) or real(*a))
+    indptr, indices = f.page_table()
+    for _ in range(3):
+        mk.append_paged_kv(k, k, kc, vc, indptr, indices, node, pos, backend="cpu")
+    assert len(calls) == 1
+    mk.append_paged_kv(k, k, kc, vc, indptr, indices, node.clone(), pos, backend="cpu")
+    assert len(calls) == 2
+    pos.numpy()[0] = 10_000  # behind the version counter: checked again, and caught
+    with pytest.raises(mk.MetadataError, match="token_pos"):
+        mk.append_paged_kv(k, k, kc, vc, indptr, indices, node, pos, backend="cpu")
+    with pytest.raises(mk.MetadataError, match="token_pos"):
+        mk.append_paged_kv(k, k, kc, vc, indptr, indices, node, pos, backend="cpu")
