@@ -15,8 +15,10 @@ itself, not the memory system), the median microseconds per call of:
 * **C++ op**: ``torch.ops.multiverse_C.tree_attention_run`` on a precomputed plan (the kernel plus the
   binding: what the vLLM backend calls per layer).
 
-Each row minus the last is the Python cost of that layer; the last row is the kernel's own floor at
-this size. Command (from the repository root)::
+Each row minus the C++ op's is the Python cost of that layer; the C++ op is the kernel's own floor at
+this size. Then the same for ``append_paged_kv`` of the step's one new token (what an engine on our
+paged cache calls per layer before the attention): the op with and without validation, and its C++ op
+``torch.ops.multiverse_C.append_paged_kv``. Command (from the repository root)::
 
     python benchmarks/call_overhead.py                     # 64 tokens, fp32, torch's thread count
     python benchmarks/call_overhead.py --tokens 1024 --threads 1
@@ -33,7 +35,7 @@ import timeit
 
 import torch
 
-from multiverse_kernels import tree_attention
+from multiverse_kernels import append_paged_kv, tree_attention
 from multiverse_kernels.backends import cpu as cpu_backend
 from multiverse_kernels.bench.workloads import sampling_forest, workload_from_forest
 from multiverse_kernels.info import cpu_model, kernel_isa
@@ -60,6 +62,23 @@ def calls(tokens: int, dtype: torch.dtype) -> dict[str, object]:
     }
 
 
+def append_calls(tokens: int, dtype: torch.dtype) -> dict[str, object]:
+    """``append_paged_kv`` of one new token at the end of a lone sequence of ``tokens`` tokens."""
+    f, groups = sampling_forest(tokens - tokens // 2, 1, tokens // 2, page_size=32)
+    w = workload_from_forest("single", f, groups, "cpu", dtype)
+    node = int(w.meta.vis_nodes[-1])
+    last = int(w.meta.node_len[node]) - 1
+    tn, tp = torch.tensor([node], dtype=torch.int32), torch.tensor([last], dtype=torch.int32)
+    k = torch.randn(1, w.k_cache.shape[2], w.k_cache.shape[3]).to(dtype)
+    kc, vc, pt = w.k_cache, w.v_cache, (w.meta.node_page_indptr, w.meta.node_page_indices)
+    return {
+        "append_paged_kv, validate=True": lambda: append_paged_kv(k, k, kc, vc, *pt, tn, tp, backend="cpu"),
+        "append_paged_kv, validate=False": lambda: append_paged_kv(k, k, kc, vc, *pt, tn, tp, backend="cpu",
+                                                                   validate=False),
+        "append C++ op": lambda: torch.ops.multiverse_C.append_paged_kv(k, k, kc, vc, *pt, tn, tp),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64, help="the sequence's tokens (>= 2)")
@@ -72,20 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tokens must be >= 2, --rounds and --number >= 1, --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    fns = calls(args.tokens, DTYPES[args.dtype])
+    fns = {**calls(args.tokens, DTYPES[args.dtype]), **append_calls(args.tokens, DTYPES[args.dtype])}
     us = {}
     for name, fn in fns.items():
         fn()
         per_round = timeit.repeat(fn, number=args.number, repeat=args.rounds)
         us[name] = statistics.median(per_round) / args.number * 1e6
     isa, supported = kernel_isa()
-    floor = us["C++ op"]
+
     print(f"tree_attention per-call cost | {cpu_model()}, {os.cpu_count()} logical CPUs, "
           f"{torch.get_num_threads()} torch threads | ISA path {isa} (CPU supports {supported}) | "
           f"a lone sequence of {args.tokens} tokens, {args.dtype}, warm | torch {torch.__version__} | "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n| call | us per call | over the C++ op |\n|---|---|---|")
     for name, t in us.items():
+        floor = us["append C++ op" if name.startswith("append") else "C++ op"]
         print(f"| {name} | {t:.1f} | {t - floor:+.1f} |")
     return 0
 
