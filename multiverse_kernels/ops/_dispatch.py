@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from ..backends import available_backends, resolve
+from ..metadata import MetadataError
 from ..variants import Variant, variant_names
 
-__all__ = ["impl_for", "op_variant", "direct_call_ok"]
+__all__ = ["impl_for", "op_variant", "direct_call_ok", "check_flag"]
 
 
 def op_variant(window: int, softcap: float, sinks: Tensor | None, k_scale: Tensor | None,
@@ -28,9 +29,9 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
     step). Only where the dispatcher would add nothing: eager (not tracing or compiling), no gradient
     wanted from any of ``tensors`` (the autograd formula is the op's), plain tensors (no subclass, no
     functorch transform, no ``torch.jit.trace``), no torch-function or dispatch mode (FakeTensorMode,
-    FlopCounterMode, a ``torch.device`` context, ...) and the profiler off (so that its traces keep the
-    op's name)
-    Everything else goes through the op, which computes the same thing by the same function."""
+    FlopCounterMode, a ``torch.device`` context, ...), no ``meta`` tensor (the op's fake implementation
+    answers those) and the profiler off (so that its traces keep the op's name). Everything else goes
+    through the op, which computes the same thing by the same function."""
     if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
@@ -39,9 +40,16 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
         return False  # vmap / grad transforms; torch.jit.trace (records the op, not what it runs)
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) is not Tensor or t.is_meta or (grad and t.requires_grad)):
             return False
     return True
+
+
+def check_flag(name: str, value: object) -> None:
+    """A public wrapper's bool keyword (``validate``) must be a bool: the op's schema refuses anything
+    else, and the direct call (:func:`direct_call_ok`) would otherwise read any object by its truth."""
+    if not isinstance(value, bool):
+        raise MetadataError(f"{name}: expected a bool, got {value!r}")
 
 
 def impl_for(op: str, backend: str, device: torch.device, variant: Variant) -> Callable:

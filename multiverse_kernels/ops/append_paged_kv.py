@@ -9,7 +9,7 @@ from ..backends import resolve
 from ..metadata import MetadataError, _check_indptr
 from ..plan_cache import check_once
 from ._checks import FLOAT_DTYPES, check_tensor, debug_checks, fake_checks
-from ._dispatch import direct_call_ok
+from ._dispatch import check_flag, direct_call_ok
 
 __all__ = ["append_paged_kv"]
 
@@ -130,6 +130,7 @@ def append_paged_kv(
             of a :class:`ForestMetadata`, or :meth:`KVForest.page_table`).
         token_node, token_pos: int32 [n] node id and position within that node of each new token.
     """
+    check_flag("validate", validate)
     if not direct_call_ok(k, v, k_cache, v_cache):
         _append_paged_kv_op(k, v, k_cache, v_cache, page_indptr, page_indices, token_node, token_pos,
                             backend, validate)

@@ -25,7 +25,7 @@ from ._checks import (
     fake_checks,
     op_metadata,
 )
-from ._dispatch import direct_call_ok, impl_for, op_variant
+from ._dispatch import check_flag, direct_call_ok, impl_for, op_variant
 from ._plan_check import check_plan_matches
 from .tree_attention_backward import _tree_attention_backward_op
 
@@ -265,10 +265,15 @@ def tree_attention(
             )
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is rejected by the op
+    try:
+        sm_scale = float(sm_scale)
+    except (TypeError, ValueError):
+        raise MetadataError(f"sm_scale: expected a finite float, got {sm_scale!r}") from None
+    check_flag("validate", validate)
     variant = Variant(window, softcap, sinks, k_scale, v_scale)
     # eager inference (no gradient, no tracing, no mode): the op's function without the dispatcher
     run = _tree_attention_impl if direct_call_ok(q, k_cache, v_cache, sinks) else _tree_attention_op
-    args = (q, k_cache, v_cache, *meta.tensors(), meta.own_full, float(sm_scale), backend, validate)
+    args = (q, k_cache, v_cache, *meta.tensors(), meta.own_full, sm_scale, backend, validate)
     if variant:
         if not torch.compiler.is_compiling():
             check_variant(variant, q, k_cache, v_cache)

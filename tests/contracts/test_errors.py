@@ -230,6 +230,23 @@ def test_non_finite_sm_scale_rejected(example, backend, scale):
         mk.tree_attention(q, kc, vc, meta, backend=backend, sm_scale=scale)
 
 
+@pytest.mark.parametrize("grad", (False, True))  # the direct call and the op (ops/_dispatch.py)
+def test_keyword_types_rejected(example, grad):
+    """A validate that is not a bool or an sm_scale that is not a number is refused naming it, whether
+    the call runs the op's function directly or through the op."""
+    meta, q, kc, vc = example
+    q = q.clone().requires_grad_(grad)
+    with pytest.raises(MetadataError, match="validate: expected a bool"):
+        mk.tree_attention(q, kc, vc, meta, backend="cpu", validate="no")
+    with pytest.raises(MetadataError, match="sm_scale: expected a finite float"):
+        mk.tree_attention(q, kc, vc, meta, backend="cpu", sm_scale="x")
+    f, b, c = _fork()
+    node, pos = f.append(b, 1)
+    k = torch.randn(1, kc.shape[2], kc.shape[3], requires_grad=grad)
+    with pytest.raises(MetadataError, match="validate: expected a bool"):
+        mk.append_paged_kv(k, k, kc.clone(), vc.clone(), *f.page_table(), node, pos, validate=1)
+
+
 @pytest.mark.parametrize("compile_backend", ("eager", "aot_eager"))
 def test_dtype_error_under_torch_compile(example, compile_backend):
     """Under torch.compile(fullgraph=True) a bad argument reaches the caller as MetadataError itself (the

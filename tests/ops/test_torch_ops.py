@@ -117,3 +117,7 @@ def test_eager_inference_calls_the_ops_function_directly(monkeypatch):
     traced = torch.jit.trace(lambda q: mk.tree_attention(q, k, v, m, backend="cpu", validate=False), (q,),
                              check_trace=False)
     assert len(calls) == 6 and "multiverse::tree_attention" in str(traced.graph)
+    mq, mk_, mv = (t.to("meta") for t in (q, k, v))  # meta tensors: the op's fake implementation
+    mm = mk.ForestMetadata(*(t.to("meta") for t in m.tensors()), m.page_size)
+    out = mk.tree_attention(mq, mk_, mv, mm, backend="cpu", validate=False)
+    assert len(calls) == 7 and out.is_meta and out.shape == q.shape
