@@ -41,22 +41,20 @@ from multiverse_kernels.bench.roofline import measure_rates
 from multiverse_kernels.bench.timing import time_fn
 from multiverse_kernels.bench.workloads import (
     BENCH_FORESTS,
+    SINGLE,
     Workload,
     make_workload,
-    sampling_forest,
-    workload_from_forest,
+    single_sequence_workload,
 )
 from multiverse_kernels.info import cpu_model, kernel_isa
 
-SINGLE = "single"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_step(name: str, dtype: torch.dtype, page_size: int, prompt: int) -> Workload:
     """The main job's step ``name``, or ``single``: one sequence of ``prompt`` + 256 tokens, one row."""
     if name == SINGLE:
-        f, groups = sampling_forest(prompt, 1, 256, page_size=page_size)
-        return workload_from_forest(SINGLE, f, groups, "cpu", dtype)
+        return single_sequence_workload("cpu", dtype, page_size, prompt)
     return make_workload(name, "cpu", dtype, page_size=page_size)
 
 

@@ -66,16 +66,15 @@ from multiverse_kernels.bench.peers import methods
 from multiverse_kernels.bench.timing import time_fn
 from multiverse_kernels.bench.workloads import (
     BENCH_FORESTS,
+    SINGLE,
+    SINGLE_DESC,
     Workload,
     make_workload,
-    sampling_forest,
-    workload_from_forest,
+    single_sequence_workload,
 )
 from multiverse_kernels.info import cpu_flags, cpu_model, kernel_isa
 
-SINGLE = "single"
 FORESTS = (*BENCH_FORESTS, SINGLE)
-SINGLE_DESC = "single unshared sequence: prompt 4096 + 256 (the sampling forest with 1 sample); 1 row"
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -102,8 +101,7 @@ class VllmStep:
 def make_step(name: str, dtype: torch.dtype, page_size: int) -> Workload:
     """The main job's step ``name`` (or the single sequence) with page size ``page_size``."""
     if name == SINGLE:
-        f, groups = sampling_forest(4096, 1, 256, page_size=page_size)
-        return workload_from_forest(SINGLE, f, groups, "cpu", dtype)
+        return single_sequence_workload("cpu", dtype, page_size)
     return make_workload(name, "cpu", dtype, page_size=page_size)
 
 

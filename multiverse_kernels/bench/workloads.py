@@ -23,7 +23,8 @@ from ..metadata import ForestMetadata
 
 __all__ = ["multiverse_forest", "sampling_forest", "extend_forest", "beam_forest", "eagle_tree_forest",
            "BENCH_FORESTS", "build_forest", "Workload", "make_workload", "workload_from_forest",
-           "sweep_workload", "BENCH_HEADS", "VARIANT_FORESTS", "key_and_row_positions"]
+           "sweep_workload", "single_sequence_workload", "SINGLE", "SINGLE_DESC", "BENCH_HEADS",
+           "VARIANT_FORESTS", "key_and_row_positions"]
 
 Groups = list[tuple[int, int]]
 
@@ -217,6 +218,21 @@ def make_workload(name: str, device: str | torch.device, dtype: torch.dtype, hq:
         w.v_cache = (w.v_cache.float() / vs[:, None]).to(spec["fp8"])
         w.variant = {"k_scale": ks.float(), "v_scale": vs.float()}
     return w
+
+
+SINGLE = "single"
+"""The name of the single unshared sequence (:func:`single_sequence_workload`), next to
+:data:`BENCH_FORESTS` in the peer benchmarks (benchmarks/vllm_cpu_peer.py, benchmarks/load_overlap.py)."""
+SINGLE_DESC = "single unshared sequence: prompt 4096 + 256 (the sampling forest with 1 sample); 1 row"
+
+
+def single_sequence_workload(device: str | torch.device, dtype: torch.dtype, page_size: int = 16,
+                             prompt: int = 4096, seed: int = 0) -> Workload:
+    """One unshared sequence of ``prompt`` + 256 tokens decoding one token (:func:`sampling_forest` with
+    one sample; the main job's head counts): the step without sharing, where a per-branch kernel reads
+    what ours reads."""
+    f, groups = sampling_forest(prompt, 1, 256, page_size=page_size)
+    return workload_from_forest(SINGLE, f, groups, device, dtype, seed=seed)
 
 
 def sweep_workload(prompt: int, readers: int, branch_len: int, device: str | torch.device,
