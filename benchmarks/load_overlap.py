@@ -7,18 +7,18 @@ three ways and reports medians over alternating rounds:
 * **DRAM**: the step as the main job times it (the caches flushed before each call, so the KV comes
   from memory);
 * **compute only**: the same call with every node's page list pointed at page 0 - the same
-  instructions, loop trip counts and in-page row offsets, but the whole step's KV is page 0 (a few
-  tens of KiB, in L1/L2), and the caches are not flushed: the arithmetic, the cache hits and the
-  prefetch instructions alone;
+  instructions, loop trip counts and in-page row offsets, but the whole step's KV is one page of K and
+  V (128 KiB at the main job's shapes in fp32: in L2), and the caches are not flushed: the arithmetic,
+  the cache hits and the prefetch instructions alone;
 * **read**: the step's unique KV bytes at the machine's read bandwidth measured in the same run
   (``measure_rates``: ``torch.sum`` over 256 MiB with the same thread count) - the memory time of a
   perfect streamer.
 
 and ``overlap = (compute + read - DRAM) / min(compute, read)``: 1 when the shorter of the two hides
 entirely behind the longer (the step takes max(compute, read)), 0 when they add up (loads and
-arithmetic serialised), below 0 when the step is slower even than the two in series. This is the
-measurement behind docs/performance.md's "loads and arithmetic barely overlap". Command (from the
-repository root)::
+arithmetic serialised), below 0 when the step is slower even than the two in series (docs/performance.md,
+"how much of a step's loading hides behind its arithmetic", has runs with the machine named). Variant
+forests (``window``, ``fp8``) run with their variant. Command (from the repository root)::
 
     python benchmarks/load_overlap.py                                # single, Multiverse, sampling16; fp32
     python benchmarks/load_overlap.py --forests single --threads 1 --dtypes fp32,bf16 --json out.json
@@ -74,7 +74,8 @@ def measure(w: Workload, read_bw: float, rounds: int, iters: int) -> dict:
     c = compute_only(w)
 
     def call(x: Workload):
-        return lambda: tree_attention(x.q, x.k_cache, x.v_cache, x.meta, backend="cpu", validate=False)
+        return lambda: tree_attention(x.q, x.k_cache, x.v_cache, x.meta, backend="cpu", validate=False,
+                                      **x.variant)
 
     fns = {"dram": (call(w), True), "compute": (call(c), False)}
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -127,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in forests:
         for d in dts:
             w = make_step(name, DTYPES[d], a.page_size, a.prompt)
-            rec = {"forest": name, "dtype": d, "threads": nt, "page_size": a.page_size,
+            label = {v: k for k, v in DTYPES.items()}.get(w.q.dtype, str(w.q.dtype))  # fp8: bf16 queries
+            if w.k_cache.element_size() == 1:
+                label += " (fp8 KV)"
+            rec = {"forest": name, "dtype": label, "threads": nt, "page_size": a.page_size,
                    "read_bw_gbs": rates.read_bw / 1e9, **measure(w, rates.read_bw, a.rounds, a.iters)}
             recs.append(rec)
-            print(f"| {name} | {d} | {rec['dram_ms']:.2f} | {rec['compute_only_ms']:.2f} "
+            print(f"| {name} | {label} | {rec['dram_ms']:.2f} | {rec['compute_only_ms']:.2f} "
                   f"| {rec['read_ms']:.2f} | {rec['overlap']:.2f} | {rec['kv_gbs']:.1f} |", flush=True)
     print("\noverlap = (compute only + read - DRAM) / min(compute only, read): 1 = the shorter hidden "
           "behind the longer, 0 = they add up. compute only: every node's pages pointed at page 0 "
