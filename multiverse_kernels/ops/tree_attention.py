@@ -266,6 +266,8 @@ def tree_attention(
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is rejected by the op
     try:
+        if isinstance(sm_scale, bool):  # float(True) would read a flag as the scale 1.0
+            raise TypeError
         sm_scale = float(sm_scale)
     except (TypeError, ValueError):
         raise MetadataError(f"sm_scale: expected a finite float, got {sm_scale!r}") from None

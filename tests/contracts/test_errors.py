@@ -240,6 +240,8 @@ def test_keyword_types_rejected(example, grad):
         mk.tree_attention(q, kc, vc, meta, backend="cpu", validate="no")
     with pytest.raises(MetadataError, match="sm_scale: expected a finite float"):
         mk.tree_attention(q, kc, vc, meta, backend="cpu", sm_scale="x")
+    with pytest.raises(MetadataError, match="sm_scale: expected a finite float, got True"):
+        mk.tree_attention(q, kc, vc, meta, backend="cpu", sm_scale=True)
     f, b, c = _fork()
     node, pos = f.append(b, 1)
     k = torch.randn(1, kc.shape[2], kc.shape[3], requires_grad=grad)
