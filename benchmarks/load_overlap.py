@@ -97,28 +97,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forests", default=f"{SINGLE},multiverse,sampling16",
                     help=f"comma-separated: {SINGLE} or the main job's ({', '.join(BENCH_FORESTS)})")
     ap.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16, fp16")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads >= 1 (default: torch's)")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=4096, help=f"{SINGLE}: the sequence's prompt tokens")
+    ap.add_argument("--prompt", type=int, default=None,
+                    help=f"the {SINGLE} sequence's prompt tokens (default 4096; only with --forests "
+                         f"{SINGLE})")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5, help="calls per round")
     ap.add_argument("--json", default=None, help="also write the records here")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     forests = [f for f in a.forests.split(",") if f]
     for f in forests:
         if f != SINGLE and f not in BENCH_FORESTS:
             known = ", ".join(BENCH_FORESTS)
             ap.error(f"--forests: unknown forest {f!r} (expected {SINGLE} or one of {known})")
+    if a.prompt is not None and (forests != [SINGLE] or a.prompt < 1):
+        ap.error(f"--prompt: a positive token count, and only with --forests {SINGLE} (the main job's "
+                 f"forests have fixed prompts), got {a.prompt} with --forests {a.forests}")
+    for flag in ("threads", "page_size", "rounds", "iters"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')}: expected >= 1, got {value}")
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     dts = [d for d in a.dtypes.split(",") if d]
     for d in dts:
         if d not in DTYPES:
             ap.error(f"--dtypes: unknown dtype {d!r} (expected one of {', '.join(DTYPES)})")
     rates = measure_rates("cpu")
     nt = torch.get_num_threads()
-    cmd = "python benchmarks/load_overlap.py" + ("" if argv is None and len(sys.argv) < 2 else
-                                                  " " + " ".join(sys.argv[1:] if argv is None else argv))
+    cmd = " ".join(["python benchmarks/load_overlap.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"## KV loads vs arithmetic ({cpu_model()}, {nt} thread(s), cpu kernel ISA {kernel_isa()[0]}; read "
           f"bandwidth {rates.read_bw / 1e9:.1f} GB/s (torch.sum); `{cmd}`)\n")
     print("| step | dtype | DRAM ms | compute only ms | read ms (at the read bandwidth) | overlap "
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     recs = []
     for name in forests:
         for d in dts:
-            w = make_step(name, DTYPES[d], a.page_size, a.prompt)
+            w = make_step(name, DTYPES[d], a.page_size, a.prompt or 4096)
             label = {v: k for k, v in DTYPES.items()}.get(w.q.dtype, str(w.q.dtype))  # fp8: bf16 queries
             if w.k_cache.element_size() == 1:
                 label += " (fp8 KV)"

@@ -58,7 +58,16 @@ def test_script_smoke_run(tmp_path):
     assert len(rec["dram_round_ms"]) == 2
 
 
-def test_script_rejects_unknown_forest():
-    r = subprocess.run([sys.executable, str(SCRIPT), "--forests", "nope"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "--forests: unknown forest 'nope'" in r.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--forests", "nope"], "--forests: unknown forest 'nope'"),
+    (["--dtypes", "fp64"], "--dtypes: unknown dtype 'fp64'"),
+    (["--prompt", "1024"], "--prompt: a positive token count, and only with --forests single"),
+    (["--forests", "single", "--prompt", "0"], "--prompt: a positive token count"),
+    (["--threads", "0"], "--threads: expected >= 1, got 0"),
+    (["--rounds", "0"], "--rounds: expected >= 1, got 0"),
+    (["--page-size", "-1"], "--page-size: expected >= 1, got -1"),
+])
+def test_script_rejects_bad_arguments(args, message):
+    r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]
