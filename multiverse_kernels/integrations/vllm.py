@@ -23,7 +23,8 @@ tree_attention backend (default ``auto``: ``cpu`` on CPU tensors, ``cuda`` / ``t
 KV cache: vLLM's per-layer tensor (logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
 K then V in the last dim) is read in place as ``k_cache = kv.transpose(1, 2)[..., :D]`` and
 ``v_cache = kv.transpose(1, 2)[..., D:]`` (``[num_blocks, block_size, Hk, D]`` with strides; the
-kernels need only ``head_dim`` contiguous). Preferred layout: blocks, then tokens, then heads (LBNHC).
+kernels need only ``head_dim`` contiguous). Preferred layout: on CPU blocks, then heads, then tokens
+(LBHNC: head-major, faster for the CPU kernel); elsewhere blocks, then tokens, then heads (LBNHC).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -159,6 +161,11 @@ class MultiverseAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Both are read in place; vLLM picks the first. On CPU head-major (LBHNC: one head's tokens
+        # adjacent in a block, a stream the hardware prefetchers follow; CPU_ATTN's own layout): as fast
+        # as token-major or faster (docs/performance.md, "head-major caches"). Elsewhere token-major.
+        if current_platform.is_cpu():
+            return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
         return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
 
     @classmethod
@@ -360,14 +367,19 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
             keep = slots >= 0
             key, value, slots = key[keep], value[keep], slots[keep]
         kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]
-        if kv.is_contiguous():  # LBNHC: one [Hk, 2D] row per slot, K then V: one indexed copy
-            flat = kv.view(-1, kv.shape[2], kv.shape[3])
-            shape = (key.shape[0], kv.shape[2], self.head_size)
-            flat.index_copy_(0, slots.long(), torch.cat([key.reshape(shape), value.reshape(shape)], -1)
-                             .to(flat.dtype))
+        _, bs, hk, two_d = kv.shape
+        shape = (key.shape[0], hk, self.head_size)
+        if kv.is_contiguous() or kv_cache.is_contiguous():  # [K | V] rows per (slot, head): one indexed copy
+            rows = torch.cat([key.reshape(shape), value.reshape(shape)], -1).to(kv.dtype)
+            slots = slots.long()
+            if kv.is_contiguous():  # LBNHC: a slot's heads are one [Hk, 2D] row
+                kv.view(-1, hk, two_d).index_copy_(0, slots, rows)
+            else:  # LBHNC: head h of slot s is row (block * Hk + h) * block_size + offset
+                blk, off = slots // bs, slots % bs
+                idx = (blk[:, None] * hk + torch.arange(hk, device=slots.device)) * bs + off[:, None]
+                kv_cache.view(-1, two_d).index_copy_(0, idx.reshape(-1), rows.reshape(-1, two_d))
             return
-        slots = slots.long()
-        bs = k_cache.shape[1]
+        slots = slots.long()  # any other strides (padded pages): K and V each by advanced indexing
         blk, off = slots // bs, slots % bs
         k_cache[blk, off] = key.to(k_cache.dtype)
         v_cache[blk, off] = value.to(v_cache.dtype)

@@ -575,3 +575,81 @@ def test_impl_refuses_what_it_does_not_implement():
         MultiverseAttentionImpl(**base, some_future_option=3)
     with pytest.raises(NotImplementedError, match="kv_sharing_target_layer_name"):
         MultiverseAttentionImpl(**base, kv_sharing_target_layer_name="model.layers.0.self_attn")
+
+
+def test_layout_preference_head_major_on_cpu():
+    """On CPU the backend asks vLLM for head-major blocks (LBHNC) first, token-major (LBNHC) second."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CI's third environment has it)")
+    from vllm.platforms import current_platform
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from multiverse_kernels.integrations.vllm import MultiverseAttentionBackend
+
+    if not current_platform.is_cpu():
+        pytest.skip(f"this vLLM build's platform is {current_platform.device_type}, not cpu")
+    want = (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
+    assert MultiverseAttentionBackend.supported_kv_cache_layouts() == want
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_update_every_layout(layout, dtype):
+    """do_kv_cache_update writes each slot's K and V (padding slots -1 skipped) into the per-layer cache
+    of each layout (logical [blocks, Hk, block_size, 2D]): LBNHC and LBHNC by one indexed copy, any other
+    strides (a padded page) by advanced indexing; every other element is left untouched."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CI's third environment has it)")
+    from multiverse_kernels.integrations.vllm import MultiverseAttentionImpl
+
+    nb, hk, bs, d = 5, 3, 4, 8
+    impl = MultiverseAttentionImpl(num_heads=6, head_size=d, scale=d ** -0.5, num_kv_heads=hk,
+                                   alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    if layout == "LBNHC":
+        kv = torch.full((nb, bs, hk, 2 * d), -7.0, dtype=dtype).transpose(1, 2)
+    elif layout == "LBHNC":
+        kv = torch.full((nb, hk, bs, 2 * d), -7.0, dtype=dtype)
+    else:  # blocks padded apart: neither view contiguous
+        kv = torch.full((nb, hk * bs * 2 * d + 16), -7.0, dtype=dtype)[:, : hk * bs * 2 * d]
+        kv = kv.view(nb, bs, hk, 2 * d).transpose(1, 2)
+    assert kv.shape == (nb, hk, bs, 2 * d) and kv.is_contiguous() == (layout == "LBHNC")
+    g = torch.Generator().manual_seed(0)
+    slots = torch.tensor([7, 0, -1, 19, 12, 3, -1, 8])
+    key = torch.randn(len(slots), hk, d, generator=g).to(dtype)
+    value = torch.randn(len(slots), hk, d, generator=g).to(dtype)
+    want = kv.clone()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want[s // bs, :, s % bs, :d] = key[i]
+            want[s // bs, :, s % bs, d:] = value[i]
+    impl.do_kv_cache_update(None, key, value, kv, slots)
+    assert torch.equal(kv, want)
+
+
+@pytest.mark.parametrize("head_major", [True, False])
+def test_both_cache_layouts_match_cpu_attn(vllm_mod, tmp_path, monkeypatch, head_major):
+    """The CPU default (head-major blocks, LBHNC) and token-major blocks (LBNHC, the backend's second
+    choice; forced here by declaring it alone, since vLLM reads VLLM_KV_CACHE_LAYOUT once per process):
+    the same tokens and log-probs as CPU_ATTN (which reads head-major blocks only); the layout each
+    engine got is checked on the caches the backend writes."""
+    from vllm import SamplingParams
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from multiverse_kernels.integrations import vllm as mv
+
+    path = _save_tiny(tmp_path)
+    system = _prompts(90, 8)
+    jobs = [([system] * 3 + [system + [4, 5]], SamplingParams(temperature=0, max_tokens=5, logprobs=1,
+                                                               detokenize=False))]
+    theirs = _run_engine(path, None, jobs)
+    if not head_major:
+        monkeypatch.setattr(mv.MultiverseAttentionBackend, "supported_kv_cache_layouts",
+                            classmethod(lambda cls: (KVCacheLayout.LBNHC,)))
+    seen = set()
+    orig = mv.MultiverseAttentionImpl.do_kv_cache_update
+
+    def update(self, layer, key, value, kv_cache, slot_mapping):
+        seen.add(kv_cache.is_contiguous())  # logical [blocks, Hk, block_size, 2D]: contiguous iff LBHNC
+        return orig(self, layer, key, value, kv_cache, slot_mapping)
+
+    monkeypatch.setattr(mv.MultiverseAttentionImpl, "do_kv_cache_update", update)
+    _compare(_run_engine(path, "CUSTOM", jobs), theirs, atol=1e-3)
+    assert seen == {head_major}
