@@ -1,4 +1,4 @@
-"""``tree_attention[cpu]`` on three memory layouts of the same paged K/V cache, same process.
+"""``tree_attention[cpu]`` on four memory layouts of the same paged K/V cache, same process.
 
 ``tree_attention`` takes ``k_cache`` / ``v_cache`` as ``[pages, page_size, Hk, D]`` views with any strides
 (only ``D`` contiguous), so the bytes behind them can be laid out as
@@ -7,9 +7,12 @@
   consecutive rows are ``Hk * D * elem`` bytes apart (4 KiB at 8 heads x 128 fp32);
 * **head-major** (``[pages, Hk, page_size, D]`` contiguous, passed as ``.transpose(1, 2)``): a head's rows
   of a page contiguous (``page_size * D * elem`` bytes);
-* **vLLM backend** (``[pages, Hk, page_size, 2 * D]``, K then V in the last dim: the tensor vLLM allocates
-  for :mod:`multiverse_kernels.integrations.vllm`, read in place as ``kv.transpose(1, 2)[..., :D]`` and
-  ``[..., D:]``): a head's K and V rows of a page interleaved in one contiguous run.
+* **vLLM LBNHC** and **vLLM LBHNC**: the per-layer tensor vLLM allocates for
+  :mod:`multiverse_kernels.integrations.vllm` (logical ``[pages, Hk, page_size, 2 * D]``, K then V in the
+  last dim, read in place as ``kv.transpose(1, 2)[..., :D]`` and ``[..., D:]``) in its two layouts:
+  LBNHC stores it ``[pages, page_size, Hk, 2 * D]`` (token-major, a slot's heads adjacent), LBHNC
+  ``[pages, Hk, page_size, 2 * D]`` (head-major: a head's K and V rows of a page interleaved in one
+  contiguous run). The backend asks vLLM for LBHNC first on CPU and for LBNHC first elsewhere.
 
 Every layout holds the same values and gives bitwise the same output (asserted). Steps: the main job's
 decode forests and the single unshared sequence of ``benchmarks/vllm_cpu_peer.py`` (its ``make_step``),
@@ -39,18 +42,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vllm_cpu_peer import FORESTS, describe, make_step  # noqa: E402  (a sibling script, not a package)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LAYOUTS = ("token-major", "head-major", "vLLM backend")
+LAYOUTS = ("token-major", "head-major", "vLLM LBNHC", "vLLM LBHNC")
 
 
 def layouts(k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The same ``[pages, page_size, Hk, D]`` K/V values as views of the three layouts."""
+    """The same ``[pages, page_size, Hk, D]`` K/V values as views of the four layouts."""
     d = k.shape[-1]
-    kv = torch.cat([k, v], -1).transpose(1, 2).contiguous()  # [pages, Hk, page_size, 2D]
+    nhc = torch.cat([k, v], -1).contiguous()  # LBNHC storage: [pages, page_size, Hk, 2D]
+    hnc = nhc.transpose(1, 2).contiguous().transpose(1, 2)  # LBHNC storage, the same view shape
     return {
         "token-major": (k.contiguous(), v.contiguous()),
         "head-major": (k.transpose(1, 2).contiguous().transpose(1, 2),
                        v.transpose(1, 2).contiguous().transpose(1, 2)),
-        "vLLM backend": (kv.transpose(1, 2)[..., :d], kv.transpose(1, 2)[..., d:]),
+        "vLLM LBNHC": (nhc[..., :d], nhc[..., d:]),
+        "vLLM LBHNC": (hnc[..., :d], hnc[..., d:]),
     }
 
 
@@ -89,17 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.page_size < 1 or args.rounds < 1 or args.iters < 1:
         ap.error("--page-size, --rounds and --iters must be >= 1")
     isa, supported = kernel_isa()
-    print(f"tree_attention[cpu] on three cache layouts | {cpu_model()}, {os.cpu_count()} logical CPUs, "
+    print(f"tree_attention[cpu] on four cache layouts | {cpu_model()}, {os.cpu_count()} logical CPUs, "
           f"{torch.get_num_threads()} torch threads | ISA path {isa} (CPU supports {supported}) | "
           f"page size {args.page_size} | "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("\n| step | dtype | " + " | ".join(f"{k} ms" for k in LAYOUTS) + " | token-major / head-major |")
-    print("|---|---|" + "---|" * len(LAYOUTS) + "---|")
+    print("\n| step | dtype | " + " | ".join(f"{k} ms" for k in LAYOUTS)
+          + " | token-major / head-major | LBNHC / LBHNC |")
+    print("|---|---|" + "---|" * len(LAYOUTS) + "---|---|")
     for name in forests:
         for dt in dtypes:
             ms = bench(name, DTYPES[dt], args.page_size, args.rounds, args.iters)
-            print(f"| {describe(name)} | {dt} | " + " | ".join(f"{ms[k]:.2f}" for k in LAYOUTS) +
-                  f" | {ms['token-major'] / ms['head-major']:.2f}x |", flush=True)
+            ratios = (ms["token-major"] / ms["head-major"], ms["vLLM LBNHC"] / ms["vLLM LBHNC"])
+            print(f"| {describe(name)} | {dt} | " + " | ".join(f"{ms[k]:.2f}" for k in LAYOUTS)
+                  + "".join(f" | {r:.2f}x" for r in ratios) + " |", flush=True)
     return 0
 
 
