@@ -36,6 +36,7 @@ import torch
 
 from multiverse_kernels import tree_attention
 from multiverse_kernels.bench.timing import time_fn
+from multiverse_kernels.bench.workloads import head_major
 from multiverse_kernels.info import cpu_model, kernel_isa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,11 +50,10 @@ def layouts(k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, t
     """The same ``[pages, page_size, Hk, D]`` K/V values as views of the four layouts."""
     d = k.shape[-1]
     nhc = torch.cat([k, v], -1).contiguous()  # LBNHC storage: [pages, page_size, Hk, 2D]
-    hnc = nhc.transpose(1, 2).contiguous().transpose(1, 2)  # LBHNC storage, the same view shape
+    hnc = head_major(nhc)  # LBHNC storage, the same view shape
     return {
         "token-major": (k.contiguous(), v.contiguous()),
-        "head-major": (k.transpose(1, 2).contiguous().transpose(1, 2),
-                       v.transpose(1, 2).contiguous().transpose(1, 2)),
+        "head-major": (head_major(k), head_major(v)),
         "vLLM LBNHC": (nhc[..., :d], nhc[..., d:]),
         "vLLM LBHNC": (hnc[..., :d], hnc[..., d:]),
     }

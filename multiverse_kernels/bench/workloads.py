@@ -24,7 +24,7 @@ from ..metadata import ForestMetadata
 __all__ = ["multiverse_forest", "sampling_forest", "extend_forest", "beam_forest", "eagle_tree_forest",
            "BENCH_FORESTS", "build_forest", "Workload", "make_workload", "workload_from_forest",
            "sweep_workload", "single_sequence_workload", "SINGLE", "SINGLE_DESC", "BENCH_HEADS",
-           "VARIANT_FORESTS", "key_and_row_positions"]
+           "VARIANT_FORESTS", "key_and_row_positions", "head_major"]
 
 Groups = list[tuple[int, int]]
 
@@ -196,6 +196,13 @@ def workload_from_forest(name: str, forest: KVForest, groups: Groups, device: st
     v = torch.randn(shape, generator=g).to(device, dtype)
     q = torch.randn(meta.total_q, hq, d, generator=g).to(device, dtype)
     return Workload(name, forest, meta, q, k, v)
+
+
+def head_major(cache: Tensor) -> Tensor:
+    """The values of a ``[pages, page_size, Hk, D]`` cache stored head-major (``[pages, Hk, page_size, D]``
+    contiguous: one head's rows of a page adjacent), returned as the same ``[pages, page_size, Hk, D]``
+    view (strides permuted), which every backend accepts."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def make_workload(name: str, device: str | torch.device, dtype: torch.dtype, hq: int = BENCH_HEADS[0],
