@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,9 +31,12 @@ from . import roofline
 from .peers import PEERS, methods, tree_backends
 from .sweep import add_arguments, main_hook, table_record
 from .timing import copy_bandwidth, time_fn
-from .workloads import BENCH_FORESTS, VARIANT_FORESTS, Workload, make_workload
+from .workloads import BENCH_FORESTS, VARIANT_FORESTS, Workload, head_major, make_workload
 
-__all__ = ["main", "run_bench", "Row", "format_table", "format_summary", "headline", "LEGEND"]
+__all__ = ["main", "run_bench", "Row", "format_table", "format_summary", "headline", "LEGEND", "KV_LAYOUTS"]
+
+KV_LAYOUTS = ("token-major", "head-major")
+"""How :func:`run_bench` can store the backends' caches (``--kv-layout``)."""
 
 LEGEND = """\
 columns:
@@ -79,18 +82,26 @@ def _progress(total: int, enabled: bool):
 
 
 def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int, backends: list[str],
-              peers: list[str], rounds: int = 3, bar=None) -> tuple[Workload, list[Row], float]:
+              peers: list[str], rounds: int = 3, bar=None, kv_layout: str = "token-major"
+              ) -> tuple[Workload, list[Row], float]:
     """Time ``backends`` and ``peers`` on one forest in ``rounds`` interleaved rounds
     (:func:`roofline.paired_rounds`): each round measures the machine's rates (short runs), then times
     every method for ``ceil(iters / rounds)`` calls after a warm-up call. A method's time is the median
     over rounds and its roofline share the median of its per-round shares, so a method and its roof,
     and the methods among themselves, are compared on the same machine state (a shared VM drifts by tens
-    of percent within a minute). Returns the workload, one row per method and the copy bandwidth."""
+    of percent within a minute). ``kv_layout="head-major"``: the backends read the same cache values
+    stored head-major (:func:`~.workloads.head_major`), the peers the token-major cache (their gathers
+    would copy a strided one). Returns the backends' workload, one row per method and the copy
+    bandwidth."""
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout: expected one of {KV_LAYOUTS}, got {kv_layout!r}")
     w = make_workload(forest, device, dtype)
     dev = w.q.device
     rows: list[Row] = []
     timed: list[tuple[Row, object]] = []
-    for m in methods(w, backends, peers):
+    wb = w if kv_layout == "token-major" else replace(w, k_cache=head_major(w.k_cache),
+                                                      v_cache=head_major(w.v_cache))
+    for m in methods(wb, backends, []) + methods(w, [], peers):
         try:
             step = m.build()
             time_fn(step, dev, 1, warmup=0, flush=False)  # compiles (Flex) and fails here if it cannot run
@@ -111,7 +122,7 @@ def run_bench(forest: str, device: str, dtype: torch.dtype, iters: int, backends
                                     window=w.variant.get("window"))
     for (row, _), r in zip(timed, paired, strict=True):
         row.seconds, row.roof_share, row.fma_share = r.seconds, r.roof_share, r.fma_share
-    return w, rows, copy_bandwidth(dev)
+    return wb, rows, copy_bandwidth(dev)
 
 
 def _best_peer(rows: list[Row]) -> float | None:
@@ -234,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=6, help="timed calls per method, over all rounds")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (rates measured in each)")
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--kv-layout", choices=KV_LAYOUTS, default="token-major",
+                   help="how the backends' caches are stored: token-major [pages, page_size, Hk, D] "
+                   "(default), or head-major ([pages, Hk, page_size, D] storage passed as a strided view: "
+                   "faster for the cpu kernel on some CPUs, docs/api.md); peers always read token-major")
     p.add_argument("--thread-table", action="store_true",
                    help="also time the cpu kernel with 1 thread and with all threads (paired rounds)")
     add_arguments(p)
@@ -256,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
           f"auto backend: {available_backends('tree_attention', dev)[0]} | {torch.get_num_threads()} threads")
     print(_machine_line(a.device))
     if forests:
-        print(f"timing {', '.join(backends) or 'no backend'} and {len(peers)} peers on {len(forests)} "
-              f"forest(s), {a.rounds} rounds each: about {est // 60} min {est % 60} s on a 2-core CPU",
-              flush=True)
+        print(f"timing {', '.join(backends) or 'no backend'} ({a.kv_layout} caches) and {len(peers)} peers "
+              f"on {len(forests)} forest(s), {a.rounds} rounds each: about {est // 60} min {est % 60} s on a "
+              "2-core CPU", flush=True)
         if dev.type == "cpu":
             print(roofline.describe_cpu_peaks(roofline.cpu_peaks()), flush=True)
     for f in skipped if a.forest == "all" else []:
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for forest in forests:
         if bar is not None:
             bar.set_description(forest)
-        w, rows, bw = run_bench(forest, a.device, dtype, a.iters, backends, peers, a.rounds, bar)
+        w, rows, bw = run_bench(forest, a.device, dtype, a.iters, backends, peers, a.rounds, bar, a.kv_layout)
         print()
         print(format_table(w, rows, bw), flush=True)
         if a.thread_table and dev.type == "cpu" and "cpu" in backends:

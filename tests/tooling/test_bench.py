@@ -92,6 +92,28 @@ def test_main_job_reference_on_request(capsys, small_forests):
     assert "| tree_attention[reference] |" in capsys.readouterr().out
 
 
+def test_main_job_head_major_caches(capsys, small_forests, monkeypatch):
+    """--kv-layout head-major: the backends read head-major caches (the same values; the peers keep the
+    token-major ones), named in the header; a bad layout is refused."""
+    seen = []
+    orig = report.methods
+
+    def spy(w, backends, peers=tuple(report.PEERS)):
+        if backends:
+            seen.append(w.k_cache.stride())
+        return orig(w, backends, peers)
+
+    monkeypatch.setattr(report, "methods", spy)
+    assert report.main(["--forest", "multiverse", "--iters", "1", "--rounds", "1", "--no-progress",
+                        "--kv-layout", "head-major"]) == 0
+    out = capsys.readouterr().out
+    assert "(head-major caches)" in out and "| tree_attention[" in out
+    page_size, hk, d = 16, 2, 64  # the small forests' caches: [pages, 16, 2, 64]
+    assert seen == [(hk * page_size * d, d, page_size * d, 1)]
+    with pytest.raises(ValueError, match="kv_layout"):
+        report.run_bench("multiverse", "cpu", torch.float32, 1, ["reference"], [], 1, kv_layout="HND")
+
+
 def test_sweep_json_and_plots(tmp_path, capsys):
     """--sweep writes every method's time and KV bytes per point (JSON) and the PNG plots."""
     import json
