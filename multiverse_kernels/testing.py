@@ -433,10 +433,12 @@ def check_merge_states(backend: str, n: int, num_states: int, h: int, d: int, dt
 
 
 def check_append_paged_kv(backend: str, forest: KVForest, token_node: Tensor, token_pos: Tensor, hk: int,
-                          d: int, src: torch.dtype, cache: torch.dtype, *, seed: int = 0) -> None:
+                          d: int, src: torch.dtype, cache: torch.dtype, *, seed: int = 0,
+                          head_major: bool = False) -> None:
     """``append_paged_kv`` on ``backend`` into NaN-filled caches against the reference: bit-exact (the
     Triton interpreter's fp32 -> bf16 cast may differ from round-to-nearest-even by one bf16 ulp), every
-    new token written and nothing else."""
+    new token written and nothing else. ``head_major``: the backend's caches are stored
+    ``[pages, Hk, page_size, D]`` and passed as their ``.transpose(1, 2)`` view."""
     from .ops import append_paged_kv
 
     dev = backend_device(backend)
@@ -449,6 +451,8 @@ def check_append_paged_kv(backend: str, forest: KVForest, token_node: Tensor, to
     kr = torch.full(shape, float("nan"), dtype=cache)
     vr = kr.clone()
     kc, vc = kr.to(dev), vr.to(dev)
+    if head_major:
+        kc, vc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kc, vc))
     append_paged_kv(k.to(dev), v.to(dev), kc, vc, indptr.to(dev), indices.to(dev), token_node.to(dev),
                     token_pos.to(dev), backend=backend)
     append_paged_kv(k, v, kr, vr, indptr, indices, token_node, token_pos, backend="reference")

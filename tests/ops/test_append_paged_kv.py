@@ -44,6 +44,16 @@ def test_layouts(backend, dtype, page_size, hk, d):
     check_append_paged_kv(backend, f, *forest_tokens(f), hk, d, torch.float32, dtype, seed=d)
 
 
+@pytest.mark.parametrize("backend", [p for p in WHOLE])
+@pytest.mark.parametrize("page_size,hk", [(1, 2), (16, 4)])
+def test_head_major_caches(backend, page_size, hk):
+    """Caches stored head-major ([pages, Hk, page_size, D], passed as a transposed view: the faster
+    layout for the cpu kernel) are written at their strides."""
+    f, _ = random_forest(23, page_size=page_size)
+    check_append_paged_kv(backend, f, *forest_tokens(f), hk, 64, torch.float32, torch.float16, seed=5,
+                          head_major=True)
+
+
 @pytest.mark.parametrize("backend", BACKEND)
 @pytest.mark.parametrize("page_size,hk,d,dtype", [
     (1, 1, 64, torch.float32), (4, 2, 128, torch.float16), (16, 3, 256, torch.bfloat16),

@@ -14,8 +14,10 @@ def token_slots(page_indptr: Tensor, page_indices: Tensor, token_node: Tensor, t
 
 def append_paged_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, page_indptr: Tensor,
                     page_indices: Tensor, token_node: Tensor, token_pos: Tensor) -> None:
-    """k, v [n, Hk, D] -> k_cache, v_cache [num_pages, page_size, Hk, D] in place."""
+    """k, v [n, Hk, D] -> k_cache, v_cache [num_pages, page_size, Hk, D] in place (any strides: indexed
+    by page and slot, so a head-major cache's transposed view is written too)."""
     ps = k_cache.shape[1]
     slots = token_slots(page_indptr, page_indices, token_node, token_pos, ps)
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
+    page, slot = slots // ps, slots % ps
+    k_cache[page, slot] = k.to(k_cache.dtype)
+    v_cache[page, slot] = v.to(v_cache.dtype)
