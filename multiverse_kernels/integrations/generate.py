@@ -151,7 +151,8 @@ def multiverse_generate(
     num_pages = tokens_cap if page_size == 1 else (
         (tokens_cap + page_size - 1) // page_size + max_new_tokens // 2 + 2)
     drv = MultiverseDriver(tags, num_pages=num_pages, page_size=page_size, device=device)
-    cache = ForestKVCache.for_model(model, num_pages, page_size)
+    # (head-major on CPU: the faster layout for the cpu kernel, docs/api.md; same values and results)
+    cache = ForestKVCache.for_model(model, num_pages, page_size, head_major=device.type == "cpu")
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = drv.start(prompt_ids)
     fed, steps, finish, stop_tok, drv_tokens = 0, 0, "done", None, None

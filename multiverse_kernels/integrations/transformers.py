@@ -71,16 +71,26 @@ class ForestKVCache:
 
     @classmethod
     def for_model(cls, model: Any, num_pages: int, page_size: int, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> ForestKVCache:
-        """Empty (NaN-filled, so unwritten slots cannot go unnoticed) caches sized from ``model.config``."""
+                  device: torch.device | str | None = None, head_major: bool = False) -> ForestKVCache:
+        """Empty (NaN-filled, so unwritten slots cannot go unnoticed) caches sized from ``model.config``.
+
+        ``head_major``: store each cache ``[num_pages, Hk, page_size, D]`` and hold its
+        ``.transpose(1, 2)`` view (the same ``[num_pages, page_size, Hk, D]`` indexing, strided): one
+        head's rows of a page adjacent, the faster layout for the cpu kernel (docs/api.md)."""
+        if not isinstance(head_major, bool):
+            raise TypeError(f"head_major: expected a bool, got {head_major!r}")
         cfg = model.config
         hk = cfg.num_key_value_heads
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
         dtype = p.dtype if dtype is None else dtype
         device = p.device if device is None else device
-        shape = (num_pages, page_size, hk, d)
-        mk = lambda: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        if head_major:
+            mk = lambda: torch.full((num_pages, hk, page_size, d), float("nan"), dtype=dtype,
+                                    device=device).transpose(1, 2)
+        else:
+            mk = lambda: torch.full((num_pages, page_size, hk, d), float("nan"), dtype=dtype,
+                                    device=device)
         return cls([mk() for _ in range(cfg.num_hidden_layers)], [mk() for _ in range(cfg.num_hidden_layers)])
 
     def nbytes_per_token(self) -> int:

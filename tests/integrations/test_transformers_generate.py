@@ -188,3 +188,31 @@ def test_sample_next_top_p():
     assert set(draws[:, 1].tolist()) <= {0, 1}  # 1/3 + 1/3 reaches 0.5; never the -inf token
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, 0.0, None)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_head_major_cache_same_logits(page_size):
+    """ForestKVCache.for_model(head_major=True) (what multiverse_generate uses on CPU): [pages, page_size,
+    Hk, D] views of [pages, Hk, page_size, D] storage; two driver steps give bitwise the token-major
+    cache's logits and cache contents."""
+    model = tiny()
+    caches = {hm: ForestKVCache.for_model(model, 64, page_size, head_major=hm) for hm in (False, True)}
+    k = caches[True].k[0]
+    assert k.shape == caches[False].k[0].shape and k.transpose(1, 2).is_contiguous()
+    logits = {}
+    for hm, cache in caches.items():
+        drv = MultiverseDriver(TAGS, num_pages=64, page_size=page_size)
+        b = drv.start(block_prompt())
+        with torch.no_grad():
+            out = [forest_forward(model, b.input_ids, b.position_ids, b.meta, cache, b.token_node,
+                                  b.token_pos)]
+            b = drv.step([TAGS.path_start] * len(b.branches))
+            out.append(forest_forward(model, b.input_ids, b.position_ids, b.meta, cache, b.token_node,
+                                      b.token_pos))
+        logits[hm] = out
+    for a, b in zip(logits[False], logits[True], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(caches[False].k + caches[False].v, caches[True].k + caches[True].v, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    with pytest.raises(TypeError, match="head_major"):
+        ForestKVCache.for_model(model, 8, 1, head_major="yes")
