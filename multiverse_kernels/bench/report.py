@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the cpu kernel with 1 thread and with all threads (paired rounds)")
     add_arguments(p)
     a = p.parse_args(argv)
+    if a.kv_layout != "token-major" and a.sweep:
+        p.error(f"--kv-layout {a.kv_layout}: the sweeps (--sweep) time token-major caches only; run them "
+                "without --kv-layout")
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if a.device.startswith("cuda")
                                                      else torch.float32)
     dev = torch.device(a.device)

@@ -112,6 +112,10 @@ def test_main_job_head_major_caches(capsys, small_forests, monkeypatch):
     assert seen == [(hk * page_size * d, d, page_size * d, 1)]
     with pytest.raises(ValueError, match="kv_layout"):
         report.run_bench("multiverse", "cpu", torch.float32, 1, ["reference"], [], 1, kv_layout="HND")
+    with pytest.raises(SystemExit):  # the sweeps would silently time token-major caches
+        report.main(["--forest", "none", "--kv-layout", "head-major", "--sweep", "readers"])
+    err = capsys.readouterr().err
+    assert "--kv-layout head-major: the sweeps (--sweep) time token-major caches only" in err
 
 
 def test_sweep_json_and_plots(tmp_path, capsys):
