@@ -355,9 +355,9 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
                            slot_mapping: torch.Tensor) -> None:
         if kv_cache.numel() == 0:
             return
-        k_cache, v_cache = self._caches(kv_cache)
         n = slot_mapping.shape[0]
         if kv_cache.is_cuda:
+            k_cache, v_cache = self._caches(kv_cache)
             torch.ops._C_cache_ops.reshape_and_cache_flash(
                 key[:n], value[:n], k_cache, v_cache, slot_mapping, self.kv_cache_dtype,
                 layer._k_scale, layer._v_scale)
@@ -369,20 +369,12 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]
         _, bs, hk, two_d = kv.shape
         shape = (key.shape[0], hk, self.head_size)
-        if kv.is_contiguous() or kv_cache.is_contiguous():  # [K | V] rows per (slot, head): one indexed copy
-            rows = torch.cat([key.reshape(shape), value.reshape(shape)], -1).to(kv.dtype)
-            slots = slots.long()
-            if kv.is_contiguous():  # LBNHC: a slot's heads are one [Hk, 2D] row
-                kv.view(-1, hk, two_d).index_copy_(0, slots, rows)
-            else:  # LBHNC: head h of slot s is row (block * Hk + h) * block_size + offset
-                blk, off = slots // bs, slots % bs
-                idx = (blk[:, None] * hk + torch.arange(hk, device=slots.device)) * bs + off[:, None]
-                kv_cache.view(-1, two_d).index_copy_(0, idx.reshape(-1), rows.reshape(-1, two_d))
-            return
-        slots = slots.long()  # any other strides (padded pages): K and V each by advanced indexing
-        blk, off = slots // bs, slots % bs
-        k_cache[blk, off] = key.to(k_cache.dtype)
-        v_cache[blk, off] = value.to(v_cache.dtype)
+        rows = torch.cat([key.reshape(shape), value.reshape(shape)], -1).to(kv.dtype)  # [n, Hk, 2D]: K | V
+        slots = slots.long()
+        if kv.is_contiguous():  # LBNHC: a slot's heads are one [Hk, 2D] row: one indexed copy
+            kv.view(-1, hk, two_d).index_copy_(0, slots, rows)
+        else:  # LBHNC (and padded pages): by (block, offset) on the strided view, one indexed write
+            kv[slots // bs, slots % bs] = rows
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: MultiverseAttentionMetadata | None,
