@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .bench.workloads import beam_forest, eagle_tree_forest, extend_forest, multiverse_forest, sampling_forest
+from .bench.workloads import head_major as head_major_view
 from .forest import KVForest
 from .metadata import ForestMetadata
 
@@ -452,7 +453,7 @@ def check_append_paged_kv(backend: str, forest: KVForest, token_node: Tensor, to
     vr = kr.clone()
     kc, vc = kr.to(dev), vr.to(dev)
     if head_major:
-        kc, vc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kc, vc))
+        kc, vc = head_major_view(kc), head_major_view(vc)
     append_paged_kv(k.to(dev), v.to(dev), kc, vc, indptr.to(dev), indices.to(dev), token_node.to(dev),
                     token_pos.to(dev), backend=backend)
     append_paged_kv(k, v, kr, vr, indptr, indices, token_node, token_pos, backend="reference")
