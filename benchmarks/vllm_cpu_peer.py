@@ -301,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                    "torch's, one per core)")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
-    if a.threads:
+    for flag in ("threads", "page_size", "iters", "rounds"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:  # (--threads 0 was ignored, --rounds 0 divided by zero)
+            p.error(f"--{flag.replace('_', '-')}: expected >= 1, got {value}")
+    if a.threads is not None:
         torch.set_num_threads(a.threads)
     forests = [f for f in a.forests.split(",") if f]
     bad = [f for f in forests if f not in FORESTS]

