@@ -13,7 +13,10 @@ itself, not the memory system), the median microseconds per call of:
   formula, as in training);
 * **backend function**: ``backends.cpu.tree_attention`` (the plan-cache lookup, the C++ op);
 * **C++ op**: ``torch.ops.multiverse_C.tree_attention_run`` on a precomputed plan (the kernel plus the
-  binding: what the vLLM backend calls per layer).
+  binding: what the vLLM backend calls per layer);
+* **step plan**: the plan the first layer of a step makes and the others reuse (tiny nodes absorbed,
+  then the C++ planner: ``backends.cpu._run_plan(..., cached=False)``, as the vLLM backend calls it);
+  paid once per step, not per layer.
 
 Each row minus the C++ op's is the Python cost of that layer; the C++ op is the kernel's own floor at
 this size. Then the same for ``append_paged_kv`` of the step's one new token (what an engine on our
@@ -59,6 +62,7 @@ def calls(tokens: int, dtype: torch.dtype) -> dict[str, object]:
         "backend function": lambda: cpu_backend.tree_attention(q, k, v, meta, scale),
         "C++ op": lambda: torch.ops.multiverse_C.tree_attention_run(
             q, k, v, run_meta.node_page_indptr, run_meta.node_page_indices, ts, ints, scale, None),
+        "step plan (once per step)": lambda: cpu_backend._run_plan(q, k, meta, cached=False),
     }
 
 
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n| call | us per call | over the C++ op |\n|---|---|---|")
     for name, t in us.items():
+        if name.startswith("step plan"):  # not a layer of the call: its own cost
+            print(f"| {name} | {t:.1f} | - |")
+            continue
         floor = us["append C++ op" if name.startswith("append") else "C++ op"]
         print(f"| {name} | {t:.1f} | {t - floor:+.1f} |")
     return 0
