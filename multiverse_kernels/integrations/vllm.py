@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -202,8 +203,10 @@ class MultiverseAttentionMetadata:
     forest: ForestMetadata
     sharing: SharingStats | None = None
     plans: dict = field(default_factory=dict)
-    """The step's C++ CPU plans, one per layer configuration (heads, head size, KV element size, window):
-    the first layer plans, the others reuse it (filled by the impl's CPU path)."""
+    """The step's C++ CPU run arguments (the run forest's ``node_page_indptr`` and ``node_page_indices``
+    after tiny-node absorption, the plan's ``tensors()`` and ``ints()``), one per layer configuration
+    (heads, head size, KV element size, window): the first layer plans, the others reuse it (filled by
+    the impl's CPU path)."""
     fixed_plans: dict[PlanKey, TreePlan] | None = None
     """Set when the step was built into the builder's fixed buffers (CUDA graphs): one padded plan per
     layer configuration (:meth:`MultiverseAttentionImpl.plan_key`), ``forest`` then lives in the same
@@ -295,14 +298,15 @@ _CPU_KERNEL: tuple | None = None
 
 
 def _cpu_kernel() -> tuple:
-    """(the cpu backend's forward planner, the C++ run op's wrapper), imported on first use (importing the
-    cpu backend loads the C++ library)."""
+    """(the cpu backend's forward planner, the C++ run op), imported on first use (importing the cpu
+    backend loads the C++ library)."""
     global _CPU_KERNEL
     if _CPU_KERNEL is None:
         from ..backends.cpu import _run_plan
-        from ..backends.cpu._ext import run_tree_attention
+        from ..backends.cpu._ext import load_extension
 
-        _CPU_KERNEL = (_run_plan, run_tree_attention)
+        load_extension()
+        _CPU_KERNEL = (_run_plan, torch.ops.multiverse_C.tree_attention_run.default)
     return _CPU_KERNEL
 
 
@@ -335,6 +339,7 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         self.softcap = float(logits_soft_cap) if logits_soft_cap else None
         self.sinks = sinks
         self.attn_type = attn_type
+        self._views: tuple | None = None  # (weakref to the last kv_cache, its K view, its V view)
         self.kernel = os.environ.get("MULTIVERSE_VLLM_KERNEL", "auto").strip() or "auto"
         what = (num_heads, num_kv_heads, head_size, self.window, self.softcap, sinks is not None, self.kernel)
         if what not in _IMPLS_LOGGED:  # once per distinct layer configuration and process (per TP rank)
@@ -347,9 +352,16 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         return (self.num_heads, self.num_kv_heads, self.head_size, self.window or 0)
 
     def _caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V views [num_blocks, block_size, Hk, D] of the layer's cache, made once per cache
+        (vLLM passes a layer the same tensor every step; three view ops cost ~6 us a layer on CPU)."""
+        views = self._views
+        if views is not None and views[0]() is kv_cache:
+            return views[1], views[2]
         kv = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hk, 2D]
         D = self.head_size
-        return kv[..., :D], kv[..., D:]
+        k, v = kv[..., :D], kv[..., D:]
+        self._views = (weakref.ref(kv_cache), k, v)
+        return k, v
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
@@ -398,7 +410,8 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
             out = tree_attention(q, k_cache, v_cache, attn_metadata.forest, sm_scale=self.scale,
                                  backend=self.kernel, validate=False, window=self.window,
                                  softcap=self.softcap, sinks=sinks, plan=plan)
-        output[:n].copy_(out.view_as(output[:n]))
+        dst = output[:n]  # vLLM's output is [tokens, Hq, D] (copy_ without a view: ~3 us less a layer)
+        dst.copy_(out if dst.dim() == 3 else out.view_as(dst))
         return output
 
     def _cpu_forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -408,13 +421,19 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         layers (argument checks, backend and plan-cache lookups: ~0.07 ms a layer, benchmarks/
         call_overhead.py, as much as the kernel itself on a short decode step): the step's plan
         (``plan``, a fixed-buffer plan, or from ``meta.plans``, made by the first layer with the cpu
-        backend's own planner), the C++ kernel, and the op's sink epilogue."""
-        plan_fn, run_fn = _cpu_kernel()
+        backend's own planner), the C++ op called with the step's prepared arguments (the run
+        forest's page table and the plan's lists), and the op's sink epilogue."""
+        plan_fn, run_op = _cpu_kernel()
         key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
-        run = (meta.forest, plan) if plan is not None else meta.plans.get(key)
-        if run is None:
-            run = meta.plans[key] = plan_fn(q, k_cache, meta.forest, self.window, cached=False)
-        out, lse = run_fn(q, k_cache, v_cache, run[0], self.scale, run[1], softcap=self.softcap)
+        if plan is not None:
+            args = (meta.forest.node_page_indptr, meta.forest.node_page_indices, plan.tensors(), plan.ints())
+        elif (args := meta.plans.get(key)) is None:
+            run_meta, plan = plan_fn(q, k_cache, meta.forest, self.window, cached=False)
+            args = meta.plans[key] = (run_meta.node_page_indptr, run_meta.node_page_indices, plan.tensors(),
+                                      plan.ints())
+        if q.stride(-1) != 1:  # the kernel's one layout requirement (the caches' views have it)
+            q = q.contiguous()
+        out, lse = run_op(q, k_cache, v_cache, *args, self.scale, None, self.softcap or 0.0)
         if sinks is not None:
             out, _ = add_sinks(out, lse, sinks)
         return out
