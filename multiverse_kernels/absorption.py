@@ -94,6 +94,10 @@ def absorb_tiny_nodes(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int
         raise MetadataError(f"kv_elem_size: expected 1, 2, 4 or 8 bytes, got {kv_elem_size!r}")
     if impl not in (None, "cpp", "torch"):
         raise MetadataError(f"impl: expected 'cpp', 'torch' or None, got {impl!r}")
+    if meta.page_size > MAX_ABSORBED_TOKENS:
+        # a candidate fills whole pages, so its chain is >= page_size tokens: longer than any absorbed
+        # chain. Nothing to do (and nothing to pay: the planning hot path of every page size >= 16).
+        return meta
     group = num_qo_heads // num_kv_heads
     cpp = _cpp_absorber() if impl != "torch" else None
     if impl == "cpp" and cpp is None:

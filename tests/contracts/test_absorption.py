@@ -195,6 +195,31 @@ def test_no_absorption_where_it_would_move_more_bytes(impl):
     assert absorb_tiny_nodes(long, 32, 8, impl=impl) is long
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page_size", [MAX_ABSORBED_TOKENS + 1, 16, 32])
+def test_pages_longer_than_a_chain_absorb_nothing(impl, page_size):
+    """absorb_tiny_nodes returns at once when page_size > MAX_ABSORBED_TOKENS (a candidate fills whole
+    pages, so its chain is too long): both implementations, run past that shortcut on random forests
+    with tiny and one-token nodes and on token trees, indeed absorb nothing there."""
+    need_impl(impl)
+    from multiverse_kernels.absorption import _absorb_torch
+
+    metas = [token_tree(3, arity=3, page_size=page_size, node_len=page_size)]
+    for seed in range(12):
+        f, groups = random_forest(seed, page_size=page_size, max_len=3 * page_size)
+        metas.append(f.metadata(groups))
+    for meta in metas:
+        for hq, hk, d, elem in [(32, 8, 128, 2), (4, 2, 16, 4), (64, 1, 64, 1)]:
+            assert absorb_tiny_nodes(meta, hq, hk, head_dim=d, kv_elem_size=elem, impl=impl) is meta
+            if impl == "torch":
+                assert _absorb_torch(meta, hq // hk, d, elem) is None
+            else:
+                out = _cpp_absorber()(meta.node_page_indptr, meta.node_page_indices, meta.node_len,
+                                      meta.qo_indptr, meta.vis_indptr, meta.vis_nodes, meta.page_size,
+                                      hq // hk, d, elem, MAX_ABSORBED_TOKENS)
+                assert out[0].numel() == 0
+
+
 def test_partial_pages_are_not_absorbed():
     # A 40-token prompt and nodes of 8 tokens at page size 16 end inside a page: their page lists
     # cannot be concatenated, so nothing is absorbed although the byte rule would pay.
