@@ -16,7 +16,10 @@ itself, not the memory system), the median microseconds per call of:
   binding: what the vLLM backend calls per layer);
 * **step plan**: the plan the first layer of a step makes and the others reuse (tiny nodes absorbed,
   then the C++ planner: ``backends.cpu._run_plan(..., cached=False)``, as the vLLM backend calls it);
-  paid once per step, not per layer.
+  paid once per step, not per layer;
+* **block tables -> forest** (C++ and torch): the vLLM backend's other per-step cost, the sequence's
+  block table (block size 32) turned into its forest (``integrations.vllm_sharing.
+  forest_from_block_table``; C++ for CPU tables, torch for GPU ones).
 
 Each row minus the C++ op's is the Python cost of that layer; the C++ op is the kernel's own floor at
 this size. Then the same for ``append_paged_kv`` of the step's one new token (what an engine on our
@@ -39,9 +42,11 @@ import timeit
 import torch
 
 from multiverse_kernels import append_paged_kv, tree_attention
+from multiverse_kernels._native import host_op
 from multiverse_kernels.backends import cpu as cpu_backend
 from multiverse_kernels.bench.workloads import sampling_forest, workload_from_forest
 from multiverse_kernels.info import cpu_model, kernel_isa
+from multiverse_kernels.integrations.vllm_sharing import forest_from_block_table
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,7 +68,22 @@ def calls(tokens: int, dtype: torch.dtype) -> dict[str, object]:
         "C++ op": lambda: torch.ops.multiverse_C.tree_attention_run(
             q, k, v, run_meta.node_page_indptr, run_meta.node_page_indices, ts, ints, scale, None),
         "step plan (once per step)": lambda: cpu_backend._run_plan(q, k, meta, cached=False),
+        **step_forest_calls(tokens),
     }
+
+
+def step_forest_calls(tokens: int, block_size: int = 32) -> dict[str, object]:
+    """The vLLM backend's other per-step cost: the lone sequence's block table -> its forest
+    (``forest_from_block_table``), in C++ (what CPU tables use) and in torch (GPU tables, the spec)."""
+    nblk = -(-tokens // block_size)
+    tab = torch.arange(nblk, dtype=torch.int32)[None]
+    seq, qo = torch.tensor([tokens], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    out = {"block tables -> forest, torch (once per step)":
+           lambda: forest_from_block_table(tab, seq, qo, block_size, stats=True, impl="torch")}
+    if host_op("forest_from_block_table") is not None:
+        out["block tables -> forest, C++ (once per step)"] = \
+            lambda: forest_from_block_table(tab, seq, qo, block_size, stats=True, impl="cpp")
+    return out
 
 
 def append_calls(tokens: int, dtype: torch.dtype) -> dict[str, object]:
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n| call | us per call | over the C++ op |\n|---|---|---|")
     for name, t in us.items():
-        if name.startswith("step plan"):  # not a layer of the call: its own cost
+        if name.endswith("(once per step)"):  # not a layer of the call: its own cost
             print(f"| {name} | {t:.1f} | - |")
             continue
         floor = us["append C++ op" if name.startswith("append") else "C++ op"]

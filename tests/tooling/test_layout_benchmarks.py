@@ -1,5 +1,6 @@
-"""benchmarks/cache_layouts.py and benchmarks/vllm_cpu_peer.py (docs/performance.md's cache-layout and
-vLLM-peer tables): the head-major view holds the same values, and a smoke run of each script (the
+"""benchmarks/cache_layouts.py, benchmarks/vllm_cpu_peer.py and benchmarks/call_overhead.py
+(docs/performance.md's cache-layout, vLLM-peer and per-call tables): the head-major view holds the same
+values, and a smoke run of each script (the
 times themselves are measurements, not checked; the peer needs vLLM's CPU build: .ci/run's vLLM step
 runs this file after installing it)."""
 
@@ -68,3 +69,20 @@ def test_scripts_reject_bad_arguments(script, args, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
                        text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]
+
+
+def test_call_overhead_smoke_run():
+    """benchmarks/call_overhead.py (docs/performance.md's per-call and per-step costs): every row printed,
+    the per-step rows (plan, block tables -> forest in C++ and torch) without an 'over the C++ op'."""
+    _needs_cpu_backend()
+    args = ["--tokens", "64", "--rounds", "1", "--number", "2"]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "call_overhead.py"), *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| call")}
+    for name in ("C++ op", "op, validate=False", "step plan (once per step)",
+                 "block tables -> forest, torch (once per step)",
+                 "block tables -> forest, C++ (once per step)"):
+        assert name in rows, (name, r.stdout)
+    assert rows["step plan (once per step)"] == "-" and rows["C++ op"] == "+0.0"
