@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "multiverse/absorb.h"
+#include "multiverse/block_tables.h"
 #include "multiverse/cpu_kernels.h"
 #include <ATen/Parallel.h>
 
@@ -139,6 +140,13 @@ void append_paged_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Ten
   multiverse::cpu::append_paged_kv(p);
 }
 
+void append_kv_slots_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.device().is_cpu(), "k: expected a CPU tensor");
+  // (fp8 rows or caches are refused by the params' dtype check: the kernel has no fp8 copy)
+  multiverse::cpu::append_paged_kv(make_slot_append_params(k, v, k_cache, v_cache, slot_mapping));
+}
+
 // multiverse_C::tree_attention: the Python op's schema (metadata in, planning inside, in C++).
 std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& node_page_indptr,
@@ -213,6 +221,61 @@ std::vector<at::Tensor> absorb_tiny_nodes_op(const at::Tensor& node_page_indptr,
   return ts;
 }
 
+// Block tables -> forest (csrc/block_tables.cpp): ([node_page_indptr, node_page_indices, node_len,
+// qo_indptr, vis_indptr, vis_nodes, node_pos] int32 CPU tensors, [listed, unique, shared nodes, fallback]).
+std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> forest_from_block_table_op(
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+    int64_t block_size, bool share) {
+  TORCH_CHECK(block_table.dim() == 2, "block_table: expected a 2-D [requests, blocks] tensor, got ",
+              block_table.dim(), "-D");
+  // Any integer dtype (vLLM's are int32), on the host as int32; values must fit.
+  const auto i32 = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
+                    t.scalar_type() != at::kBool,
+                name, ": expected an integer tensor, got ", t.scalar_type());
+    at::Tensor h = t.to(at::Device(at::kCPU));
+    if (h.scalar_type() != at::kInt) {
+      TORCH_CHECK(h.numel() == 0 || (h.min().item<int64_t>() >= std::numeric_limits<int32_t>::min() &&
+                                     h.max().item<int64_t>() <= std::numeric_limits<int32_t>::max()),
+                  name, ": expected values that fit int32");
+      h = h.to(at::kInt);
+    }
+    return h.contiguous();
+  };
+  TORCH_CHECK(seq_lens.dim() == 1, "seq_lens: expected a 1-D tensor, got ", seq_lens.dim(), "-D");
+  const at::Tensor seq = i32(seq_lens, "seq_lens");
+  const int64_t R = seq.numel();
+  TORCH_CHECK(block_table.size(0) >= R, "block_table: expected at least len(seq_lens) = ", R, " rows, got ",
+              block_table.size(0));
+  TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.numel() >= R + 1,
+              "query_start_loc: expected at least len(seq_lens) + 1 = ", R + 1, " entries");
+  const at::Tensor qo = i32(query_start_loc.slice(0, 0, R + 1), "query_start_loc");
+  at::Tensor tab = block_table.slice(0, 0, R);
+  if (tab.device() != at::Device(at::kCPU) || tab.scalar_type() != at::kInt || tab.stride(1) != 1) {
+    tab = i32(tab, "block_table");
+  }
+  TORCH_CHECK(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(),
+              "block_size: expected a positive int32, got ", block_size);
+  TableForest f;
+  try {
+    forest_from_block_table(tab.data_ptr<int32_t>(), R > 1 ? tab.stride(0) : tab.size(1), tab.size(1),
+                            static_cast<int32_t>(R), seq.data_ptr<int32_t>(), qo.data_ptr<int32_t>(),
+                            static_cast<int32_t>(block_size), share, &f);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  const auto opts = at::TensorOptions().dtype(at::kInt);
+  std::vector<at::Tensor> ts;
+  ts.reserve(7);
+  for (const std::vector<int32_t>* v : {&f.node_page_indptr, &f.node_page_indices, &f.node_len, &f.qo_indptr,
+                                        &f.vis_indptr, &f.vis_nodes, &f.node_pos}) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v->size())}, opts);
+    std::copy(v->begin(), v->end(), t.data_ptr<int32_t>());
+    ts.push_back(std::move(t));
+  }
+  return {ts, {f.listed_blocks, f.unique_blocks, f.shared_nodes, f.fallback ? 1 : 0}};
+}
+
 // [selected, supported] CPU micro-kernel ISA (multiverse::cpu::CpuIsa values): what tree_attention
 // and tree_attention_backward run now (MULTIVERSE_CPU_ISA applied) and the widest this CPU supports.
 std::vector<int64_t> cpu_isa_op() {
@@ -249,6 +312,13 @@ TORCH_LIBRARY(multiverse_C, m) {
       "absorb_tiny_nodes(Tensor node_page_indptr, Tensor node_page_indices, Tensor node_len, "
       "Tensor qo_indptr, Tensor vis_indptr, Tensor vis_nodes, int page_size, int group, int head_dim, "
       "int kv_elem_size, int max_absorbed_tokens=8) -> Tensor[]");
+  // A paged engine's block tables -> forest (csrc/block_tables.cpp), identical to
+  // multiverse_kernels.integrations.vllm_sharing's torch code: ([node_page_indptr, node_page_indices,
+  // node_len, qo_indptr, vis_indptr, vis_nodes, node_pos] int32 CPU tensors, [listed blocks, unique blocks,
+  // shared nodes, fallback]). Eager only (data-dependent sizes).
+  m.def(
+      "forest_from_block_table(Tensor block_table, Tensor seq_lens, Tensor query_start_loc, int block_size, "
+      "bool share=True) -> (Tensor[], int[])");
   // The plan field lists this library was built with (multiverse_kernels/plan_format.py FORMAT_STRING).
   m.def("plan_format() -> str");
   // Run step of tree attention over a plan (TreePlan.tensors(), TreePlan.ints()); kv_bytes: optional
@@ -276,11 +346,17 @@ TORCH_LIBRARY(multiverse_C, m) {
   m.def(
       "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor page_indptr, "
       "Tensor page_indices, Tensor token_node, Tensor token_pos) -> ()");
+  // The same copy addressed by a paged engine's flat slot mapping (vLLM's reshape_and_cache): row i of
+  // k / v [n, Hk, D] -> page slot_mapping[i] // page_size, row slot_mapping[i] % page_size of the caches
+  // [num_pages, page_size, Hk, D] (any strides, head_dim contiguous); int64 slots, < 0 not written.
+  m.def(
+      "append_kv_slots(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(multiverse_C, CompositeExplicitAutograd, m) {
   m.impl("plan_tree_attention", &multiverse::bind::plan_tree_attention_op);
   m.impl("absorb_tiny_nodes", &multiverse::bind::absorb_tiny_nodes_op);
+  m.impl("forest_from_block_table", &multiverse::bind::forest_from_block_table_op);
   m.impl("plan_format", []() -> std::string { return MULTIVERSE_PLAN_FORMAT; });
 }
 
@@ -290,4 +366,5 @@ TORCH_LIBRARY_IMPL(multiverse_C, CPU, m) {
   m.impl("tree_attention_backward_run", &multiverse::bind::tree_attention_backward_run_cpu);
   m.impl("merge_states", &multiverse::bind::merge_states_cpu);
   m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cpu);
+  m.impl("append_kv_slots", &multiverse::bind::append_kv_slots_cpu);
 }

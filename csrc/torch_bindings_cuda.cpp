@@ -63,6 +63,17 @@ void append_paged_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Te
              "multiverse append kernel");
 }
 
+void append_kv_slots_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.is_cuda(), "k: expected a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(k.device());
+  const at::Tensor kk = k.scalar_type() == k_cache.scalar_type() ? k : k.to(k_cache.scalar_type());
+  const at::Tensor vv = v.scalar_type() == v_cache.scalar_type() ? v : v.to(v_cache.scalar_type());
+  check_cuda(multiverse::cuda::append_paged_kv(make_slot_append_params(kk, vv, k_cache, v_cache, slot_mapping),
+                                               at::cuda::getCurrentCUDAStream()),
+             "multiverse append kernel");
+}
+
 std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& node_page_indptr,
     const at::Tensor& node_page_indices, const at::Tensor& node_len, const at::Tensor& qo_indptr,
@@ -90,4 +101,5 @@ TORCH_LIBRARY_IMPL(multiverse_C, CUDA, m) {
   m.impl("tree_attention_run", &multiverse::bind::tree_attention_run_cuda);
   m.impl("merge_states", &multiverse::bind::merge_states_cuda);
   m.impl("append_paged_kv", &multiverse::bind::append_paged_kv_cuda);
+  m.impl("append_kv_slots", &multiverse::bind::append_kv_slots_cuda);
 }

@@ -280,10 +280,9 @@ inline MergeParams make_merge_params(const at::Tensor& v, const at::Tensor& s, c
   return m;
 }
 
-inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& page_indptr,
-                                       const at::Tensor& page_indices, const at::Tensor& token_node,
-                                       const at::Tensor& token_pos) {
+// The rows and caches of an append (both modes); the destination fields are the caller's.
+inline AppendParams make_append_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k: expected [n, Hk, D] with v of the same shape");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "k_cache: expected [num_pages, page_size, Hk, D] with v_cache of the same shape");
@@ -296,21 +295,11 @@ inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v,
   const auto dev = k.device();
   TORCH_CHECK(v.device() == dev && k_cache.device() == dev && v_cache.device() == dev,
               "k_cache: expected k's device");
-  check_i32(page_indptr, "page_indptr", dev);
-  check_i32(page_indices, "page_indices", dev);
-  check_i32(token_node, "token_node", dev);
-  check_i32(token_pos, "token_pos", dev);
-  TORCH_CHECK(token_node.numel() == k.size(0) && token_pos.numel() == k.size(0),
-              "token_node: expected one entry per row of k");
   AppendParams p{};
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  p.page_indptr = i32(page_indptr);
-  p.page_indices = i32(page_indices);
-  p.token_node = i32(token_node);
-  p.token_pos = i32(token_pos);
   p.k_stride_tok = k.stride(0);
   p.k_stride_head = k.stride(1);
   p.v_stride_tok = v.stride(0);
@@ -327,6 +316,49 @@ inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v,
   p.page_size = static_cast<int32_t>(k_cache.size(1));
   p.src_dtype = to_dtype(k, "k");
   p.cache_dtype = to_dtype(k_cache, "k_cache");
+  return p;
+}
+
+// append_paged_kv: token i -> slot token_pos[i] of node token_node[i].
+inline AppendParams make_append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& page_indptr,
+                                       const at::Tensor& page_indices, const at::Tensor& token_node,
+                                       const at::Tensor& token_pos) {
+  AppendParams p = make_append_rows(k, v, k_cache, v_cache);
+  const auto dev = k.device();
+  check_i32(page_indptr, "page_indptr", dev);
+  check_i32(page_indices, "page_indices", dev);
+  check_i32(token_node, "token_node", dev);
+  check_i32(token_pos, "token_pos", dev);
+  TORCH_CHECK(token_node.numel() == k.size(0) && token_pos.numel() == k.size(0),
+              "token_node: expected one entry per row of k");
+  p.page_indptr = i32(page_indptr);
+  p.page_indices = i32(page_indices);
+  p.token_node = i32(token_node);
+  p.token_pos = i32(token_pos);
+  return p;
+}
+
+// append_kv_slots: token i -> flat slot slots[i] (page * page_size + row; < 0: not written). int64
+// slots on k's device, one per row of k; on CPU each is checked against the cache's num_pages x
+// page_size slots (on CUDA not: that would sync).
+inline AppendParams make_slot_append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                            const at::Tensor& v_cache, const at::Tensor& slots) {
+  AppendParams p = make_append_rows(k, v, k_cache, v_cache);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.device() == k.device(),
+              "slot_mapping: expected a 1-D int64 tensor on k's device, got ", slots.scalar_type(), " ",
+              slots.dim(), "-D on ", slots.device());
+  TORCH_CHECK(slots.numel() == k.size(0), "slot_mapping: expected one entry per row of k (", k.size(0),
+              "), got ", slots.numel());
+  TORCH_CHECK(slots.stride(0) == 1 || slots.numel() <= 1, "slot_mapping: expected a contiguous tensor");
+  p.slots = slots.data_ptr<int64_t>();
+  if (slots.device().is_cpu()) {
+    const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
+    for (int64_t i = 0; i < slots.numel(); ++i) {
+      TORCH_CHECK(p.slots[i] < n_slots, "slot_mapping: slot ", p.slots[i], " of row ", i,
+                  " is past the cache's num_pages x page_size = ", n_slots, " slots");
+    }
+  }
   return p;
 }
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 # multiverse_kernels._C: CPU kernels + the torch.ops.multiverse_C schemas.
 # csrc/cpu: isa_dispatch.cpp (cpuid + MULTIVERSE_CPU_ISA -> one table of kernels for forward and backward),
 # the plan-driven drivers tree_attention{,_backward}.cpp, and one kernel unit per ISA (kernels_*.cpp).
-CPU_SOURCES = ("csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/absorb.cpp", "csrc/cpu/isa_dispatch.cpp",
+CPU_SOURCES = ("csrc/torch_bindings.cpp", "csrc/plan.cpp", "csrc/absorb.cpp", "csrc/block_tables.cpp",
+               "csrc/cpu/isa_dispatch.cpp",
                "csrc/cpu/tree_attention.cpp", "csrc/cpu/tree_attention_backward.cpp",
                "csrc/cpu/kernels_amx.cpp", "csrc/cpu/kernels_amx_emulated.cpp",
                "csrc/cpu/kernels_avx512bf16.cpp", "csrc/cpu/kernels_avx512.cpp", "csrc/cpu/kernels_avx2.cpp",

@@ -1,4 +1,5 @@
-// CPU append: token i of k/v [n, Hk, D] -> slot token_pos[i] of node token_node[i] (dtype cast).
+// CPU append: token i of k/v [n, Hk, D] -> slot token_pos[i] of node token_node[i], or flat slot
+// slots[i] (dtype cast).
 #include "convert.h"
 #include "multiverse/cpu_kernels.h"
 #include "multiverse/index_math.h"
@@ -15,11 +16,18 @@ void append_impl(const AppendParams& p) {
   auto* vc = static_cast<typename C::T*>(p.v_cache);
   parallel_for(p.num_tokens, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      if (p.slots != nullptr && p.slots[i] < 0) continue;  // padding
       for (int h = 0; h < p.num_kv_heads; ++h) {
-        const int64_t ko = cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i],
-                                        p.page_size, h, p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head);
-        const int64_t vo = cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i],
-                                        p.page_size, h, p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head);
+        const int64_t ko =
+            p.slots != nullptr
+                ? slot_offset(p.slots[i], p.page_size, h, p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head)
+                : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h,
+                               p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head);
+        const int64_t vo =
+            p.slots != nullptr
+                ? slot_offset(p.slots[i], p.page_size, h, p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head)
+                : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h,
+                               p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head);
         const auto* ks = k + i * p.k_stride_tok + h * p.k_stride_head;
         const auto* vs = v + i * p.v_stride_tok + h * p.v_stride_head;
         for (int d = 0; d < p.head_dim; ++d) kc[ko + d] = C::store(S::load(ks[d]));

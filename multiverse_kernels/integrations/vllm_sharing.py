@@ -1,12 +1,16 @@
-"""vLLM block tables -> a KV forest, each step, vectorised (no vLLM import: testable anywhere).
+"""vLLM block tables -> a KV forest, each step, in C++ or vectorised torch (no vLLM import: testable
+anywhere).
 
 vLLM gives every running request a block table (its KV blocks in token order). Requests that share a
 prompt (parallel sampling, a common system prompt, prefix-cache hits) share its *full* blocks: the
 same physical block at the same logical position. :func:`forest_from_block_table` turns the step's
 tables into :class:`~multiverse_kernels.ForestMetadata`: a node per maximal run of blocks that the same
 set of requests shares (read once per step for all of them), and one own node per request (its private
-blocks, holding its query tokens). Work is O(requests x blocks) elementwise tensor ops plus a sort of
-the shared segments; nothing per token, no Python loop over requests or blocks.
+blocks, holding its query tokens). Two implementations, identical results (tested): csrc/
+block_tables.cpp (CPU tables, the default there: one O(requests x blocks) pass, ~10-35 us a decode step
+with the Python around it) and O(requests x blocks) elementwise torch ops plus a sort of the shared
+segments (any device: the spec, and what GPU tables use; ~0.2-1 ms on CPU); nothing per token, no
+Python loop over requests or blocks.
 
 How: only a request's full blocks before its first query token may be shared. ``count[b]`` = how many
 requests list block ``b`` there; along a request's table a new node starts where the count changes (with
@@ -22,14 +26,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .._native import host_op
 from ..metadata import ForestMetadata, MetadataError
 from ..planning import PlanCapacity, TreePlan, default_num_workers, default_rows_per_tile, plan_tree_attention
 
-__all__ = ["forest_from_block_table", "SharingStats", "ForestCache", "FixedStepBuffers",
+__all__ = ["forest_from_block_table", "SharingStats", "FixedStepBuffers",
            "fixed_plan_capacity", "GRAPH_DEPTH"]
 
 
@@ -65,8 +69,8 @@ def _unshared(tab: Tensor, nblk: Tensor, seq: Tensor, qo: Tensor, page_size: int
 
 
 def forest_from_block_table(block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
-                            block_size: int, *, share: bool = True,
-                            stats: bool = False) -> ForestMetadata | tuple[ForestMetadata, SharingStats]:
+                            block_size: int, *, share: bool = True, stats: bool = False,
+                            impl: str | None = None) -> ForestMetadata | tuple[ForestMetadata, SharingStats]:
     """The step's forest from vLLM's per-request tables.
 
     Args:
@@ -77,9 +81,33 @@ def forest_from_block_table(block_table: Tensor, seq_lens: Tensor, query_start_l
         block_size: tokens per block (the cache's page size).
         share: False builds one node per request (what a per-request kernel reads).
         stats: also return :class:`SharingStats`.
+        impl: ``"cpp"`` (csrc/block_tables.cpp through ``torch.ops.multiverse_C``: ~10 us for a decode
+            step's tables), ``"torch"`` (the vectorised code below, the spec: ~0.2-1 ms on CPU) or None:
+            C++ for CPU tensors when the extension is built, else torch. Identical results (tested).
     Returns metadata with one group per request in batch order (group ``r``'s rows are
     ``query_start_loc[r]:query_start_loc[r+1]``); every index tensor on ``block_table``'s device.
     """
+    if impl not in (None, "cpp", "torch"):
+        raise ValueError(f"impl: expected 'cpp', 'torch' or None, got {impl!r}")
+    on_cpu = block_table.is_cpu and seq_lens.is_cpu and query_start_loc.is_cpu
+    cpp = host_op("forest_from_block_table") if impl == "cpp" or (impl is None and on_cpu) else None
+    if impl == "cpp" and cpp is None:
+        raise ValueError("impl: 'cpp' needs the C++ extension multiverse_kernels._C (docs/build.md)")
+    if cpp is not None:
+        ts, (listed, unique, nodes, fallback) = cpp(block_table, seq_lens, query_start_loc, block_size, share)
+        dev = block_table.device
+        if dev.type != "cpu":
+            ts = [t.to(dev) for t in ts]
+        meta = ForestMetadata(node_page_indptr=ts[0], node_page_indices=ts[1], node_len=ts[2],
+                              qo_indptr=ts[3], vis_indptr=ts[4], vis_nodes=ts[5], page_size=block_size,
+                              node_pos=ts[6])
+        return (meta, SharingStats(listed, unique, nodes, bool(fallback))) if stats else meta
+    return _forest_torch(block_table, seq_lens, query_start_loc, block_size, share, stats)
+
+
+def _forest_torch(block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor, block_size: int,
+                  share: bool, stats: bool) -> ForestMetadata | tuple[ForestMetadata, SharingStats]:
+    """:func:`forest_from_block_table` in vectorised torch ops (any device)."""
     dev = block_table.device
     seq = seq_lens.to(dev, torch.int64)
     R = seq.numel()
@@ -169,62 +197,6 @@ def forest_from_block_table(block_table: Tensor, seq_lens: Tensor, query_start_l
         node_pos=node_pos.to(i32),
     )
     return done(meta, int(torch.unique(tab[valid]).numel()), Ns)
-
-
-class ForestCache:
-    """:func:`forest_from_block_table` for a step whose block tables are the last step's (CPU tensors).
-
-    In decode the tables change only when a request crosses into a new block, joins or leaves; between
-    those steps every request's sequence grows by its query rows, and the forest differs from the last one
-    only in its own nodes' lengths (``seq_len - node_pos``: own nodes start at the request's first
-    unshared block) and the query rows (``qo_indptr``). One entry (the last step), keyed by everything
-    else the conversion reads: the block size, ``share``, each request's listed blocks (the table up to
-    ``ceil(seq_len / block_size)``, padding masked out), its block count and its shareable block count
-    (``(seq_len - q_len) // block_size``). A miss runs :func:`forest_from_block_table`. Index tensors on
-    other devices are converted each call (a key would sync).
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._entry: tuple[ForestMetadata, SharingStats, np.ndarray, np.ndarray] | None = None
-        self.hits = 0
-        self.misses = 0
-
-    def __call__(self, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor, block_size: int, *,
-                 share: bool = True) -> tuple[ForestMetadata, SharingStats]:
-        if block_table.device.type != "cpu" or seq_lens.device.type != "cpu" \
-                or query_start_loc.device.type != "cpu":
-            return forest_from_block_table(block_table, seq_lens, query_start_loc, block_size, share=share,
-                                           stats=True)
-        R = seq_lens.numel()
-        seq = seq_lens.numpy().astype(np.int64)
-        qo = query_start_loc[: R + 1].numpy().astype(np.int32)
-        nblk = (seq + (block_size - 1)) // block_size
-        nshare = np.maximum((seq - (qo[1:] - qo[:-1])) // block_size, 0)
-        M = int(nblk.max()) if R else 0
-        listed = block_table[:R, :M].numpy().copy()
-        listed[np.arange(M)[None, :] >= nblk[:, None]] = -1  # padding past each request's blocks
-        key = (block_size, share, R, M, listed.tobytes(), nblk.tobytes(), nshare.tobytes())
-        if key == self._key and self._entry is not None:
-            self.hits += 1
-            meta, stats, shared_len, own_pos = self._entry
-            # shared nodes first, then one own node per request in batch order (own nodes start at
-            # node_pos = the request's first unshared token)
-            node_len = torch.from_numpy(np.concatenate([shared_len, (seq - own_pos).astype(np.int32)]))
-            meta = ForestMetadata(node_page_indptr=meta.node_page_indptr,
-                                  node_page_indices=meta.node_page_indices, node_len=node_len,
-                                  qo_indptr=torch.from_numpy(qo), vis_indptr=meta.vis_indptr,
-                                  vis_nodes=meta.vis_nodes, page_size=meta.page_size, own_full=meta.own_full,
-                                  node_pos=meta.node_pos)
-            return meta, stats
-        self.misses += 1
-        meta, stats = forest_from_block_table(block_table, seq_lens, query_start_loc, block_size, share=share,
-                                              stats=True)
-        ns = meta.num_nodes - R
-        self._key = key
-        self._entry = (meta, stats, meta.node_len[:ns].numpy().copy(),
-                       meta.node_pos[ns:].numpy().astype(np.int64))
-        return meta, stats
 
 
 # ----------------------------------------------------------------- fixed buffers (CUDA graphs)

@@ -135,3 +135,52 @@ def test_long_extend_splits_reader_tiles() -> None:
     plan = cpu_backend._plan(torch.empty(0, 8, 64), torch.empty(0, 4, 2, 64), meta)
     assert plan.max_item_readers == cpu_backend.MAX_ITEM_ROWS // 4
     check_tree_attention("cpu", meta, f.num_pages, 8, 2, 64, torch.float32, seed=3)
+
+
+@pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                       (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+                                       (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("page_size,hk,d", [(1, 2, 64), (16, 1, 128), (32, 4, 256)])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_append_kv_slots_writes_exactly_its_slots(src, cache, page_size, hk, d, head_major) -> None:
+    """multiverse_C.append_kv_slots (the vLLM backend's cache write): row i lands at page slot // page_size,
+    row slot % page_size (cast like torch's .to), padding slots (-1) write nothing, every other cache
+    element keeps its NaN; token-major and head-major (strided) caches."""
+    from multiverse_kernels.bench.workloads import head_major as to_head_major
+
+    g = torch.Generator().manual_seed(page_size * 131 + hk * 7 + d)
+    pages, n = 18, 9
+    kc = torch.full((pages, page_size, hk, d), float("nan"), dtype=cache)
+    vc = torch.full_like(kc, float("nan"))
+    if head_major:
+        kc, vc = to_head_major(kc), to_head_major(vc)
+    slots = torch.randperm(pages * page_size, generator=g)[:n].long()
+    slots[n // 2] = -1  # padding
+    k = torch.randn(n, hk, d, generator=g).to(src)
+    v = torch.randn(n, hk, d, generator=g).to(src)
+    want_k = torch.full((pages, page_size, hk, d), float("nan"), dtype=cache)
+    want_v = want_k.clone()
+    keep = slots >= 0
+    want_k.view(-1, hk, d)[slots[keep]] = k[keep].to(cache)
+    want_v.view(-1, hk, d)[slots[keep]] = v[keep].to(cache)
+    torch.ops.multiverse_C.append_kv_slots(k, v, kc, vc, slots)
+    assert torch.equal(kc.nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), want_v.nan_to_num(7.0))
+
+
+def test_append_kv_slots_refuses_bad_input() -> None:
+    op = torch.ops.multiverse_C.append_kv_slots
+    kc, vc = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    k = torch.zeros(3, 1, 8)
+    with pytest.raises(RuntimeError, match="slot_mapping: slot 8 of row 2 is past"):
+        op(k, k, kc, vc, torch.tensor([0, 1, 8]))
+    with pytest.raises(RuntimeError, match="slot_mapping: expected a 1-D int64"):
+        op(k, k, kc, vc, torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="slot_mapping: expected one entry per row of k"):
+        op(k, k, kc, vc, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="k: expected heads and head_dim of k_cache"):
+        op(torch.zeros(3, 2, 8), torch.zeros(3, 2, 8), kc, vc, torch.tensor([0, 1, 2]))
+    f8 = getattr(torch, "float8_e4m3fn", None)
+    if f8 is not None:
+        with pytest.raises(RuntimeError, match="k_cache: expected float32, float16 or bfloat16"):
+            op(k, k, kc.to(f8), vc.to(f8), torch.tensor([0, 1, 2]))

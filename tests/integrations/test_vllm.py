@@ -20,9 +20,15 @@ import pytest
 import torch
 
 import multiverse_kernels as mk
+from multiverse_kernels._native import host_op
 from multiverse_kernels.integrations.vllm_sharing import forest_from_block_table
 
 # ----------------------------------------------------------------- block tables -> forest (no vLLM)
+
+# Both conversions: csrc/block_tables.cpp (the CPU default) and the vectorised torch code (the spec).
+NO_CPP = host_op("forest_from_block_table") is None
+NO_CPP_WHY = "the C++ extension multiverse_kernels._C is not built"
+IMPLS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(NO_CPP, reason=NO_CPP_WHY))]
 
 
 def _tables(seed: int, bs: int = 4):
@@ -67,11 +73,12 @@ def _attend(meta, qo, num_pages, bs, seed=0):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_block_tables_share_prefixes_exactly(seed):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_tables_share_prefixes_exactly(seed, impl):
     bs = 4
     tab, seq, qo, num_pages = _tables(seed, bs)
-    shared, st = forest_from_block_table(tab, seq, qo, bs, stats=True)
-    alone = forest_from_block_table(tab, seq, qo, bs, share=False)
+    shared, st = forest_from_block_table(tab, seq, qo, bs, stats=True, impl=impl)
+    alone = forest_from_block_table(tab, seq, qo, bs, share=False, impl=impl)
     shared.validate(num_pages)
     alone.validate(num_pages)
     assert not st.fallback
@@ -84,80 +91,115 @@ def test_block_tables_share_prefixes_exactly(seed):
     torch.testing.assert_close(shared.positions(), shared.default_node_pos())
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_forest_cache_equals_a_fresh_conversion(seed):
-    """ForestCache (the builder's, CPU): over decode steps (every request one token longer, crossing block
-    boundaries, a request leaving), a table changed in place, and share on/off, every step's forest equals
-    forest_from_block_table's, and steps inside a block are hits."""
+def _same_forest(a, st_a, b, st_b) -> None:
     from dataclasses import fields
 
-    from multiverse_kernels.integrations.vllm_sharing import ForestCache
-
-    bs = 16
-    tab, seq, qo, _ = _tables(seed, bs)
-    cache = ForestCache()
-    steps = [(tab, seq, qo, True)]
-    R = seq.numel()
-    for k in range(1, 7):
-        steps.append((tab, seq + k, torch.arange(R + 1, dtype=torch.int32), True))
-    steps.append((tab[1:], (seq + 6)[1:], torch.arange(R, dtype=torch.int32), True))  # request 0 finished
-    changed = tab.clone()
-    changed[0, 0] = 99  # rewritten in place
-    steps.append((changed, seq + 6, torch.arange(R + 1, dtype=torch.int32), True))
-    steps.append((changed, seq + 6, torch.arange(R + 1, dtype=torch.int32), False))
-    for t, s, q, share in steps:
-        got, st = cache(t, s, q, bs, share=share)
-        want, st_want = forest_from_block_table(t, s, q, bs, share=share, stats=True)
-        assert st == st_want
-        for f in fields(want):
-            a, b = getattr(got, f.name), getattr(want, f.name)
-            same = (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(b, torch.Tensor) else a == b
-            assert same, f.name
-    assert cache.hits > 0 and cache.misses >= 4
+    assert st_a == st_b
+    for f in fields(b):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        same = (torch.equal(x, y) and x.dtype == y.dtype) if isinstance(y, torch.Tensor) else x == y
+        assert same, f.name
 
 
-def test_block_tables_known_split():
+@pytest.mark.skipif(NO_CPP, reason=NO_CPP_WHY)
+@pytest.mark.parametrize("seed", range(40))
+def test_block_tables_cpp_equals_torch(seed):
+    """csrc/block_tables.cpp gives the torch spec's forest and stats, field for field, on prefix-shared
+    tables (_tables) and on random tables drawn from a small pool of block ids (repeats at other
+    positions, runs that break the prefix property: the fallback), with junk or -1 past each request's
+    blocks, int64 inputs, sparse ids, a strided table, share on and off, and 0-6 requests."""
+    g = torch.Generator().manual_seed(seed)
+    bs = int(torch.randint(1, 6, (1,), generator=g))
+    if seed % 2:
+        tab, seq, qo, _ = _tables(seed, bs)
+    else:
+        R = int(torch.randint(0, 7, (1,), generator=g))
+        width = int(torch.randint(1, 6, (1,), generator=g))
+        tab = torch.randint(0, 6, (R + 1, width + 2), generator=g, dtype=torch.int32)
+        if seed % 4 == 0 and R:  # mostly one prefix, a few rows diverging
+            tab[1:R] = tab[0]
+            tab[1:R, -3:] = torch.randint(6, 60, (R - 1, 3), generator=g, dtype=torch.int32)
+        seq = torch.randint(0, width * bs + 1, (R,), generator=g, dtype=torch.int32)
+        ql = torch.minimum(torch.randint(0, 2 * bs, (R,), generator=g, dtype=torch.int32), seq)
+        qo = torch.zeros(R + 1, dtype=torch.int32)
+        qo[1:] = torch.cumsum(ql, 0)
+    padded = tab.clone()
+    nblk = (seq.long() + bs - 1) // bs
+    for r in range(seq.numel()):
+        padded[r, int(nblk[r]):] = -1  # padding past each request's blocks
+    variants = [(tab, seq, qo), (tab.long(), seq.long(), qo.long()), (padded, seq, qo),
+                (tab + 1_000_000, seq, qo),  # ids too sparse for a dense count: the hash map
+                (torch.cat([tab, tab], 1)[:, ::2], seq, torch.cat([qo, qo[-1:] + 3]))]  # strided, longer qo
+    for t, s, q in variants:
+        for share in (True, False):
+            got = forest_from_block_table(t, s, q, bs, share=share, stats=True, impl="cpp")
+            want = forest_from_block_table(t, s, q, bs, share=share, stats=True, impl="torch")
+            _same_forest(*got, *want)
+
+
+@pytest.mark.skipif(NO_CPP, reason=NO_CPP_WHY)
+def test_block_tables_cpp_refuses_bad_input():
+    op = host_op("forest_from_block_table")
+    tab = torch.zeros(2, 2, dtype=torch.int32)
+    seq, qo = torch.tensor([8, 8], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="block_table: expected at least ceil"):
+        op(tab, seq, qo, 2, True)  # 4 blocks each, 2 columns
+    with pytest.raises(RuntimeError, match="seq_lens: expected non-negative"):
+        op(tab, -seq, qo, 4, True)
+    with pytest.raises(RuntimeError, match="block_size: expected a positive"):
+        op(tab, seq, qo, 0, True)
+    with pytest.raises(RuntimeError, match="query_start_loc: expected at least"):
+        op(tab, seq, qo[:2], 4, True)
+    with pytest.raises(RuntimeError, match="block_table: expected non-negative block ids"):
+        op(torch.full((2, 2), -1, dtype=torch.int32), seq, qo, 4, True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_tables_known_split(impl):
     bs = 4
     # three requests on a 2-block prompt; two of them share one more block; one unrelated request
     tab = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 5, 0], [6, 7, 0, 0]], dtype=torch.int32)
     seq = torch.tensor([14, 13, 10, 5], dtype=torch.int32)
     qo = torch.tensor([0, 1, 2, 3, 8], dtype=torch.int32)
-    m, st = forest_from_block_table(tab, seq, qo, bs, stats=True)
+    m, st = forest_from_block_table(tab, seq, qo, bs, stats=True, impl=impl)
     assert m.node_len.tolist() == [8, 4, 2, 1, 2, 5]
     assert m.node_page_indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     assert m.vis_nodes.tolist() == [0, 1, 2, 0, 1, 3, 0, 4, 5]
     assert (st.listed_blocks, st.unique_blocks, st.shared_nodes) == (13, 8, 2)
 
 
-def test_block_tables_query_rows_are_never_shared():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_tables_query_rows_are_never_shared(impl):
     # the same 2 blocks, but request 1's query reaches into block 1: only block 0 is shared
     tab = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32)
     seq = torch.tensor([9, 12], dtype=torch.int32)
     qo = torch.tensor([0, 1, 6], dtype=torch.int32)
-    m = forest_from_block_table(tab, seq, qo, 4)
+    m = forest_from_block_table(tab, seq, qo, 4, impl=impl)
     assert m.node_len.tolist() == [4, 5, 8] and m.vis_nodes.tolist() == [0, 1, 0, 2]
     m.validate(4)
 
 
-def test_block_tables_break_the_prefix_property_fall_back():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_tables_break_the_prefix_property_fall_back(impl):
     # block 9 at different positions, and block 3 starting runs of different lengths: not a prefix tree
     cases = (([[9, 1, 2], [3, 9, 4], [9, 1, 5]], False), ([[9, 1, 2], [3, 9, 4], [3, 7, 5]], True))
     for rows, fallback in cases:
         tab = torch.tensor(rows, dtype=torch.int32)
         seq = torch.tensor([12, 12, 12], dtype=torch.int32)
         qo = torch.arange(4, dtype=torch.int32)
-        m, st = forest_from_block_table(tab, seq, qo, 4, stats=True)
-        alone = forest_from_block_table(tab, seq, qo, 4, share=False)
+        m, st = forest_from_block_table(tab, seq, qo, 4, stats=True, impl=impl)
+        alone = forest_from_block_table(tab, seq, qo, 4, share=False, impl=impl)
         assert st.fallback == fallback
         m.validate(10)
         torch.testing.assert_close(_attend(m, qo, 10, 4), _attend(alone, qo, 10, 4), rtol=0, atol=1e-12)
 
 
-def test_block_tables_nothing_shared_is_one_node_per_request():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_tables_nothing_shared_is_one_node_per_request(impl):
     tab = torch.tensor([[0, 1], [2, 3], [4, 0]], dtype=torch.int32)
     seq = torch.tensor([5, 8, 0], dtype=torch.int32)
     qo = torch.tensor([0, 1, 9, 9], dtype=torch.int32)
-    m, st = forest_from_block_table(tab, seq, qo, 4, stats=True)
+    m, st = forest_from_block_table(tab, seq, qo, 4, stats=True, impl=impl)
     assert m.num_nodes == 3 and m.vis_nodes.tolist() == [0, 1, 2] and st.shared_nodes == 0
     assert m.node_page_indices.tolist() == [0, 1, 2, 3]
 

@@ -51,6 +51,14 @@ MV_HD int64_t cache_offset(const int32_t* node_page_indptr, const int32_t* node_
                       stride_slot, static_cast<int64_t>(kv_head) * stride_head);
 }
 
+// Element offset of KV head `kv_head` of flat slot `slot` (= page * page_size + row) in a cache of the
+// given strides (a paged engine's slot mapping; slot >= 0).
+MV_HD int64_t slot_offset(int64_t slot, int32_t page_size, int32_t kv_head, int64_t stride_page,
+                          int64_t stride_slot, int64_t stride_head) {
+  return (slot / page_size) * stride_page + (slot % page_size) * stride_slot +
+         static_cast<int64_t>(kv_head) * stride_head;
+}
+
 // How many tokens of the chunk [kv_start, kv_start + kv_len) a reader with `limit` visible leading
 // tokens of the node sees (0 when the chunk lies entirely past its limit).
 MV_HD int32_t visible_in_chunk(int32_t limit, int32_t kv_start, int32_t kv_len) {

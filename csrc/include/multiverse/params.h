@@ -111,7 +111,9 @@ struct MergeParams {
   DType out_dtype;
 };
 
-// append_paged_kv: token i of k/v [n, Hk, D] goes to slot token_pos[i] of node token_node[i].
+// append_paged_kv: token i of k/v [n, Hk, D] goes to slot token_pos[i] of node token_node[i]; or, when
+// `slots` is set, to the flat slot slots[i] = page * page_size + row (a paged engine's slot mapping,
+// vLLM's), not written when slots[i] < 0 (padding); the page-table fields are then unused.
 struct AppendParams {
   const void* k;
   const void* v;
@@ -121,6 +123,7 @@ struct AppendParams {
   const int32_t* page_indices;
   const int32_t* token_node;
   const int32_t* token_pos;
+  const int64_t* slots;  // optional (nullptr: the page-table fields)
   int64_t k_stride_tok, k_stride_head;  // of k (last dim contiguous)
   int64_t v_stride_tok, v_stride_head;
   int64_t kc_stride_page, kc_stride_slot, kc_stride_head;
