@@ -18,16 +18,7 @@ void append_impl(const AppendParams& p) {
     for (int64_t i = b; i < e; ++i) {
       if (p.slots != nullptr && p.slots[i] < 0) continue;  // padding
       for (int h = 0; h < p.num_kv_heads; ++h) {
-        const int64_t ko =
-            p.slots != nullptr
-                ? slot_offset(p.slots[i], p.page_size, h, p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head)
-                : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h,
-                               p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head);
-        const int64_t vo =
-            p.slots != nullptr
-                ? slot_offset(p.slots[i], p.page_size, h, p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head)
-                : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h,
-                               p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head);
+        const int64_t ko = append_offset(p, i, h, false), vo = append_offset(p, i, h, true);
         const auto* ks = k + i * p.k_stride_tok + h * p.k_stride_head;
         const auto* vs = v + i * p.v_stride_tok + h * p.v_stride_head;
         for (int d = 0; d < p.head_dim; ++d) kc[ko + d] = C::store(S::load(ks[d]));

@@ -20,16 +20,7 @@ __global__ void append_kernel(const AppendParams p, int per_row) {  // per_row: 
   const int64_t i = idx / (static_cast<int64_t>(per_row) * p.num_kv_heads);
   const int esz = dtype_size(p.cache_dtype);
   if (p.slots != nullptr && p.slots[i] < 0) return;  // padding
-  const int64_t ko =
-      p.slots != nullptr
-          ? slot_offset(p.slots[i], p.page_size, h, p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head)
-          : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h,
-                         p.kc_stride_page, p.kc_stride_slot, p.kc_stride_head);
-  const int64_t vo =
-      p.slots != nullptr
-          ? slot_offset(p.slots[i], p.page_size, h, p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head)
-          : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h,
-                         p.vc_stride_page, p.vc_stride_slot, p.vc_stride_head);
+  const int64_t ko = append_offset(p, i, h, false), vo = append_offset(p, i, h, true);
   const char* ks = static_cast<const char*>(p.k) + (i * p.k_stride_tok + h * p.k_stride_head) * esz;
   const char* vs = static_cast<const char*>(p.v) + (i * p.v_stride_tok + h * p.v_stride_head) * esz;
   reinterpret_cast<V*>(static_cast<char*>(p.k_cache) + ko * esz)[c] = reinterpret_cast<const V*>(ks)[c];

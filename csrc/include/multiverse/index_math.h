@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "multiverse/params.h"
+
 #if defined(__CUDACC__)
 #define MV_HD __host__ __device__ __forceinline__
 #else
@@ -57,6 +59,17 @@ MV_HD int64_t slot_offset(int64_t slot, int32_t page_size, int32_t kv_head, int6
                           int64_t stride_slot, int64_t stride_head) {
   return (slot / page_size) * stride_page + (slot % page_size) * stride_slot +
          static_cast<int64_t>(kv_head) * stride_head;
+}
+
+// Element offset of KV head `h` of append row `i` in the K cache (value = false) or the V cache: its
+// flat slot when p.slots is set, else slot token_pos[i] of node token_node[i] (AppendParams).
+MV_HD int64_t append_offset(const AppendParams& p, int64_t i, int32_t h, bool value) {
+  const int64_t sp = value ? p.vc_stride_page : p.kc_stride_page;
+  const int64_t ss = value ? p.vc_stride_slot : p.kc_stride_slot;
+  const int64_t sh = value ? p.vc_stride_head : p.kc_stride_head;
+  return p.slots != nullptr
+             ? slot_offset(p.slots[i], p.page_size, h, sp, ss, sh)
+             : cache_offset(p.page_indptr, p.page_indices, p.token_node[i], p.token_pos[i], p.page_size, h, sp, ss, sh);
 }
 
 // How many tokens of the chunk [kv_start, kv_start + kv_len) a reader with `limit` visible leading
