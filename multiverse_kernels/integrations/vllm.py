@@ -205,8 +205,8 @@ class MultiverseAttentionMetadata:
     plans: dict = field(default_factory=dict)
     """The step's C++ CPU run arguments (the run forest's ``node_page_indptr`` and ``node_page_indices``
     after tiny-node absorption, the plan's ``tensors()`` and ``ints()``), one per layer configuration
-    (heads, head size, KV element size, window): the first layer plans, the others reuse it (filled by
-    the impl's CPU path)."""
+    (heads, head size, KV element size, window): made by the builder (``cpu_run_keys``), or by the first
+    layer that finds its key missing; every layer of the step reuses them."""
     fixed_plans: dict[PlanKey, TreePlan] | None = None
     """Set when the step was built into the builder's fixed buffers (CUDA graphs): one padded plan per
     layer configuration (:meth:`MultiverseAttentionImpl.plan_key`), ``forest`` then lives in the same
@@ -247,6 +247,7 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
         self.fixed_tokens = _fixed_tokens(vllm_config, device)
         self.fixed: FixedStepBuffers | None = None  # allocated at the first step (needs the table width)
         self._keys: list[PlanKey] | None = None
+        self._cpu_keys: list[CpuRunKey] | None = None
 
     def plan_keys(self) -> list[PlanKey]:
         """The distinct layer configurations of this builder's layers (what the fixed plans cover)."""
@@ -255,6 +256,20 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
             self._keys = sorted({layer.impl.plan_key() for layer in layers.values()
                                  if isinstance(layer.impl, MultiverseAttentionImpl)})
         return self._keys
+
+    def cpu_run_keys(self) -> list[CpuRunKey]:
+        """The plan keys of the layers that run the C++ CPU kernel (CPU device, kernel ``auto`` / ``cpu``,
+        a float32 / float16 / bfloat16 cache), which :meth:`build` plans for: the plan/run split of the
+        other backends, and as vLLM builds its own scheduler metadata, outside the layers' ``forward``.
+        A layer whose key is not here (e.g. its query dtype differs from the cache's) plans in its first
+        call of the step."""
+        if self._cpu_keys is None:
+            dt = self.kv_cache_spec.dtype
+            cpu = torch.device(self.device).type == "cpu" and _kernel_choice() in ("auto", "cpu") \
+                and dt in _CPU_DTYPES
+            self._cpu_keys = [(hq, hk, d, dt.itemsize, window or None)
+                              for hq, hk, d, window in self.plan_keys()] if cpu else []
+        return self._cpu_keys
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MultiverseAttentionMetadata:
@@ -274,7 +289,10 @@ class MultiverseAttentionMetadataBuilder(AttentionMetadataBuilder[MultiverseAtte
         STATS["fallbacks"] += int(stats.fallback)
         n = cm.num_actual_tokens
         if n > self.fixed_tokens:
-            return MultiverseAttentionMetadata(num_actual_tokens=n, forest=forest, sharing=stats)
+            meta = MultiverseAttentionMetadata(num_actual_tokens=n, forest=forest, sharing=stats)
+            for key in self.cpu_run_keys():  # the step's plans, here, before any layer runs
+                meta.plans[key] = _cpu_run_args(forest, key)
+            return meta
         # fixed buffers (CUDA graphs): the step's forest and plans at addresses that never move
         tab = cm.block_table_tensor
         if self.fixed is None:
@@ -294,17 +312,34 @@ _CPU_KERNEL: tuple | None = None
 
 
 def _cpu_kernel() -> tuple:
-    """(the cpu backend's forward planner, the C++ run op, the C++ slot-mapping cache write), imported on
-    first use (importing the cpu backend loads the C++ library)."""
+    """(the cpu backend's forward planner from shapes, the C++ run op, the C++ slot-mapping cache write),
+    imported on first use (importing the cpu backend loads the C++ library)."""
     global _CPU_KERNEL
     if _CPU_KERNEL is None:
-        from ..backends.cpu import _run_plan
+        from ..backends.cpu import step_plan
         from ..backends.cpu._ext import load_extension
 
         load_extension()
         ops = torch.ops.multiverse_C
-        _CPU_KERNEL = (_run_plan, ops.tree_attention_run.default, ops.append_kv_slots.default)
+        _CPU_KERNEL = (step_plan, ops.tree_attention_run.default, ops.append_kv_slots.default)
     return _CPU_KERNEL
+
+
+def _kernel_choice() -> str:
+    """``MULTIVERSE_VLLM_KERNEL`` (default ``auto``: the C++ kernel on CPU tensors, else the op's backend)."""
+    return os.environ.get("MULTIVERSE_VLLM_KERNEL", "auto").strip() or "auto"
+
+
+CpuRunKey = tuple[int, int, int, int, int | None]
+"""(query heads, KV heads, head size, KV element bytes, window or None): the C++ CPU run's plan key."""
+
+
+def _cpu_run_args(forest: ForestMetadata, key: CpuRunKey) -> tuple:
+    """The C++ run op's step arguments for ``key``: the run forest's page table (after tiny-node
+    absorption) and the plan's tensor and int lists."""
+    hq, hk, d, elem, window = key
+    run_meta, plan = _cpu_kernel()[0](forest, hq, hk, d, elem, window, cached=False)
+    return (run_meta.node_page_indptr, run_meta.node_page_indices, plan.tensors(), plan.ints())
 
 
 class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
@@ -337,7 +372,7 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         self.sinks = sinks
         self.attn_type = attn_type
         self._views: tuple | None = None  # (weakref to the last kv_cache, its K view, its V view)
-        self.kernel = os.environ.get("MULTIVERSE_VLLM_KERNEL", "auto").strip() or "auto"
+        self.kernel = _kernel_choice()
         what = (num_heads, num_kv_heads, head_size, self.window, self.softcap, sinks is not None, self.kernel)
         if what not in _IMPLS_LOGGED:  # once per distinct layer configuration and process (per TP rank)
             _IMPLS_LOGGED.add(what)
@@ -412,14 +447,12 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         (``plan``, a fixed-buffer plan, or from ``meta.plans``, made by the first layer with the cpu
         backend's own planner), the C++ op called with the step's prepared arguments (the run
         forest's page table and the plan's lists), and the op's sink epilogue."""
-        plan_fn, run_op, _ = _cpu_kernel()
+        run_op = _cpu_kernel()[1]
         key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
         if plan is not None:
             args = (meta.forest.node_page_indptr, meta.forest.node_page_indices, plan.tensors(), plan.ints())
-        elif (args := meta.plans.get(key)) is None:
-            run_meta, plan = plan_fn(q, k_cache, meta.forest, self.window, cached=False)
-            args = meta.plans[key] = (run_meta.node_page_indptr, run_meta.node_page_indices, plan.tensors(),
-                                      plan.ints())
+        elif (args := meta.plans.get(key)) is None:  # not planned by the builder (it plans what it can)
+            args = meta.plans[key] = _cpu_run_args(meta.forest, key)
         if q.stride(-1) != 1:  # the kernel's one layout requirement (the caches' views have it)
             q = q.contiguous()
         out, lse = run_op(q, k_cache, v_cache, *args, self.scale, None, self.softcap or 0.0)

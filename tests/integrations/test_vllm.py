@@ -671,7 +671,8 @@ def test_both_cache_layouts_match_cpu_attn(vllm_mod, tmp_path, monkeypatch, head
     """The CPU default (head-major blocks, LBHNC) and token-major blocks (LBNHC, the backend's second
     choice; forced here by declaring it alone, since vLLM reads VLLM_KV_CACHE_LAYOUT once per process):
     the same tokens and log-probs as CPU_ATTN (which reads head-major blocks only); the layout each
-    engine got is checked on the caches the backend writes."""
+    engine got is checked on the caches the backend writes, and every step's C++ plan is made by the
+    metadata builder (none inside a layer's forward)."""
     from vllm import SamplingParams
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
@@ -693,5 +694,14 @@ def test_both_cache_layouts_match_cpu_attn(vllm_mod, tmp_path, monkeypatch, head
         return orig(self, layer, key, value, kv_cache, slot_mapping)
 
     monkeypatch.setattr(mv.MultiverseAttentionImpl, "do_kv_cache_update", update)
+    callers = []
+    orig_args = mv._cpu_run_args
+
+    def run_args(forest, key):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return orig_args(forest, key)
+
+    monkeypatch.setattr(mv, "_cpu_run_args", run_args)
     _compare(_run_engine(path, "CUSTOM", jobs), theirs, atol=1e-3)
     assert seen == {head_major}
+    assert callers and set(callers) == {"build"}  # every step planned by the builder, none in a forward

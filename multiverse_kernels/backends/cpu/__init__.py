@@ -67,9 +67,19 @@ def _run_plan(q: Tensor, k_cache: Tensor, meta: ForestMetadata, window: int | No
     """The forward's default: tiny nodes absorbed (plan_cache.cached_run_plan; not with a window), then
     planned. ``cached=False``: plan_cache.run_plan (for a caller that keeps the step's plan itself);
     ``num_workers``: the planner's (default: the thread count)."""
-    group = q.shape[1] // k_cache.shape[2]
+    return step_plan(meta, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), window,
+                     cached=cached, num_workers=num_workers)
+
+
+def step_plan(meta: ForestMetadata, num_qo_heads: int, num_kv_heads: int, head_dim: int, kv_elem_size: int,
+              window: int | None = None, *, cached: bool = True,
+              num_workers: int | None = None) -> tuple[ForestMetadata, TreePlan]:
+    """:func:`_run_plan` from the step's shapes instead of its tensors (an engine's metadata builder plans
+    before any layer runs): ``(run_meta, plan)`` for q [*, num_qo_heads, head_dim] and caches of
+    ``kv_elem_size``-byte elements with ``num_kv_heads`` heads."""
+    group = num_qo_heads // num_kv_heads
     return (cached_run_plan if cached else run_plan)(
-        meta, q.shape[1], k_cache.shape[2], head_dim=q.shape[2], kv_elem_size=k_cache.element_size(),
+        meta, num_qo_heads, num_kv_heads, head_dim=head_dim, kv_elem_size=kv_elem_size,
         chunk_tokens=CHUNK_TOKENS, rows_per_tile=max(1, MAX_ITEM_ROWS // group), num_workers=num_workers,
         window=window)
 
