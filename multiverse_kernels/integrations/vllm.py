@@ -14,11 +14,14 @@ attention type, MLA, ...) is refused when the backend is selected, with the reas
 
 Each step the metadata builder turns the block tables into a forest (requests whose tables start with
 the same blocks share nodes, split where they diverge:
-:func:`~multiverse_kernels.integrations.vllm_sharing.forest_from_block_table`, vectorised), once, and
-every layer runs ``tree_attention`` on that one ``ForestMetadata`` (the backends plan once per step and
-reuse the plan across layers: ``plan_cache``). Environment: ``MULTIVERSE_VLLM_SHARE=0`` reads every
-request's blocks itself (no sharing, for comparisons); ``MULTIVERSE_VLLM_KERNEL`` picks the
-tree_attention backend (default ``auto``: ``cpu`` on CPU tensors, ``cuda`` / ``triton`` on GPU).
+:func:`~multiverse_kernels.integrations.vllm_sharing.forest_from_block_table`, C++ for CPU tables,
+vectorised torch for GPU ones), once, and every layer runs attention on that one ``ForestMetadata``: on
+CPU the builder also makes the step's C++ plans and each layer only runs the C++ kernel (its KV write is
+one C++ call too); elsewhere ``tree_attention`` (the backends plan once per step and reuse the plan
+across layers: ``plan_cache``; with CUDA graphs the builder plans into fixed buffers). Environment:
+``MULTIVERSE_VLLM_SHARE=0`` reads every request's blocks itself (no sharing, for comparisons);
+``MULTIVERSE_VLLM_KERNEL`` picks the tree_attention backend (default ``auto``: ``cpu`` on CPU tensors,
+``cuda`` / ``triton`` on GPU).
 
 KV cache: vLLM's per-layer tensor (logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
 K then V in the last dim) is read in place as ``k_cache = kv.transpose(1, 2)[..., :D]`` and
@@ -410,7 +413,8 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         # cast, padding slots (-1) skipped
         k_cache, v_cache = self._caches(kv_cache)
         key, value = (t[:n] if t.stride(-1) == 1 else t[:n].contiguous() for t in (key, value))
-        _cpu_kernel()[2](key, value, k_cache, v_cache, slot_mapping)
+        slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+        _cpu_kernel()[2](key, value, k_cache, v_cache, slots)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: MultiverseAttentionMetadata | None,
@@ -444,8 +448,8 @@ class MultiverseAttentionImpl(AttentionImpl[MultiverseAttentionMetadata]):
         """What ``tree_attention(..., backend="cpu", validate=False)`` runs, without the per-call Python
         layers (argument checks, backend and plan-cache lookups: ~0.07 ms a layer, benchmarks/
         call_overhead.py, as much as the kernel itself on a short decode step): the step's plan
-        (``plan``, a fixed-buffer plan, or from ``meta.plans``, made by the first layer with the cpu
-        backend's own planner), the C++ op called with the step's prepared arguments (the run
+        (``plan``, a fixed-buffer plan, or from ``meta.plans``, made by the metadata builder with the
+        cpu backend's own planner), the C++ op called with the step's prepared arguments (the run
         forest's page table and the plan's lists), and the op's sink epilogue."""
         run_op = _cpu_kernel()[1]
         key = (q.shape[1], k_cache.shape[2], q.shape[2], k_cache.element_size(), self.window)
