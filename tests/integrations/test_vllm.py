@@ -636,9 +636,10 @@ def test_layout_preference_head_major_on_cpu():
 @pytest.mark.parametrize("layout", ["LBNHC", "LBHNC", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_update_every_layout(layout, dtype):
-    """do_kv_cache_update writes each slot's K and V (padding slots -1 skipped) into the per-layer cache
-    of each layout (logical [blocks, Hk, block_size, 2D]): LBNHC and LBHNC by one indexed copy, any other
-    strides (a padded page) by advanced indexing; every other element is left untouched."""
+    """do_kv_cache_update (on CPU one C++ append_kv_slots call) writes each slot's K and V (padding slots
+    -1 skipped) into the per-layer cache of each layout (logical [blocks, Hk, block_size, 2D]): LBNHC,
+    LBHNC and any other strides (a padded page); every other element is left untouched; int64 and int32
+    slot mappings."""
     pytest.importorskip("vllm", reason="vLLM is not installed (CI's third environment has it)")
     from multiverse_kernels.integrations.vllm import MultiverseAttentionImpl
 
@@ -663,6 +664,9 @@ def test_kv_cache_update_every_layout(layout, dtype):
             want[s // bs, :, s % bs, :d] = key[i]
             want[s // bs, :, s % bs, d:] = value[i]
     impl.do_kv_cache_update(None, key, value, kv, slots)
+    assert torch.equal(kv, want)
+    kv.fill_(-7.0)
+    impl.do_kv_cache_update(None, key, value, kv, slots.int())
     assert torch.equal(kv, want)
 
 
