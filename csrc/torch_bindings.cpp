@@ -209,14 +209,10 @@ std::vector<at::Tensor> absorb_tiny_nodes_op(const at::Tensor& node_page_indptr,
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }
-  const auto opts = at::TensorOptions().dtype(at::kInt);
   std::vector<at::Tensor> ts;
-  ts.reserve(5);
   for (const std::vector<int32_t>* v : {&f.node_page_indptr, &f.node_page_indices, &f.node_len, &f.vis_indptr,
                                         &f.vis_nodes}) {
-    at::Tensor t = at::empty({any ? static_cast<int64_t>(v->size()) : 0}, opts);
-    if (any) std::copy(v->begin(), v->end(), t.data_ptr<int32_t>());
-    ts.push_back(std::move(t));
+    ts.push_back(int32_tensor(*v, any ? -1 : 0));
   }
   return ts;
 }
@@ -264,14 +260,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> forest_from_block_tabl
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }
-  const auto opts = at::TensorOptions().dtype(at::kInt);
   std::vector<at::Tensor> ts;
-  ts.reserve(7);
   for (const std::vector<int32_t>* v : {&f.node_page_indptr, &f.node_page_indices, &f.node_len, &f.qo_indptr,
                                         &f.vis_indptr, &f.vis_nodes, &f.node_pos}) {
-    at::Tensor t = at::empty({static_cast<int64_t>(v->size())}, opts);
-    std::copy(v->begin(), v->end(), t.data_ptr<int32_t>());
-    ts.push_back(std::move(t));
+    ts.push_back(int32_tensor(*v));
   }
   return {ts, {f.listed_blocks, f.unique_blocks, f.shared_nodes, f.fallback ? 1 : 0}};
 }

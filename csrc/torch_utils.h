@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <stdexcept>
@@ -72,6 +73,14 @@ inline at::Tensor host_i32(const at::Tensor& t, const char* name) {
   at::Tensor h = t.to(cpu).contiguous();
   check_i32(h, name, cpu);
   return h;
+}
+
+// A host int32 tensor holding `v` (the host ops' list outputs); `n` elements of it (default: all).
+inline at::Tensor int32_tensor(const std::vector<int32_t>& v, int64_t n = -1) {
+  const int64_t len = n < 0 ? static_cast<int64_t>(v.size()) : n;
+  at::Tensor t = at::empty({len}, at::TensorOptions().dtype(at::kInt));
+  std::copy(v.begin(), v.begin() + len, t.data_ptr<int32_t>());
+  return t;
 }
 
 // The plan fields in TreePlan.TENSOR_FIELDS / INT_FIELDS order (multiverse_kernels/plan_format.py, via
