@@ -153,6 +153,7 @@ struct IsaKernels {
   CpuIsa isa;
   FwdTaskFn fwd_task;
   FwdHeadsFn fwd_heads;  // nullptr: one KV head per task
+  int32_t heads_dim_multiple;  // fwd_heads takes head_dim % this == 0 only (the unit's vector width)
   FmaLoopFn fma_loop;
   BwdDeltaFn bwd_delta;
   BwdTaskFn bwd_task;

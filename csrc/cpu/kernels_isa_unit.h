@@ -28,9 +28,10 @@
 
 namespace multiverse::cpu {
 extern const IsaKernels MV_KERNELS;
-#if MV_LEVEL == 1
-const IsaKernels MV_KERNELS = {MV_ISA, &fwd::task, &fwd::task_heads, &fwd::fma_loop, &bwd::delta_rows, &bwd::task};
+#if MV_LEVEL >= 1
+const IsaKernels MV_KERNELS = {MV_ISA, &fwd::task, &fwd::task_heads, W, &fwd::fma_loop, &bwd::delta_rows,
+                               &bwd::task};
 #else
-const IsaKernels MV_KERNELS = {MV_ISA, &fwd::task, nullptr, &fwd::fma_loop, &bwd::delta_rows, &bwd::task};
+const IsaKernels MV_KERNELS = {MV_ISA, &fwd::task, nullptr, 0, &fwd::fma_loop, &bwd::delta_rows, &bwd::task};
 #endif
 }  // namespace multiverse::cpu

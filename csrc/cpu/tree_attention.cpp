@@ -43,13 +43,14 @@ struct Scratch {
 };
 
 // KV heads per task of FwdHeadsFn tasks, 0 for one-head FwdTaskFn tasks. FwdHeadsFn where the ISA has
-// them (AVX2) and every item is one for them (caches in q's dtype, not fp8; head_dim % 8 == 0; at most
+// them (AVX2, AVX-512) and every item is one for them (caches in q's dtype, not fp8; head_dim a multiple
+// of the ISA's vector width, IsaKernels::heads_dim_multiple; at most
 // kHeadsRows packed rows: a lone sequence, independent sequences, small sampling groups): then the most
 // heads (a power of two dividing num_kv_heads, <= kMaxTaskHeads) that keeps the largest task within an
 // even share of the step's work over the workers, at least 1. Results do not depend on the count
 // (task_heads: per head the arithmetic of a one-head task), so neither on the thread count.
-int32_t heads_per_task(const TreeAttentionParams& p, bool has_heads_fn, int32_t group) {
-  if (!has_heads_fn || dtype_is_fp8(p.kv_dtype) || p.head_dim % 8 != 0) return 0;
+int32_t heads_per_task(const TreeAttentionParams& p, const IsaKernels& k, int32_t group) {
+  if (k.fwd_heads == nullptr || dtype_is_fp8(p.kv_dtype) || p.head_dim % k.heads_dim_multiple != 0) return 0;
   int64_t total = 0, longest = 0;
   for (int32_t it = 0; it < p.num_items; ++it) {
     if (static_cast<int64_t>(p.item_num_readers[it]) * group > kHeadsRows) return 0;
@@ -81,7 +82,7 @@ void tree_attention(const TreeAttentionParams& p) {
   const FwdHeadsFn fn_heads = cpu_isa_kernels().fwd_heads;
   const int32_t group = gqa_group(p.num_qo_heads, p.num_kv_heads);
   const int32_t hk = p.num_kv_heads;
-  const int32_t nh = heads_per_task(p, fn_heads != nullptr, group);
+  const int32_t nh = heads_per_task(p, cpu_isa_kernels(), group);
   const int32_t per_item = hk / (nh > 0 ? nh : 1);  // tasks per item
   const int64_t tasks = static_cast<int64_t>(p.num_items) * per_item;
   // A task's cost for the queue's look-ahead rule (parallel.h): its chunk's tokens x (its packed rows +

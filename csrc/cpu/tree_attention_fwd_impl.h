@@ -16,14 +16,18 @@
 // in token blocks of kTokenBlock (kLightTokenBlock for tasks with few rows): converted (fp16 with
 // F16C/AVX-512 vcvtph2ps, bf16 by a 16-bit shift, fp8 by the bit rebuild of simd.h fp8_to_f32_vec
 // times the task's KV-head scale) or copied to packed fp32 scratch while the next block is prefetched,
-// except fp32 V rows, which the P V tiles read in place (run_task; on AVX2 a light task reads all of its
-// fp32 / fp16 / bf16 K and V rows in place, qk_rows_direct and vld_elem); the byte counter is incremented
-// per block where its rows are taken (the caches' element size: 1 byte per fp8 element).
+// except fp32 V rows, which the P V tiles read in place (run_task; on AVX2 and AVX-512 a light task -
+// at most kLightRows rows, caches in q's dtype, D a multiple of W - reads all of its fp32 / fp16 / bf16
+// K and V rows in place, run_heads with qk_rows_direct and vld_elem, in fp32 FMAs even where bf16 dot
+// products exist: few rows give the dot tiles little to do, and reading in place beats the packed copy);
+// the byte counter is incremented per block where its rows are taken (the caches' element size: 1 byte
+// per fp8 element).
 //
 // Element types: run_task<EQ, EKV> reads q and writes out as EQ (fp32 / fp16 / bf16) and reads the
 // caches as EKV (EQ itself, or fp8 e4m3 / e5m2 with fp16 / bf16 q: TreeAttentionParams::kv_dtype).
 //
-// bf16 dot products (MV_LEVEL 3, AVX512-BF16; kDotBf16<EQ, EKV>: bf16 q and caches): S^T = K Q^T by
+// bf16 dot products (MV_LEVEL 3, AVX512-BF16; kDotBf16<EQ, EKV>: bf16 q and caches; not light tasks,
+// above): S^T = K Q^T by
 // vdpbf16ps, which multiplies the two bf16 halves of each 32-bit lane pairwise and adds both products to
 // the fp32 lane - two head dims per instruction, the products exact (8-bit x 8-bit mantissas fit fp32's
 // 24), the sums fp32 as on the other paths. Q^T is then stored as 32-bit pairs (q[2e], q[2e+1]) of the
@@ -222,29 +226,38 @@ MV_INL void qk_tile(const float* __restrict k, int dp, const float* __restrict q
     MV_UNROLL(2) for (int v = 0; v < NV; ++v) vst<N>(s + static_cast<size_t>(j) * lds + v * N, acc[j][v]);
 }
 
-// W elements of a cache row of E -> W floats, exact (fp32; fp16 / bf16 on AVX2 only): rows read in place.
+// W elements of a cache row of E -> W floats, exact (fp16 by vcvtph2ps, bf16 by a 16-bit shift; not on
+// the baseline ISA): rows read in place, by the P V tiles (fp32 V) and by light tasks (run_heads).
 template <class E> MV_INL typename VT<W>::V vld_elem(const typename E::T* src) {
   using V = typename VT<W>::V;
   if constexpr (std::is_same_v<E, F32>) {
     return vld<W>(src);
   } else {
-#if MV_LEVEL == 1
+#if MV_LEVEL >= 2
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    if constexpr (std::is_same_v<E, F16>) {
+      return (V)_mm512_cvtph_ps(h);
+    } else {
+      static_assert(std::is_same_v<E, BF16>, "fp16 / bf16 elements");
+      return (V)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+#elif MV_LEVEL == 1
     return (V)cvt8_ps<E>(src);  // (simd.h)
 #else
-    static_assert(std::is_same_v<E, F32>, "16-bit rows are read in place on AVX2 only");
+    static_assert(std::is_same_v<E, F32>, "16-bit rows are read in place on AVX2 / AVX-512 only");
 #endif
   }
 }
 
-#if MV_LEVEL == 1
-// Light tasks on AVX2 (run_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with
-// head dims in vector lanes, from each token's K row kr[t - t0] of E (D % 8 == 0; converted in registers,
-// vld_elem): the cache's own row - no packed copy of K, whose store waits on the strided load - and all
-// 8 lanes busy where the row-lane tile would use 4 of 8 for a GQA group of 4. qr: [R4][ld] the rows'
-// scaled queries (rows past M zero), R4 a multiple of 4. Per 2 tokens x 4 rows: 8 accumulators of 8 partial sums over
-// d, reduced by a tree of horizontal adds into one vector [t][r0..r3], [t + 1][r0..r3] (a different
-// summation order than the row-lane tiles: both are fp32 sums over d, compared against the reference by
-// the tests).
+#if MV_LEVEL >= 1
+// Light tasks (run_heads): S^T[t - t0][0 : R4] for tokens [t0, t1) with head dims in vector lanes, from
+// each token's K row kr[t - t0] of E (D % W == 0; converted in registers, vld_elem): the cache's own
+// row - no packed copy of K, whose store waits on the strided load - and every lane busy where the
+// row-lane tile would use 4 of its lanes for a GQA group of 4. qr: [R4][ld] the rows' scaled queries
+// (rows past M zero), R4 a multiple of 4. Per 2 tokens x 4 rows: 8 accumulators of W partial sums over
+// d (AVX-512: each first folded to 8 by adding its 256-bit halves), reduced by a tree of horizontal adds
+// into one vector [t][r0..r3], [t + 1][r0..r3] (a different summation order than the row-lane tiles:
+// both are fp32 sums over d, compared against the reference by the tests).
 MV_INL __m256 hsum8x(const __m256 a[8]) {  // lane i = the sum of a[i]'s lanes
   const __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
@@ -252,25 +265,37 @@ MV_INL __m256 hsum8x(const __m256 a[8]) {  // lane i = the sum of a[i]'s lanes
   return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
 }
 
+// W partial sums -> 8 (AVX-512: low 256-bit half + high half).
+MV_INL __m256 fold8(typename VT<W>::V x) {
+#if MV_LEVEL >= 2
+  return _mm256_add_ps(_mm512_castps512_ps256((__m512)x), _mm512_extractf32x8_ps((__m512)x, 1));
+#else
+  return (__m256)x;
+#endif
+}
+
 template <class E>
 MV_INL void qk_rows_direct(const typename E::T* const* __restrict kr, const float* __restrict qr, int ld, int R4,
                            int D, int t0, int t1, float* __restrict st, int lds) {
+  using V = typename VT<W>::V;
   for (int t = t0; t < t1; t += 2) {
     const typename E::T* k0 = kr[t - t0];
     const typename E::T* k1 = t + 1 < t1 ? kr[t + 1 - t0] : k0;  // an odd last token: twice, stored once
     for (int r0 = 0; r0 < R4; r0 += 4) {
       const float* q = qr + static_cast<size_t>(r0) * ld;
-      __m256 acc[8];
-      MV_UNROLL(8) for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8) {
-        const __m256 a = (__m256)vld_elem<E>(k0 + d), b = (__m256)vld_elem<E>(k1 + d);
+      V acc[8];
+      MV_UNROLL(8) for (int i = 0; i < 8; ++i) acc[i] = V{};
+      for (int d = 0; d < D; d += W) {
+        const V a = vld_elem<E>(k0 + d), b = vld_elem<E>(k1 + d);
         MV_UNROLL(4) for (int r = 0; r < 4; ++r) {
-          const __m256 qv = _mm256_loadu_ps(q + static_cast<size_t>(r) * ld + d);
-          acc[r] = _mm256_fmadd_ps(a, qv, acc[r]);
-          acc[4 + r] = _mm256_fmadd_ps(b, qv, acc[4 + r]);
+          const V qv = vld<W>(q + static_cast<size_t>(r) * ld + d);
+          acc[r] = vfma(a, qv, acc[r]);
+          acc[4 + r] = vfma(b, qv, acc[4 + r]);
         }
       }
-      const __m256 s = hsum8x(acc);
+      __m256 h[8];
+      MV_UNROLL(8) for (int i = 0; i < 8; ++i) h[i] = fold8(acc[i]);
+      const __m256 s = hsum8x(h);
       float* sp = st + static_cast<size_t>(t - t0) * lds + r0;
       _mm_storeu_ps(sp, _mm256_castps256_ps128(s));
       if (t + 1 < t1) _mm_storeu_ps(sp + lds, _mm256_extractf128_ps(s, 1));
@@ -695,7 +720,7 @@ MV_INL void write_rows(const TreeAttentionParams& p, const TaskScratch& sc, int 
   }
 }
 
-#if MV_LEVEL == 1
+#if MV_LEVEL >= 1
 template <class E>
 int64_t run_heads(const TreeAttentionParams& p, int32_t item, int32_t kh0, int32_t nh, const TaskScratch& sc);
 #endif
@@ -713,11 +738,11 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   const int32_t nr = p.item_num_readers[item];
   const int M = nr * group;
   if (M == 0) return 0;  // capacity padding item
-#if MV_LEVEL == 1
-  // On AVX2 a light task with caches in q's dtype is the one-head case of a task of several KV heads
-  // (run_heads: rows read in place, scores by qk_rows_direct), so both compute alike.
+#if MV_LEVEL >= 1
+  // A light task with caches in q's dtype is the one-head case of a task of several KV heads (run_heads:
+  // rows read in place, scores by qk_rows_direct), so both compute alike.
   if constexpr (std::is_same_v<EQ, EKV>)
-    if (M <= kLightRows && D % 8 == 0) return run_heads<EQ>(p, item, kh, 1, sc);
+    if (M <= kLightRows && D % W == 0) return run_heads<EQ>(p, item, kh, 1, sc);
 #endif
   // AMX score tiles (MV_LEVEL 4) for the row tiles of 32 rows when the head dim is whole 32-dim chunks;
   // the G-lane remainder tiles and other head dims take the vdpbf16ps tiles.
@@ -984,7 +1009,7 @@ int64_t run_task(const TreeAttentionParams& p, int32_t item, int32_t kh, int32_t
   return bytes;
 }
 
-#if MV_LEVEL == 1
+#if MV_LEVEL >= 1
 // ---------------------------------------------------------------------------------- several KV heads
 // A light task over KV heads kh0 .. kh0 + nh - 1 of one work item (items of at most kHeadsRows packed
 // rows, caches in q's dtype, D % 8 == 0: isa_kernels.h FwdHeadsFn for nh >= 1, and run_task's light

@@ -99,16 +99,17 @@ def test_head_dims_every_isa(isa: str, d: int, dtype: torch.dtype) -> None:
     _check(f.metadata(groups), f.num_pages, 4, 2, d, dtype, d)
 
 
+@pytest.mark.parametrize("path", ["avx2", "avx512", "avx512_bf16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tasks_of_several_kv_heads_match_one_head_tasks(monkeypatch, dtype: torch.dtype) -> None:
-    """The avx2 path runs a step whose items are all light (at most 16 packed rows) as tasks of several KV
-    heads (task_heads; csrc/cpu/tree_attention.cpp heads_per_task), and a step with a heavier item as
-    one-head tasks (run_task, which runs its light items as one-head run_heads). A lone sequence's rows
-    are bitwise the same computed alone (heads per task: 8 at one thread, 4 at two) and next to a 10-way
-    sampling group (whose prompt item has 20 packed rows), and agree with the reference."""
-    if supported_isa() < ISA_NAMES.index("avx2"):
-        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: no avx2 path here")
-    monkeypatch.setenv("MULTIVERSE_CPU_ISA", "avx2")
+def test_tasks_of_several_kv_heads_match_one_head_tasks(monkeypatch, dtype: torch.dtype, path: str) -> None:
+    """The avx2 and AVX-512 paths run a step whose items are all light (at most 16 packed rows) as tasks
+    of several KV heads (task_heads; csrc/cpu/tree_attention.cpp heads_per_task), and a step with a heavier
+    item as one-head tasks (run_task, which runs its light items as one-head run_heads). A lone sequence's
+    rows are bitwise the same computed alone (heads per task: 8 at one thread, 4 at two) and next to a
+    10-way sampling group (whose prompt item has 20 packed rows), and agree with the reference."""
+    if supported_isa() < ISA_NAMES.index(path):
+        pytest.skip(f"this CPU runs at most {ISA_NAMES[supported_isa()]}: no {path} path here")
+    monkeypatch.setenv("MULTIVERSE_CPU_ISA", path)
     hq, hk, d = 16, 8, 64
     f = KVForest(64, page_size=16)
     lone = f.new_sequence(300)
